@@ -1,0 +1,240 @@
+"""Checkpoint files: our own format, the released MAISI-v2 files, and strict, explained loading.
+
+Our checkpoint is a plain dict that `torch.load(weights_only=True)` can read (tensors, numbers,
+strings; no pickled code):
+
+    {"format": "maisi2", "version": 1, "kind": "vae" | "unet" | "controlnet",
+     "config": <Config as JSON text>, "state_dict": {...}, "ema_state_dict": {...} | None,
+     "scale_factor": float | None, "step": int, "extra": {...}}
+
+The released files (a folder the user points at):
+    autoencoder_v1.pt           plain VAE state dict
+    diff_unet_3d_rflow-ct.pt    {"unet_state_dict": ..., "scale_factor": tensor, ...}
+    controlnet_3d_rflow-ct.pt   {"controlnet_state_dict": ..., ...}
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maisi2.atomic import atomic_output
+from maisi2.config import PRESETS, Config, get_config
+
+__all__ = [
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_torch_file",
+    "load_weights",
+    "RELEASED_FILES",
+    "ReleasedWeights",
+    "read_released",
+    "write_released",
+    "build_network",
+]
+
+FORMAT = "maisi2"
+VERSION = 1
+KINDS = ("vae", "unet", "controlnet")
+RELEASED_FILES = {
+    "vae": "autoencoder_v1.pt",
+    "unet": "diff_unet_3d_rflow-ct.pt",
+    "controlnet": "controlnet_3d_rflow-ct.pt",
+}
+
+
+@dataclass
+class Checkpoint:
+    kind: str
+    config: Config
+    state_dict: dict[str, torch.Tensor]
+    ema_state_dict: dict[str, torch.Tensor] | None = None
+    scale_factor: float | None = None
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+        """EMA weights when present (what sampling should use), else the raw weights."""
+        return self.ema_state_dict if prefer_ema and self.ema_state_dict is not None else self.state_dict
+
+
+def build_network(kind: str, cfg: Config, device=None) -> nn.Module:
+    from maisi2 import nets
+
+    builders = {"vae": nets.build_vae, "unet": nets.build_unet, "controlnet": nets.build_controlnet}
+    if kind not in builders:
+        raise ValueError(f"unknown network kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return builders[kind](cfg, device=device)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint, overwrite: bool = True) -> Path:
+    """Write `ckpt` atomically (a crash never leaves a truncated checkpoint)."""
+    if ckpt.kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {ckpt.kind!r}")
+    payload = {
+        "format": FORMAT, "version": VERSION, "kind": ckpt.kind, "config": ckpt.config.to_json(),
+        "state_dict": _cpu(ckpt.state_dict),
+        "ema_state_dict": None if ckpt.ema_state_dict is None else _cpu(ckpt.ema_state_dict),
+        "scale_factor": None if ckpt.scale_factor is None else float(ckpt.scale_factor),
+        "step": int(ckpt.step), "extra": ckpt.extra,
+    }
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` with weights_only=True and errors that say what went wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "GLOBAL" in text or "global" in text:
+            name = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln.lower()), "")
+            raise ValueError(
+                f"{path} is not a weights-only checkpoint: loading it would run pickled code, which maisi2 "
+                f"refuses for safety ({name}). Re-save it as a plain state dict of tensors."
+            ) from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read one of our checkpoints; a released file gets a pointer to the right loader."""
+    data = read_torch_file(path, map_location)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        hint = ""
+        if isinstance(data, dict) and ({"unet_state_dict", "controlnet_state_dict"} & set(data) or "encoder.blocks.0.conv.conv.weight" in data):
+            hint = " It looks like a released MAISI-v2 file: point --model at its folder instead."
+        raise ValueError(f"{path} is not a maisi2 checkpoint.{hint}")
+    if data.get("version", 0) > VERSION:
+        raise ValueError(f"{path} was written by a newer maisi2 (format version {data['version']}); upgrade maisi2")
+    try:
+        cfg = Config.from_json(data["config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path} carries an invalid config: {err}") from None
+    return Checkpoint(
+        kind=data["kind"], config=cfg, state_dict=data["state_dict"], ema_state_dict=data.get("ema_state_dict"),
+        scale_factor=data.get("scale_factor"), step=int(data.get("step", 0)), extra=data.get("extra") or {},
+    )
+
+
+# -- strict loading with explanations ------------------------------------------------------
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _fitting_presets(kind: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Presets whose `kind` network has exactly these keys and shapes (built on the meta device)."""
+    fits = []
+    for name in PRESETS:
+        with torch.device("meta"):
+            model = build_network(kind, get_config(name))
+        if _shapes(model.state_dict()) == shapes:
+            fits.append(name)
+    return fits
+
+
+def _describe_mismatch(expected, got) -> str:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    parts = []
+    for label, keys, show in (
+        ("missing", missing, lambda k: k),
+        ("unexpected", unexpected, lambda k: k),
+        ("wrong shape", wrong, lambda k: f"{k}: file {got[k]} vs model {expected[k]}"),
+    ):
+        if keys:
+            shown = "; ".join(show(k) for k in keys[:4]) + (f"; ... ({len(keys)} in all)" if len(keys) > 4 else "")
+            parts.append(f"{len(keys)} {label} key(s): {shown}")
+    return "\n  ".join(parts)
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], kind: str, source: str, preset: str) -> nn.Module:
+    """Strictly load `state_dict`, or fail naming a few mismatched keys and the preset that fits."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{source}: expected a {kind} state dict (names -> tensors)")
+    expected, got = _shapes(model.state_dict()), _shapes(state_dict)
+    if expected != got:
+        fits = _fitting_presets(kind, got)
+        advice = (f"these weights fit the preset(s) {', '.join(fits)}" if fits
+                  else "no built-in preset fits them; check the config overrides they were trained with")
+        raise ValueError(
+            f"{source}: the {kind} weights do not match the '{preset}' {kind} network.\n  "
+            f"{_describe_mismatch(expected, got)}\n  {advice}."
+        )
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN/inf values, e.g. {bad[0]}; the file is damaged")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# -- released MAISI-v2 files ---------------------------------------------------------------
+
+@dataclass
+class ReleasedWeights:
+    vae: dict[str, torch.Tensor]
+    unet: dict[str, torch.Tensor]
+    controlnet: dict[str, torch.Tensor] | None
+    scale_factor: float
+
+
+def read_released(model_dir: str | Path, map_location: str | torch.device = "cpu") -> ReleasedWeights:
+    """Read the released MAISI-v2 checkpoint files from a local folder (weights only)."""
+    model_dir = Path(model_dir)
+    missing = [f for k, f in RELEASED_FILES.items() if k != "controlnet" and not (model_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir} lacks {', '.join(missing)}; expected the released MAISI-v2 files "
+            f"({', '.join(RELEASED_FILES.values())}) in that folder"
+        )
+    vae = read_torch_file(model_dir / RELEASED_FILES["vae"], map_location)
+    unet_file = read_torch_file(model_dir / RELEASED_FILES["unet"], map_location)
+    for name, value, key in (("unet", unet_file, "unet_state_dict"),):
+        if not isinstance(value, dict) or key not in value:
+            raise ValueError(f"{model_dir / RELEASED_FILES[name]} has no '{key}' entry; is it the rflow-ct UNet file?")
+    if "scale_factor" not in unet_file:
+        raise ValueError(f"{model_dir / RELEASED_FILES['unet']} has no 'scale_factor' entry")
+    controlnet = None
+    cn_path = model_dir / RELEASED_FILES["controlnet"]
+    if cn_path.is_file():
+        cn_file = read_torch_file(cn_path, map_location)
+        if not isinstance(cn_file, dict) or "controlnet_state_dict" not in cn_file:
+            raise ValueError(f"{cn_path} has no 'controlnet_state_dict' entry")
+        controlnet = cn_file["controlnet_state_dict"]
+    return ReleasedWeights(vae=vae, unet=unet_file["unet_state_dict"], controlnet=controlnet,
+                           scale_factor=float(torch.as_tensor(unet_file["scale_factor"]).reshape(-1)[0]))
+
+
+def write_released(model_dir: str | Path, vae: nn.Module, unet: nn.Module, controlnet: nn.Module | None,
+                   scale_factor: float, overwrite: bool = False) -> Path:
+    """Write networks in the released file layout (for tests, and to hand weights to the official code)."""
+    model_dir = Path(model_dir)
+    payloads = {
+        "vae": _cpu(vae.state_dict()),
+        "unet": {"unet_state_dict": _cpu(unet.state_dict()), "scale_factor": torch.tensor(float(scale_factor)),
+                 "epoch": 0, "loss": 0.0, "num_train_timesteps": 1000},
+    }
+    if controlnet is not None:
+        payloads["controlnet"] = {"controlnet_state_dict": _cpu(controlnet.state_dict()), "epoch": 0, "loss": 0.0}
+    for kind, payload in payloads.items():
+        with atomic_output(model_dir / RELEASED_FILES[kind], overwrite=overwrite) as tmp:
+            torch.save(payload, tmp)
+    return model_dir

@@ -1,0 +1,278 @@
+"""Frozen configuration dataclasses, named presets, dotted overrides and JSON round-trips.
+
+A `Config` describes the networks (VAE, flow UNet, ControlNet) and the rectified-flow
+schedule. Three presets exist:
+
+* ``tiny``     - a few thousand parameters; every test runs on it in seconds on a CPU.
+* ``small``    - the CPU demo model (the bundled default model uses it).
+* ``maisi-v2`` - exactly the released architecture and scheduler
+  (reference/maisi/config_network_rflow.json), so the released weights load strictly.
+
+The ControlNet has no trunk settings of its own: its trunk must mirror the UNet's for the
+residuals to fit, so the builder takes them from ``unet`` (one source, no way to disagree).
+
+Usage::
+
+    cfg = get_config("tiny", overrides=["unet.num_res_blocks=1"])
+    cfg2 = Config.from_json(cfg.to_json())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "VAEConfig",
+    "UNetConfig",
+    "ControlNetConfig",
+    "FlowConfig",
+    "Config",
+    "PRESETS",
+    "get_config",
+    "apply_overrides",
+]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """`AutoencoderKlMaisi` arguments. Volumes shrink 2**(len(num_channels)-1) per axis."""
+
+    num_channels: tuple[int, ...] = (64, 128, 256)
+    num_res_blocks: tuple[int, ...] = (2, 2, 2)
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    with_encoder_nonlocal_attn: bool = False
+    with_decoder_nonlocal_attn: bool = False
+    use_checkpointing: bool = False
+    use_convtranspose: bool = False
+    # The release splits tensors along one axis to save GPU memory; it changes outputs by ~1e-5
+    # and fails on inputs thinner than a few voxels, so small presets turn it off (num_splits=1).
+    num_splits: int = 4
+    dim_split: int = 1
+    # Released setting; it only works under fp16 autocast, so `nets.build_vae` turns it off for
+    # fp32 runs (same state-dict keys either way).
+    norm_float16: bool = True
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.num_channels) - 1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """`DiffusionModelUNetMaisi` arguments (also the ControlNet trunk)."""
+
+    num_channels: tuple[int, ...] = (64, 128, 256, 512)
+    attention_levels: tuple[bool, ...] = (False, False, True, True)
+    num_head_channels: tuple[int, ...] = (0, 0, 32, 32)
+    num_res_blocks: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    num_class_embeds: int = 128  # modality ids (reference/maisi/modality_mapping.json)
+    resblock_updown: bool = True
+    include_fc: bool = True
+    include_spacing_input: bool = True
+    # Flash attention needs CUDA; `nets` turns it off elsewhere (same keys).
+    use_flash_attention: bool = True
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """The ControlNet's own settings: how the label map is embedded.
+
+    The label map enters as 8 bit-planes (ids 0..255) at image resolution; the embedding
+    downsamples it len(conditioning_embedding_num_channels)-1 times, which must equal the VAE's
+    number of downsamplings so the embedding lands on the latent grid.
+    """
+
+    conditioning_embedding_in_channels: int = 8
+    conditioning_embedding_num_channels: tuple[int, ...] = (8, 32, 64)
+    use_checkpointing: bool = True
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Rectified-flow schedule, as MONAI's `RFlowScheduler` behind the released weights."""
+
+    num_train_timesteps: int = 1000
+    use_discrete_timesteps: bool = False
+    use_timestep_transform: bool = True
+    sample_method: str = "uniform"  # or "logit-normal"
+    loc: float = 0.0
+    scale: float = 1.4  # only used by logit-normal sampling
+    base_img_size_numel: int = 32**3  # latent voxels at which the resolution shift is 1
+    num_inference_steps: int = 30
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "maisi-v2"
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    image_channels: int = 1
+    modality: str = "ct"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _from_dict(cls, data, path="")
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+
+def _validate(cfg: Config) -> None:
+    vae, unet, cn = cfg.vae, cfg.unet, cfg.controlnet
+    n = len(vae.num_channels)
+    if not (len(vae.num_res_blocks) == len(vae.attention_levels) == n):
+        raise ValueError("vae.num_channels, vae.num_res_blocks and vae.attention_levels must have equal length")
+    m = len(unet.num_channels)
+    if not (len(unet.attention_levels) == len(unet.num_head_channels) == m):
+        raise ValueError("unet.num_channels, unet.attention_levels and unet.num_head_channels must have equal length")
+    for name, chans, groups in (("vae", vae.num_channels, vae.norm_num_groups), ("unet", unet.num_channels, unet.norm_num_groups)):
+        bad = [c for c in chans if c % groups]
+        if bad:
+            raise ValueError(f"{name}.num_channels {list(chans)} must all be divisible by {name}.norm_num_groups={groups}")
+    if len(cn.conditioning_embedding_num_channels) - 1 != n - 1:
+        raise ValueError(
+            "controlnet.conditioning_embedding_num_channels must have len(vae.num_channels) entries "
+            f"({n}) so the mask embedding reaches the latent grid; got {len(cn.conditioning_embedding_num_channels)}"
+        )
+    if cfg.flow.sample_method not in ("uniform", "logit-normal"):
+        raise ValueError(f"flow.sample_method must be 'uniform' or 'logit-normal', got {cfg.flow.sample_method!r}")
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {path or '<root>'} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, f"{path}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{path}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check and convert a JSON value to the annotated field type (lists become tuples)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(v, item_type, name) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type for {name}: {hint}")
+
+
+# -- presets -------------------------------------------------------------------------------
+
+def _tiny() -> Config:
+    return Config(
+        preset="tiny",
+        vae=VAEConfig(
+            num_channels=(8, 8, 16), num_res_blocks=(1, 1, 1), norm_num_groups=4,
+            num_splits=1, norm_float16=False,
+        ),
+        unet=UNetConfig(
+            num_channels=(8, 8, 16, 16), attention_levels=(False, False, False, True),
+            num_head_channels=(0, 0, 0, 8), num_res_blocks=1, norm_num_groups=4,
+            use_flash_attention=False,
+        ),
+        controlnet=ControlNetConfig(conditioning_embedding_num_channels=(8, 8, 8), use_checkpointing=False),
+        flow=FlowConfig(base_img_size_numel=8**3),
+    )
+
+
+def _small() -> Config:
+    return Config(
+        preset="small",
+        vae=VAEConfig(
+            num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8,
+            num_splits=1, norm_float16=False,
+        ),
+        unet=UNetConfig(
+            num_channels=(16, 32, 64, 64), attention_levels=(False, False, False, True),
+            num_head_channels=(0, 0, 0, 32), num_res_blocks=1, norm_num_groups=8,
+            use_flash_attention=False,
+        ),
+        controlnet=ControlNetConfig(conditioning_embedding_num_channels=(8, 16, 32), use_checkpointing=False),
+        flow=FlowConfig(base_img_size_numel=16**3),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "maisi-v2": Config}
+
+
+def get_config(preset: str = "maisi-v2", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a named preset and apply dotted ``key=value`` overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(PRESETS[preset](), overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings; the value is parsed as JSON, else taken as a string.
+
+    >>> apply_overrides(get_config("tiny"), ["flow.num_inference_steps=10"]).flow.num_inference_steps
+    10
+    """
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
+        node[parts[-1]] = value
+    return Config.from_dict(data)

@@ -1,0 +1,176 @@
+"""The one label table: MAISI names and ids, organ groups, and the tumour -> parent-organ map.
+
+Every other module names labels through this table (``label_id("liver")``), never by number.
+The ids are those of the released MAISI label dictionary (packaged as resources/label_dict.json):
+1..132 for anatomy and lesions ("dummy" ids are unused slots and count as unknown), 200 for the
+body envelope, 0 for background.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "LABELS",
+    "ID_TO_NAME",
+    "BACKGROUND",
+    "BODY",
+    "label_id",
+    "label_name",
+    "VALID_IDS",
+    "check_label_ids",
+    "TUMOR_PARENT",
+    "RING_MAJORITY_CANDIDATES",
+    "TUMOR_IDS",
+    "LUNG_IDS",
+    "BONE_IDS",
+    "QC_ORGAN_GROUPS",
+    "remove_tumors",
+    "load_resource_json",
+]
+
+
+def load_resource_json(name: str):
+    """Read one of the JSON files packaged under maisi2/resources."""
+    return json.loads(resources.files("maisi2").joinpath("resources", name).read_text())
+
+
+LABELS: dict[str, int] = {k: int(v) for k, v in load_resource_json("label_dict.json").items() if not k.startswith("dummy")}
+ID_TO_NAME: dict[int, str] = {v: k for k, v in LABELS.items()}
+BACKGROUND = 0
+BODY = LABELS["body"]
+VALID_IDS: frozenset[int] = frozenset({BACKGROUND, *LABELS.values()})
+
+
+def label_id(name: str) -> int:
+    """MAISI id of a label name (as spelled in the label dictionary)."""
+    try:
+        return LABELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(LABELS), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(f"unknown MAISI label name {name!r}{hint}") from None
+
+
+def label_name(idx: int) -> str:
+    if idx == BACKGROUND:
+        return "background"
+    try:
+        return ID_TO_NAME[int(idx)]
+    except KeyError:
+        raise KeyError(f"unknown MAISI label id {idx}") from None
+
+
+def _ids(*names: str) -> tuple[int, ...]:
+    return tuple(label_id(n) for n in names)
+
+
+LUNG_IDS = _ids(
+    "left lung upper lobe", "left lung lower lobe", "right lung upper lobe",
+    "right lung middle lobe", "right lung lower lobe",
+)
+_VERTEBRAE = tuple(v for k, v in LABELS.items() if k.startswith("vertebrae"))
+_RIBS = tuple(v for k, v in LABELS.items() if " rib " in f" {k} ")
+BONE_IDS = tuple(sorted({
+    *_VERTEBRAE, *_RIBS,
+    *_ids("left humerus", "right humerus", "left scapula", "right scapula", "left clavicula",
+          "right clavicula", "left femur", "right femur", "left hip", "right hip", "sacrum",
+          "skull", "sternum"),
+}))
+
+# Tumours (and kidney cysts) replaced by a fixed parent organ in the perturbed mask.
+TUMOR_PARENT: dict[int, int] = {
+    label_id("hepatic tumor"): label_id("liver"),
+    label_id("pancreatic tumor"): label_id("pancreas"),
+    label_id("colon cancer primaries"): label_id("colon"),
+    label_id("left kidney cyst"): label_id("left kidney"),
+    label_id("right kidney cyst"): label_id("right kidney"),
+}
+# Lesions whose parent is the most common candidate label in a thin ring around each lesion.
+RING_MAJORITY_CANDIDATES: dict[int, tuple[int, ...]] = {
+    label_id("lung tumor"): LUNG_IDS,
+    label_id("bone lesion"): BONE_IDS,
+}
+TUMOR_IDS: tuple[int, ...] = tuple(sorted({*TUMOR_PARENT, *RING_MAJORITY_CANDIDATES}))
+
+# Organ groups whose median HU the quality check tests (names match image_median_statistics_ct.json).
+QC_ORGAN_GROUPS: dict[str, tuple[int, ...]] = {
+    "liver": _ids("liver"),
+    "spleen": _ids("spleen"),
+    "pancreas": _ids("pancreas"),
+    "kidney": _ids("left kidney", "right kidney"),
+    "lung": LUNG_IDS,
+    "bone": BONE_IDS,
+    "brain": _ids("brain"),
+}
+
+
+def check_label_ids(labels: np.ndarray, what: str = "label map") -> None:
+    """Raise a ValueError naming the offending ids if `labels` holds ids outside the MAISI table."""
+    present = np.unique(labels)
+    unknown = sorted(int(v) for v in present if int(v) not in VALID_IDS)
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+        raise ValueError(
+            f"{what} holds label ids that are not MAISI ids: {shown}. MAISI ids are 0, 1..132 "
+            "(without the unused 'dummy' slots) and 200 for the body; convert the map first "
+            "(e.g. `maisi2 labels import-totalseg` for TotalSegmentator output)."
+        )
+
+
+@lru_cache(maxsize=8)
+def _ball(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    zz, yy, xx = np.meshgrid(r, r, r, indexing="ij")
+    return (zz**2 + yy**2 + xx**2) <= radius**2
+
+
+def remove_tumors(labels: np.ndarray, ring_radius: int = 2, max_ring_radius: int = 8) -> np.ndarray:
+    """The perturbed mask of the contrastive loss: every tumour replaced by its parent organ.
+
+    Fixed-parent tumours take their organ's id. Lung tumours and bone lesions take, per connected
+    component, the most common candidate label (lung lobes / bones) in a ring of `ring_radius`
+    voxels around the component; the ring widens (up to `max_ring_radius`) when it holds no
+    candidate, then falls back to the most common candidate anywhere, then to the body label.
+
+    labels: integer array (any number of dims); returns a new array, input untouched.
+    """
+    out = labels.copy()
+    for tumor, parent in TUMOR_PARENT.items():
+        out[labels == tumor] = parent
+    for tumor, candidates in RING_MAJORITY_CANDIDATES.items():
+        lesion = labels == tumor
+        if not lesion.any():
+            continue
+        components, count = ndimage.label(lesion)
+        for idx, box in enumerate(ndimage.find_objects(components), start=1):
+            out[components == idx] = _ring_majority(labels, components == idx, box, candidates, ring_radius, max_ring_radius)
+    return out
+
+
+def _ring_majority(labels, component, box, candidates, radius, max_radius) -> int:
+    cand = np.asarray(candidates)
+    while radius <= max_radius:
+        # Work inside the component's bounding box grown by the ring radius: cheap on big volumes.
+        sl = tuple(slice(max(s.start - radius, 0), s.stop + radius) for s in box)
+        local = component[sl]
+        struct = _ball(radius) if local.ndim == 3 else ndimage.generate_binary_structure(local.ndim, 1)
+        iterations = 1 if local.ndim == 3 else radius
+        ring = ndimage.binary_dilation(local, structure=struct, iterations=iterations) & ~local
+        values = labels[sl][ring]
+        values = values[np.isin(values, cand)]
+        if values.size:
+            ids, counts = np.unique(values, return_counts=True)
+            return int(ids[np.argmax(counts)])
+        radius *= 2
+    anywhere = labels[np.isin(labels, cand)]
+    if anywhere.size:
+        ids, counts = np.unique(anywhere, return_counts=True)
+        return int(ids[np.argmax(counts)])
+    return BODY

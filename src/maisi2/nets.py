@@ -1,0 +1,192 @@
+"""The three MAISI networks: building them from a config, and the one function that calls them.
+
+* `build_vae`, `build_unet`, `build_controlnet` make MONAI's `AutoencoderKlMaisi`,
+  `DiffusionModelUNetMaisi` and `ControlNetMaisi` from a `Config`. For the ``maisi-v2`` preset
+  the state dicts have exactly the released keys and shapes.
+* `predict_velocity` is the single place where the flow UNet (and, when given, the ControlNet) is
+  called with the conditioning the released weights expect: spacing in mm x 100, the modality
+  class id, and the label map as 8 bit-planes at image resolution.
+
+Two released settings only work on CUDA / under fp16 autocast (flash attention, fp16 group
+norm). They do not change the parameters, so we switch them off where they cannot run and the
+state-dict keys stay identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from maisi2.config import Config
+from maisi2.labels import load_resource_json
+
+__all__ = [
+    "build_vae",
+    "build_unet",
+    "build_controlnet",
+    "Conditioning",
+    "mask_to_bitplanes",
+    "modality_id",
+    "predict_velocity",
+    "controlnet_from_unet",
+    "resolve_device",
+    "SPACING_SCALE",
+]
+
+# The released UNet embeds spacing given in units of 0.01 mm (the official code multiplies by 100).
+SPACING_SCALE = 100.0
+_MASK_BITS = 8  # label ids 0..255 as 8 binary planes, least significant bit first
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'cuda' when available and not told otherwise; never assumes a GPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _flash_ok(requested: bool, device: torch.device | None) -> bool:
+    return bool(requested and device is not None and device.type == "cuda")
+
+
+def build_vae(cfg: Config, device: str | torch.device | None = None, fp16_norm: bool = False) -> nn.Module:
+    """The VAE. `fp16_norm` restores the released half-precision group norm (fp16 autocast only)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    v = cfg.vae
+    model = AutoencoderKlMaisi(
+        spatial_dims=3, in_channels=cfg.image_channels, out_channels=cfg.image_channels,
+        latent_channels=v.latent_channels, num_channels=list(v.num_channels),
+        num_res_blocks=list(v.num_res_blocks), norm_num_groups=v.norm_num_groups, norm_eps=v.norm_eps,
+        attention_levels=list(v.attention_levels), with_encoder_nonlocal_attn=v.with_encoder_nonlocal_attn,
+        with_decoder_nonlocal_attn=v.with_decoder_nonlocal_attn, use_checkpointing=v.use_checkpointing,
+        use_convtranspose=v.use_convtranspose, num_splits=v.num_splits, dim_split=v.dim_split,
+        norm_float16=bool(v.norm_float16 and fp16_norm),
+    )
+    return model.to(device) if device is not None else model
+
+
+def _trunk_kwargs(cfg: Config, device) -> dict:
+    u = cfg.unet
+    return dict(
+        spatial_dims=3, in_channels=cfg.vae.latent_channels, num_channels=list(u.num_channels),
+        attention_levels=list(u.attention_levels), num_head_channels=list(u.num_head_channels),
+        num_res_blocks=u.num_res_blocks, norm_num_groups=u.norm_num_groups, norm_eps=u.norm_eps,
+        num_class_embeds=u.num_class_embeds, resblock_updown=u.resblock_updown, include_fc=u.include_fc,
+        use_flash_attention=_flash_ok(u.use_flash_attention, device),
+    )
+
+
+def build_unet(cfg: Config, device: str | torch.device | None = None) -> nn.Module:
+    """The latent flow UNet (predicts the velocity v = x0 - noise)."""
+    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+    device = torch.device(device) if device is not None else None
+    model = DiffusionModelUNetMaisi(
+        out_channels=cfg.vae.latent_channels, include_spacing_input=cfg.unet.include_spacing_input,
+        include_top_region_index_input=False, include_bottom_region_index_input=False,
+        **_trunk_kwargs(cfg, device),
+    )
+    return model.to(device) if device is not None else model
+
+
+def build_controlnet(cfg: Config, device: str | torch.device | None = None) -> nn.Module:
+    """The ControlNet; its trunk mirrors the UNet's so its residuals fit the UNet's skips."""
+    from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+
+    device = torch.device(device) if device is not None else None
+    c = cfg.controlnet
+    model = ControlNetMaisi(
+        conditioning_embedding_in_channels=c.conditioning_embedding_in_channels,
+        conditioning_embedding_num_channels=list(c.conditioning_embedding_num_channels),
+        use_checkpointing=c.use_checkpointing, **_trunk_kwargs(cfg, device),
+    )
+    return model.to(device) if device is not None else model
+
+
+def controlnet_from_unet(controlnet: nn.Module, unet: nn.Module) -> tuple[int, int]:
+    """Initialise a ControlNet from the flow UNet where names and shapes match.
+
+    The ControlNet has no spacing input, so its time-embedding projections are narrower than the
+    UNet's and stay freshly initialised. Returns (copied, total) tensor counts.
+    """
+    source = unet.state_dict()
+    target = controlnet.state_dict()
+    copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    target.update(copied)
+    controlnet.load_state_dict(target)
+    return len(copied), len(target)
+
+
+# -- conditioning and the network call -----------------------------------------------------
+
+def modality_id(name: str) -> int:
+    """Class id of a modality name (packaged modality_mapping.json; 'ct' = 1)."""
+    table = load_resource_json("modality_mapping.json")
+    if name not in table:
+        raise ValueError(f"unknown modality {name!r}; choose one of {', '.join(table)}")
+    return int(table[name])
+
+
+def mask_to_bitplanes(labels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, X, Y, Z) integer label map -> (B, 8, X, Y, Z) float bit-planes, LSB first.
+
+    Ids must lie in 0..255 (MAISI ids do: 1..132 and 200).
+    """
+    if labels.dim() != 5 or labels.shape[1] != 1:
+        raise ValueError(f"label map must have shape (B, 1, X, Y, Z), got {tuple(labels.shape)}")
+    ids = labels.to(torch.int32)
+    if ids.min() < 0 or ids.max() > 255:
+        raise ValueError("label ids must lie in 0..255 to be encoded as 8 bit-planes")
+    bits = torch.arange(_MASK_BITS, device=labels.device, dtype=torch.int32).view(1, -1, 1, 1, 1)
+    return ((ids >> bits) & 1).float()
+
+
+@dataclass
+class Conditioning:
+    """What the networks are conditioned on, batched.
+
+    spacing: (B, 3) voxel size in mm of the *image* (not the latent).
+    modality: (B,) int64 modality class ids.
+    mask_bits: (B, 8, X, Y, Z) bit-planes of the label map at image resolution, or None
+        (no ControlNet).
+    """
+
+    spacing: torch.Tensor
+    modality: torch.Tensor
+    mask_bits: torch.Tensor | None = None
+
+    def to(self, device) -> "Conditioning":
+        bits = None if self.mask_bits is None else self.mask_bits.to(device)
+        return Conditioning(self.spacing.to(device), self.modality.to(device), bits)
+
+
+def predict_velocity(
+    unet: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    controlnet: nn.Module | None = None,
+    control_scale: float = 1.0,
+) -> torch.Tensor:
+    """v = model(x_t, t | spacing, modality[, mask]): the single home of the network call.
+
+    x_t: (B, C, x, y, z) latent; t: (B,) timesteps in [0, T] (T = pure noise).
+    With a ControlNet and mask bit-planes, the ControlNet's residuals are added to the UNet's
+    skips and middle block.
+    """
+    t = t.to(x_t.device, torch.float32).reshape(-1).expand(x_t.shape[0])
+    residuals = {}
+    if controlnet is not None:
+        if cond.mask_bits is None:
+            raise ValueError("a ControlNet needs the mask bit-planes in the conditioning")
+        down, mid = controlnet(x=x_t, timesteps=t, controlnet_cond=cond.mask_bits,
+                               conditioning_scale=control_scale, class_labels=cond.modality)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    spacing = cond.spacing.to(x_t.device, torch.float32) * SPACING_SCALE
+    return unet(x=x_t, timesteps=t, class_labels=cond.modality, spacing_tensor=spacing, **residuals)
