@@ -1,0 +1,153 @@
+"""The latent cache: one weights-only file per volume plus an index, and a dataset over it.
+
+Layout of a cache folder (written by `maisi2 encode`, read by the flow and ControlNet trainers)::
+
+    index.jsonl    one JSON object per volume: {"file", "image", "label", "spacing", "modality",
+                   "source", "fold", "latent_shape"}
+    <name>.pt      {"latent": (C, x, y, z) float32 posterior mean, NOT scaled,
+                    "label": (1, X, Y, Z) uint8 MAISI label map at image resolution, or absent}
+    stats.json     {"scale_factor": 1/std over all cached latents, "std", "mean", "count"}
+
+Latents are stored unscaled so the scale factor can be recomputed when volumes are added; the
+dataset multiplies by it on the way out (the networks see ``latent * scale_factor``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from maisi2.atomic import atomic_output
+
+__all__ = ["LatentRecord", "write_latent", "read_index", "compute_scale_factor", "write_stats",
+           "read_stats", "LatentDataset"]
+
+INDEX = "index.jsonl"
+STATS = "stats.json"
+
+
+@dataclass(frozen=True)
+class LatentRecord:
+    file: str  # the .pt file name inside the cache folder
+    spacing: tuple[float, float, float]  # image voxel size in mm
+    latent_shape: tuple[int, ...]  # (C, x, y, z)
+    modality: str = "ct"
+    source: str = ""
+    fold: int = 0
+    image: str = ""  # where the volume came from (for the record)
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def write_latent(cache: str | Path, name: str, latent: torch.Tensor, record: LatentRecord,
+                 label: torch.Tensor | None = None) -> LatentRecord:
+    """Store one latent (and its label map) and append its record to the index (atomically)."""
+    cache = Path(cache)
+    if latent.dim() != 4 or not torch.isfinite(latent).all():
+        raise ValueError(f"latent for {name} must be a finite (C, x, y, z) tensor, got shape {tuple(latent.shape)}")
+    payload = {"latent": latent.detach().float().cpu().contiguous()}
+    if label is not None:
+        if label.max() > 255 or label.min() < 0:
+            raise ValueError(f"label map for {name} holds ids outside 0..255")
+        payload["label"] = label.detach().to(torch.uint8).cpu().reshape(1, *label.shape[-3:]).contiguous()
+    with atomic_output(cache / f"{name}.pt", overwrite=True) as tmp:
+        torch.save(payload, tmp)
+    record = LatentRecord(**{**asdict(record), "file": f"{name}.pt", "latent_shape": tuple(latent.shape)})
+    records = [r for r in read_index(cache) if r.file != record.file] if (cache / INDEX).exists() else []
+    _write_index(cache, [*records, record])
+    return record
+
+
+def _write_index(cache: Path, records: list[LatentRecord]) -> None:
+    with atomic_output(cache / INDEX, overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+
+
+def read_index(cache: str | Path) -> list[LatentRecord]:
+    path = Path(cache) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `maisi2 encode` to build the latent cache first")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                d = json.loads(line)
+                d["spacing"], d["latent_shape"] = tuple(d["spacing"]), tuple(d["latent_shape"])
+                records.append(LatentRecord(**d))
+            except (json.JSONDecodeError, TypeError, KeyError) as err:
+                raise ValueError(f"{path}:{n}: not a latent record ({err})") from None
+    return records
+
+
+def compute_scale_factor(cache: str | Path) -> dict[str, float]:
+    """1/std over every cached latent value (streamed: one volume in memory at a time)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for record in read_index(cache):
+        z = _load(Path(cache) / record.file)["latent"].double()
+        total += z.sum().item()
+        total_sq += (z * z).sum().item()
+        count += z.numel()
+    if count == 0:
+        raise ValueError(f"{cache} holds no latents")
+    mean = total / count
+    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    if std == 0:
+        raise ValueError(f"the latents in {cache} are constant; the VAE is broken or the data empty")
+    return {"scale_factor": 1.0 / std, "std": std, "mean": mean, "count": count}
+
+
+def write_stats(cache: str | Path, stats: dict[str, float]) -> None:
+    with atomic_output(Path(cache) / STATS, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2))
+
+
+def read_stats(cache: str | Path) -> dict[str, float]:
+    path = Path(cache) / STATS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `maisi2 encode` (it writes the scale factor)")
+    return json.loads(path.read_text())
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class LatentDataset(Dataset):
+    """Items: {"latent": (C,x,y,z) scaled, "spacing": (3,), "modality": int, "source": str,
+    "label": (1,X,Y,Z) uint8 if stored and `with_labels`}.
+
+    `indices` restricts to a subset (e.g. one fold or one size bucket).
+    """
+
+    def __init__(self, cache: str | Path, scale_factor: float | None = None, with_labels: bool = False,
+                 indices: list[int] | None = None):
+        from maisi2.nets import modality_id
+
+        self.cache = Path(cache)
+        records = read_index(self.cache)
+        self.records = records if indices is None else [records[i] for i in indices]
+        self.scale_factor = float(scale_factor if scale_factor is not None else read_stats(self.cache)["scale_factor"])
+        self.with_labels = with_labels
+        self._modality_id = modality_id
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        data = _load(self.cache / record.file)
+        item = {
+            "latent": data["latent"] * self.scale_factor,
+            "spacing": torch.tensor(record.spacing, dtype=torch.float32),
+            "modality": self._modality_id(record.modality),
+            "source": record.source,
+        }
+        if self.with_labels:
+            if "label" not in data:
+                raise ValueError(f"{record.file} has no label map; re-encode with labels in the datalist")
+            item["label"] = data["label"]
+        return item
