@@ -235,3 +235,20 @@ def test_write_phantom_returns_the_paths(tmp_path):
     assert ct_path.exists() and label_path.exists()
     with pytest.raises(FileExistsError):
         write_phantom(tmp_path, (16, 16, 12), (10.0, 10.0, 10.0), seed=1)
+
+
+def test_phantom_set_writes_cases_on_several_grids_and_a_datalist(tmp_path):
+    from maisi2.cli import main
+    from maisi2.data import read_datalist
+    from maisi2.io import load_label_map
+
+    out = tmp_path / "set"
+    assert main(["phantom", "--count", "3", "--shape", "32", "32", "32", "--spacing", "8", "8", "8",
+                 "--shape", "40", "40", "24", "--spacing", "7", "7", "10", "--seed", "5", "--out", str(out)]) == 0
+    items = read_datalist(out / "datalist.jsonl")
+    assert [it.fold for it in items] == [0, 1, 2] and {it.source for it in items} == {"phantom"}
+    shapes = [load_label_map(it.label).shape for it in items]
+    assert shapes == [(32, 32, 32), (40, 40, 24), (32, 32, 32)]
+    assert items[1].spacing == (7.0, 7.0, 10.0)
+    assert main(["phantom", "--count", "3", "--shape", "32", "32", "32", "--spacing", "8", "8", "8",
+                 "--out", str(out)]) == 1  # refuses to replace the set

@@ -152,6 +152,63 @@ def write_phantom(out_dir, shape, spacing, tumors: Sequence[TumorSpec] = (), see
     return ct_path, label_path
 
 
+# Probability that a phantom of a random set carries a lesion of each kind (one lesion each).
+RANDOM_TUMOR_RATES = {"hepatic": 0.5, "lung": 0.5, "pancreatic": 0.3, "colon": 0.3, "bone": 0.3, "kidney-cyst": 0.3}
+
+
+def random_tumors(rng: np.random.Generator, radius_mm: tuple[float, float] = (5.0, 20.0)) -> list[TumorSpec]:
+    """A random lesion mix: each kind present with its `RANDOM_TUMOR_RATES` probability."""
+    return [TumorSpec(kind, 1, radius_mm) for kind, p in RANDOM_TUMOR_RATES.items() if rng.random() < p]
+
+
+def write_phantom_set(out_dir, count: int, grids: Sequence[tuple[Sequence[int], Sequence[float]]],
+                      seed: int = 0, tumors: Sequence[TumorSpec] | None = None, source: str = "phantom",
+                      num_folds: int = 5, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write `count` phantoms (case_000/, case_001/, ...) and a ``datalist.jsonl`` describing them.
+
+    Case i uses grid ``grids[i % len(grids)]`` (so a set can span several size buckets), seed
+    ``seed + i``, fold ``i % num_folds``, and either the given `tumors` or, when None, a random
+    lesion mix drawn from the seed. Returns the datalist path.
+    """
+    from maisi2.data import DataItem, write_datalist
+
+    if count < 1 or not grids:
+        raise ValueError("a phantom set needs count >= 1 and at least one (shape, spacing) grid")
+    out_dir = Path(out_dir).expanduser()
+    datalist = out_dir / "datalist.jsonl"
+    if datalist.exists() and not overwrite:
+        raise FileExistsError(f"{datalist} already exists; pass --overwrite to replace the set")
+    items = []
+    cases = range(count)
+    if progress:
+        from tqdm.auto import tqdm
+
+        cases = tqdm(cases, desc="phantoms", unit="case")
+    for i in cases:
+        shape, spacing = grids[i % len(grids)]
+        if tumors is not None:
+            ct_path, label_path = write_phantom(out_dir / f"case_{i:03d}", shape, spacing, tumors, seed + i, overwrite)
+        else:
+            ct_path, label_path = _write_with_random_lesions(out_dir / f"case_{i:03d}", shape, spacing,
+                                                             np.random.default_rng([seed, i]), seed + i, overwrite)
+        items.append(DataItem(image=ct_path, label=label_path, spacing=tuple(float(v) for v in spacing),
+                              source=source, fold=i % num_folds))
+    return write_datalist(datalist, items, overwrite=overwrite)
+
+
+def _write_with_random_lesions(case_dir, shape, spacing, rng, seed, overwrite):
+    """A random mix may ask for a lesion that cannot fit at a coarse grid: drop such kinds and go on."""
+    lesions = random_tumors(rng)
+    while True:
+        try:
+            return write_phantom(case_dir, shape, spacing, lesions, seed, overwrite)
+        except ValueError as err:
+            misfit = [t for t in lesions if any(name in str(err) for name in TUMOR_KINDS[t.kind])]
+            if not misfit:
+                raise
+            lesions = [t for t in lesions if t is not misfit[0]]
+
+
 def _check_grid(shape, spacing) -> tuple[tuple[int, int, int], np.ndarray]:
     try:
         dims = tuple(operator.index(n) for n in shape)

@@ -13,9 +13,13 @@ def register(sub) -> None:
             "field of view is shape * spacing."
         ),
     )
-    p.add_argument("--shape", nargs=3, type=int, required=True, metavar=("X", "Y", "Z"), help="voxels per axis")
-    p.add_argument("--spacing", nargs=3, type=float, required=True, metavar=("SX", "SY", "SZ"),
+    p.add_argument("--shape", nargs=3, type=int, required=True, action="append", metavar=("X", "Y", "Z"),
+                   help="voxels per axis (repeat with --spacing to give a --count set several grids)")
+    p.add_argument("--spacing", nargs=3, type=float, required=True, action="append", metavar=("SX", "SY", "SZ"),
                    help="voxel size in mm per axis")
+    p.add_argument("--count", type=int, default=None,
+                   help="write a set of COUNT phantoms (case_000/...) plus datalist.jsonl into --out; "
+                        "without --tumors each case gets a random lesion mix")
     p.add_argument("--tumors", nargs="*", default=[], metavar="KIND[:COUNT]",
                    help="lesions to add, e.g. hepatic:2 lung:1 bone:1; kinds: hepatic, pancreatic, lung, "
                         "colon, bone, kidney-cyst")
@@ -28,10 +32,20 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from maisi2.phantom import parse_tumor_specs, write_phantom
+    from maisi2.phantom import parse_tumor_specs, write_phantom, write_phantom_set
 
+    if len(args.shape) != len(args.spacing):
+        raise ValueError("give one --spacing per --shape")
     tumors = parse_tumor_specs(args.tumors, radius_mm=args.tumor_radius_mm)
-    ct_path, label_path = write_phantom(args.out, args.shape, args.spacing, tumors, seed=args.seed,
+    if args.count is not None:
+        grids = list(zip(args.shape, args.spacing))
+        datalist = write_phantom_set(args.out, args.count, grids, seed=args.seed, tumors=tumors or None,
+                                     overwrite=args.overwrite)
+        print(f"wrote {args.count} phantoms and {datalist}")
+        return 0
+    if len(args.shape) > 1:
+        raise ValueError("several --shape/--spacing grids only make sense with --count")
+    ct_path, label_path = write_phantom(args.out, args.shape[0], args.spacing[0], tumors, seed=args.seed,
                                         overwrite=args.overwrite)
     print(f"wrote {ct_path}")
     print(f"wrote {label_path}")
