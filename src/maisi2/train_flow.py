@@ -1,0 +1,449 @@
+"""The flow-model recipe: MAISI-v2's three training stages of the latent rectified-flow UNet.
+
+One step, for a batch of cached latents ``x0`` (already times the cache's scale factor):
+draw ``t`` (`flow.sample_training_t`, shifted by the latent size) and ``noise``, form
+``x_t = add_noise(x0, noise, t)``, predict ``v`` with `nets.predict_velocity` (conditioned on the
+image spacing and the modality id) and take the L1 `losses.flow_loss` against ``x0 - noise``.
+With ``modality_dropout = p`` the modality is replaced by class 0 ("unknown") with probability p,
+which trains the unconditional branch classifier-free guidance needs.
+
+The stages (paper, Sec. "three-stage training"), each in its own folder under ``out_dir``:
+
+1. ``stage_1`` low-resolution pre-training: every latent is area-downsampled (or randomly cropped)
+   to one small size, so large batches fit.
+2. ``stage_2`` full resolution, size-bucketed: one bucket per latent shape, each with its own
+   batch size (a voxel budget per batch); under torchrun each rank serves whole buckets
+   (`data.BucketBatchSampler`), a single process cycles through all of them.
+3. ``stage_3`` balanced fine-tuning at batch 1, sources drawn by weight (inverse source frequency
+   by default, `data.weighted_source_sampler`) to undo the bucket imbalance.
+
+Stage k starts from ``stage_{k-1}/last.pt`` (raw weights, and its EMA for the EMA), or from
+``init`` for the first stage run. The recipe (JSON) and the stage go into every checkpoint.
+
+Usage::
+
+    cfg = get_config("tiny")
+    results = train_flow("cache/", "runs/flow", cfg, stages=(1, 2, 3))
+    unet_ckpt = results[3].checkpoint          # runs/flow/stage_3/last.pt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maisi2 import flow, losses, nets
+from maisi2.checkpoint import load_checkpoint, load_weights
+from maisi2.config import Config, FlowConfig, _from_dict
+from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
+from maisi2.latents import LatentDataset
+from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed,
+                             shuffled_batches, train)
+
+__all__ = [
+    "LowResStage",
+    "BucketStage",
+    "BalancedStage",
+    "FlowRecipe",
+    "STAGES",
+    "default_recipe",
+    "recipe_with_overrides",
+    "stage_dir",
+    "stage_settings",
+    "resize_latent",
+    "prepare_batch",
+    "flow_matching_loss",
+    "FlowStepLoss",
+    "bucket_batch_sizes",
+    "source_weights",
+    "stage_source",
+    "train_stage",
+    "train_flow",
+]
+
+STAGES = (1, 2, 3)
+RESIZE_MODES = ("downsample", "crop")
+
+
+@dataclass(frozen=True)
+class LowResStage:
+    """Stage 1: every latent brought to `latent_size` ("downsample": area average, spacing grows
+    accordingly; "crop": a random crop, spacing unchanged), batches of `batch_size`."""
+
+    steps: int = 20000
+    lr: float = 1e-4
+    warmup: int = 500
+    schedule: str = "cosine"
+    batch_size: int = 8
+    latent_size: tuple[int, ...] = (32, 32, 32)
+    resize: str = "downsample"
+
+
+@dataclass(frozen=True)
+class BucketStage:
+    """Stage 2: full resolution; a bucket of latents of `voxels` voxels gets batches of
+    ``clamp(voxels_per_batch // voxels, 1, max_batch_size)``."""
+
+    steps: int = 20000
+    lr: float = 5e-5
+    warmup: int = 100
+    schedule: str = "cosine"
+    voxels_per_batch: int = 128**3
+    max_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class BalancedStage:
+    """Stage 3: batch 1; `source_weights` is "inverse" (every source equally often, i.e. inverse
+    source frequency per volume), "uniform" (every volume equally often) or explicit
+    "name=weight,name=weight" covering every source of the cache."""
+
+    steps: int = 5000
+    lr: float = 2e-5
+    warmup: int = 0
+    schedule: str = "constant"
+    source_weights: str = "inverse"
+
+
+@dataclass(frozen=True)
+class FlowRecipe:
+    """The three stages plus what they share. Serialised to JSON into every checkpoint."""
+
+    stage1: LowResStage = field(default_factory=LowResStage)
+    stage2: BucketStage = field(default_factory=BucketStage)
+    stage3: BalancedStage = field(default_factory=BalancedStage)
+    modality_dropout: float = 0.0  # classifier-free guidance: P(modality -> 0 "unknown")
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    weight_decay: float = 0.0
+    amp: str = "auto"
+    ckpt_every: int = 500
+    log_every: int = 10
+    max_nonfinite: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_recipe(self)
+
+    def stage(self, k: int) -> LowResStage | BucketStage | BalancedStage:
+        if k not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {k!r}")
+        return (self.stage1, self.stage2, self.stage3)[k - 1]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FlowRecipe":
+        return _from_dict(cls, data, path="")
+
+    @classmethod
+    def from_json(cls, text: str) -> "FlowRecipe":
+        return cls.from_dict(json.loads(text))
+
+
+def _check_recipe(r: FlowRecipe) -> None:
+    s1, s2 = r.stage1, r.stage2
+    checks = [
+        (0 <= r.modality_dropout <= 1, f"modality_dropout must lie in [0, 1], got {r.modality_dropout}"),
+        (s1.resize in RESIZE_MODES, f"stage1.resize must be one of {', '.join(RESIZE_MODES)}, got {s1.resize!r}"),
+        (len(s1.latent_size) == 3 and min(s1.latent_size) >= 1, f"stage1.latent_size must be three positive sizes, got {s1.latent_size}"),
+        (s1.batch_size >= 1, f"stage1.batch_size must be at least 1, got {s1.batch_size}"),
+        (s2.voxels_per_batch >= 1 and s2.max_batch_size >= 1, "stage2.voxels_per_batch and stage2.max_batch_size must be at least 1"),
+        (r.num_workers >= 0, f"num_workers must be >= 0, got {r.num_workers}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for k in STAGES:  # the engine's own checks (steps, lr, schedule, amp, ...), reported per stage
+        try:
+            stage_settings(r, k)
+        except ValueError as err:
+            raise ValueError(f"stage{k}: {err}") from None
+
+
+def default_recipe(cfg: Config) -> FlowRecipe:
+    """The default recipe, with stage 1 at the latent size where the config's time shift is 1
+    (32^3 for maisi-v2, 16^3 for small, 8^3 for tiny)."""
+    side = round(cfg.flow.base_img_size_numel ** (1 / 3))
+    return FlowRecipe(stage1=LowResStage(latent_size=(side, side, side)))
+
+
+def recipe_with_overrides(recipe: FlowRecipe, overrides: Sequence[str]) -> FlowRecipe:
+    """Apply dotted ``key=value`` overrides (value parsed as JSON), e.g. ``stage2.lr=1e-5``."""
+    data = recipe.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"recipe override {item!r} must look like stage1.steps=100 or seed=3")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *sections, name = key.strip().split(".")
+        node = data
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"recipe override {key!r}: {part!r} is not a recipe section (stage1, stage2, stage3)")
+            node = node[part]
+        if name not in node:
+            raise ValueError(f"recipe override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
+        node[name] = value
+    return FlowRecipe.from_dict(data)
+
+
+def stage_dir(out_dir: str | Path, k: int) -> Path:
+    return Path(out_dir) / f"stage_{k}"
+
+
+def stage_settings(recipe: FlowRecipe, k: int, device: str = "auto", progress: bool | None = None) -> TrainSettings:
+    """The engine settings of stage k (shared values from the recipe, the rest from the stage)."""
+    stage = recipe.stage(k)
+    return TrainSettings(
+        steps=stage.steps, lr=stage.lr, warmup=stage.warmup, schedule=stage.schedule,
+        weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip, ema_decay=recipe.ema_decay,
+        amp=recipe.amp, ckpt_every=recipe.ckpt_every, log_every=recipe.log_every,
+        max_nonfinite=recipe.max_nonfinite, seed=recipe.seed * 31 + k, device=device, progress=progress,
+    )
+
+
+# -- batches --------------------------------------------------------------------------------
+
+def resize_latent(latent: torch.Tensor, spacing: torch.Tensor, size: Sequence[int], mode: str,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring one (C, x, y, z) latent to `size`; returns it with the image spacing (mm) it now has.
+
+    "downsample": area averaging (MONAI-free `F.interpolate(mode="area")`); each axis's spacing
+    grows by old/new size so the conditioning still tells the true voxel size.
+    "crop": a random window (offsets from `generator`), spacing unchanged.
+    """
+    old = torch.tensor(latent.shape[1:], dtype=torch.float32)
+    new = torch.tensor(tuple(size), dtype=torch.float32)
+    if mode == "downsample":
+        resized = F.interpolate(latent[None], size=tuple(size), mode="area")[0]
+        return resized, spacing * (old / new).to(spacing.device)
+    if mode != "crop":
+        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    if (old < new).any():
+        raise ValueError(f"cannot crop a latent of shape {tuple(latent.shape[1:])} to {tuple(size)}: lower "
+                         "stage1.latent_size or use stage1.resize=downsample")
+    starts = [int(torch.randint(0, o - n + 1, (1,), generator=generator, device=generator.device))
+              for o, n in zip(latent.shape[1:], size)]
+    window = tuple(slice(s, s + n) for s, n in zip(starts, size))
+    return latent[(slice(None), *window)], spacing
+
+
+def prepare_batch(items: list[dict], generator: torch.Generator, device: torch.device, *,
+                  latent_size: Sequence[int] | None = None, resize: str = "downsample",
+                  modality_dropout: float = 0.0, multiple: int = 1) -> tuple[torch.Tensor, nets.Conditioning]:
+    """`LatentDataset` items -> x0 (B, C, x, y, z) on `device` and its conditioning.
+
+    latent_size: resize every latent to it first (stage 1). multiple: every spatial size must be
+    a multiple of it (the UNet halves the grid len(num_channels)-1 times).
+    """
+    latents, spacings = [], []
+    for item in items:
+        latent, spacing = item["latent"].to(device), item["spacing"].to(device, torch.float32)
+        if latent_size is not None:
+            latent, spacing = resize_latent(latent, spacing, latent_size, resize, generator)
+        latents.append(latent)
+        spacings.append(spacing)
+    shapes = sorted({tuple(z.shape) for z in latents})
+    if len(shapes) != 1:
+        raise ValueError(f"a batch mixes latent shapes {shapes}; bucket the data by size")
+    if any(s % multiple for s in shapes[0][1:]):
+        raise ValueError(f"latent shape {shapes[0][1:]} is not a multiple of {multiple} on every axis, which the "
+                         "UNet needs; re-encode the volumes padded to a multiple of that times the VAE factor")
+    modality = torch.tensor([int(item["modality"]) for item in items], dtype=torch.long, device=device)
+    if modality_dropout > 0:
+        dropped = torch.rand(len(items), generator=generator, device=generator.device) < modality_dropout
+        modality = torch.where(dropped.to(device), torch.zeros_like(modality), modality)
+    return torch.stack(latents), nets.Conditioning(spacing=torch.stack(spacings), modality=modality)
+
+
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioning, flow_cfg: FlowConfig,
+                       generator: torch.Generator) -> torch.Tensor:
+    """L1 rectified-flow loss of one batch: |model(x_t, t | cond) - (x0 - noise)|."""
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    t = flow.sample_training_t(x0.shape[0], x0.shape[2:], flow_cfg, generator=generator, device=generator.device)
+    x_t = flow.add_noise(x0, noise, t.to(x0.device), flow_cfg.num_train_timesteps)
+    v = nets.predict_velocity(model, x_t, t, cond)
+    return losses.flow_loss(v, flow.velocity_target(x0, noise))
+
+
+class FlowStepLoss:
+    """The engine's ``loss_fn`` for one stage: prepare the batch, then `flow_matching_loss`."""
+
+    def __init__(self, cfg: Config, recipe: FlowRecipe, k: int):
+        self.flow_cfg = cfg.flow
+        self.multiple = 2 ** (len(cfg.unet.num_channels) - 1)
+        self.modality_dropout = recipe.modality_dropout
+        self.latent_size = tuple(recipe.stage1.latent_size) if k == 1 else None
+        self.resize = recipe.stage1.resize
+
+    def __call__(self, model: nn.Module, items: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        device = next(model.parameters()).device
+        x0, cond = prepare_batch(items, generator, device, latent_size=self.latent_size, resize=self.resize,
+                                 modality_dropout=self.modality_dropout, multiple=self.multiple)
+        return flow_matching_loss(model, x0, cond, self.flow_cfg, generator), {}
+
+
+# -- what each stage samples ------------------------------------------------------------------
+
+def bucket_batch_sizes(shapes: Sequence[Sequence[int]], voxels_per_batch: int, max_batch_size: int) -> dict:
+    """{shape: batch size}: as many latents as fit the voxel budget, at least 1, at most the cap."""
+    return {tuple(s): max(1, min(max_batch_size, voxels_per_batch // math.prod(s))) for s in shapes}
+
+
+def source_weights(spec: str, sources: Sequence[str]) -> dict[str, float]:
+    """Per-source weights for `data.weighted_source_sampler` from a stage-3 spec (see BalancedStage)."""
+    present = sorted(set(sources))
+    if spec == "inverse":  # the sampler splits a source's weight among its volumes: 1/count each
+        return {s: 1.0 for s in present}
+    if spec == "uniform":
+        return {s: float(sources.count(s)) for s in present}
+    weights = {}
+    for part in spec.split(","):
+        name, sep, value = part.rpartition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"stage3.source_weights {spec!r}: use 'inverse', 'uniform' or 'name=weight,name=weight'")
+    return weights
+
+
+def _epoch_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def stage_source(k: int, dataset: LatentDataset, recipe: FlowRecipe, info: DistInfo) -> BatchSource:
+    """The batches of stage k for this rank (plans take their randomness from the engine's data RNG)."""
+    n = len(dataset)
+    rank, world = info.rank, info.world_size
+    if k == 1:
+        size = recipe.stage1.batch_size
+
+        def plan(g):
+            return shuffled_batches(n, size, g, rank, world)
+    elif k == 2:
+        buckets = bucket_by_size([r.latent_shape[1:] for r in dataset.records])
+        sizes = bucket_batch_sizes(list(buckets), recipe.stage2.voxels_per_batch, recipe.stage2.max_batch_size)
+
+        def plan(g):
+            return list(BucketBatchSampler(buckets, sizes, seed=_epoch_seed(g), rank=rank, world_size=world))
+    else:
+        sources = [r.source for r in dataset.records]
+        weights = source_weights(recipe.stage3.source_weights, sources)
+        weighted_source_sampler(sources, weights)  # fail now, not at the first batch, on a bad spec
+
+        def plan(g):  # every rank its own draws: the seed mixes in the rank
+            seed = _epoch_seed(g) * 7919 + rank
+            return [[int(i)] for i in weighted_source_sampler(sources, weights, num_samples=n, seed=seed)]
+    return BatchSource(dataset, plan=plan, collate=list, num_workers=recipe.num_workers)
+
+
+# -- running the stages -----------------------------------------------------------------------
+
+def _say(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        print(f"maisi2: {message}", file=sys.stderr, flush=True)
+
+
+def _initial_unet(cfg: Config, recipe: FlowRecipe, device: str,
+                  init: Path | None) -> tuple[nn.Module, dict | None, float | None]:
+    """A fresh UNet (seeded), or one with `init`'s raw weights; returns (model, its EMA, its scale factor)."""
+    torch.manual_seed(recipe.seed)  # the same start on every rank (DDP also broadcasts rank 0's)
+    model = nets.build_unet(cfg, device=nets.resolve_device(device))
+    if init is None:
+        return model, None, None
+    ckpt = load_checkpoint(init)
+    if ckpt.kind != "unet":
+        raise ValueError(f"--init {init} holds a {ckpt.kind} checkpoint; the flow model needs a unet checkpoint")
+    load_weights(model, ckpt.state_dict, "unet", str(init), cfg.preset)
+    ema = ckpt.ema_state_dict
+    if ema is not None and {k: v.shape for k, v in ema.items()} != {k: v.shape for k, v in ckpt.state_dict.items()}:
+        ema = None
+    return model, ema, ckpt.scale_factor
+
+
+def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, recipe: FlowRecipe,
+                init: str | Path | None = None, resume: bool = False, device: str = "auto",
+                progress: bool | None = None, on_batch: Callable[[int, Any], None] | None = None) -> TrainResult:
+    """Run stage k into ``out_dir/stage_k``, starting from `init` (a unet checkpoint) or from scratch.
+
+    Call inside `training.distributed()` under torchrun (`train_flow` does).
+    """
+    info = dist_info()
+    folder = stage_dir(out_dir, k)
+    resuming = resume and (folder / LAST).is_file()
+    init = None if resuming or init is None else Path(init)  # a resumed stage takes its weights from last.pt
+    if k == 1:
+        _check_low_res_size(cfg, recipe)
+    dataset = LatentDataset(cache)
+    model, ema, init_scale = _initial_unet(cfg, recipe, device, init)
+    if init_scale is not None and abs(init_scale - dataset.scale_factor) > 1e-3 * abs(dataset.scale_factor):
+        _say(info, f"{init} was trained with scale_factor {init_scale:.5g}, the cache has {dataset.scale_factor:.5g}; "
+                   "using the cache's (encode with the same VAE to keep them equal)")
+    _say(info, f"flow stage {k}: {len(dataset)} latents, {recipe.stage(k).steps} steps -> {folder}")
+    extra = {"recipe": recipe.to_json(), "stage": k, "init": "" if init is None else str(init), "cache": str(cache)}
+    return train(model, FlowStepLoss(cfg, recipe, k), stage_source(k, dataset, recipe, info),
+                 stage_settings(recipe, k, device, progress), folder, kind="unet", config=cfg,
+                 scale_factor=dataset.scale_factor, resume=resume, extra=extra, ema_init=ema, on_batch=on_batch)
+
+
+def _check_low_res_size(cfg: Config, recipe: FlowRecipe) -> None:
+    multiple = 2 ** (len(cfg.unet.num_channels) - 1)
+    if any(s % multiple for s in recipe.stage1.latent_size):
+        raise ValueError(f"stage1.latent_size {recipe.stage1.latent_size} must be multiples of {multiple} for this UNet")
+
+
+def _init_for(k: int, stages: Sequence[int], out_dir: Path, init: str | Path | None) -> Path | None:
+    """Where stage k starts: `init` for the first stage run, else the previous stage's last.pt."""
+    if k == stages[0] and init is not None:
+        return Path(init)
+    if k == 1:
+        return None
+    previous = stage_dir(out_dir, k - 1) / LAST
+    if not previous.is_file():
+        raise FileNotFoundError(f"stage {k} starts from {previous}, which does not exist: run stage {k - 1} "
+                                "first (--stage all), or give a unet checkpoint with --init")
+    return previous
+
+
+def train_flow(cache: str | Path, out_dir: str | Path, cfg: Config, recipe: FlowRecipe | None = None,
+               stages: Sequence[int] = STAGES, init: str | Path | None = None, resume: bool = False,
+               device: str = "auto", progress: bool | None = None,
+               on_batch: Callable[[int, Any], None] | None = None) -> dict[int, TrainResult]:
+    """Run the given stages in order, each handing its weights to the next; {stage: result}.
+
+    resume: finished stages are kept (their run returns at once), an interrupted one continues.
+    Works as is under ``torchrun`` (joins the process group, gloo on CPU, NCCL on CUDA).
+    """
+    recipe = recipe if recipe is not None else default_recipe(cfg)
+    stages = sorted(set(int(k) for k in stages))
+    if not stages or any(k not in STAGES for k in stages):
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
+    out_dir = Path(out_dir)
+    results = {}
+    with distributed(device):
+        for k in stages:
+            resuming = resume and (stage_dir(out_dir, k) / LAST).is_file()
+            start = None if resuming else _init_for(k, stages, out_dir, init)
+            results[k] = train_stage(k, cache, out_dir, cfg, recipe, init=start, resume=resume, device=device,
+                                     progress=progress, on_batch=on_batch)
+    return results
