@@ -7,7 +7,8 @@
   called with the conditioning the released weights expect: spacing in mm x 100, the modality
   class id, and the label map as 8 bit-planes at image resolution.
 
-Two released settings only work on CUDA / under fp16 autocast (flash attention, fp16 group
+Every builder swaps in the faster, numerically equivalent layers of `maisi2.fastops` (same
+parameters and keys). Two released settings only work on CUDA / under fp16 autocast (flash attention, fp16 group
 norm). They do not change the parameters, so we switch them off where they cannot run and the
 state-dict keys stay identical.
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from maisi2.config import Config
+from maisi2.fastops import accelerate
 from maisi2.labels import load_resource_json
 
 __all__ = [
@@ -68,6 +70,7 @@ def build_vae(cfg: Config, device: str | torch.device | None = None, fp16_norm: 
         use_convtranspose=v.use_convtranspose, num_splits=v.num_splits, dim_split=v.dim_split,
         norm_float16=bool(v.norm_float16 and fp16_norm),
     )
+    accelerate(model)
     return model.to(device) if device is not None else model
 
 
@@ -92,6 +95,7 @@ def build_unet(cfg: Config, device: str | torch.device | None = None) -> nn.Modu
         include_top_region_index_input=False, include_bottom_region_index_input=False,
         **_trunk_kwargs(cfg, device),
     )
+    accelerate(model)
     return model.to(device) if device is not None else model
 
 
@@ -106,6 +110,7 @@ def build_controlnet(cfg: Config, device: str | torch.device | None = None) -> n
         conditioning_embedding_num_channels=list(c.conditioning_embedding_num_channels),
         use_checkpointing=c.use_checkpointing, **_trunk_kwargs(cfg, device),
     )
+    accelerate(model)
     return model.to(device) if device is not None else model
 
 

@@ -1,0 +1,331 @@
+"""Training a VAE (``tiny`` / ``small`` presets) on random crops, on the generic engine.
+
+One step, for a batch of random crops x in [0, 1] (`data.hu_to_unit`):
+
+1. Encode to (z_mu, z_sigma), draw z = z_mu + eps * z_sigma with eps from the engine's noise RNG
+   (so resuming is exact), decode to the reconstruction.
+2. L = L1(recon, x) + kl_weight * KL  (`vae.reconstruction_l1`, `vae.kl_loss`).
+3. Optional patch-adversarial term (off by default; ``adv_weight > 0`` turns it on): a small 3D
+   PatchGAN scores patches of x and of the reconstruction. From step ``adv_start`` on,
+   L += adv_weight * L_G + L_D, where L_G is the VAE's adversarial loss computed through a
+   *frozen copy* of the discriminator's weights and L_D the discriminator's loss on a *detached*
+   reconstruction. Each term therefore moves only its own network, so one optimiser and one
+   backward pass (what the engine does) train the pair as two alternating optimisers would.
+
+Outputs in the run folder: ``last.pt`` (the engine's resumable state; its weights are the
+training module's, i.e. ``vae.*`` and ``discriminator.*`` keys), ``vae.pt`` (a plain "vae"
+checkpoint: VAE weights and their EMA only, what `maisi2 encode --vae` and generation take) and
+``log.csv``.
+
+The ``maisi-v2`` preset is refused unless forced: the paper reuses the released VAE unchanged
+(`maisi2 encode --vae autoencoder_v1.pt`), and training one that size needs GPUs and real data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from maisi2.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
+from maisi2.config import Config
+from maisi2.data import HU_MIN, CTDataset, DataItem, center_pad_or_crop, hu_to_unit, read_datalist
+from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, train
+from maisi2.vae import (ADVERSARIAL_KINDS, build_discriminator, discriminator_logits, discriminator_loss,
+                        downsample_factor, generator_adversarial_loss, kl_loss, reconstruction_l1, vae_state_only)
+
+__all__ = ["VAETrainOptions", "RandomCrops", "crop_plan", "VAETrainingModel", "StepClock", "make_vae_loss",
+           "export_vae", "TrainVAEResult", "train_vae", "VAE_FILE"]
+
+VAE_FILE = "vae.pt"
+
+
+@dataclass(frozen=True)
+class VAETrainOptions:
+    """What the VAE learns from and how its loss is built (stored in every checkpoint).
+
+    patch: crop size (X, Y, Z), multiples of the VAE factor (4); smaller volumes are padded with air.
+    batch_size: crops per step. spacing: resample scans to this voxel size (mm) first; None keeps each
+      scan's own. kl_weight: weight of the KL term (small: the latent should stay informative).
+    adv_weight: weight of the VAE's adversarial loss; 0 (default) leaves the discriminator out.
+    adv_start: first step at which the adversarial terms count (the reconstruction settles first).
+    adv_loss: "hinge" or "lsgan". disc_channels / disc_layers: size of the PatchGAN.
+    cache_volumes: loaded volumes kept in memory per data process (each step crops from them).
+    """
+
+    patch: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 1
+    spacing: tuple[float, float, float] | None = None
+    kl_weight: float = 1e-6
+    adv_weight: float = 0.0
+    adv_start: int = 0
+    adv_loss: str = "hinge"
+    disc_channels: int = 16
+    disc_layers: int = 3
+    cache_volumes: int = 32
+
+    def __post_init__(self) -> None:
+        checks = [
+            (len(self.patch) == 3 and all(int(p) >= 4 and int(p) % 4 == 0 for p in self.patch),
+             f"patch must be three multiples of 4 (the VAE's downsampling), got {tuple(self.patch)}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.spacing is None or (len(self.spacing) == 3 and all(s > 0 for s in self.spacing)),
+             f"spacing must be three positive numbers (mm), got {self.spacing}"),
+            (self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}"),
+            (self.adv_weight >= 0, f"adv_weight must be >= 0 (0: no adversarial term), got {self.adv_weight}"),
+            (self.adv_start >= 0, f"adv_start must be >= 0, got {self.adv_start}"),
+            (self.adv_loss in ADVERSARIAL_KINDS,
+             f"adv_loss must be one of {', '.join(ADVERSARIAL_KINDS)}, got {self.adv_loss!r}"),
+            (self.disc_channels >= 1 and self.disc_layers >= 1, "disc_channels and disc_layers must be at least 1"),
+            (self.cache_volumes >= 1, f"cache_volumes must be at least 1, got {self.cache_volumes}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adv_weight > 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch"] = list(self.patch)
+        d["spacing"] = None if self.spacing is None else list(self.spacing)
+        return d
+
+
+# -- data: random crops, positions drawn from the engine's data RNG ---------------------------
+
+class RandomCrops(torch.utils.data.Dataset):
+    """Crops of the datalist's scans, addressed by ``crop_seed * n_volumes + volume``.
+
+    The index carries everything random about the crop (which scan, where), so the engine's
+    planner owns the randomness (exact resume) and data workers need no RNG of their own.
+    Items: {"image": (1, *patch) float32 in [0, 1]}.
+    """
+
+    def __init__(self, items: Sequence[DataItem], patch: Sequence[int], spacing=None, cache_volumes: int = 32):
+        if not items:
+            raise ValueError("no scans to crop from")
+        self.volumes = CTDataset(items, spacing=spacing, shape=None, divisor=1, load_labels=False)
+        self.patch = tuple(int(p) for p in patch)
+        self.cache_volumes = cache_volumes
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def n_volumes(self) -> int:
+        return len(self.volumes)
+
+    def __len__(self) -> int:
+        return self.n_volumes
+
+    def volume(self, index: int) -> np.ndarray:
+        """Scan `index` in [0, 1], padded with air (centred) to at least the patch size."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        image = self.volumes[index]["image"][0].numpy()
+        shape = [max(n, p) for n, p in zip(image.shape, self.patch)]
+        image = center_pad_or_crop(image, shape, float(hu_to_unit(np.float32(HU_MIN))))
+        self._cache[index] = image
+        while len(self._cache) > self.cache_volumes:
+            self._cache.popitem(last=False)
+        return image
+
+    def __getitem__(self, index: int) -> dict:
+        seed, which = divmod(int(index), self.n_volumes)
+        image = self.volume(which)
+        rng = np.random.default_rng(seed)
+        corner = [int(rng.integers(0, n - p + 1)) for n, p in zip(image.shape, self.patch)]
+        crop = image[tuple(slice(c, c + p) for c, p in zip(corner, self.patch))]
+        return {"image": torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None]}
+
+
+def crop_plan(n_volumes: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch: every scan once (more often when there are fewer scans than a batch per rank),
+    in a shuffled order, each with a fresh crop seed; this rank's share under data parallelism."""
+    info = dist_info()
+    per_rank = max(-(-n_volumes // info.world_size), batch_size)
+    repeats = -(-per_rank * info.world_size // n_volumes)
+    order = torch.cat([torch.randperm(n_volumes, generator=generator) for _ in range(repeats)])
+    seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=generator)
+    indices = (seeds * n_volumes + order).tolist()
+    shard = indices[info.rank::info.world_size][:per_rank]
+    return [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+
+
+# -- the model the engine trains, and its loss --------------------------------------------------
+
+class VAETrainingModel(nn.Module):
+    """The VAE plus, with the adversarial term on, its discriminator: one module for the engine.
+
+    forward(image, eps) runs everything a step needs inside one call (so data-parallel gradient
+    sync sees every parameter used) and returns the tensors the loss is made of.
+    """
+
+    def __init__(self, vae: nn.Module, discriminator: nn.Module | None = None):
+        super().__init__()
+        self.vae = vae
+        self.discriminator = discriminator
+
+    def forward(self, image: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        z_mu, z_sigma = self.vae.encode(image)
+        recon = self.vae.decode(z_mu + eps * z_sigma)
+        out = {"recon": recon, "z_mu": z_mu, "z_sigma": z_sigma}
+        if self.discriminator is not None:
+            # The VAE's adversarial loss must not train the discriminator: score the reconstruction
+            # with detached copies of its weights (gradients reach the VAE only) ...
+            frozen = {k: v.detach() for k, v in self.discriminator.state_dict(keep_vars=True).items()}
+            out["fake_logits_g"] = discriminator_logits(
+                lambda x: torch.func.functional_call(self.discriminator, frozen, (x,)), recon)
+            # ... and the discriminator's loss must not train the VAE: a detached reconstruction.
+            out["real_logits"] = discriminator_logits(self.discriminator, image)
+            out["fake_logits_d"] = discriminator_logits(self.discriminator, recon.detach())
+        return out
+
+
+class StepClock:
+    """The engine's step, fed by its on_batch hook (the loss needs it for adv_start)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def __call__(self, step: int, batch) -> None:
+        self.step = step
+
+
+def make_vae_loss(options: VAETrainOptions, clock: StepClock | None = None):
+    """The engine's loss_fn(model, batch, generator) -> (loss, logs) for a `VAETrainingModel`."""
+
+    def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator):
+        device = next(model.parameters()).device
+        image = batch["image"].to(device, non_blocking=True)
+        latent_shape = _latent_shape(model, image)
+        eps = torch.randn(latent_shape, generator=generator, device=device)
+        out = model(image, eps)
+        l_rec = reconstruction_l1(out["recon"], image)
+        l_kl = kl_loss(out["z_mu"], out["z_sigma"])
+        loss = l_rec + options.kl_weight * l_kl
+        logs = {"recon_l1": l_rec.detach(), "kl": l_kl.detach()}
+        if "real_logits" in out:
+            step = clock.step if clock is not None else 0
+            # Before adv_start the terms are computed but weighted 0, so every parameter takes part
+            # in every backward (data parallelism requires it) while the adversarial terms do nothing.
+            on = 1.0 if step >= options.adv_start else 0.0
+            l_g = generator_adversarial_loss(out["fake_logits_g"], options.adv_loss)
+            l_d = discriminator_loss(out["real_logits"], out["fake_logits_d"], options.adv_loss)
+            loss = loss + on * (options.adv_weight * l_g + l_d)
+            logs.update(adv_g=l_g.detach(), adv_d=l_d.detach(), adv_on=on)
+        return loss, logs
+
+    return loss_fn
+
+
+def _latent_shape(model: nn.Module, image: torch.Tensor) -> tuple[int, ...]:
+    inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper holds the model in .module
+    vae = inner.vae
+    factor = downsample_factor(vae)
+    return (image.shape[0], vae.latent_channels, *(n // factor for n in image.shape[2:]))
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+def _check_preset(cfg: Config, force: bool) -> None:
+    if cfg.preset == "maisi-v2" and not force:
+        raise ValueError(
+            "the maisi-v2 preset uses the released MAISI VAE unchanged (as the paper does): pass "
+            "autoencoder_v1.pt to `maisi2 encode --vae` instead of training one. Train a VAE for the "
+            "tiny or small preset (--preset tiny|small), or pass --force to train/fine-tune a "
+            "released-size VAE anyway (needs a GPU and real data; --init autoencoder_v1.pt fine-tunes it)"
+        )
+
+
+def _check_patch_fits(discriminator: nn.Module, patch: Sequence[int], layers: int) -> None:
+    try:
+        with torch.no_grad():
+            discriminator_logits(discriminator, torch.zeros(1, 1, *patch))
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"the patch {tuple(patch)} is too small for a discriminator with {layers} layers "
+                         f"({err}); use a larger --patch or fewer --adv-layers") from None
+
+
+def _check_same_options(out_dir: Path, options: VAETrainOptions) -> None:
+    last = out_dir / LAST
+    if not last.is_file():
+        return
+    saved = load_checkpoint(last).extra.get("vae_options")
+    if saved is not None and saved != options.to_dict():
+        changed = sorted(k for k in saved if saved.get(k) != options.to_dict().get(k))
+        raise ValueError(f"{last} was trained with other VAE options ({', '.join(changed)} differ); resume with "
+                         "the same options, or choose another output folder")
+
+
+def export_vae(last: str | Path, path: str | Path) -> Path:
+    """Write a plain "vae" checkpoint (VAE weights and EMA, no discriminator or trainer state)."""
+    ckpt = load_checkpoint(last)
+
+    def vae_part(state):
+        return None if state is None else vae_state_only(state)
+
+    extra = {k: v for k, v in ckpt.extra.items() if k != "trainer"}
+    return save_checkpoint(path, Checkpoint(kind="vae", config=ckpt.config, state_dict=vae_part(ckpt.state_dict),
+                                            ema_state_dict=vae_part(ckpt.ema_state_dict), step=ckpt.step, extra=extra))
+
+
+@dataclass
+class TrainVAEResult:
+    vae: Path  # out_dir/vae.pt
+    last: Path  # out_dir/last.pt (resumable)
+    step: int
+    rows: list
+
+
+def train_vae(datalist: str | os.PathLike, out_dir: str | os.PathLike, cfg: Config,
+              options: VAETrainOptions = VAETrainOptions(), settings: TrainSettings = TrainSettings(),
+              resume: bool = False, force: bool = False, init: str | os.PathLike | None = None,
+              num_workers: int = 0) -> TrainVAEResult:
+    """Train the VAE of `cfg` on random crops of the datalist's scans; see the module docstring.
+
+    init: start from these VAE weights (a "vae" checkpoint or the released file) instead of random.
+    num_workers: data-loading processes (each keeps its own cache of loaded scans).
+    """
+    from maisi2.nets import build_vae
+
+    # 1. check everything before any work
+    _check_preset(cfg, force)
+    out_dir = Path(out_dir)
+    if resume:
+        _check_same_options(out_dir, options)
+    items = read_datalist(datalist)
+
+    # 2. networks
+    vae = build_vae(cfg)
+    if init is not None:
+        from maisi2.vae import load_vae
+
+        load_weights(vae, load_vae(init).model.state_dict(), "vae", str(init), cfg.preset)
+    discriminator = None
+    if options.adversarial:
+        discriminator = build_discriminator(options.disc_channels, options.disc_layers, cfg.image_channels)
+        _check_patch_fits(discriminator, options.patch, options.disc_layers)
+    model = VAETrainingModel(vae, discriminator)
+
+    # 3. data and loss
+    crops = RandomCrops(items, options.patch, options.spacing, options.cache_volumes)
+    source = BatchSource(crops, plan=lambda g: crop_plan(crops.n_volumes, options.batch_size, g),
+                         num_workers=num_workers)
+    clock = StepClock()
+
+    # 4. train, then export the plain VAE checkpoint
+    result = train(model, make_vae_loss(options, clock), source, settings, out_dir, kind="vae", config=cfg,
+                   resume=resume, extra={"vae_options": options.to_dict()}, on_batch=clock)
+    vae_path = out_dir / VAE_FILE
+    if dist_info().is_main:
+        export_vae(result.checkpoint, vae_path)
+    return TrainVAEResult(vae=vae_path, last=result.checkpoint, step=result.step, rows=result.rows)

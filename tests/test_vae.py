@@ -1,0 +1,283 @@
+"""VAE losses, posterior-mean and tiled encoding, and VAE training (`maisi2.vae`, `maisi2.train_vae`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maisi2.config import get_config
+from maisi2.nets import build_vae
+from maisi2.train_vae import (VAE_FILE, RandomCrops, StepClock, VAETrainingModel, VAETrainOptions, crop_plan,
+                              make_vae_loss, train_vae)
+from maisi2.training import TrainSettings
+from maisi2.vae import (TILED_ENCODE_TOLERANCE, build_discriminator, decode, discriminator_loss, encode_mean,
+                        encoder_context, generator_adversarial_loss, kl_loss, load_vae, reconstruction_l1,
+                        tiled_encode_mean)
+from test_encode import write_scan
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    torch.manual_seed(0)
+    return build_vae(get_config("tiny")).eval()
+
+
+def body_like(shape, seed=0) -> torch.Tensor:
+    """(1, 1, *shape) in [0, 1]: a soft ellipsoid with an insert and a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    inside = ((grid**2).sum(0) < 0.8).float()
+    insert = (((grid[0] - 0.3) ** 2 + grid[1] ** 2 + grid[2] ** 2) < 0.05).float()
+    return (0.5 * inside + 0.2 * insert + 0.02 * torch.randn(shape, generator=g)).clamp(0, 1)[None, None]
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+def test_kl_is_zero_for_the_prior_and_sums_over_voxels():
+    mu, sigma = torch.zeros(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3)
+    assert kl_loss(mu, sigma).item() == pytest.approx(0.0, abs=1e-7)
+    # mu = 1, sigma = 1: 0.5 * mu^2 per value, summed over the 108 values of a sample, mean over batch.
+    assert kl_loss(mu + 1, sigma).item() == pytest.approx(0.5 * 108)
+    # sigma = e: 0.5 * (e^2 - 2 - 1) per value.
+    e = float(np.e)
+    assert kl_loss(mu, sigma * e).item() == pytest.approx(0.5 * 108 * (e**2 - 3), rel=1e-5)
+    # Batch mean, not sum: one sample off the prior in a batch of two halves its contribution.
+    mixed = torch.cat([mu[:1] + 1, mu[1:]])
+    assert kl_loss(mixed, sigma).item() == pytest.approx(0.5 * 108 / 2)
+
+
+def test_reconstruction_l1():
+    x = torch.zeros(1, 1, 4, 4, 4)
+    assert reconstruction_l1(x + 0.25, x).item() == pytest.approx(0.25)
+    y = x.clone()
+    y[..., 0] = 1.0  # a quarter of the voxels off by 1
+    assert reconstruction_l1(y, x).item() == pytest.approx(0.25)
+
+
+def test_adversarial_losses():
+    real, fake = torch.full((2, 1, 2, 2, 2), 2.0), torch.full((2, 1, 2, 2, 2), -2.0)
+    # hinge: a discriminator beyond the margins has zero loss; the generator wants D(fake) high.
+    assert discriminator_loss(real, fake, "hinge").item() == 0.0
+    assert discriminator_loss(fake, real, "hinge").item() == pytest.approx(3.0)
+    assert generator_adversarial_loss(fake, "hinge").item() == pytest.approx(2.0)
+    # least squares: targets 1 (real) and 0 (fake).
+    assert discriminator_loss(torch.ones(3), torch.zeros(3), "lsgan").item() == 0.0
+    assert discriminator_loss(torch.zeros(3), torch.ones(3), "lsgan").item() == pytest.approx(1.0)
+    assert generator_adversarial_loss(torch.zeros(3), "lsgan").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="hinge, lsgan"):
+        generator_adversarial_loss(fake, "wgan")
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+def test_posterior_mean_shape_and_determinism(tiny_vae):
+    x = body_like((32, 32, 16))
+    z1, z2 = encode_mean(tiny_vae, x), encode_mean(tiny_vae, x)
+    assert z1.shape == (1, 4, 8, 8, 4)
+    assert torch.equal(z1, z2)  # the mean, no sampling
+    assert decode(tiny_vae, z1).shape == x.shape
+    assert decode(tiny_vae, z1).min() >= 0 and decode(tiny_vae, z1).max() <= 1
+    with pytest.raises(ValueError, match="multiple of 4"):
+        encode_mean(tiny_vae, torch.zeros(1, 1, 30, 32, 32))
+
+
+def test_encoder_context_covers_the_receptive_field():
+    with torch.device("meta"):
+        sizes = {p: encoder_context(build_vae(get_config(p))) for p in ("tiny", "small", "maisi-v2")}
+    assert sizes == {"tiny": 28, "small": 28, "maisi-v2": 40}
+
+
+def test_tiled_encode_matches_whole_volume(tiny_vae):
+    """Tiled vs whole-volume posterior mean, tiny preset, 64 x 16 x 16 volume cut in 4 x 1 x 1 blocks.
+
+    Measured (random weights), relative L2 to the whole-volume latent by overlap 4/8/16/24/28:
+    whole-volume norm statistics 0.27/0.14/0.017/4e-7/4e-7 (from 24 on the receptive field is
+    covered and only float rounding is left; bound `TILED_ENCODE_TOLERANCE` = 1e-5); per-block
+    statistics 0.37/0.24/0.09/0.07/0.06 - a tiled encode with per-call norms is a different
+    latent, not a slightly noisy one.
+    """
+    x = body_like((64, 16, 16), seed=3)
+    whole = encode_mean(tiny_vae, x)
+    tiled = tiled_encode_mean(tiny_vae, x, tile=16)
+    assert tiled.shape == whole.shape
+    assert rel_l2(tiled, whole) < TILED_ENCODE_TOLERANCE
+    per_block = tiled_encode_mean(tiny_vae, x, tile=16, norm_stats="block")
+    assert rel_l2(per_block, whole) > 100 * TILED_ENCODE_TOLERANCE
+    # encode_mean tiles when an axis exceeds `tile`.
+    assert torch.equal(encode_mean(tiny_vae, x, tile=16, norm_stats="block"), per_block)
+    # Too little context: the receptive field is cut off and the match degrades.
+    assert rel_l2(tiled_encode_mean(tiny_vae, x, tile=16, overlap=4), whole) > TILED_ENCODE_TOLERANCE
+    # The norms are restored afterwards: a plain pass is unchanged.
+    assert torch.equal(encode_mean(tiny_vae, x), whole)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tiled_encode_mean(tiny_vae, x, tile=30)
+    with pytest.raises(ValueError, match="norm_stats"):
+        tiled_encode_mean(tiny_vae, x, tile=32, norm_stats="sample")
+
+
+# -- training pieces -------------------------------------------------------------------------------
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="multiples of 4"):
+        VAETrainOptions(patch=(30, 32, 32))
+    with pytest.raises(ValueError, match="adv_loss"):
+        VAETrainOptions(adv_loss="wgan")
+    with pytest.raises(ValueError, match="adv_weight"):
+        VAETrainOptions(adv_weight=-1)
+
+
+def test_random_crops_are_addressed_by_index(tmp_path):
+    from maisi2.data import read_datalist
+
+    image, _ = write_scan(tmp_path, "a", (40, 36, 20), seed=1, with_label=False)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": image.name}) + "\n")
+    crops = RandomCrops(read_datalist(tmp_path / "d.jsonl"), (32, 32, 32))
+    a, b, c = crops[5], crops[5], crops[6]
+    assert a["image"].shape == (1, 32, 32, 32) and torch.equal(a["image"], b["image"])
+    assert not torch.equal(a["image"], c["image"])
+    assert 0 <= float(a["image"].min()) and float(a["image"].max()) <= 1
+    plan = crop_plan(1, batch_size=3, generator=torch.Generator().manual_seed(0))
+    assert [len(batch) for batch in plan] == [3]  # one scan still fills a batch
+
+
+def test_each_adversarial_term_trains_only_its_own_network(tiny_vae):
+    import copy
+
+    model = VAETrainingModel(copy.deepcopy(tiny_vae), build_discriminator(channels=4, num_layers=2)).train()
+    x = body_like((32, 32, 32))
+    out = model(x, torch.zeros(1, 4, 8, 8, 8))
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        vae_g = [p.grad for p in model.vae.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        disc_g = [p.grad for p in model.discriminator.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        return len(vae_g), len(disc_g)
+
+    vae_moved, disc_moved = grads(generator_adversarial_loss(out["fake_logits_g"]))
+    assert vae_moved > 0 and disc_moved == 0
+    vae_moved, disc_moved = grads(discriminator_loss(out["real_logits"], out["fake_logits_d"]))
+    assert vae_moved == 0 and disc_moved > 0
+
+
+def test_adversarial_term_starts_at_adv_start(tiny_vae):
+    import copy
+
+    options = VAETrainOptions(patch=(32, 32, 32), adv_weight=0.5, adv_start=3, disc_layers=2, disc_channels=4)
+    model = VAETrainingModel(copy.deepcopy(tiny_vae), build_discriminator(4, 2))
+    clock = StepClock()
+    loss_fn = make_vae_loss(options, clock)
+    batch = {"image": body_like((32, 32, 32))}
+    clock(2, batch)
+    loss_before, logs_before = loss_fn(model, batch, torch.Generator().manual_seed(0))
+    clock(3, batch)
+    loss_after, logs_after = loss_fn(model, batch, torch.Generator().manual_seed(0))
+    assert logs_before["adv_on"] == 0.0 and logs_after["adv_on"] == 1.0
+    base = logs_before["recon_l1"] + options.kl_weight * logs_before["kl"]
+    assert loss_before.item() == pytest.approx(float(base), rel=1e-5)
+    expected = base + 0.5 * logs_after["adv_g"] + logs_after["adv_d"]
+    assert loss_after.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+# -- training runs ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scans")
+    rows = []
+    for i, shape in enumerate([(40, 36, 30), (36, 36, 32)]):
+        image, _ = write_scan(folder, f"s{i}", shape, seed=i, with_label=False)
+        rows.append(json.dumps({"image": image.name}))
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def fast_settings(steps, **kw):
+    return TrainSettings(steps=steps, lr=2e-3, log_every=1, ckpt_every=0, ema_decay=0.0, progress=False,
+                         tensorboard=False, **kw)
+
+
+@pytest.mark.slow
+def test_a_few_steps_lower_the_reconstruction_error(tmp_path, scans, tiny_vae):
+    init = tmp_path / "init.pt"
+    cfg = get_config("tiny")
+    save_checkpoint(init, Checkpoint(kind="vae", config=cfg, state_dict=tiny_vae.state_dict()))
+    from maisi2.data import read_datalist
+
+    # Fixed evaluation crops from the training distribution (crop seeds the run is unlikely to draw).
+    crops = RandomCrops(read_datalist(scans), (32, 32, 32))
+    x = torch.stack([crops[i]["image"] for i in range(1000, 1004)])
+
+    def error(vae):  # posterior mean -> decode, as the cache and generation use it
+        return reconstruction_l1(decode(vae, encode_mean(vae, x)), x).item()
+
+    before = error(tiny_vae)
+    result = train_vae(scans, tmp_path / "run", cfg, VAETrainOptions(patch=(32, 32, 32)), fast_settings(8),
+                       init=init)
+    after = error(load_vae(result.vae).model)
+    # Measured: 0.28 -> 0.16 after 12 steps, ~0.18 after 8 (the first steps fix the air/body levels).
+    assert after < 0.8 * before, (before, after)
+    assert [row["step"] for row in result.rows] == list(range(1, 9))
+    # vae.pt is a plain VAE checkpoint: exactly the network's keys, no discriminator, no trainer state.
+    ckpt = load_checkpoint(result.vae)
+    assert ckpt.kind == "vae" and set(ckpt.state_dict) == set(tiny_vae.state_dict()) and "trainer" not in ckpt.extra
+    assert ckpt.extra["vae_options"]["patch"] == [32, 32, 32]
+
+
+@pytest.mark.slow
+def test_adversarial_run_and_resume(tmp_path, scans):
+    cfg = get_config("tiny")
+    options = VAETrainOptions(patch=(32, 32, 32), adv_weight=0.1, adv_start=1, disc_layers=2, disc_channels=4)
+    out = tmp_path / "run"
+    first = train_vae(scans, out, cfg, options, fast_settings(2))
+    assert first.rows[0]["adv_on"] == 0.0 and first.rows[1]["adv_on"] == 1.0
+    assert any(k.startswith("discriminator.") for k in load_checkpoint(first.last).state_dict)
+    load_vae(first.last)  # the run state loads as a VAE too (its vae.* part)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_vae(scans, out, cfg, options, fast_settings(3))
+    with pytest.raises(ValueError, match="adv_weight"):
+        train_vae(scans, out, cfg, VAETrainOptions(patch=(32, 32, 32)), fast_settings(3), resume=True)
+    second = train_vae(scans, out, cfg, options, fast_settings(3), resume=True)
+    assert second.step == 3 and [r["step"] for r in second.rows] == [3]
+    assert load_checkpoint(out / VAE_FILE).step == 3
+
+
+def test_refusals(tmp_path, scans):
+    with pytest.raises(ValueError, match="released MAISI VAE unchanged.*--force"):
+        train_vae(scans, tmp_path / "r", get_config("maisi-v2"), VAETrainOptions(), fast_settings(1))
+    with pytest.raises(ValueError, match="too small for a discriminator with 3 layers"):
+        train_vae(scans, tmp_path / "r", get_config("tiny"), VAETrainOptions(patch=(16, 16, 16), adv_weight=0.1),
+                  fast_settings(1))
+    with pytest.raises(FileNotFoundError, match="datalist"):
+        train_vae(tmp_path / "none.jsonl", tmp_path / "r", get_config("tiny"), VAETrainOptions(), fast_settings(1))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_cli_train_vae_then_encode(tmp_path, scans, capsys):
+    from maisi2.cli import main
+
+    out = tmp_path / "vae_run"
+    args = ["train-vae", str(scans), "--out", str(out), "--preset", "tiny", "--steps", "2", "--patch", "32", "32",
+            "32", "--lr", "1e-3", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"VAE checkpoint: {out / VAE_FILE}" in printed
+    assert main(args[:6] + ["--steps", "3"] + args[8:] + ["--resume"]) == 0
+    assert load_checkpoint(out / VAE_FILE).step == 3
+    capsys.readouterr()
+    assert main(["train-vae", str(scans), "--out", str(tmp_path / "x"), "--preset", "maisi-v2"]) == 1
+    assert "--force" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    assert main(["encode", str(scans), "--vae", str(out / VAE_FILE), "--out", str(cache), "--no-progress"]) == 0
+    assert "encoded 2" in capsys.readouterr().out
+    assert (cache / "stats.json").is_file()
