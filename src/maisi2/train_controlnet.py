@@ -1,0 +1,454 @@
+"""ControlNet training with MAISI-v2's region-specific contrastive loss, on the generic engine.
+
+One training step (`controlnet_loss`), for a batch of cached latents x0 with their label maps:
+
+1. Draw t and noise, form x_t and the target v = x0 - noise (`maisi2.flow`).
+2. Real-mask pass: v_orig = UNet(x_t, t | spacing, modality, ControlNet(mask)) via
+   `nets.predict_velocity`; L_flow = region-weighted L1 (tumour voxels weigh `label_weight`).
+3. Perturbed-mask pass, only for the samples that hold a tumour: the same x_t, t and noise, with
+   every tumour replaced by its parent organ (`labels.remove_tumors`), giving the contrastive
+   terms L_roi and L_bg (`maisi2.losses`) either on the final velocities (`output` placement) or
+   on the ControlNet's residuals (`encoder` placement, which skips the second UNet pass).
+4. L = L_flow + lambda(step) * (L_roi + L_bg), lambda from a piecewise schedule over the run.
+
+The flow UNet is frozen (eval mode, no gradients) and only the ControlNet learns; it starts from
+the UNet's weights where the shapes match (`nets.controlnet_from_unet`). The engine
+(`maisi2.training`) brings AMP, EMA, the non-finite guard, atomic checkpoints (kind "controlnet",
+with the UNet's scale factor), exact resume, logs and torchrun data parallelism.
+
+Placement ``auto`` rule: ``output`` while ``batch x latent voxels <= auto_output_max_voxels``
+(default 64^3, one 256^3 image), else ``encoder``. The `output` placement keeps the activations of
+a second full UNet forward for the backward pass (the gradient reaches the ControlNet through the
+frozen UNet); `encoder` adds only a second ControlNet forward. Both placements still run the
+ControlNet twice, including its mask embedding at image resolution, so the saving is the UNet's
+share. Measured for the maisi-v2 networks in fp32 (activations autograd keeps, per sample): the
+second pass keeps ~22 KiB per latent voxel at the output and ~8 KiB on the encoder, i.e. ~5.6 vs
+~2 GiB at a 64^3 latent and ~45 vs ~16 GiB at 128^3 (`benchmarks/contrastive_memory.py`).
+
+Usage::
+
+    result = train_controlnet("cache/", "runs/flow/stage_3/last.pt", "runs/controlnet",
+                              ControlNetRecipe(steps=2000))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from maisi2 import flow, losses, nets
+from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_torch_file
+from maisi2.config import Config, FlowConfig, _from_dict, apply_overrides, get_config
+from maisi2.data import BucketBatchSampler, bucket_by_size
+from maisi2.labels import TUMOR_IDS, remove_tumors
+from maisi2.latents import LatentDataset, read_stats
+from maisi2.train_flow import prepare_batch
+from maisi2.training import BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, train
+
+__all__ = [
+    "PLACEMENTS",
+    "ControlNetLossSettings",
+    "ControlNetRecipe",
+    "recipe_with_overrides",
+    "resolve_placement",
+    "perturb_labels",
+    "controlnet_residuals",
+    "StepOutput",
+    "controlnet_loss",
+    "ControlNetStepLoss",
+    "load_frozen_unet",
+    "train_controlnet",
+]
+
+PLACEMENTS = ("output", "encoder", "auto")
+
+
+@dataclass(frozen=True)
+class ControlNetLossSettings:
+    """What the ControlNet's loss is made of (saved with every checkpoint).
+
+    Defaults follow the paper; the official release is ``background_form="official"``,
+    ``lambda_schedule=OFFICIAL_LAMBDA_SCHEDULE`` and ``normalise_weight=False``.
+    """
+
+    contrastive: bool = True
+    delta: float = 2.0  # L_roi = -min(D_roi, delta)
+    dilation: int = 1  # background = outside the ROI grown by this many latent voxels
+    background_form: str = "paper"  # "paper": v_orig vs v_pert; "official": v_pert vs target
+    lambda_schedule: losses.LambdaSchedule = losses.PAPER_LAMBDA_SCHEDULE
+    placement: str = "auto"  # "output" | "encoder" | "auto"
+    auto_output_max_voxels: int = 64**3  # auto: output placement up to this many latent voxels per batch
+    weighted_labels: tuple[int, ...] = TUMOR_IDS  # flow-loss voxels that weigh more
+    label_weight: float = 100.0  # 1.0 turns the region weighting off
+    normalise_weight: bool = True  # weighted mean (paper); False: the official unnormalised form
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
+        if self.background_form not in losses.BACKGROUND_FORMS:
+            raise ValueError(f"background_form must be one of {', '.join(losses.BACKGROUND_FORMS)}; got {self.background_form!r}")
+        if self.background_form == "official" and self.placement == "encoder":
+            raise ValueError("background_form='official' compares with the flow target, which only exists at "
+                             "the output: use placement 'output' (or 'auto') with it, or background_form='paper'")
+        if self.delta <= 0 or self.dilation < 0 or self.label_weight <= 0 or self.auto_output_max_voxels < 1:
+            raise ValueError("delta and label_weight must be > 0, dilation >= 0, auto_output_max_voxels >= 1")
+        object.__setattr__(self, "lambda_schedule", losses.check_lambda_schedule(self.lambda_schedule))
+        object.__setattr__(self, "weighted_labels", tuple(int(i) for i in self.weighted_labels))
+
+
+def resolve_placement(settings: ControlNetLossSettings, batch_size: int, latent_spatial_shape: Sequence[int]) -> str:
+    """`output` or `encoder` for this batch (see the module docstring for the `auto` rule)."""
+    if settings.placement != "auto":
+        return settings.placement
+    if settings.background_form == "official":
+        return "output"  # the official background term needs the final prediction
+    voxels = batch_size * math.prod(int(s) for s in latent_spatial_shape)
+    return "output" if voxels <= settings.auto_output_max_voxels else "encoder"
+
+
+def perturb_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, X, Y, Z) label maps -> the same with every tumour replaced by its parent organ.
+
+    Runs `labels.remove_tumors` per sample on the CPU (it uses scipy); tumour-free samples come back
+    unchanged without the search.
+    """
+    out = labels.clone()
+    tumour_ids = torch.as_tensor(TUMOR_IDS, dtype=labels.dtype, device=labels.device)
+    for b in range(labels.shape[0]):
+        if torch.isin(labels[b], tumour_ids).any():
+            clean = remove_tumors(labels[b, 0].cpu().numpy())
+            out[b, 0] = torch.from_numpy(clean).to(out.device)
+    return out
+
+
+def controlnet_residuals(
+    controlnet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: nets.Conditioning, control_scale: float = 1.0
+) -> list[torch.Tensor]:
+    """The ControlNet's residuals alone ([*down, mid]), called exactly as `nets.predict_velocity`
+    calls it; used by the `encoder` placement for the perturbed mask, where no UNet pass is needed.
+    (A test pins this call to the one inside `predict_velocity`.)
+    """
+    t = t.to(x_t.device, torch.float32).reshape(-1).expand(x_t.shape[0])
+    down, mid = controlnet(x=x_t, timesteps=t, controlnet_cond=cond.mask_bits,
+                           conditioning_scale=control_scale, class_labels=cond.modality)
+    return [*down, mid]
+
+
+class _RecordResiduals(nn.Module):
+    """Pass-through around the ControlNet that keeps its last residuals, so the real-mask pass of
+    the `encoder` placement reuses them instead of running the ControlNet a second time."""
+
+    def __init__(self, controlnet: nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+        self.residuals: list[torch.Tensor] = []
+
+    def forward(self, **kwargs):
+        down, mid = self.controlnet(**kwargs)
+        self.residuals = [*down, mid]
+        return down, mid
+
+
+# -- one training loss ----------------------------------------------------------------------
+
+@dataclass
+class StepOutput:
+    """The loss to minimise and its parts (floats, for the logs)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def controlnet_loss(
+    unet: nn.Module,
+    controlnet: nn.Module,
+    x0: torch.Tensor,
+    cond: nets.Conditioning,
+    labels: torch.Tensor,
+    settings: ControlNetLossSettings,
+    flow_cfg: FlowConfig,
+    lam: float,
+    generator: torch.Generator | None = None,
+    perturbed: torch.Tensor | None = None,
+) -> StepOutput:
+    """One ControlNet training loss.
+
+    x0: (B, C, x, y, z) scaled latents; cond: their spacing and modality (its mask is replaced by
+    `labels`); labels: (B, 1, X, Y, Z) integer label maps at image resolution; perturbed: the same
+    without tumours (computed here when None). lam: the contrastive weight for this step
+    (`losses.lambda_at`); 0, or ``settings.contrastive`` False, skips the perturbed pass.
+    Randomness (t, noise) comes from `generator` (on x0's device), else the global RNG.
+    """
+    B, grid = x0.shape[0], tuple(x0.shape[2:])
+    cond = nets.Conditioning(cond.spacing, cond.modality, nets.mask_to_bitplanes(labels))
+    # 1. one noisy latent, time and noise, shared by both passes
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = flow.sample_training_t(B, grid, flow_cfg, generator=generator, device=x0.device)
+    x_t = flow.add_noise(x0, noise, t, flow_cfg.num_train_timesteps)
+    v_target = flow.velocity_target(x0, noise)
+    # 2. real-mask pass and the region-weighted flow loss
+    contrast = settings.contrastive and lam > 0
+    placement = resolve_placement(settings, B, grid) if contrast else "output"
+    recorder = _RecordResiduals(controlnet) if placement == "encoder" else None
+    v_orig = nets.predict_velocity(unet, x_t, t, cond, controlnet=recorder or controlnet)
+    weight = None
+    if settings.label_weight != 1.0:
+        weight = losses.region_weight_map(labels, settings.weighted_labels, grid, settings.label_weight)
+    l_flow = losses.flow_loss(v_orig, v_target, weight, normalise=settings.normalise_weight)
+    l_roi = l_bg = torch.zeros((), device=x0.device)
+    d_roi, n_roi = 0.0, 0
+    # 3. perturbed-mask pass, only for the samples that hold a tumour
+    if contrast:
+        perturbed = perturb_labels(labels) if perturbed is None else perturbed
+        regions = losses.contrast_regions(labels, perturbed, grid, settings.dilation)
+        index = regions.has_roi.nonzero().flatten()
+        n_roi = int(index.numel())
+        if n_roi:
+            cond_p = nets.Conditioning(cond.spacing[index], cond.modality[index], nets.mask_to_bitplanes(perturbed[index]))
+            if placement == "output":
+                v_pert = nets.predict_velocity(unet, x_t[index], t[index], cond_p, controlnet=controlnet)
+                terms = losses.region_contrastive_loss(v_orig[index], v_pert, regions.select(index), settings.delta,
+                                                       settings.background_form, v_target[index])
+            else:
+                feats_pert = controlnet_residuals(controlnet, x_t[index], t[index], cond_p)
+                feats_orig = [f[index] for f in recorder.residuals]
+                terms = losses.feature_contrastive_loss(feats_orig, feats_pert, regions.select(index), settings.delta)
+            l_roi, l_bg = terms.batch_mean(B)
+            d_roi = float(terms.distance.mean())
+    # 4. the total ("loss" itself is logged by the engine, averaged over ranks)
+    loss = l_flow + lam * (l_roi + l_bg) if contrast else l_flow
+    logs = {"flow_loss": float(l_flow.detach()), "roi_loss": float(l_roi.detach()), "bg_loss": float(l_bg.detach()),
+            "lambda": float(lam) if contrast else 0.0, "d_roi": d_roi, "roi_samples": float(n_roi),
+            "encoder_placement": float(placement == "encoder")}
+    return StepOutput(loss, logs)
+
+
+# -- the recipe -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlNetRecipe:
+    """How to train the ControlNet (serialised to JSON into every checkpoint).
+
+    Batches hold latents of one shape: the cache is bucketed by latent shape and a bucket of
+    latents of V voxels gets batches of ``clamp(voxels_per_batch // V, 1, batch_size)``. The
+    defaults are the official ones where the paper is silent (lr 1e-5, batch 1).
+    """
+
+    loss: ControlNetLossSettings = field(default_factory=ControlNetLossSettings)
+    steps: int = 10000
+    lr: float = 1e-5
+    warmup: int = 0
+    schedule: str = "cosine"
+    batch_size: int = 1
+    voxels_per_batch: int = 128**3
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    weight_decay: float = 0.0
+    amp: str = "auto"
+    ckpt_every: int = 500
+    log_every: int = 10
+    max_nonfinite: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.voxels_per_batch < 1 or self.num_workers < 0:
+            raise ValueError("batch_size and voxels_per_batch must be at least 1 and num_workers >= 0")
+        self.settings()  # the engine's own checks (steps, lr, schedule, amp, ...)
+
+    def settings(self, device: str = "auto", progress: bool | None = None) -> TrainSettings:
+        return TrainSettings(
+            steps=self.steps, lr=self.lr, warmup=self.warmup, schedule=self.schedule, weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip, ema_decay=self.ema_decay, amp=self.amp, ckpt_every=self.ckpt_every,
+            log_every=self.log_every, max_nonfinite=self.max_nonfinite, seed=self.seed, device=device, progress=progress,
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(asdict(self), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ControlNetRecipe":
+        return _from_dict(cls, data, path="")
+
+
+def recipe_with_overrides(recipe: ControlNetRecipe, overrides: Sequence[str]) -> ControlNetRecipe:
+    """Dotted ``key=value`` overrides (value parsed as JSON), e.g. ``loss.dilation=2`` or ``lr=2e-5``."""
+    data = asdict(recipe)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"recipe override {item!r} must look like lr=1e-5 or loss.delta=1.5")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *sections, name = key.strip().split(".")
+        node = data
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"recipe override {key!r}: {part!r} is not a recipe section (loss)")
+            node = node[part]
+        if name not in node:
+            raise ValueError(f"recipe override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
+        node[name] = value
+    return ControlNetRecipe.from_dict(data)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+class _WithPerturbed(Dataset):
+    """Adds "label_perturbed" (tumours -> parent organs) to each item, so the CPU-bound search runs
+    in the data-loading workers rather than in the training step."""
+
+    def __init__(self, dataset: LatentDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        item["label_perturbed"] = perturb_labels(item["label"][None])[0]
+        return item
+
+
+def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistInfo) -> BatchSource:
+    """Shape-bucketed batches, dealt to ranks by `data.BucketBatchSampler`; the epoch seed comes
+    from the engine's data RNG, so resuming replays the same order."""
+    buckets = bucket_by_size([r.latent_shape[1:] for r in dataset.records])
+    sizes = {s: max(1, min(recipe.batch_size, recipe.voxels_per_batch // math.prod(s))) for s in buckets}
+
+    def plan(generator: torch.Generator) -> list[list[int]]:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        return list(BucketBatchSampler(buckets, sizes, seed=seed, rank=info.rank, world_size=info.world_size))
+
+    items = _WithPerturbed(dataset) if recipe.loss.contrastive else dataset
+    return BatchSource(items, plan=plan, collate=list, num_workers=recipe.num_workers)
+
+
+class ControlNetStepLoss:
+    """The engine's ``loss_fn``: stack a list of `LatentDataset` items, then `controlnet_loss`.
+
+    The frozen UNet travels to the training device on the first call. `step` is set by `on_batch`
+    before every step (the engine passes its step counter there), which keeps the lambda schedule
+    right after a resume.
+    """
+
+    def __init__(self, unet: nn.Module, cfg: Config, recipe: ControlNetRecipe):
+        self.unet, self.cfg, self.recipe = unet, cfg, recipe
+        self.multiple = 2 ** (len(cfg.unet.num_channels) - 1)
+        self.step = 0
+
+    def on_batch(self, step: int, batch: Any) -> None:
+        self.step = step
+
+    def __call__(self, model: nn.Module, items: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        device = next(model.parameters()).device
+        self.unet.to(device)
+        x0, cond = prepare_batch(items, generator, device, multiple=self.multiple)
+        labels = torch.stack([item["label"] for item in items]).to(device)
+        factor = self.cfg.vae.downsample_factor
+        if tuple(labels.shape[2:]) != tuple(s * factor for s in x0.shape[2:]):
+            raise ValueError(f"label map {tuple(labels.shape[2:])} does not match latent {tuple(x0.shape[2:])} x {factor}; "
+                             "re-encode the cache with labels on the image grid")
+        perturbed = None
+        if "label_perturbed" in items[0]:
+            perturbed = torch.stack([item["label_perturbed"] for item in items]).to(device)
+        lam = losses.lambda_at(self.recipe.loss.lambda_schedule, self.step, self.recipe.steps)
+        out = controlnet_loss(self.unet, model, x0, cond, labels, self.recipe.loss, self.cfg.flow, lam,
+                              generator=generator, perturbed=perturbed)
+        return out.loss, out.logs
+
+
+# -- running it -----------------------------------------------------------------------------
+
+def _say(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        print(f"maisi2: {message}", file=sys.stderr, flush=True)
+
+
+def _unet_weights(path: Path, preset: str | None) -> tuple[dict, Config | None, float | None]:
+    """(state dict, config or None, scale factor) from a maisi2 unet checkpoint, a released
+    ``diff_unet_3d_rflow-ct.pt`` or a folder holding one."""
+    if path.is_dir():
+        path = path / RELEASED_FILES["unet"]
+    data = read_torch_file(path)
+    if isinstance(data, dict) and "unet_state_dict" in data:  # a released file: the config is the preset's
+        scale = data.get("scale_factor")
+        return data["unet_state_dict"], None, None if scale is None else float(torch.as_tensor(scale).reshape(-1)[0])
+    ckpt = load_checkpoint(path)
+    if ckpt.kind != "unet":
+        raise ValueError(f"--unet {path} holds a {ckpt.kind} checkpoint; give the trained flow UNet (kind unet)")
+    if preset is not None and preset != ckpt.config.preset:
+        raise ValueError(f"--unet {path} was trained with preset {ckpt.config.preset!r}, not {preset!r}; drop --preset")
+    return ckpt.weights(prefer_ema=True), ckpt.config, ckpt.scale_factor
+
+
+def load_frozen_unet(path: str | Path, preset: str | None = None, overrides: Sequence[str] = (),
+                     device: str | torch.device | None = None) -> tuple[nn.Module, Config, float | None]:
+    """The trained flow UNet, frozen: (unet in eval mode without gradients, config, scale factor).
+
+    The config is the checkpoint's (released files: `preset`, default maisi-v2), with `overrides`
+    applied (e.g. controlnet.* settings); EMA weights are preferred, as for sampling.
+    """
+    path = Path(path)
+    state, cfg, scale = _unet_weights(path, preset)
+    cfg = apply_overrides(cfg if cfg is not None else get_config(preset or "maisi-v2"), overrides)
+    unet = nets.build_unet(cfg, device=device)
+    load_weights(unet, state, "unet", str(path), cfg.preset)
+    unet.eval().requires_grad_(False)
+    return unet, cfg, scale
+
+
+def _initial_controlnet(unet: nn.Module, cfg: Config, seed: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(seed)  # the same start on every rank (DDP also broadcasts rank 0's)
+    controlnet = nets.build_controlnet(cfg, device=device)
+    nets.controlnet_from_unet(controlnet, unet)
+    return controlnet
+
+
+def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, recipe: ControlNetRecipe | None = None,
+                     preset: str | None = None, overrides: Sequence[str] = (), resume: bool = False,
+                     device: str = "auto", progress: bool | None = None,
+                     on_batch: Callable[[int, Any], None] | None = None) -> TrainResult:
+    """Train a ControlNet on the latent cache `cache` (stored with label maps) against the frozen
+    flow UNet checkpoint `unet`; writes ``out_dir/last.pt`` (kind "controlnet") and ``log.csv``.
+
+    The latents are scaled with the UNet's scale factor (the one it was trained with); the cache's
+    own is used only when the UNet file has none. Works as is under ``torchrun``.
+    """
+    recipe = recipe if recipe is not None else ControlNetRecipe()
+    with distributed(device):
+        info = dist_info()
+        # Built on the training device so flash attention is used where it can run (same keys).
+        where = nets.resolve_device(device)
+        frozen, cfg, scale = load_frozen_unet(unet, preset, overrides, device=where)
+        cache_scale = float(read_stats(cache)["scale_factor"])
+        if scale is None:
+            scale = cache_scale
+        elif abs(scale - cache_scale) > 1e-3 * abs(cache_scale):
+            _say(info, f"the UNet was trained with scale_factor {scale:.5g}, the cache has {cache_scale:.5g}; "
+                       "using the UNet's (encode with the same VAE to keep them equal)")
+        dataset = LatentDataset(cache, scale_factor=scale, with_labels=True)
+        controlnet = _initial_controlnet(frozen, cfg, recipe.seed, where)
+        loss_fn = ControlNetStepLoss(frozen, cfg, recipe)
+
+        def each_batch(step: int, batch: Any) -> None:
+            loss_fn.on_batch(step, batch)
+            if on_batch is not None:
+                on_batch(step, batch)
+
+        _say(info, f"controlnet: {len(dataset)} latents, {recipe.steps} steps, contrastive "
+                   f"{'on (' + recipe.loss.placement + ')' if recipe.loss.contrastive else 'off'} -> {out_dir}")
+        extra = {"recipe": recipe.to_json(), "unet": str(unet), "cache": str(cache)}
+        return train(controlnet, loss_fn, _batch_source(dataset, recipe, info), recipe.settings(device, progress),
+                     out_dir, kind="controlnet", config=cfg, scale_factor=scale, resume=resume, extra=extra,
+                     on_batch=each_batch)

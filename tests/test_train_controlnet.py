@@ -1,0 +1,190 @@
+"""ControlNet training end to end on the tiny preset: a latent cache with label maps, a tiny flow
+UNet checkpoint, a few steps with and without the contrastive loss, resume, and the CLI."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from maisi2 import cli, nets
+from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maisi2.config import get_config
+from maisi2.labels import label_id
+from maisi2.latents import LatentRecord, compute_scale_factor, write_latent, write_stats
+from maisi2.losses import PAPER_LAMBDA_SCHEDULE
+from maisi2.train_controlnet import (
+    ControlNetLossSettings,
+    ControlNetRecipe,
+    load_frozen_unet,
+    recipe_with_overrides,
+    train_controlnet,
+)
+
+LIVER, TUMOUR = label_id("liver"), label_id("hepatic tumor")
+UNET_SCALE = 0.8  # deliberately not the cache's, to see which one the run uses
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A 3-volume latent cache (8^3 latents, 32^3 label maps, two with a tumour) and a tiny UNet
+    checkpoint whose weights are non-zero (MONAI zero-initialises the output conv)."""
+    root = tmp_path_factory.mktemp("controlnet")
+    cache = root / "cache"
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        labels = torch.full((1, 32, 32, 32), LIVER, dtype=torch.uint8)
+        labels[0, :2] = 0
+        if i < 2:
+            labels[0, 8 + 4 * i:16 + 4 * i, 10:18, 12:20] = TUMOUR
+        record = LatentRecord(file="", spacing=(1.5, 1.5, 2.0), latent_shape=(), source="test")
+        write_latent(cache, f"vol{i}", torch.randn(4, 8, 8, 8, generator=g), record, label=labels)
+    write_stats(cache, compute_scale_factor(cache))
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    unet = nets.build_unet(cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    unet_ckpt = root / "unet.pt"
+    save_checkpoint(unet_ckpt, Checkpoint(kind="unet", config=cfg, state_dict=unet.state_dict(), scale_factor=UNET_SCALE))
+    return {"root": root, "cache": cache, "unet": unet_ckpt, "unet_state": {k: v.clone() for k, v in unet.state_dict().items()}}
+
+
+def _recipe(**changes):
+    base = dict(steps=4, lr=1e-3, batch_size=2, ckpt_every=0, log_every=1, amp="fp32", ema_decay=0.9, seed=1)
+    return ControlNetRecipe(**{**base, **changes})
+
+
+def _rows(out):
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def contrastive_run(workspace):
+    """4 steps with the contrastive loss; keeps hold of the frozen UNet the run trained against."""
+    import maisi2.train_controlnet as module
+
+    out = workspace["root"] / "with_contrastive"
+    frozen = []
+
+    def keep(*args, **kwargs):
+        loaded = load_frozen_unet(*args, **kwargs)
+        frozen.append(loaded[0])
+        return loaded
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "load_frozen_unet", keep)
+        result = train_controlnet(workspace["cache"], workspace["unet"], out, _recipe(), device="cpu", progress=False)
+    return {"out": out, "result": result, "unet": frozen[0]}
+
+
+def test_training_with_contrastive_loss(workspace, contrastive_run):
+    out, result = contrastive_run["out"], contrastive_run["result"]
+    assert result.step == 4 and result.skipped == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.kind == "controlnet" and ckpt.step == 4
+    assert ckpt.scale_factor == pytest.approx(UNET_SCALE)  # the UNet's, not the cache's
+    assert ckpt.ema_state_dict is not None
+    recipe = ControlNetRecipe.from_dict(json.loads(ckpt.extra["recipe"]))
+    assert recipe.loss.lambda_schedule == PAPER_LAMBDA_SCHEDULE
+    # it learned: weights moved away from the UNet-initialised start
+    start = nets.build_controlnet(ckpt.config)
+    unet, _, _ = load_frozen_unet(workspace["unet"])
+    nets.controlnet_from_unet(start, unet)
+    moved = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.equal(v, start.state_dict()[k])]
+    assert any(k.startswith("controlnet_down_blocks") for k in moved)
+    rows = _rows(out)
+    assert [float(r["lambda"]) for r in rows] == [0.01, 0.01, 0.001, 0.001]  # paper schedule over 4 steps
+    for r in rows:
+        assert float(r["flow_loss"]) > 0
+    assert any(float(r["roi_loss"]) < 0 for r in rows) and any(float(r["bg_loss"]) > 0 for r in rows)
+
+
+def test_the_unet_is_left_untouched(workspace, contrastive_run):
+    unet = contrastive_run["unet"]  # the very module the run used
+    assert not unet.training and not any(p.requires_grad or p.grad is not None for p in unet.parameters())
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in workspace["unet_state"].items())
+    saved = load_checkpoint(workspace["unet"])
+    assert all(torch.equal(saved.state_dict[k], v) for k, v in workspace["unet_state"].items())
+
+
+def test_training_without_contrastive_loss(workspace):
+    out = workspace["root"] / "flow_only"
+    recipe = _recipe(steps=2, loss=ControlNetLossSettings(contrastive=False))
+    result = train_controlnet(workspace["cache"], workspace["unet"], out, recipe, device="cpu", progress=False)
+    assert result.step == 2
+    rows = _rows(out)
+    assert all(float(r["roi_loss"]) == 0 and float(r["bg_loss"]) == 0 and float(r["lambda"]) == 0 for r in rows)
+    assert all(float(r["flow_loss"]) == pytest.approx(float(r["loss"])) for r in rows)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_lambda_schedule_exactly(workspace, contrastive_run):
+    out = workspace["root"] / "interrupted"
+
+    def crash_at_2(step, batch):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_controlnet(workspace["cache"], workspace["unet"], out, _recipe(ckpt_every=2), device="cpu",
+                         progress=False, on_batch=crash_at_2)
+    assert load_checkpoint(out / "last.pt").step == 2
+    result = train_controlnet(workspace["cache"], workspace["unet"], out, _recipe(ckpt_every=2), device="cpu",
+                              progress=False, resume=True)
+    assert result.step == 4
+    assert [float(r["lambda"]) for r in _rows(out)] == [0.01, 0.01, 0.001, 0.001]
+    straight = load_checkpoint(contrastive_run["out"] / "last.pt")
+    resumed = load_checkpoint(out / "last.pt")
+    assert all(torch.equal(straight.state_dict[k], v) for k, v in resumed.state_dict.items())
+
+
+def test_recipe_overrides_and_bad_settings():
+    recipe = recipe_with_overrides(ControlNetRecipe(), ["loss.placement=encoder", "loss.lambda_schedule=[[0, 0.02]]"])
+    assert recipe.loss.placement == "encoder" and recipe.loss.lambda_schedule == ((0.0, 0.02),)
+    with pytest.raises(ValueError, match="no such key"):
+        recipe_with_overrides(ControlNetRecipe(), ["loss.nope=1"])
+    with pytest.raises(ValueError, match="placement"):
+        ControlNetLossSettings(placement="middle")
+    with pytest.raises(ValueError, match="only exists at"):
+        ControlNetLossSettings(placement="encoder", background_form="official")
+    with pytest.raises(ValueError, match="start at fraction"):
+        ControlNetLossSettings(lambda_schedule=((0.3, 0.01),))
+
+
+def test_cli_end_to_end(workspace, monkeypatch, capsys):
+    # only this command group: the test must not depend on the other command modules
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["maisi2.cli.controlnet_cmd"])
+    out = workspace["root"] / "cli"
+    argv = ["train-controlnet", str(workspace["cache"]), "--unet", str(workspace["unet"]), "--out", str(out),
+            "--steps", "2", "--placement", "encoder", "--lambda-schedule", "0:0.001,0.5:0.01", "--amp", "fp32",
+            "--device", "cpu", "--no-progress", "--recipe-set", "log_every=1", "--recipe-set", "batch_size=2"]
+    assert cli.main(argv) == 0
+    assert str(out / "last.pt") in capsys.readouterr().out
+    ckpt = load_checkpoint(out / "last.pt")
+    recipe = ControlNetRecipe.from_dict(json.loads(ckpt.extra["recipe"]))
+    assert recipe.loss.placement == "encoder" and recipe.loss.lambda_schedule == ((0.0, 0.001), (0.5, 0.01))
+    rows = _rows(out)
+    assert [float(r["lambda"]) for r in rows] == [0.001, 0.01]
+    assert all(float(r["encoder_placement"]) == 1.0 for r in rows)
+    # a ControlNet checkpoint is not a UNet: one clear line, exit status 1
+    bad = ["train-controlnet", str(workspace["cache"]), "--unet", str(out / "last.pt"), "--out", str(out / "x"),
+           "--steps", "1", "--device", "cpu", "--no-progress"]
+    assert cli.main(bad) == 1
+    assert "holds a controlnet checkpoint" in capsys.readouterr().err
+    # an existing run is never overwritten without --resume
+    assert cli.main(argv) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_frozen_unet_from_a_released_style_file(workspace, tmp_path):
+    released = tmp_path / "diff_unet_3d_rflow-ct.pt"
+    torch.save({"unet_state_dict": workspace["unet_state"], "scale_factor": torch.tensor(0.5)}, released)
+    for source in (released, tmp_path):  # the file, or the folder holding it
+        unet, cfg, scale = load_frozen_unet(source, preset="tiny")
+        assert cfg.preset == "tiny" and scale == 0.5 and not unet.training
+        assert all(torch.equal(unet.state_dict()[k], v) for k, v in workspace["unet_state"].items())
+    with pytest.raises(ValueError, match="do not match"):
+        load_frozen_unet(released, preset="small")  # the weights name the preset they fit
