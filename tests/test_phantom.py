@@ -252,3 +252,16 @@ def test_phantom_set_writes_cases_on_several_grids_and_a_datalist(tmp_path):
     assert items[1].spacing == (7.0, 7.0, 10.0)
     assert main(["phantom", "--count", "3", "--shape", "32", "32", "32", "--spacing", "8", "8", "8",
                  "--out", str(out)]) == 1  # refuses to replace the set
+
+
+def test_phantom_follows_ras_plus_liver_on_patient_right():
+    """RAS+: +x is the patient's right, so the liver's centre has x > 0 and the spleen's x < 0."""
+    from maisi2.labels import label_id
+
+    ct, labels, affine = make_phantom((64, 64, 48), (6.0, 6.0, 6.0), seed=2)
+    def centre_x(name):
+        ijk = np.argwhere(labels == label_id(name)).mean(0)
+        return (affine @ np.r_[ijk, 1.0])[0]
+    assert centre_x("liver") > 20 and centre_x("spleen") < -20
+    assert centre_x("right kidney") > 0 > centre_x("left kidney")
+    assert centre_x("left lung lower lobe") < 0 < centre_x("right lung lower lobe")

@@ -4,8 +4,9 @@ The phantom is this project's own training and test data (no real CT data set ca
 here), so it aims at two things at once: enough realism that a VAE, a flow model and a ControlNet
 learn something CT-like from it, and speed (a 128^3 volume in a few seconds on one CPU core).
 
-Geometry. Anatomy lives in millimetres in the patient frame of the RAS convention (+x patient
-left, +y anterior, +z superior) with its origin at the thoraco-abdominal junction (about the 11th
+Geometry. Anatomy is modelled in millimetres in a patient frame with +x towards the patient's
+left, +y anterior, +z superior, and mirrored along x on output so that the arrays follow RAS+
+(liver at +x, the patient's right). The origin is the thoraco-abdominal junction (about the 11th
 thoracic vertebra, just below the right diaphragm dome). The field of view, shape * spacing, is
 centred on that origin: a 256 mm tall view holds the lung bases, heart, liver, spleen, kidneys,
 pancreas, stomach and colon. Every random quantity depends only on the seed and on physical
@@ -128,7 +129,10 @@ def make_phantom(shape, spacing, tumors: Sequence[TumorSpec] = (), seed: int = 0
     anatomy = _Anatomy(seed)
     lesions = _place_lesions(tumors, anatomy, fields, fov_lo, fov_hi, spacing, seed)
     ct, labels = _render(anatomy.layers + lesions, axes, fields, spacing, seed)
-    return ct, labels, ras_affine(spacing, origin)
+    # The anatomy is modelled with +x towards the patient's left; RAS+ puts +x towards the patient's
+    # right (the liver at +x, as in real scans). The field of view is centred on x = 0, so flipping
+    # the x axis of the arrays mirrors the body into RAS+ without touching the affine.
+    return np.ascontiguousarray(ct[::-1]), np.ascontiguousarray(labels[::-1]), ras_affine(spacing, origin)
 
 
 def write_phantom(out_dir, shape, spacing, tumors: Sequence[TumorSpec] = (), seed: int = 0,
