@@ -1,0 +1,142 @@
+"""`maisi2 generate`: synthetic CT from a mask (file, phantom, folder or datalist); `maisi2 qc`: check one.
+
+    maisi2 generate --mask MASK.nii.gz --out CT.nii.gz [--spacing SX SY SZ] [--steps 30] [--seed N]
+    maisi2 generate --phantom --shape 128 128 128 --phantom-spacing 2 2 2 --tumors hepatic:2 --out CT.nii.gz
+    maisi2 generate --mask-dir MASKS/ --out-dir CTS/          (or --datalist masks.jsonl --out-dir CTS/)
+    maisi2 qc CT.nii.gz --mask CT_label.nii.gz [--out qc.json]
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    _register_generate(sub)
+    _register_qc(sub)
+
+
+def _register_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate a synthetic CT from a MAISI label map",
+        description=(
+            "Generate a CT (int16 HU) from a MAISI label map with the flow model and ControlNet. Beside "
+            "OUT it writes OUT_label.nii.gz (the prepared mask), OUT_preview.png and OUT_report.json. "
+            "Bad requests (unknown label ids, empty mask, a field of view far from the model's, a size over "
+            "the memory budget, existing outputs) are refused before any work. A failed quality check is reported "
+            "(and recorded in the JSON report) but is not an error: the outputs are written, exit status 0."
+        ),
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mask", help="MAISI label map (NIfTI)")
+    source.add_argument("--phantom", action="store_true", help="generate from a procedural phantom mask made now")
+    source.add_argument("--mask-dir", help="batch: every *.nii.gz mask in this folder")
+    source.add_argument("--datalist", help="batch: .txt (a mask path per line) or .jsonl ({\"mask\", \"spacing\", \"seed\", \"out\"})")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="output CT (.nii.gz) for --mask / --phantom")
+    target.add_argument("--out-dir", help="output folder for --mask-dir / --datalist (<mask>_ct.nii.gz each)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"),
+                   help="output voxel size in mm (the mask is resampled, nearest); default: the mask's")
+    p.add_argument("--steps", type=int, default=30, help="Euler steps (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model folder: a maisi2 model (model.json + weights) or the released MAISI-v2 files; "
+                        "default: the bundled model")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="memory budget (device memory on CUDA, RAM on CPU); default: what is free")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help="classifier-free guidance scale; unconditional branch = the mask without tumours")
+    p.add_argument("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet residual scale (default 1)")
+    p.add_argument("--exact-grid", action="store_true", help="float64 time grid (default: MONAI's float16 grid)")
+    p.add_argument("--qc-retries", type=int, default=0, metavar="N",
+                   help="regenerate with seed+1, seed+2 ... up to N times while the quality check fails")
+    p.add_argument("--tile-statistics", action="store_true",
+                   help="when the VAE decodes in tiles, let each tile use its own group-norm statistics (one pass, "
+                        "faster; the default measures the whole volume's so tiling does not change the result)")
+    p.add_argument("--fp32", action="store_true", help="full precision on CUDA too (default there: fp16 autocast)")
+    p.add_argument("--no-label", action="store_true", help="do not write the prepared label map")
+    p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ph = p.add_argument_group("phantom mask (with --phantom)")
+    ph.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128), metavar=("X", "Y", "Z"),
+                    help="phantom voxels (default 128 128 128)")
+    ph.add_argument("--phantom-spacing", type=float, nargs=3, default=(2.0, 2.0, 2.0), metavar=("SX", "SY", "SZ"),
+                    help="phantom voxel size in mm (default 2 2 2)")
+    ph.add_argument("--phantom-seed", type=int, default=0, help="phantom anatomy seed (default 0)")
+    ph.add_argument("--tumors", nargs="*", default=[], metavar="KIND[:COUNT]",
+                    help="lesions to add, as for `maisi2 phantom`: hepatic, pancreatic, lung, colon, bone, kidney-cyst")
+    ph.add_argument("--tumor-radius-mm", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="lesion radius range in mm")
+    p.set_defaults(func=_generate)
+
+
+def _register_qc(sub) -> None:
+    p = sub.add_parser(
+        "qc", help="quality check: organ median HU of a CT inside real-data ranges",
+        description=(
+            "Median HU of liver, spleen, pancreas, kidney, lung, bone and brain must lie inside the packaged "
+            "image_median_statistics_ct.json ranges (sigma_6_low..sigma_6_high). Organs absent from the mask "
+            "are 'not present'. Exit status 1 when an organ fails."
+        ),
+    )
+    p.add_argument("ct", help="CT (NIfTI, HU)")
+    p.add_argument("--mask", required=True, help="its MAISI label map on the same grid")
+    p.add_argument("--out", default=None, help="write the per-organ report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_qc)
+
+
+def _options(args):
+    from maisi2.generate import GenerateOptions
+
+    return GenerateOptions(
+        spacing=tuple(args.spacing) if args.spacing else None, steps=args.steps, seed=args.seed,
+        exact_grid=args.exact_grid, cfg_scale=args.cfg_scale, control_scale=args.control_scale,
+        max_memory_gb=args.max_memory, device=args.device, half_precision=False if args.fp32 else None,
+        qc_retries=args.qc_retries, decode_statistics="tile" if args.tile_statistics else "volume",
+        write_label=not args.no_label, write_preview=not args.no_preview,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+
+
+def _generate(args) -> int:
+    from maisi2 import generate as G
+
+    options = _options(args)
+    batch = args.mask_dir or args.datalist
+    if bool(batch) != bool(args.out_dir):
+        raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom write to --out")
+    if batch:
+        items = (G.batch_from_dir(args.mask_dir, args.out_dir) if args.mask_dir
+                 else G.batch_from_datalist(args.datalist, args.out_dir))
+        G.generate_batch(items, model=args.model, options=options, on_done=_print_result)
+        return 0
+    mask = args.mask
+    if args.phantom:
+        from maisi2.phantom import parse_tumor_specs
+
+        tumors = parse_tumor_specs(args.tumors, args.tumor_radius_mm)
+        mask = G.phantom_mask(args.shape, args.phantom_spacing, tumors, args.phantom_seed)
+    _print_result(G.generate(mask, args.out, model=args.model, options=options))
+    return 0
+
+
+def _print_result(result) -> None:
+    quality = result.report["quality"]
+    verdict = "passed" if quality["passed"] else f"FAILED ({', '.join(quality['failed'])})"
+    attempts = len(result.report["attempts"])
+    print(f"wrote {result.paths.ct} (seed {result.report['seed']}, quality check {verdict}, "
+          f"{attempts} attempt{'s' if attempts > 1 else ''})")
+    for path in (result.paths.label, result.paths.preview, result.paths.report):
+        if path is not None:
+            print(f"  {path}")
+
+
+def _qc(args) -> int:
+    from maisi2.quality import check_files
+
+    report = check_files(args.ct, args.mask, out=args.out, overwrite=args.overwrite)
+    print(report.summary())
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0 if report.passed else 1

@@ -1,0 +1,705 @@
+"""Generation: a segmentation mask in, a synthetic CT out (what `maisi2 generate` runs).
+
+`generate()` reads as numbered steps, each a short function below it:
+
+1. check the settings and that no output would be overwritten unasked;
+2. read the model folder's config and metadata (no weights yet);
+3. prepare the mask: MAISI ids only, resampled (nearest) to the requested spacing, the body
+   envelope (label 200) added when missing, padded to a size the networks accept;
+4. check the request against the model (field of view) and the memory budget;
+   every refusal happens here, before any weights are read or any sampling is done;
+5. load the networks;
+6. conditioning: the mask as bit-planes, spacing, modality (and, for guidance, the mask with its
+   tumours replaced by their parent organs);
+7. denoising loop (`sampling.sample_latent`), tiled decoding (`decode.decode_tiled`) back to HU,
+   quality check; with `qc_retries`, again with seed+1, seed+2 ... while the check fails;
+8. the report;
+9. write the CT, the prepared label map, a preview and the JSON report as one set.
+
+Outputs, for ``--out CT.nii.gz``: ``CT.nii.gz`` (int16 HU in [-1000, 1000], -1000 outside the body,
+the mask's geometry and stored orientation), ``CT_label.nii.gz`` (the prepared label map, MAISI
+ids, same grid), ``CT_preview.png`` (axial/coronal/sagittal mid-slices with label contours) and
+``CT_report.json`` (settings, seeds, timings, memory plan, quality check of every attempt). They
+are staged beside their targets and renamed into place together at the end, so an error or
+Ctrl-C never leaves a partial set.
+
+Usage::
+
+    result = generate("mask.nii.gz", "ct.nii.gz", model="models/mine", options=GenerateOptions(seed=3))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from maisi2 import io
+from maisi2 import labels as L
+from maisi2.atomic import check_writable
+
+__all__ = [
+    "GenerateOptions",
+    "OutputPaths",
+    "PreparedMask",
+    "GenerationResult",
+    "BatchItem",
+    "generate",
+    "generate_batch",
+    "batch_from_dir",
+    "batch_from_datalist",
+    "phantom_mask",
+    "prepare_mask",
+    "network_divisor",
+    "memory_budget_bytes",
+    "render_preview",
+]
+
+PREVIEW_WINDOW_HU = (-500.0, 500.0)  # lungs dark, soft tissues apart, bone bright
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Everything `generate` can be told. None means "from the mask / the machine"."""
+
+    spacing: tuple[float, float, float] | None = None  # mm; None keeps the mask's spacing
+    steps: int = 30
+    seed: int = 0
+    exact_grid: bool = False  # float64 time grid instead of MONAI's float16 one
+    cfg_scale: float | None = None  # classifier-free guidance scale (tumour-free mask as "unconditional")
+    control_scale: float = 1.0
+    max_memory_gb: float | None = None  # None: free device memory (CUDA) or available RAM (CPU)
+    device: str | None = None  # "cpu", "cuda" or None (CUDA when present)
+    half_precision: bool | None = None  # fp16 autocast; None: on for CUDA, off on CPU
+    qc_retries: int = 0  # regenerate with seed+1, seed+2 ... while the quality check fails
+    decode_statistics: str = "volume"  # "tile": one-pass tiled decoding with per-tile group norms
+    fov_tolerance: float = 2.0  # refuse fields of view more than this factor outside the trained range
+    write_label: bool = True
+    write_preview: bool = True
+    overwrite: bool = False
+    progress: bool = False
+    modality: str = "ct"
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    ct: Path
+    report: Path
+    label: Path | None = None
+    preview: Path | None = None
+
+    @classmethod
+    def beside(cls, ct: PathLike, options: GenerateOptions) -> "OutputPaths":
+        """CT.nii.gz -> CT_label.nii.gz, CT_preview.png, CT_report.json in the same folder."""
+        ct = Path(ct).expanduser()
+        if not ct.name.endswith((".nii.gz", ".nii")):
+            raise ValueError(f"{ct}: the output CT is NIfTI; name it *.nii.gz")
+        stem = ct.name[: -len(".nii.gz")] if ct.name.endswith(".nii.gz") else ct.name[: -len(".nii")]
+        return cls(ct=ct, report=ct.with_name(f"{stem}_report.json"),
+                   label=ct.with_name(f"{stem}_label.nii.gz") if options.write_label else None,
+                   preview=ct.with_name(f"{stem}_preview.png") if options.write_preview else None)
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.ct, self.label, self.preview, self.report) if p is not None]
+
+
+@dataclass
+class PreparedMask:
+    """A mask ready for the networks.
+
+    volume: the label map on the output grid (resampled, body envelope added), MAISI ids.
+    padded: its labels padded with background to `network_divisor` multiples (what the
+        ControlNet sees); `data.center_pad_or_crop` back to `volume.shape` undoes it.
+    """
+
+    volume: io.Volume
+    padded: np.ndarray
+    source: str
+    input_shape: tuple[int, int, int]
+    input_spacing: tuple[float, float, float]
+    body_voxels_added: int
+
+    def describe(self) -> dict:
+        present = sorted(int(v) for v in np.unique(self.volume.array) if v != L.BACKGROUND)
+        return {"source": self.source, "input_shape": list(self.input_shape),
+                "input_spacing": list(self.input_spacing), "shape": list(self.volume.shape),
+                "spacing": list(self.volume.spacing), "padded_shape": list(self.padded.shape),
+                "field_of_view_mm": list(_fov(self.volume)), "body_voxels_added": self.body_voxels_added,
+                "labels_present": present}
+
+
+@dataclass
+class GenerationResult:
+    paths: OutputPaths
+    report: dict[str, Any]
+
+    @property
+    def passed_qc(self) -> bool:
+        return bool(self.report["quality"]["passed"])
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+
+def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
+             options: GenerateOptions = GenerateOptions()) -> GenerationResult:
+    """Generate a CT for `mask` and write it (plus label map, preview, report) to `out`.
+
+    mask: a NIfTI label map path or an `io.Volume` of MAISI ids (e.g. from `phantom_mask`).
+    model: a model folder, a `models.ModelInfo`/`models.Models`, or None for the bundled model.
+    """
+    started = time.perf_counter()
+    # 1. check inputs: settings, and outputs that may not be overwritten
+    paths = _check_request(out, options)
+    # 2. the model's config and metadata (weights later: refusals should cost nothing)
+    info, models = _model_info(model)
+    # 3. prepare the mask
+    prepared = prepare_mask(mask, info.cfg, options.spacing)
+    # 4. check the request against the model and the memory budget
+    fit = _check_fits(prepared, info, models, options)
+    # 5. load the networks
+    models, load_seconds = _load_networks(info, models, options)
+    return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds)
+
+
+def _generate_prepared(prepared, paths, models, fit, options, started, load_seconds) -> GenerationResult:
+    """Steps 6-9 for a checked, prepared mask and loaded networks (shared with `generate_batch`)."""
+    # 6. conditioning: mask bit-planes, spacing, modality (and the tumour-free mask for guidance)
+    conditioning = _conditioning(prepared, models, options)
+    # 7. denoising loop, tiled decoding, quality check; again with the next seed while it fails
+    attempts, best = _attempts(prepared, models, conditioning, fit, options)
+    # 8. the report
+    timings = {"load_model": load_seconds, "total": time.perf_counter() - started}
+    report = _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings)
+    # 9. write everything as one set
+    _write_outputs(paths, prepared, attempts[best]["hu"], report, options.overwrite)
+    return GenerationResult(paths, report)
+
+
+# -- 1. check inputs -------------------------------------------------------------------------
+
+def _check_request(out: PathLike, options: GenerateOptions) -> OutputPaths:
+    if not 1 <= options.steps <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {options.steps}")
+    if options.seed < 0 or options.qc_retries < 0:
+        raise ValueError("seed and qc_retries must be >= 0")
+    if options.cfg_scale is not None and not math.isfinite(options.cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {options.cfg_scale}")
+    if options.decode_statistics not in ("volume", "tile"):
+        raise ValueError(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
+    if options.max_memory_gb is not None and not options.max_memory_gb > 0:
+        raise ValueError(f"max_memory_gb must be positive, got {options.max_memory_gb}")
+    if options.spacing is not None:
+        io.ras_affine(options.spacing)  # validates: three positive numbers
+    paths = OutputPaths.beside(out, options)
+    for path in paths.all():
+        check_writable(path, options.overwrite)
+    return paths
+
+
+# -- 2. the model's description --------------------------------------------------------------
+
+def _model_info(model):
+    """(ModelInfo, Models or None): accepts a folder, a ModelInfo, loaded Models, or None."""
+    from maisi2 import models as M
+
+    if isinstance(model, M.Models):
+        if model.info is None or model.controlnet is None:
+            raise ValueError("generation needs Models with a ControlNet and `info` (a ModelInfo, for the checks)")
+        return model.info, model
+    info = model if isinstance(model, M.ModelInfo) else M.read_model_info(model)
+    if not info.has_controlnet:
+        raise ValueError(f"{info.model_dir} has no ControlNet weights; generating from a mask needs them")
+    return info, None
+
+
+# -- 3. prepare the mask ---------------------------------------------------------------------
+
+def network_divisor(cfg) -> int:
+    """Every image axis must be a multiple of this: VAE factor x the UNet's total downsampling."""
+    return cfg.vae.downsample_factor * 2 ** (len(cfg.unet.num_channels) - 1)
+
+
+def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> io.Volume:
+    """The label map of a procedural phantom (`maisi2.phantom`), as a mask to generate from."""
+    from maisi2.phantom import make_phantom
+
+    _, labels, affine = make_phantom(tuple(shape), tuple(spacing), tumors, seed)
+    return io.Volume(labels.astype(np.int16), affine)
+
+
+def prepare_mask(mask: PathLike | io.Volume, cfg, spacing=None) -> PreparedMask:
+    """Load/check a mask, resample it to `spacing` (nearest), add the body envelope, pad it."""
+    from maisi2.data import center_pad_or_crop
+
+    volume, source = _load_mask(mask)
+    input_shape, input_spacing = volume.shape, volume.spacing
+    if spacing is not None and not np.allclose(spacing, volume.spacing, rtol=1e-4):
+        volume = io.resample_to_spacing(volume, spacing, order=0)
+    volume, added = _with_body(volume, source)
+    divisor = network_divisor(cfg)
+    padded_shape = tuple(-(-n // divisor) * divisor for n in volume.shape)
+    padded = center_pad_or_crop(volume.array, padded_shape, fill=L.BACKGROUND)
+    return PreparedMask(volume, padded, source, input_shape, input_spacing, added)
+
+
+def _load_mask(mask) -> tuple[io.Volume, str]:
+    if isinstance(mask, io.Volume):
+        array = np.asarray(mask.array)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError("the mask Volume must hold integer MAISI label ids")
+        L.check_label_ids(array, what="mask")
+        return mask.with_array(array.astype(np.int16)), "volume given in code"
+    return io.load_label_map(mask), str(mask)  # checks the ids
+
+
+def _with_body(volume: io.Volume, source: str) -> tuple[io.Volume, int]:
+    """Add the body envelope (label 200) to unlabelled voxels inside the labels' filled hull."""
+    from maisi2.totalseg import body_envelope_from_labels
+
+    labels = volume.array
+    if not np.any(labels != L.BACKGROUND):
+        raise ValueError(f"mask {source} holds no labels (every voxel is 0); pass a MAISI label map with the "
+                         "body (200) and organ labels")
+    if np.any(labels == L.BODY):
+        return volume, 0
+    envelope = body_envelope_from_labels(labels, spacing=volume.spacing)
+    fill = (labels == L.BACKGROUND) & envelope
+    out = labels.copy()
+    out[fill] = L.BODY
+    return volume.with_array(out), int(np.count_nonzero(fill))
+
+
+def _fov(volume: io.Volume) -> tuple[float, float, float]:
+    return tuple(float(n * s) for n, s in zip(volume.shape, volume.spacing))
+
+
+# -- 4. does the request fit? ----------------------------------------------------------------
+
+def memory_budget_bytes(max_memory_gb: float | None, device) -> int:
+    """The budget: as given, else free CUDA memory or available RAM (both x 0.9 for headroom)."""
+    import torch
+
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 2**30)
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.9)
+    return int(_available_ram() * 0.9)
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _weight_bytes(info, models) -> int:
+    """fp32 bytes of the three networks' parameters (counted on the meta device: nothing allocated)."""
+    import torch
+
+    from maisi2 import checkpoint as ckpt
+
+    if models is not None:
+        return models.weight_bytes()
+    total = 0
+    with torch.device("meta"):
+        for kind in ("vae", "unet", "controlnet"):
+            total += sum(p.numel() * 4 for p in ckpt.build_network(kind, info.cfg).parameters())
+    return total
+
+
+def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions) -> dict:
+    """Refuse (ValueError) a field of view far off the model's or a size over the memory budget.
+
+    Returns the memory plan: budget, weights, sampling peak, host arrays, decode tiles, device.
+    """
+    from maisi2.nets import resolve_device
+
+    _check_fov(prepared, info, options.fov_tolerance)
+    device = resolve_device(options.device)
+    fit = {"device": str(device), "budget": memory_budget_bytes(options.max_memory_gb, device),
+           "weights": _weight_bytes(info, models),
+           # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
+           "host": math.prod(prepared.padded.shape) * 12 if device.type == "cpu" else 0}
+    fit["sampling"] = fit["weights"] + _sampling_bytes(prepared, info.cfg, options, device)
+    fit["plan"] = _decode_plan(prepared, info.cfg, fit)
+    return fit
+
+
+def _sampling_bytes(prepared: PreparedMask, cfg, options: GenerateOptions, device) -> int:
+    from maisi2 import sampling
+
+    latent = tuple(n // cfg.vae.downsample_factor for n in prepared.padded.shape)
+    flash = device.type == "cuda" and cfg.unet.use_flash_attention
+    return sampling.estimate_sampling_bytes(cfg, latent, flash, options.cfg_scale is not None, _half(options, device))
+
+
+def _decode_plan(prepared: PreparedMask, cfg, fit: dict):
+    from maisi2 import decode
+
+    budget, size = fit["budget"], "x".join(map(str, prepared.padded.shape))
+    if fit["sampling"] > budget:
+        raise ValueError(
+            f"sampling a {size} volume needs about {fit['sampling'] / 2**30:.1f} GB, over the "
+            f"{budget / 2**30:.1f} GB budget. Raise --max-memory, choose a coarser --spacing, or crop the mask"
+        )
+    if fit["weights"] + fit["host"] >= budget:
+        raise ValueError(
+            f"the networks ({fit['weights'] / 2**30:.2f} GB) and the output arrays ({fit['host'] / 2**30:.2f} GB) "
+            f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
+        )
+    latent = tuple(n // cfg.vae.downsample_factor for n in prepared.padded.shape)
+    return decode.plan_tiles(latent, cfg.vae, budget - fit["weights"] - fit["host"])
+
+
+def _check_fov(prepared: PreparedMask, info, tolerance: float) -> None:
+    fov_range = info.fov_range_mm
+    if fov_range is None:
+        return
+    low, high = fov_range
+    fov = _fov(prepared.volume)
+    for axis, (have, lo, hi) in enumerate(zip(fov, low, high)):
+        if have < lo / tolerance or have > hi * tolerance:
+            raise ValueError(
+                f"the field of view {' x '.join(f'{v:.0f}' for v in fov)} mm (shape x spacing) is far outside what "
+                f"the model was trained on ({' x '.join(f'{v:.0f}' for v in low)} to "
+                f"{' x '.join(f'{v:.0f}' for v in high)} mm; axis {'xyz'[axis]} is off by more than {tolerance:g}x). "
+                "Choose --spacing so that shape x spacing lands in that range, or use a mask of a typical body region"
+            )
+
+
+# -- 5. load the networks --------------------------------------------------------------------
+
+def _load_networks(info, models, options: GenerateOptions):
+    from maisi2.models import load_model
+
+    if models is not None:
+        return models, 0.0
+    start = time.perf_counter()
+    models = load_model(info, device=options.device)
+    return models, time.perf_counter() - start
+
+
+# -- 6.-8. one attempt: sample, decode, check --------------------------------------------------
+
+def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> dict:
+    """Conditioning on the networks' device; with guidance also the tumour-free mask's."""
+    import torch
+
+    from maisi2 import nets
+
+    device = models.device
+
+    def condition(labels: np.ndarray) -> nets.Conditioning:
+        bits = nets.mask_to_bitplanes(torch.from_numpy(labels.astype(np.int64))[None, None])
+        spacing = torch.tensor([prepared.volume.spacing], dtype=torch.float32)
+        modality = torch.tensor([nets.modality_id(options.modality)], dtype=torch.long)
+        return nets.Conditioning(spacing, modality, bits).to(device)
+
+    cond = condition(prepared.padded)
+    uncond = None
+    if options.cfg_scale is not None:
+        tumor_free = L.remove_tumors(prepared.padded)
+        # Without tumours both branches agree and guidance changes nothing: skip the second call.
+        uncond = condition(tumor_free) if np.any(tumor_free != prepared.padded) else None
+    return {"cond": cond, "uncond": uncond}
+
+
+def _half(options: GenerateOptions, device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda" if options.half_precision is None else bool(options.half_precision)
+
+
+def _attempts(prepared, models, conditioning, fit, options: GenerateOptions) -> tuple[list[dict], int]:
+    """Attempts with seeds seed, seed+1, ... until one passes the quality check (or retries run out)."""
+    attempts: list[dict] = []
+    for retry in range(options.qc_retries + 1):
+        attempts.append(_attempt(prepared, models, conditioning, fit, options, options.seed + retry))
+        best = _best_attempt(attempts)
+        for i, other in enumerate(attempts):
+            if i != best:
+                other.pop("hu", None)  # keep one volume in memory, not one per attempt
+        if attempts[-1]["qc"].passed:
+            break
+    return attempts, best
+
+
+def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed: int) -> dict:
+    """One sample: the denoising loop, decoding to HU, the quality check; with their timings."""
+    from maisi2 import quality, sampling
+
+    half = _half(options, models.device)
+    latent_shape = (models.cfg.vae.latent_channels, *fit["plan"].latent_shape)
+    uncond = conditioning["uncond"]
+    start = time.perf_counter()
+    latent = sampling.sample_latent(
+        models.unet, conditioning["cond"], latent_shape, models.cfg.flow, controlnet=models.controlnet,
+        uncond=uncond, cfg_scale=options.cfg_scale if uncond is not None else None, steps=options.steps,
+        seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, autocast=half,
+        progress=options.progress)
+    sampled = time.perf_counter()
+    hu = _decode_to_hu(latent, prepared, models, fit["plan"], half, options.progress, options.decode_statistics)
+    decoded = time.perf_counter()
+    qc = quality.quality_check(hu, prepared.volume.array)
+    timings = {"sampling": sampled - start, "decoding": decoded - sampled}
+    return {"seed": seed, "hu": hu, "qc": qc, "timings": timings}
+
+
+def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, progress: bool,
+                  statistics: str) -> np.ndarray:
+    """Latent -> int16 HU on the prepared grid: decode, clip to [0, 1], to HU, crop, air outside body."""
+    from maisi2.data import center_pad_or_crop, unit_to_hu
+    from maisi2.decode import decode_tiled
+
+    image = decode_tiled(models.vae, latent / models.scale_factor, plan, autocast=half, progress=progress,
+                         statistics=statistics)
+    hu = unit_to_hu(image[0, 0]).numpy()  # clips to [0, 1] first
+    hu = center_pad_or_crop(hu, prepared.volume.shape, fill=-1000.0)
+    hu[prepared.volume.array == L.BACKGROUND] = -1000.0
+    return np.rint(hu).astype(np.int16)
+
+
+def _best_attempt(attempts: list[dict]) -> int:
+    """The first passing attempt, else the one with the fewest failing organs (earliest on ties)."""
+    for i, attempt in enumerate(attempts):
+        if attempt["qc"].passed:
+            return i
+    return min(range(len(attempts)), key=lambda i: (len(attempts[i]["qc"].failed_organs()), i))
+
+
+# -- 9. outputs --------------------------------------------------------------------------------
+
+def _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings) -> dict:
+    from maisi2 import __version__
+
+    info = models.info
+    return {
+        "maisi2_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "outputs": {k: (None if v is None else str(v)) for k, v in dataclasses.asdict(paths).items()},
+        "mask": prepared.describe(),
+        "model": {"dir": None if info is None else str(info.model_dir),
+                  "layout": None if info is None else info.layout, "preset": models.cfg.preset,
+                  "scale_factor": models.scale_factor, "metadata": models.metadata},
+        "settings": dataclasses.asdict(options),
+        "device": fit["device"],
+        "precision": "fp16 autocast" if _half(options, models.device) else "fp32",
+        "guidance": {"scale": options.cfg_scale, "applied": conditioning["uncond"] is not None,
+                     "unconditional_mask": "tumours replaced by their parent organs (labels.remove_tumors)"},
+        "memory": {"budget_bytes": fit["budget"], "weights_bytes": fit["weights"],
+                   "sampling_bytes": fit["sampling"], "host_bytes": fit["host"], "decode": fit["plan"].to_dict()},
+        "seed": attempts[best]["seed"],
+        "chosen_attempt": best,
+        "attempts": [{"seed": a["seed"], "timings_s": a["timings"], "quality": a["qc"].to_dict()} for a in attempts],
+        "quality": attempts[best]["qc"].to_dict(),
+        "timings_s": timings,
+    }
+
+
+def _write_outputs(paths: OutputPaths, prepared: PreparedMask, hu: np.ndarray, report: dict,
+                   overwrite: bool) -> None:
+    """Stage every file beside its target, then rename them all into place (all or nothing)."""
+    staged: dict[Path, Path] = {}
+
+    def stage(target: Path) -> Path:
+        staged[target] = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part{''.join(target.suffixes)}")
+        return staged[target]
+
+    try:
+        paths.ct.parent.mkdir(parents=True, exist_ok=True)
+        io.save_ct(stage(paths.ct), prepared.volume.with_array(hu))
+        if paths.label is not None:
+            io.save_label_map(stage(paths.label), prepared.volume)
+        if paths.preview is not None:
+            render_preview(hu, prepared.volume.array, prepared.volume.spacing).save(stage(paths.preview), format="PNG")
+        stage(paths.report).write_text(json.dumps(report, indent=2, default=_json_default))
+        for target in staged:
+            check_writable(target, overwrite)  # something may have appeared meanwhile
+        for target, tmp in staged.items():
+            os.replace(tmp, target)
+    finally:
+        for tmp in staged.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (Path, tuple)):
+        return str(value) if isinstance(value, Path) else list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- preview -----------------------------------------------------------------------------------
+
+def render_preview(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float], height: int = 256):
+    """Axial, coronal and sagittal mid-slices side by side, label outlines drawn in colour (PIL image).
+
+    Radiological display of RAS arrays: patient right on the image left, anterior / superior up.
+    Panels keep physical proportions (one mm-per-pixel scale for all three).
+    """
+    from PIL import Image, ImageDraw
+
+    x, y, z = (n // 2 for n in hu.shape)
+    views = {  # name: (hu slice, label slice, (row mm, column mm)) oriented for display
+        "axial": (hu[::-1, ::-1, z].T, labels[::-1, ::-1, z].T, (spacing[1], spacing[0])),
+        "coronal": (hu[::-1, y, ::-1].T, labels[::-1, y, ::-1].T, (spacing[2], spacing[0])),
+        "sagittal": (hu[x, ::-1, ::-1].T, labels[x, ::-1, ::-1].T, (spacing[2], spacing[1])),
+    }
+    mm_per_px = max(n * s for n, s in zip(hu.shape, spacing)) / height
+    panels = [_panel(*view, mm_per_px) for view in views.values()]
+    gap = 4
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), height + 14))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for name, panel in zip(views, panels):
+        canvas.paste(panel, (left, 14 + (height - panel.height) // 2))
+        draw.text((left + 2, 1), name, fill=(255, 255, 255))
+        left += panel.width + gap
+    return canvas
+
+
+def _panel(hu2d: np.ndarray, labels2d: np.ndarray, pixel_mm: tuple[float, float], mm_per_px: float):
+    from PIL import Image
+
+    low, high = PREVIEW_WINDOW_HU
+    size = (max(1, round(hu2d.shape[1] * pixel_mm[1] / mm_per_px)), max(1, round(hu2d.shape[0] * pixel_mm[0] / mm_per_px)))
+    gray = np.clip((hu2d.astype(np.float32) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+    gray = np.asarray(Image.fromarray(np.ascontiguousarray(gray)).resize(size, Image.BILINEAR))
+    ids = np.asarray(Image.fromarray(np.ascontiguousarray(labels2d.astype(np.int32))).resize(size, Image.NEAREST))
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    edge = np.zeros(ids.shape, dtype=bool)
+    edge[:-1, :] |= ids[:-1, :] != ids[1:, :]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    edge &= ids != L.BACKGROUND
+    rgb[edge] = _palette(ids[edge])
+    return Image.fromarray(rgb)
+
+
+def _palette(ids: np.ndarray) -> np.ndarray:
+    """A fixed, well-spread colour per label id (golden-ratio hues; the body outline in grey)."""
+    import colorsys
+
+    table = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        table[i] = [round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)]
+    table[L.BODY] = (160, 160, 160)
+    return table[np.clip(ids, 0, 255)]
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchItem:
+    mask: Path
+    out: Path
+    spacing: tuple[float, float, float] | None = None  # overrides the options' spacing
+    seed: int | None = None  # overrides the batch seed
+
+
+def _output_name(mask: Path) -> str:
+    stem = mask.name.split(".nii")[0]
+    return f"{stem}_ct.nii.gz"
+
+
+def batch_from_dir(mask_dir: PathLike, out_dir: PathLike) -> list[BatchItem]:
+    """Every *.nii / *.nii.gz in `mask_dir` -> out_dir/<name>_ct.nii.gz."""
+    mask_dir, out_dir = Path(mask_dir).expanduser(), Path(out_dir).expanduser()
+    if not mask_dir.is_dir():
+        raise FileNotFoundError(f"mask folder {mask_dir} does not exist")
+    masks = sorted(p for p in mask_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+    if not masks:
+        raise ValueError(f"{mask_dir} holds no NIfTI masks (*.nii.gz)")
+    return [BatchItem(m, out_dir / _output_name(m)) for m in masks]
+
+
+def batch_from_datalist(path: PathLike, out_dir: PathLike) -> list[BatchItem]:
+    """A .txt (one mask path per line) or .jsonl datalist.
+
+    JSONL rows: {"mask": path (or "label", so a training datalist works), "spacing": [x, y, z]
+    (optional), "seed": int (optional), "out": file name (optional)}. Relative paths are relative
+    to the datalist's folder.
+    """
+    path, out_dir = Path(path).expanduser(), Path(out_dir).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            items.append(_datalist_item(line, path, number, out_dir))
+    if not items:
+        raise ValueError(f"datalist {path} lists no masks")
+    return items
+
+
+def _datalist_item(line: str, path: Path, number: int, out_dir: Path) -> BatchItem:
+    where = f"{path}, line {number}"
+    if path.suffix.lower() != ".jsonl":
+        mask = path.parent / line.strip()
+        return BatchItem(mask, out_dir / _output_name(mask))
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict) or not (row.get("mask") or row.get("label")):
+        raise ValueError(f"{where}: each row needs a \"mask\" (or \"label\") path")
+    unknown = set(row) - {"mask", "label", "spacing", "seed", "out", "image", "modality", "source", "fold"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: mask, spacing, seed, out")
+    mask = path.parent / (row.get("mask") or row["label"])
+    spacing = tuple(float(v) for v in row["spacing"]) if row.get("spacing") is not None else None
+    seed = int(row["seed"]) if row.get("seed") is not None else None
+    return BatchItem(mask, out_dir / (row.get("out") or _output_name(mask)), spacing, seed)
+
+
+def generate_batch(items: Sequence[BatchItem], model=None, options: GenerateOptions = GenerateOptions(),
+                   on_done=None) -> list[GenerationResult]:
+    """Generate for each item with the networks loaded once.
+
+    Every item is checked first (outputs, mask, field of view, memory), so a bad item stops the
+    batch before any generation. Item i starts from seed ``options.seed + i * (qc_retries + 1)``
+    unless it names its own, so retries never reuse another item's seed. `on_done(result)` is
+    called after each item.
+    """
+    info, models = _model_info(model)
+    _check_distinct(items)
+    checked = []
+    for i, item in enumerate(items):
+        seed = item.seed if item.seed is not None else options.seed + i * (options.qc_retries + 1)
+        item_options = dataclasses.replace(options, seed=seed, spacing=item.spacing or options.spacing)
+        paths = _check_request(item.out, item_options)
+        prepared = prepare_mask(item.mask, info.cfg, item_options.spacing)
+        checked.append((prepared, paths, _check_fits(prepared, info, models, item_options), item_options))
+    models, load_seconds = _load_networks(info, models, options)
+    results = []
+    for prepared, paths, fit, item_options in checked:
+        results.append(_generate_prepared(prepared, paths, models, fit, item_options, time.perf_counter(),
+                                          load_seconds))
+        if on_done is not None:
+            on_done(results[-1])
+    return results
+
+
+def _check_distinct(items: Sequence[BatchItem]) -> None:
+    outs = [Path(i.out).resolve() for i in items]
+    if len(set(outs)) != len(outs):
+        raise ValueError("two batch items would write the same output file; give them distinct \"out\" names")
+    masks = {Path(i.mask).resolve() for i in items}
+    clash = [o for o in outs if o in masks]
+    if clash:
+        raise ValueError(f"output {clash[0]} is also an input mask; choose another --out-dir")

@@ -1,0 +1,296 @@
+"""Model folders: what `maisi2 generate --model DIR` reads.
+
+A model folder is one of
+
+* **ours, PyTorch checkpoints**: ``model.json`` + ``vae.pt``, ``unet.pt``, ``controlnet.pt`` in our
+  checkpoint format (`maisi2.checkpoint`; EMA weights used when present);
+* **ours, safetensors** (the bundled model): ``model.json`` + ``vae.safetensors``,
+  ``unet.safetensors``, ``controlnet.safetensors`` (plain tensors, a format that cannot carry code);
+* **the released MAISI-v2 files**: ``autoencoder_v1.pt``, ``diff_unet_3d_rflow-ct.pt``,
+  ``controlnet_3d_rflow-ct.pt`` (`checkpoint.read_released`), built with the ``maisi-v2`` preset
+  and loaded strictly. An optional ``model.json`` beside them may carry metadata.
+
+``model.json``::
+
+    {"format": "maisi2-model", "version": 1,
+     "preset": "small", "overrides": ["unet.num_res_blocks=1"],   # or "config": {...full config...}
+     "scale_factor": 0.93,              # else taken from unet.pt
+     "metadata": {"fov_mm": {"min": [x, y, z], "max": [x, y, z]}, ...}}
+
+``metadata.fov_mm`` is the range of fields of view (voxels x spacing, mm per axis) the model was
+trained on; generation refuses requests far outside it. The released files carry none, so
+`RELEASED_METADATA` supplies one derived from the upstream recommended sizes and spacings.
+
+Usage::
+
+    models = load_model("path/to/model", device="cpu")
+    models.cfg, models.vae, models.unet, models.controlnet, models.scale_factor
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maisi2 import checkpoint as ckpt
+from maisi2.atomic import atomic_output, check_writable
+from maisi2.config import Config, get_config
+
+__all__ = [
+    "MODEL_JSON",
+    "NETWORK_KINDS",
+    "RELEASED_METADATA",
+    "ModelInfo",
+    "Models",
+    "default_model_dir",
+    "read_model_info",
+    "load_model",
+    "save_model_folder",
+    "inference_config",
+]
+
+MODEL_JSON = "model.json"
+FORMAT = "maisi2-model"
+VERSION = 1
+NETWORK_KINDS = ("vae", "unet", "controlnet")
+# Upstream's recommended CT targets run from a head scan (256 mm in-plane) to long-axis whole body
+# (512 x 1.5 mm in-plane = 768 mm, 768 x 1.5 mm = 1152 mm along z); the shortest recommended z
+# extent is 128 slices at 1 mm. Generation allows a factor of 2 beyond this range.
+RELEASED_METADATA: dict[str, Any] = {
+    "fov_mm": {"min": [256.0, 256.0, 128.0], "max": [768.0, 768.0, 1152.0]},
+    "fov_source": "NV-Generate-CTMR recommended output sizes and spacings (not the training data itself)",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model folder holds, read without loading any weights (for checks before work)."""
+
+    model_dir: Path
+    layout: str  # "pt", "safetensors" or "released"
+    cfg: Config
+    metadata: dict[str, Any]
+    scale_factor: float | None  # None: stored in unet.pt, read when the weights load
+
+    @property
+    def has_controlnet(self) -> bool:
+        name = ckpt.RELEASED_FILES["controlnet"] if self.layout == "released" else f"controlnet.{self.layout}"
+        return (self.model_dir / name).is_file()
+
+    @property
+    def fov_range_mm(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        fov = self.metadata.get("fov_mm")
+        if not fov:
+            return None
+        return tuple(float(v) for v in fov["min"]), tuple(float(v) for v in fov["max"])
+
+
+@dataclass
+class Models:
+    """The three networks in eval mode on one device, with what generation needs to know."""
+
+    cfg: Config
+    vae: nn.Module
+    unet: nn.Module
+    controlnet: nn.Module | None
+    scale_factor: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    info: ModelInfo | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def weight_bytes(self) -> int:
+        nets = [n for n in (self.vae, self.unet, self.controlnet) if n is not None]
+        return sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
+
+
+def default_model_dir() -> Path:
+    """The model bundled with the package (resources/models/default)."""
+    return Path(str(resources.files("maisi2").joinpath("resources", "models", "default")))
+
+
+def inference_config(cfg: Config) -> Config:
+    """The config networks are built with for generation: VAE tensor splitting off.
+
+    Splitting only trades speed for memory inside one call (same weights, outputs differ by
+    ~1e-5); the tiled decoder bounds memory itself, and splitting fails on thin tiles.
+    """
+    return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, num_splits=1))
+
+
+# -- reading a folder --------------------------------------------------------------------------
+
+def read_model_info(model_dir: str | Path | None = None) -> ModelInfo:
+    """Identify a model folder and read its config and metadata (no weights)."""
+    model_dir = _existing_dir(model_dir)
+    meta_file = model_dir / MODEL_JSON
+    spec = _read_model_json(meta_file) if meta_file.is_file() else None
+    if (model_dir / ckpt.RELEASED_FILES["unet"]).is_file():
+        metadata = {**RELEASED_METADATA, **(spec or {}).get("metadata", {})}
+        return ModelInfo(model_dir, "released", get_config("maisi-v2"), metadata, None)
+    if spec is None:
+        raise FileNotFoundError(
+            f"{model_dir} is not a model folder: it has neither {MODEL_JSON} (a maisi2 model) nor the released "
+            f"MAISI-v2 files ({', '.join(ckpt.RELEASED_FILES.values())})"
+        )
+    layout = _our_layout(model_dir)
+    scale = spec.get("scale_factor")
+    if layout == "safetensors" and scale is None:
+        raise ValueError(f"{meta_file} needs a 'scale_factor' entry: safetensors weights do not carry it")
+    return ModelInfo(model_dir, layout, _config_from_spec(spec, meta_file), dict(spec.get("metadata", {})),
+                     None if scale is None else float(scale))
+
+
+def _existing_dir(model_dir) -> Path:
+    if model_dir is None:
+        model_dir = default_model_dir()
+        if not (model_dir / MODEL_JSON).is_file():
+            raise FileNotFoundError(
+                f"no bundled model yet ({model_dir} is empty: the default model has not been trained and "
+                "packaged). Pass --model DIR with a folder holding a maisi2 model (model.json + weights) or "
+                "the released MAISI-v2 files (autoencoder_v1.pt, diff_unet_3d_rflow-ct.pt, controlnet_3d_rflow-ct.pt)"
+            )
+        return model_dir
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist (pass --model with an existing folder)")
+    return model_dir
+
+
+def _read_model_json(path: Path) -> dict:
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a maisi2 model description (expected \"format\": \"{FORMAT}\")")
+    if int(spec.get("version", 0)) > VERSION:
+        raise ValueError(f"{path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
+    return spec
+
+
+def _config_from_spec(spec: dict, where: Path) -> Config:
+    try:
+        if "config" in spec:
+            return Config.from_dict(spec["config"])
+        if "preset" in spec:
+            return get_config(spec["preset"], spec.get("overrides", []))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: invalid model config: {err}") from None
+    raise ValueError(f"{where} names no network config: add \"preset\" (tiny, small, maisi-v2) or \"config\"")
+
+
+def _our_layout(model_dir: Path) -> str:
+    for layout in ("safetensors", "pt"):
+        if all((model_dir / f"{kind}.{layout}").is_file() for kind in ("vae", "unet")):
+            return layout
+    raise FileNotFoundError(
+        f"{model_dir} has {MODEL_JSON} but not its weights: expected vae.pt, unet.pt, controlnet.pt "
+        "(maisi2 checkpoints) or vae.safetensors, unet.safetensors, controlnet.safetensors"
+    )
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def load_model(model_dir: str | Path | ModelInfo | None = None, device: str | torch.device | None = "cpu",
+               prefer_ema: bool = True) -> Models:
+    """Build the networks for the folder's config and load its weights strictly (eval mode).
+
+    model_dir: a folder (see the module docstring), a `ModelInfo` from `read_model_info`, or None
+    for the bundled model. The ControlNet is optional in the files; without it `Models.controlnet`
+    is None and only unconditional sampling is possible.
+    """
+    from maisi2.nets import resolve_device
+
+    info = model_dir if isinstance(model_dir, ModelInfo) else read_model_info(model_dir)
+    device = resolve_device(device)
+    weights, scale_factor = _read_weights(info, prefer_ema)
+    cfg = inference_config(info.cfg)
+    built = {}
+    for kind in NETWORK_KINDS:
+        if weights.get(kind) is None:
+            built[kind] = None
+            continue
+        # Built on the target device: the builders switch flash attention on only for CUDA.
+        net = ckpt.build_network(kind, cfg, device=device)
+        ckpt.load_weights(net, weights[kind], kind, _source(info, kind), info.cfg.preset)
+        built[kind] = net.eval()
+    return Models(info.cfg, built["vae"], built["unet"], built["controlnet"], scale_factor, info.metadata, info)
+
+
+def _source(info: ModelInfo, kind: str) -> str:
+    if info.layout == "released":
+        return str(info.model_dir / ckpt.RELEASED_FILES[kind])
+    return str(info.model_dir / f"{kind}.{info.layout}")
+
+
+def _read_weights(info: ModelInfo, prefer_ema: bool) -> tuple[dict, float]:
+    """State dicts by kind (controlnet may be None) and the latent scale factor."""
+    if info.layout == "released":
+        released = ckpt.read_released(info.model_dir)
+        return {"vae": released.vae, "unet": released.unet, "controlnet": released.controlnet}, released.scale_factor
+    if info.layout == "safetensors":
+        from safetensors.torch import load_file
+
+        files = {k: info.model_dir / f"{k}.safetensors" for k in NETWORK_KINDS}
+        return {k: load_file(str(p)) if p.is_file() else None for k, p in files.items()}, float(info.scale_factor)
+    weights, scale = {}, info.scale_factor
+    for kind in NETWORK_KINDS:
+        path = info.model_dir / f"{kind}.pt"
+        if not path.is_file():
+            weights[kind] = None
+            continue
+        loaded = ckpt.load_checkpoint(path)
+        if loaded.kind != kind:
+            raise ValueError(f"{path} holds a '{loaded.kind}' checkpoint, expected '{kind}'")
+        weights[kind] = loaded.weights(prefer_ema)
+        if kind == "unet" and scale is None:
+            scale = loaded.scale_factor
+    if scale is None:
+        raise ValueError(f"neither {info.model_dir / MODEL_JSON} nor unet.pt records the latent scale_factor; "
+                         "add \"scale_factor\" to model.json (it is stats.json's value from `maisi2 encode`)")
+    return weights, float(scale)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def save_model_folder(model_dir: str | Path, cfg: Config, vae: nn.Module, unet: nn.Module,
+                      controlnet: nn.Module | None, scale_factor: float, metadata: dict | None = None,
+                      layout: str = "pt", overwrite: bool = False) -> Path:
+    """Write a model folder (ours) that `load_model` reads: model.json + weights, each file atomic."""
+    if layout not in ("pt", "safetensors"):
+        raise ValueError(f"layout must be 'pt' or 'safetensors', got {layout!r}")
+    model_dir = Path(model_dir)
+    nets = {"vae": vae, "unet": unet, "controlnet": controlnet}
+    targets = [model_dir / MODEL_JSON] + [model_dir / f"{k}.{layout}" for k, n in nets.items() if n is not None]
+    for path in targets:
+        check_writable(path, overwrite)  # all-or-nothing: refuse before writing anything
+    for kind, net in nets.items():
+        if net is not None:
+            _write_network(model_dir / f"{kind}.{layout}", kind, net, cfg, scale_factor, layout, overwrite)
+    spec = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "scale_factor": float(scale_factor),
+            "metadata": metadata or {}}
+    with atomic_output(model_dir / MODEL_JSON, overwrite) as tmp:
+        tmp.write_text(json.dumps(spec, indent=2))
+    return model_dir
+
+
+def _write_network(path: Path, kind: str, net: nn.Module, cfg: Config, scale_factor: float, layout: str,
+                   overwrite: bool) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if layout == "pt":
+        ckpt.save_checkpoint(path, ckpt.Checkpoint(kind, cfg, state, scale_factor=float(scale_factor)), overwrite)
+        return
+    from safetensors.torch import save_file
+
+    with atomic_output(path, overwrite) as tmp:
+        save_file(state, str(tmp))

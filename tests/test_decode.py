@@ -1,0 +1,159 @@
+"""Tiled VAE decoding: tile placement, blending weights, the memory plan, tiled vs whole decode."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from maisi2 import decode, nets
+from maisi2.config import get_config
+from maisi2.data import hu_to_unit
+from maisi2.phantom import make_phantom
+
+
+# -- geometry of the plan -----------------------------------------------------------------------
+
+def test_decoder_context_follows_the_architecture():
+    # tiny: conv_in 1 + level0 (1 block x 2 convs) 2 + up 1/2 + level1 2/2 + up 1/4 + level2 2/4 + conv_out 1/4
+    assert decode.decoder_context(get_config("tiny").vae) == math.ceil(5.5)
+    # released: 1 + 4 + 1/2 + 4/2 + 1/4 + 4/4 + 1/4 = 9
+    assert decode.decoder_context(get_config("maisi-v2").vae) == 9
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(24, 16, 6), (40, 13, 10), (17, 16, 14), (100, 30, 20), (16, 16, 14)])
+def test_tiles_cover_the_axis_with_enough_overlap(length, tile, overlap):
+    starts = decode._axis_starts(length, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == length
+    assert all(a + tile - b >= overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_weights_are_zero_on_halos_and_sum_to_one():
+    halo, ramp, factor, tile, length = 3, 2, 4, 14, 20
+    starts = decode._axis_starts(length, tile, 2 * halo + ramp)
+    assert starts == (0, 6)  # overlap exactly 2 * halo + ramp
+    left, right = (decode.axis_weights(s, tile, length, halo, ramp, factor) for s in starts)
+    inner = (halo + ramp) * factor
+    assert np.all(left[:-inner] == 1) and np.all(left[-halo * factor:] == 0)  # border side kept, inner halo dropped
+    assert np.all(right[:halo * factor] == 0) and np.all(right[inner:] == 1)
+    assert np.all(np.diff(left[-inner:]) <= 0) and 0 < left[-inner] < 1  # a smooth ramp down
+    total = np.zeros(length * factor)
+    total[:tile * factor] += left
+    total[6 * factor:] += right
+    np.testing.assert_allclose(total, 1.0, atol=1e-12)  # mirrored raised-cosine ramps: a partition of one
+
+
+def test_plan_uses_the_whole_latent_when_it_fits_and_tiles_otherwise():
+    cfg = get_config("maisi-v2").vae
+    whole = decode.plan_tiles((4, 32, 32, 32), cfg, budget_bytes=64 * 2**30)
+    assert whole.count == 1 and whole.tile == (32, 32, 32) and whole.output_shape == (128, 128, 128)
+    budget = 2 * 2**30
+    tiled = decode.plan_tiles((128, 128, 192), cfg, budget_bytes=budget)
+    assert tiled.count > 1 and tiled.peak_bytes <= budget
+    assert min(tiled.tile) >= 2 * tiled.halo + tiled.ramp + 2
+    with pytest.raises(ValueError, match="--max-memory"):
+        decode.plan_tiles((128, 128, 192), cfg, budget_bytes=0.3 * 2**30)
+
+
+def test_memory_model_matches_the_measurements():
+    # measured growth of peak RSS per output voxel: maisi-v2 1.79 kB, small 449 B, tiny 128 B
+    assert 1.79e3 <= decode.decoder_bytes_per_voxel(get_config("maisi-v2").vae) <= 2.5e3
+    assert 449 <= decode.decoder_bytes_per_voxel(get_config("small").vae) <= 700
+    assert 128 <= decode.decoder_bytes_per_voxel(get_config("tiny").vae) <= 300
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+class _ConvDecoder(nn.Module):
+    """A VAE stand-in whose decoder is convolutions only (no group norm): tiling must be exact."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv3d(4, 8, 3, padding=1), nn.SiLU(), nn.Upsample(scale_factor=2),
+            nn.Conv3d(8, 8, 3, padding=1), nn.SiLU(), nn.Upsample(scale_factor=2), nn.Conv3d(8, 1, 3, padding=1),
+        )
+
+    def decode(self, z):
+        return self.net(z)
+
+
+def _plan(latent, tile, halo, ramp=2):
+    starts = tuple(decode._axis_starts(n, tile, 2 * halo + ramp) for n in latent)
+    return decode.TilePlan(tuple(latent), (tile,) * 3, starts, halo, ramp, 4, 0)
+
+
+def test_halo_wider_than_the_receptive_field_makes_a_convolutional_decoder_exact():
+    vae = _ConvDecoder().eval()
+    z = torch.randn(1, 4, 14, 12, 10, generator=torch.Generator().manual_seed(1))
+    plan = _plan((14, 12, 10), tile=8, halo=2)  # reach: 1 + 1/2 + 1/4 latent voxels
+    assert plan.count > 1
+    with torch.no_grad():
+        whole = vae.decode(z)
+    tiled = decode.decode_tiled(vae, z, plan)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    too_thin = decode.decode_tiled(vae, z, _plan((14, 12, 10), tile=8, halo=0, ramp=1))
+    assert (too_thin - whole).abs().max() > 1e-3  # without the halo the zero padding shows
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    return nets.build_vae(cfg).eval(), cfg
+
+
+def _plan_for(latent, tile, halo, ramp=2):
+    starts = tuple(decode._axis_starts(n, t, 2 * halo + ramp) for n, t in zip(latent, tile))
+    return decode.TilePlan(tuple(latent), tuple(tile), starts, halo, ramp, 4, 0)
+
+
+def test_tiled_decode_with_volume_statistics_equals_the_whole_decode(tiny_vae):
+    """2 x 2 tiles of the tiny VAE (random weights, so every statistic matters): within tolerance.
+
+    Each tile alone normalises with its own statistics and lands far off; with the volume's
+    statistics the only differences left are float rounding (measured 1.2e-5).
+    """
+    vae, cfg = tiny_vae
+    latent = (18, 17, 8)
+    z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = vae.decode(z)
+    plan = _plan_for(latent, (16, 16, 8), halo=decode.decoder_context(cfg.vae))
+    assert plan.count == 4
+    synced = decode.decode_tiled(vae, z, plan)
+    assert (synced - whole).abs().max().item() <= decode.TILED_DECODE_TOLERANCE
+    per_tile = decode.decode_tiled(vae, z, plan, statistics="tile")
+    assert (per_tile - whole).abs().max().item() > 100 * decode.TILED_DECODE_TOLERANCE
+    # the norms are themselves again afterwards
+    assert not any("forward" in vars(m) for m in vae.decoder.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z), whole, rtol=0, atol=0)
+
+
+def test_tiled_decode_of_a_phantom_latent(tiny_vae):
+    """A latent that encodes anatomy (phantom CT) rather than noise, tiled along one axis."""
+    vae, cfg = tiny_vae
+    ct = make_phantom((96, 32, 32), (4.0, 4.0, 4.0), seed=11)[0]
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(hu_to_unit(ct)).float()[None, None])[0]
+        whole = vae.decode(z)
+    plan = _plan_for(z.shape[2:], (20, 8, 8), halo=decode.decoder_context(cfg.vae))
+    assert plan.count == 2
+    tiled = decode.decode_tiled(vae, z, plan)
+    assert (tiled - whole).abs().max().item() <= decode.TILED_DECODE_TOLERANCE
+
+
+def test_a_single_tile_plan_is_the_plain_decode(tiny_vae):
+    vae, cfg = tiny_vae
+    z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    plan = decode.plan_tiles(z.shape[1:], cfg.vae, budget_bytes=2**30)
+    assert plan.count == 1
+    with torch.no_grad():
+        torch.testing.assert_close(decode.decode_tiled(vae, z, plan), vae.decode(z), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="latent must be"):
+        decode.decode_tiled(vae, z[:, :, :4], plan)
+    with pytest.raises(ValueError, match="statistics"):
+        decode.decode_tiled(vae, z, plan, statistics="global")

@@ -1,0 +1,383 @@
+"""Generation end to end on the tiny preset, model folders, refusals before work, the CLI.
+
+The released-weights path (`test_released_files_generate_through_the_same_path`) builds the
+maisi-v2 networks with random weights and writes them in the released layout (~1 GB): slow.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maisi2 import cli, io, models, nets, quality
+from maisi2 import generate as G
+from maisi2.config import get_config
+from maisi2.data import center_pad_or_crop
+from maisi2.labels import BODY, label_id
+from maisi2.phantom import parse_tumor_specs
+
+TINY_FOV = {"fov_mm": {"min": [128.0, 128.0, 128.0], "max": [320.0, 320.0, 320.0]}}
+
+
+def _waken(net):
+    """Fresh networks have zeroed output convolutions; give them weights so outputs depend on inputs."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny_nets():
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    return cfg, nets.build_vae(cfg), _waken(nets.build_unet(cfg)), _waken(nets.build_controlnet(cfg))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_nets):
+    cfg, vae, unet, controlnet = tiny_nets
+    return models.save_model_folder(tmp_path_factory.mktemp("model"), cfg, vae, unet, controlnet, 0.8, TINY_FOV)
+
+
+def _stored_las(volume: io.Volume, path):
+    """Write a label map with the x axis stored flipped (LAS), so orientation handling is exercised."""
+    flipped = np.ascontiguousarray(volume.array[::-1])
+    affine = volume.affine.copy()
+    affine[:3, 3] += affine[:3, 0] * (volume.shape[0] - 1)
+    affine[:3, 0] *= -1
+    io.save_label_map(path, io.Volume(flipped, affine))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mask_file(tmp_path_factory):
+    """A phantom with a liver tumour, 30x27x26 voxels of 8 mm (not a multiple of 32: padded)."""
+    volume = G.phantom_mask((30, 27, 26), (8.0, 8.0, 8.0), parse_tumor_specs(["hepatic"]), seed=0)
+    return _stored_las(volume, tmp_path_factory.mktemp("mask") / "mask.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def small_mask_file(tmp_path_factory):
+    """32^3 voxels of 8 mm: the cheapest mask the tiny model accepts (latent 8^3)."""
+    path = tmp_path_factory.mktemp("small") / "small.nii.gz"
+    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, mask_file, model_dir):
+    out = tmp_path_factory.mktemp("run") / "ct.nii.gz"
+    return G.generate(mask_file, out, model=model_dir, options=G.GenerateOptions(steps=2, seed=1))
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail loudly if weights are loaded or sampling starts (refusals must come before that)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the request was refused")
+
+    monkeypatch.setattr(models, "load_model", forbidden)
+    monkeypatch.setattr("maisi2.sampling.sample_latent", forbidden)
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`maisi2 ...` with only this module's commands registered (other commands are not under test)."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["maisi2.cli.generate_cmd"])
+    return cli.main
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+def test_outputs_match_the_mask_geometry_and_conventions(first_run, mask_file):
+    paths = first_run.paths
+    stored_mask = nib.load(mask_file)
+    ct_image = nib.load(paths.ct)
+    assert ct_image.shape == stored_mask.shape == (30, 27, 26)  # the padding to 32^3 was undone
+    np.testing.assert_allclose(ct_image.affine, stored_mask.affine)  # same grid and stored orientation
+    assert ct_image.get_data_dtype() == np.int16
+    ct = np.asarray(ct_image.dataobj)
+    mask = np.asarray(stored_mask.dataobj)
+    assert ct.min() >= -1000 and ct.max() <= 1000
+    assert np.all(ct[mask == 0] == -1000)  # air outside the body
+    assert np.ptp(ct[mask > 0]) > 0  # something was generated inside
+    np.testing.assert_array_equal(np.asarray(nib.load(paths.label).dataobj), mask)  # MAISI ids, not renumbered
+
+
+def test_report_and_preview(first_run):
+    report = json.loads(first_run.paths.report.read_text())
+    assert report["seed"] == 1 and report["settings"]["steps"] == 2 and len(report["attempts"]) == 1
+    assert report["mask"]["padded_shape"] == [32, 32, 32] and report["mask"]["shape"] == [30, 27, 26]
+    assert set(report["quality"]["organs"]) == {"liver", "spleen", "pancreas", "kidney", "lung", "bone", "brain"}
+    assert report["timings_s"]["total"] > 0 and report["attempts"][0]["timings_s"]["sampling"] > 0
+    assert report["memory"]["decode"]["tiles"] >= 1 and report["model"]["preset"] == "tiny"
+    assert report["guidance"]["applied"] is False
+    preview = Image.open(first_run.paths.preview)
+    assert preview.format == "PNG" and preview.width > 2 * preview.height
+    pixels = np.asarray(preview.convert("RGB")).astype(int)
+    assert (np.ptp(pixels, axis=2) > 60).sum() > 100  # coloured contour pixels were drawn
+
+
+def test_deterministic_for_a_seed_and_different_for_another(first_run, mask_file, model_dir, tmp_path):
+    options = G.GenerateOptions(steps=2, seed=1, write_preview=False, write_label=False)
+    again = G.generate(mask_file, tmp_path / "again.nii.gz", model=model_dir, options=options)
+    other = G.generate(mask_file, tmp_path / "other.nii.gz", model=model_dir,
+                       options=G.GenerateOptions(steps=2, seed=2, write_preview=False))
+    first = np.asarray(nib.load(first_run.paths.ct).dataobj)
+    np.testing.assert_array_equal(np.asarray(nib.load(again.paths.ct).dataobj), first)
+    different = np.asarray(nib.load(other.paths.ct).dataobj)
+    body = np.asarray(nib.load(first_run.paths.label).dataobj) > 0
+    assert np.abs(different[body].astype(int) - first[body]).mean() > 5
+    assert not (tmp_path / "again_label.nii.gz").exists() and not (tmp_path / "again_preview.png").exists()
+
+
+def test_spacing_resamples_the_mask_and_guidance_runs(mask_file, model_dir, tmp_path):
+    result = G.generate(mask_file, tmp_path / "ct.nii.gz", model=model_dir,
+                        options=G.GenerateOptions(steps=2, seed=0, spacing=(10.0, 10.0, 10.0), cfg_scale=2.0))
+    ct = nib.load(result.paths.ct)
+    assert ct.shape == (24, 22, 21)  # 30x27x26 voxels of 8 mm -> 10 mm, same extent
+    np.testing.assert_allclose(np.linalg.norm(ct.affine[:3, :3], axis=0), 10.0)
+    labels = nib.load(result.paths.label)
+    assert labels.shape == ct.shape and np.allclose(labels.affine, ct.affine)
+    assert label_id("hepatic tumor") in np.unique(np.asarray(labels.dataobj))  # nearest neighbour keeps ids
+    assert result.report["guidance"] == {**result.report["guidance"], "scale": 2.0, "applied": True}
+
+
+def test_a_tight_memory_budget_tiles_the_decoder_without_changing_the_ct(model_dir, tmp_path):
+    """The decode plan follows --max-memory; with volume statistics the CT stays the same."""
+    from maisi2 import decode
+
+    mask = G.phantom_mask((72, 32, 32), (4.0, 8.0, 8.0), seed=2)  # padded to 96x32x32: latent 24x8x8
+    options = G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False)
+    roomy = G.generate(mask, tmp_path / "roomy.nii.gz", model=model_dir, options=options)
+    memory = roomy.report["memory"]
+    assert memory["decode"]["tiles"] == 1
+    tight_gb = (memory["weights_bytes"] + memory["host_bytes"]
+                + decode.estimate_decode_bytes(get_config("tiny").vae, (21, 8, 8))) / 2**30
+    tight = G.generate(mask, tmp_path / "tight.nii.gz", model=model_dir,
+                       options=G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False,
+                                                 max_memory_gb=tight_gb))
+    assert tight.report["memory"]["decode"]["tiles"] == 2
+    a = np.asarray(nib.load(roomy.paths.ct).dataobj).astype(int)
+    b = np.asarray(nib.load(tight.paths.ct).dataobj).astype(int)
+    assert np.abs(a - b).max() <= 1  # float rounding may flip an int16 rounding
+
+
+# -- mask preparation --------------------------------------------------------------------------
+
+def test_padding_is_centred_and_undone_by_the_crop():
+    cfg = get_config("tiny")
+    assert G.network_divisor(cfg) == 32  # VAE 4x, UNet 3 downsamplings
+    volume = io.Volume(np.random.default_rng(0).choice([1, 3, 4, 5], (33, 20, 64)).astype(np.int16), io.ras_affine((6, 6, 6)))
+    prepared = G.prepare_mask(volume, cfg)
+    assert prepared.padded.shape == (64, 32, 64)
+    assert prepared.padded[:15].max() == 0 and prepared.padded[:, :6].max() == 0  # background around it
+    np.testing.assert_array_equal(center_pad_or_crop(prepared.padded, volume.shape, 0), volume.array)
+
+
+def test_body_envelope_is_added_inside_the_labels_hull_only():
+    labels = np.zeros((32, 32, 8), dtype=np.int16)
+    labels[6:12, 8:24, :] = label_id("liver")
+    labels[20:26, 8:24, :] = label_id("spleen")
+    prepared = G.prepare_mask(io.Volume(labels, io.ras_affine((2, 2, 2))), get_config("tiny"))
+    out = prepared.volume.array
+    assert prepared.body_voxels_added > 0
+    assert np.all(out[14:18, 12:20] == BODY)  # the gap between the organs is inside the body
+    assert np.all(out[labels > 0] == labels[labels > 0])  # organs untouched
+    assert out[0, 0, 0] == 0 and out[31, 31, 0] == 0  # far corners stay outside
+
+
+# -- refusals before any work ------------------------------------------------------------------
+
+def _unknown_ids(path):
+    labels = np.full((32, 32, 32), BODY, dtype=np.int16)
+    labels[10:20, 10:20, 10:20] = 150  # not a MAISI id
+    nib.save(nib.Nifti1Image(labels, io.ras_affine((8, 8, 8))), path)
+    return path, {}, "not MAISI ids"
+
+
+def _empty(path):
+    io.save_label_map(path, io.Volume(np.zeros((32, 32, 32), dtype=np.int16), io.ras_affine((8, 8, 8))))
+    return path, {}, "holds no labels"
+
+
+def _over_budget(path):
+    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    return path, {"max_memory_gb": 0.02}, "GB"
+
+
+def _fov_too_small(path):
+    io.save_label_map(path, G.phantom_mask((32, 32, 32), (1.5, 1.5, 1.5), seed=1))  # 48 mm vs >= 128 mm
+    return path, {}, "field of view"
+
+
+def _bad_spacing(path):
+    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    return path, {"spacing": (8.0, -1.0, 8.0)}, "spacing"
+
+
+@pytest.mark.parametrize("make", [_unknown_ids, _empty, _over_budget, _fov_too_small, _bad_spacing])
+def test_bad_requests_fail_before_any_work(make, model_dir, tmp_path, nothing_runs):
+    mask, options, message = make(tmp_path / "mask.nii.gz")
+    out_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        G.generate(mask, out_dir / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(steps=2, **options))
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_existing_outputs_are_kept_unless_overwrite(small_mask_file, model_dir, tmp_path, monkeypatch):
+    (tmp_path / "ct_report.json").write_text("keep me")
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded weights for a refused request"))
+        with pytest.raises(FileExistsError, match="overwrite"):
+            G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(steps=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct_report.json"]
+    G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir,
+               options=G.GenerateOptions(steps=1, overwrite=True))
+    assert json.loads((tmp_path / "ct_report.json").read_text())["settings"]["overwrite"] is True
+
+
+def test_a_failure_while_writing_leaves_no_partial_set(small_mask_file, model_dir, tmp_path, monkeypatch):
+    def broken_preview(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(G, "render_preview", broken_preview)
+    with pytest.raises(RuntimeError, match="disk full"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(steps=1))
+    assert list(tmp_path.iterdir()) == []  # neither outputs nor staged temporary files
+
+
+def test_missing_bundled_model_says_how_to_pass_one(tmp_path, monkeypatch, small_mask_file):
+    monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "default")
+    with pytest.raises(FileNotFoundError, match="--model"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz")
+
+
+# -- quality check and retries ------------------------------------------------------------------
+
+def test_qc_retries_use_the_next_seeds_and_record_every_attempt(small_mask_file, model_dir, tmp_path, monkeypatch):
+    impossible = {organ: (5000.0, 6000.0) for organ in quality.hu_ranges()}
+    monkeypatch.setattr(quality, "hu_ranges", lambda: impossible)
+    result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir,
+                        options=G.GenerateOptions(steps=1, seed=7, qc_retries=2, write_preview=False))
+    report = json.loads(result.paths.report.read_text())
+    assert [a["seed"] for a in report["attempts"]] == [7, 8, 9]
+    assert not result.passed_qc and report["quality"]["passed"] is False
+    assert report["seed"] == report["attempts"][report["chosen_attempt"]]["seed"]
+
+    monkeypatch.setattr(quality, "hu_ranges", lambda: {organ: (-2000.0, 2000.0) for organ in impossible})
+    result = G.generate(small_mask_file, tmp_path / "ok.nii.gz", model=model_dir,
+                        options=G.GenerateOptions(steps=1, seed=7, qc_retries=2, write_preview=False))
+    assert result.passed_qc and len(result.report["attempts"]) == 1
+
+
+# -- model folders -----------------------------------------------------------------------------
+
+def test_pt_and_safetensors_folders_load_the_same_networks(tiny_nets, model_dir, tmp_path):
+    cfg, vae, unet, controlnet = tiny_nets
+    st_dir = models.save_model_folder(tmp_path / "st", cfg, vae, unet, controlnet, 0.8, TINY_FOV, layout="safetensors")
+    from_pt, from_st = models.load_model(model_dir), models.load_model(st_dir)
+    assert from_pt.info.layout == "pt" and from_st.info.layout == "safetensors"
+    assert from_pt.scale_factor == from_st.scale_factor == pytest.approx(0.8)
+    assert from_st.metadata == TINY_FOV and from_st.cfg == cfg
+    for kind in ("vae", "unet", "controlnet"):
+        a, b = getattr(from_pt, kind).state_dict(), getattr(from_st, kind).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not getattr(from_st, kind).training
+
+
+def test_model_folder_errors_are_explained(tiny_nets, tmp_path):
+    cfg, vae, unet, controlnet = tiny_nets
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        models.read_model_info(tmp_path)
+    folder = models.save_model_folder(tmp_path / "m", cfg, vae, unet, controlnet, 1.0)
+    with pytest.raises(FileExistsError):
+        models.save_model_folder(folder, cfg, vae, unet, controlnet, 1.0)
+    spec = json.loads((folder / "model.json").read_text())
+    spec.pop("config")
+    spec["preset"] = "small"  # the weights are tiny-sized
+    (folder / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="fit the preset\\(s\\) tiny"):
+        models.load_model(folder)
+    (folder / "controlnet.pt").unlink()
+    with pytest.raises(ValueError, match="no ControlNet"):
+        G.generate(G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0)), tmp_path / "ct.nii.gz", model=folder)
+    (folder / "unet.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="not its weights"):
+        models.read_model_info(folder)
+
+
+@pytest.fixture(scope="module")
+def released_dir(tmp_path_factory):
+    """maisi-v2 networks with random weights, written once in the released file layout (~1 GB)."""
+    from maisi2 import checkpoint
+
+    cfg = get_config("maisi-v2")
+    folder = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    vae = nets.build_vae(cfg)
+    unet, controlnet = _waken(nets.build_unet(cfg)), _waken(nets.build_controlnet(cfg))
+    return checkpoint.write_released(folder, vae, unet, controlnet, scale_factor=0.9)
+
+
+@pytest.mark.slow
+def test_released_files_generate_through_the_same_path(released_dir, tmp_path):
+    """The released layout loads strictly into the maisi-v2 preset; a 64^3 CT at 4 mm, 2 steps."""
+    info = models.read_model_info(released_dir)
+    assert info.layout == "released" and info.cfg.preset == "maisi-v2" and info.fov_range_mm is not None
+    mask = G.phantom_mask((64, 64, 64), (4.0, 4.0, 4.0), seed=0)
+    result = G.generate(mask, tmp_path / "ct.nii.gz", model=released_dir,
+                        options=G.GenerateOptions(steps=2, seed=0, write_preview=False))
+    ct = nib.load(result.paths.ct)
+    assert ct.shape == (64, 64, 64) and ct.get_data_dtype() == np.int16
+    assert result.report["model"]["layout"] == "released"
+    assert result.report["model"]["scale_factor"] == pytest.approx(0.9)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def test_generate_command_from_a_phantom(run_cli, model_dir, tmp_path, capsys):
+    out = tmp_path / "ct.nii.gz"
+    argv = ["generate", "--phantom", "--shape", "32", "32", "32", "--phantom-spacing", "8", "8", "8",
+            "--tumors", "hepatic", "--model", str(model_dir), "--out", str(out), "--steps", "1", "--no-progress"]
+    assert run_cli(argv) == 0  # written, even though the untrained model fails the quality check
+    assert out.exists() and (tmp_path / "ct_preview.png").exists()
+    assert "wrote" in capsys.readouterr().out
+    assert run_cli(argv) == 1  # outputs exist: refused without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    labels = np.asarray(nib.load(tmp_path / "ct_label.nii.gz").dataobj)
+    assert label_id("hepatic tumor") in labels
+    assert run_cli(["qc", str(out), "--mask", str(tmp_path / "ct_label.nii.gz")]) in (0, 1)
+
+
+def test_generate_command_over_a_folder_of_masks(run_cli, model_dir, small_mask_file, tmp_path, capsys):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (masks / name).write_bytes(small_mask_file.read_bytes())
+    (tmp_path / "list.jsonl").write_text(json.dumps({"mask": "masks/a.nii.gz", "seed": 5, "out": "first.nii.gz"}) + "\n")
+    code = run_cli(["generate", "--mask-dir", str(masks), "--out-dir", str(tmp_path / "cts"), "--model", str(model_dir),
+                    "--steps", "1", "--no-preview", "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "cts").iterdir()) == [
+        "a_ct.nii.gz", "a_ct_label.nii.gz", "a_ct_report.json", "b_ct.nii.gz", "b_ct_label.nii.gz", "b_ct_report.json"]
+    seeds = [json.loads((tmp_path / "cts" / f"{n}_ct_report.json").read_text())["seed"] for n in "ab"]
+    assert seeds == [0, 1]  # distinct seeds per item
+    assert run_cli(["generate", "--datalist", str(tmp_path / "list.jsonl"), "--out-dir", str(tmp_path / "dl"),
+                    "--model", str(model_dir), "--steps", "1", "--no-preview", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "dl" / "first_report.json").read_text())["seed"] == 5
+
+
+def test_batch_with_a_bad_mask_generates_nothing(model_dir, small_mask_file, tmp_path, nothing_runs):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "a.nii.gz").write_bytes(small_mask_file.read_bytes())
+    _empty(masks / "b.nii.gz")
+    with pytest.raises(ValueError, match="holds no labels"):
+        G.generate_batch(G.batch_from_dir(masks, tmp_path / "out"), model=model_dir)
+    assert not (tmp_path / "out").exists()
