@@ -16,6 +16,11 @@ COMMAND_MODULES = [
     "maisi2.cli.phantom_cmd",
     "maisi2.cli.labels_cmd",
     "maisi2.cli.config_cmd",
+    "maisi2.cli.vae_cmd",
+    "maisi2.cli.train_flow_cmd",
+    "maisi2.cli.controlnet_cmd",
+    "maisi2.cli.generate_cmd",
+    "maisi2.cli.export_cmd",
 ]
 
 

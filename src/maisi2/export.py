@@ -1,0 +1,54 @@
+"""Assemble a model folder (what `generate --model` reads) from trained checkpoints.
+
+The VAE, flow UNet and ControlNet are trained separately (train-vae, train-flow,
+train-controlnet); `export_model` takes their EMA weights, checks they belong together (same VAE
+and trunk config, one scale factor), records the fields of view the model was trained on (from
+the latent cache) and writes the folder with `models.save_model_folder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from maisi2.checkpoint import build_network, load_checkpoint, load_weights
+from maisi2.latents import read_index
+
+__all__ = ["export_model", "trained_fov_mm"]
+
+
+def trained_fov_mm(cache: str | Path, downsample: int) -> dict:
+    """Per-axis range of the fields of view (mm) of the volumes in a latent cache."""
+    fovs = np.array([[n * downsample * s for n, s in zip(r.latent_shape[1:], r.spacing)] for r in read_index(cache)])
+    return {"min": fovs.min(0).round(1).tolist(), "max": fovs.max(0).round(1).tolist()}
+
+
+def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | None, out_dir: str | Path,
+                 cache: str | Path | None = None, layout: str = "safetensors", notes: dict | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write `out_dir` (model.json + weights) from our vae/unet/controlnet checkpoints."""
+    from maisi2.models import save_model_folder
+
+    ckpts = {"vae": load_checkpoint(vae), "unet": load_checkpoint(unet)}
+    if controlnet is not None:
+        ckpts["controlnet"] = load_checkpoint(controlnet)
+    for kind, ck in ckpts.items():
+        if ck.kind != kind:
+            raise ValueError(f"the {kind} checkpoint given holds a {ck.kind!r} network")
+    cfg = ckpts["unet"].config
+    if ckpts["vae"].config.vae != cfg.vae:
+        raise ValueError("the VAE checkpoint's VAE config differs from the one the UNet was trained with")
+    if "controlnet" in ckpts and ckpts["controlnet"].config.unet != cfg.unet:
+        raise ValueError("the ControlNet's trunk config differs from the UNet's; was it trained on this UNet?")
+    scale = ckpts["unet"].scale_factor
+    if scale is None:
+        raise ValueError(f"{unet} carries no scale_factor; train it with `maisi2 train-flow` on an encoded cache")
+    networks = {}
+    for kind, ck in ckpts.items():
+        networks[kind] = load_weights(build_network(kind, cfg), ck.weights(), kind, str(ck), cfg.preset).eval()
+    metadata = {"trained_steps": {k: ck.step for k, ck in ckpts.items()}, **(notes or {})}
+    if cache is not None:
+        metadata["fov_mm"] = trained_fov_mm(cache, cfg.vae.downsample_factor)
+    return save_model_folder(out_dir, cfg, networks["vae"], networks["unet"], networks.get("controlnet"),
+                             scale, metadata=metadata, layout=layout, overwrite=overwrite)
