@@ -58,10 +58,11 @@ def _register_generate(sub) -> None:
     p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     ph = p.add_argument_group("phantom mask (with --phantom)")
-    ph.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128), metavar=("X", "Y", "Z"),
-                    help="phantom voxels (default 128 128 128)")
-    ph.add_argument("--phantom-spacing", type=float, nargs=3, default=(2.0, 2.0, 2.0), metavar=("SX", "SY", "SZ"),
-                    help="phantom voxel size in mm (default 2 2 2)")
+    # Defaults: a field of view the bundled model was trained on (384 x 384 x 288 mm).
+    ph.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
+                    help="phantom voxels (default 128 128 96)")
+    ph.add_argument("--phantom-spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0), metavar=("SX", "SY", "SZ"),
+                    help="phantom voxel size in mm (default 3 3 3)")
     ph.add_argument("--phantom-seed", type=int, default=0, help="phantom anatomy seed (default 0)")
     ph.add_argument("--tumors", nargs="*", default=[], metavar="KIND[:COUNT]",
                     help="lesions to add, as for `maisi2 phantom`: hepatic, pancreatic, lung, colon, bone, kidney-cyst")

@@ -1,0 +1,133 @@
+"""Preview PNGs and loss curves for docs/: what the trained small model produces.
+
+Usage (after recipes/bundled_model.sh):
+    python recipes/previews.py --work work --model src/maisi2/resources/models/default --out docs/img
+
+Writes
+  flow_samples.png      30-step rectified-flow samples of the flow UNet alone (no mask), next to
+                        real phantoms of the same grid, mid-slices
+  controlnet_tumor.png  a phantom mask with a liver tumour, the generated CT, and the CT generated
+                        from the same noise with the tumour removed from the mask
+  loss_*.png            training loss curves from the runs' log.csv files
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from maisi2 import nets
+from maisi2.data import unit_to_hu
+from maisi2.generate import phantom_mask, render_preview
+from maisi2.io import load_ct
+from maisi2.labels import remove_tumors
+from maisi2.models import load_model
+from maisi2.sampling import sample_latent
+from maisi2.vae import decode
+
+
+def axial(hu: np.ndarray, size: int = 192) -> Image.Image:
+    """Mid axial slice, radiological display, window [-200, 300] HU."""
+    sl = hu[::-1, ::-1, hu.shape[2] // 2].T
+    img = np.clip((sl + 200) / 500, 0, 1) * 255
+    return Image.fromarray(img.astype(np.uint8)).resize((size, size))
+
+
+def grid(images: list[Image.Image], cols: int, titles: list[str]) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    canvas = Image.new("L", (cols * (w + 4), rows * (h + 16)))
+    draw = ImageDraw.Draw(canvas)
+    for k, (img, title) in enumerate(zip(images, titles)):
+        x, y = (k % cols) * (w + 4), (k // cols) * (h + 16)
+        canvas.paste(img, (x, y + 14))
+        draw.text((x + 2, y + 1), title, fill=255)
+    return canvas
+
+
+@torch.no_grad()
+def flow_samples(models, shape, spacing, seeds):
+    """Unconditional (no ControlNet) samples on one grid, decoded to HU."""
+    cfg = models.cfg
+    latent_shape = (1, cfg.vae.latent_channels, *(n // cfg.vae.downsample_factor for n in shape))
+    cond = nets.Conditioning(torch.tensor([spacing], dtype=torch.float32), torch.tensor([nets.modality_id("ct")]))
+    out = []
+    for seed in seeds:
+        z = sample_latent(models.unet, cond, latent_shape, cfg.flow, steps=30, seed=seed)
+        out.append(unit_to_hu(decode(models.vae, z / models.scale_factor)[0, 0].numpy()))
+    return out
+
+
+def loss_plot(csv_path: Path, column: str, title: str, size=(480, 240)) -> Image.Image:
+    rows = list(csv.DictReader(open(csv_path)))
+    steps = np.array([float(r["step"]) for r in rows])
+    values = np.array([float(r[column]) for r in rows])
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 50, 20, size[0] - 10, size[1] - 25
+    lo, hi = values.min(), values.max()
+    xs = left + (steps - steps.min()) / max(np.ptp(steps), 1) * (right - left)
+    ys = bottom - (values - lo) / max(hi - lo, 1e-12) * (bottom - top)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill="navy", width=2)
+    draw.text((left, 3), f"{title}: {column}", fill="black")
+    draw.text((2, top), f"{hi:.3g}", fill="black")
+    draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
+    draw.text((left, bottom + 5), f"step {int(steps.min())}", fill="black")
+    draw.text((right - 70, bottom + 5), f"step {int(steps.max())}", fill="black")
+    return img
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="work")
+    ap.add_argument("--model", default="src/maisi2/resources/models/default")
+    ap.add_argument("--out", default="docs/img")
+    args = ap.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    models = load_model(args.model, device="cpu")
+
+    # 1. Flow-only samples next to real phantoms of the same grid (128 x 128 x 96 at 3 mm).
+    samples = flow_samples(models, (128, 128, 96), (3.0, 3.0, 3.0), seeds=[0, 1, 2])
+    reals = [load_ct(work / f"phantoms/case_{i:03d}/ct.nii.gz").array for i in (0, 3, 6)]
+    grid([axial(a) for a in reals + samples], 3,
+         [f"phantom {i}" for i in (0, 3, 6)] + [f"RF-30 sample, seed {s}" for s in (0, 1, 2)]
+         ).save(out / "flow_samples.png")
+
+    # 2. ControlNet: a mask with a liver tumour, and the same noise with the tumour removed.
+    from maisi2.generate import GenerateOptions, generate
+    from maisi2.phantom import TumorSpec
+
+    mask = phantom_mask((128, 128, 96), (3.0, 3.0, 3.0), [TumorSpec("hepatic", 1, (15.0, 20.0))], seed=7)
+    no_tumor = mask.with_array(remove_tumors(mask.array))
+    tmp = out / "_tmp"
+    for name, m in (("tumor", mask), ("no_tumor", no_tumor)):
+        generate(m, tmp / f"{name}.nii.gz", model=args.model,
+                 options=GenerateOptions(seed=0, overwrite=True, progress=False))
+    a, b = (load_ct(tmp / f"{n}.nii.gz").array for n in ("tumor", "no_tumor"))
+    render_preview(a, mask.array, mask.spacing).save(out / "controlnet_tumor.png")
+    grid([axial(a), axial(b), axial(np.abs(a - b) - 200)], 3,
+         ["mask with liver tumour", "same noise, tumour removed", "|difference|"]).save(out / "controlnet_pair.png")
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+
+    # 3. Loss curves.
+    for name, run, column in (("vae", "vae", "recon_l1"), ("flow_stage1", "flow/stage_1", "loss"),
+                              ("flow_stage2", "flow/stage_2", "loss"), ("flow_stage3", "flow/stage_3", "loss"),
+                              ("controlnet", "controlnet", "flow_loss")):
+        path = work / run / "log.csv"
+        if path.is_file():
+            loss_plot(path, column, name).save(out / f"loss_{name}.png")
+    print(f"wrote previews into {out}")
+
+
+if __name__ == "__main__":
+    main()
