@@ -54,7 +54,7 @@ def grid(images: list[Image.Image], cols: int, titles: list[str]) -> Image.Image
 def flow_samples(models, shape, spacing, seeds):
     """Unconditional (no ControlNet) samples on one grid, decoded to HU."""
     cfg = models.cfg
-    latent_shape = (1, cfg.vae.latent_channels, *(n // cfg.vae.downsample_factor for n in shape))
+    latent_shape = (cfg.vae.latent_channels, *(n // cfg.vae.downsample_factor for n in shape))
     cond = nets.Conditioning(torch.tensor([spacing], dtype=torch.float32), torch.tensor([nets.modality_id("ct")]))
     out = []
     for seed in seeds:

@@ -188,3 +188,20 @@ def test_frozen_unet_from_a_released_style_file(workspace, tmp_path):
         assert all(torch.equal(unet.state_dict()[k], v) for k, v in workspace["unet_state"].items())
     with pytest.raises(ValueError, match="do not match"):
         load_frozen_unet(released, preset="small")  # the weights name the preset they fit
+
+
+def test_volumes_without_a_label_map_are_skipped(tmp_path):
+    import torch
+
+    from maisi2.latents import LatentRecord, write_latent, write_stats, compute_scale_factor
+    from maisi2.train_controlnet import _labelled_latents
+    from maisi2.training import DistInfo
+
+    for i, labelled in enumerate((True, False, True)):
+        label = torch.ones(1, 16, 16, 16, dtype=torch.uint8) if labelled else None
+        write_latent(tmp_path, f"v{i}", torch.randn(4, 4, 4, 4),
+                     LatentRecord(file="", spacing=(1.0, 1.0, 1.0), latent_shape=(), label="l.nii.gz" if labelled else ""),
+                     label=label)
+    write_stats(tmp_path, compute_scale_factor(tmp_path))
+    dataset = _labelled_latents(tmp_path, 1.0, DistInfo(0, 1, 0))
+    assert len(dataset) == 2 and all("label" in dataset[i] for i in range(2))

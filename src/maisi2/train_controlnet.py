@@ -49,7 +49,7 @@ from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, rea
 from maisi2.config import Config, FlowConfig, _from_dict, apply_overrides, get_config
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.labels import TUMOR_IDS, remove_tumors
-from maisi2.latents import LatentDataset, read_stats
+from maisi2.latents import LatentDataset, read_index, read_stats
 from maisi2.train_flow import prepare_batch
 from maisi2.training import BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, train
 
@@ -320,6 +320,17 @@ class _WithPerturbed(Dataset):
         return item
 
 
+def _labelled_latents(cache, scale: float, info: DistInfo) -> LatentDataset:
+    """The cache's volumes that carry a label map (a ControlNet needs one; the flow model does not)."""
+    records = read_index(cache)
+    keep = [i for i, r in enumerate(records) if r.label]
+    if not keep:
+        raise ValueError(f"no volume in {cache} has a label map; encode a datalist with a label column")
+    if len(keep) < len(records):
+        _say(info, f"controlnet: skipping {len(records) - len(keep)} cached volume(s) without a label map")
+    return LatentDataset(cache, scale_factor=scale, with_labels=True, indices=keep)
+
+
 def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistInfo) -> BatchSource:
     """Shape-bucketed batches, dealt to ranks by `data.BucketBatchSampler`; the epoch seed comes
     from the engine's data RNG, so resuming replays the same order."""
@@ -437,7 +448,7 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
         elif abs(scale - cache_scale) > 1e-3 * abs(cache_scale):
             _say(info, f"the UNet was trained with scale_factor {scale:.5g}, the cache has {cache_scale:.5g}; "
                        "using the UNet's (encode with the same VAE to keep them equal)")
-        dataset = LatentDataset(cache, scale_factor=scale, with_labels=True)
+        dataset = _labelled_latents(cache, scale, info)
         controlnet = _initial_controlnet(frozen, cfg, recipe.seed, where)
         loss_fn = ControlNetStepLoss(frozen, cfg, recipe)
 
