@@ -42,7 +42,7 @@ maisi2 train-flow "$W/latents" --out "$W/flow" --preset small --no-progress $(re
 
 # 5. ControlNet with the region-specific contrastive loss (lambda 0.01, then 0.001).
 maisi2 train-controlnet "$W/latents" --unet "$W/flow/stage_3/last.pt" --out "$W/controlnet" --preset small \
-    --steps 600 --lr 1e-4 --no-progress --recipe-set ema_decay=0.99 --recipe-set ckpt_every=50 \
+    --steps 200 --lr 1e-4 --no-progress --recipe-set ema_decay=0.99 --recipe-set ckpt_every=50 \
     $(resume "$W/controlnet")
 
 # 6. The model folder, shipped inside the package.
