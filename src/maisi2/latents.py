@@ -56,7 +56,11 @@ def write_latent(cache: str | Path, name: str, latent: torch.Tensor, record: Lat
         payload["label"] = label.detach().to(torch.uint8).cpu().reshape(1, *label.shape[-3:]).contiguous()
     with atomic_output(cache / f"{name}.pt", overwrite=True) as tmp:
         torch.save(payload, tmp)
-    record = LatentRecord(**{**asdict(record), "file": f"{name}.pt", "latent_shape": tuple(latent.shape)})
+    # `label` names where the stored label map came from; it is never empty when one is stored,
+    # so readers can tell labelled records apart without opening the files.
+    label_source = record.label or ("(stored with the latent)" if label is not None else "")
+    record = LatentRecord(**{**asdict(record), "file": f"{name}.pt", "latent_shape": tuple(latent.shape),
+                             "label": label_source})
     records = [r for r in read_index(cache) if r.file != record.file] if (cache / INDEX).exists() else []
     _write_index(cache, [*records, record])
     return record
