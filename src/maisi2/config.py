@@ -34,6 +34,7 @@ __all__ = [
     "PRESETS",
     "get_config",
     "apply_overrides",
+    "set_dotted",
 ]
 
 
@@ -251,16 +252,12 @@ def get_config(preset: str = "maisi-v2", overrides: list[str] | tuple[str, ...] 
     return apply_overrides(PRESETS[preset](), overrides)
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.key=value`` strings; the value is parsed as JSON, else taken as a string.
-
-    >>> apply_overrides(get_config("tiny"), ["flow.num_inference_steps=10"]).flow.num_inference_steps
-    10
-    """
-    data = cfg.to_dict()
+def set_dotted(data: dict[str, Any], overrides: list[str] | tuple[str, ...], what: str = "config") -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested dict in place (value parsed as JSON, else a
+    string) and return it. The one override parser for configs and training recipes."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ValueError(f"{what} override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         try:
             value = json.loads(raw)
@@ -270,9 +267,20 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ValueError(f"override {key!r}: {part!r} is not a config section")
+                sections = ", ".join(k for k, v in node.items() if isinstance(v, dict))
+                raise ValueError(f"{what} override {key!r}: {part!r} is not a {what} section ({sections})")
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
+            raise ValueError(f"{what} override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
         node[parts[-1]] = value
+    return data
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.key=value`` strings; the value is parsed as JSON, else taken as a string.
+
+    >>> apply_overrides(get_config("tiny"), ["flow.num_inference_steps=10"]).flow.num_inference_steps
+    10
+    """
+    data = set_dotted(cfg.to_dict(), overrides, what="config")
     return Config.from_dict(data)

@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 
 from maisi2 import flow, losses, nets
 from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_torch_file
-from maisi2.config import Config, FlowConfig, _from_dict, apply_overrides, get_config
+from maisi2.config import Config, FlowConfig, _from_dict, apply_overrides, get_config, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.labels import TUMOR_IDS, remove_tumors
 from maisi2.latents import LatentDataset, read_index, read_stats
@@ -281,24 +281,7 @@ class ControlNetRecipe:
 
 def recipe_with_overrides(recipe: ControlNetRecipe, overrides: Sequence[str]) -> ControlNetRecipe:
     """Dotted ``key=value`` overrides (value parsed as JSON), e.g. ``loss.dilation=2`` or ``lr=2e-5``."""
-    data = asdict(recipe)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"recipe override {item!r} must look like lr=1e-5 or loss.delta=1.5")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *sections, name = key.strip().split(".")
-        node = data
-        for part in sections:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"recipe override {key!r}: {part!r} is not a recipe section (loss)")
-            node = node[part]
-        if name not in node:
-            raise ValueError(f"recipe override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
-        node[name] = value
+    data = set_dotted(asdict(recipe), overrides, what="recipe")
     return ControlNetRecipe.from_dict(data)
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from maisi2 import flow, losses, nets
 from maisi2.checkpoint import load_checkpoint, load_weights
-from maisi2.config import Config, FlowConfig, _from_dict
+from maisi2.config import Config, FlowConfig, _from_dict, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
 from maisi2.latents import LatentDataset
 from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed,
@@ -184,24 +184,7 @@ def default_recipe(cfg: Config) -> FlowRecipe:
 
 def recipe_with_overrides(recipe: FlowRecipe, overrides: Sequence[str]) -> FlowRecipe:
     """Apply dotted ``key=value`` overrides (value parsed as JSON), e.g. ``stage2.lr=1e-5``."""
-    data = recipe.to_dict()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"recipe override {item!r} must look like stage1.steps=100 or seed=3")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *sections, name = key.strip().split(".")
-        node = data
-        for part in sections:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"recipe override {key!r}: {part!r} is not a recipe section (stage1, stage2, stage3)")
-            node = node[part]
-        if name not in node:
-            raise ValueError(f"recipe override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
-        node[name] = value
+    data = set_dotted(recipe.to_dict(), overrides, what="recipe")
     return FlowRecipe.from_dict(data)
 
 
