@@ -5,7 +5,9 @@ draw ``t`` (`flow.sample_training_t`, shifted by the latent size) and ``noise``,
 ``x_t = add_noise(x0, noise, t)``, predict ``v`` with `nets.predict_velocity` (conditioned on the
 image spacing and the modality id) and take the L1 `losses.flow_loss` against ``x0 - noise``.
 With ``modality_dropout = p`` the modality is replaced by class 0 ("unknown") with probability p,
-which trains the unconditional branch classifier-free guidance needs.
+which trains the unconditional branch classifier-free guidance needs. ``objective = "ddpm"`` trains
+the same network as MAISI v1 did instead (`ddpm_loss`: noise prediction on MAISI's DDPM schedule,
+same L1), for the paper's steps comparison; sample such a UNet with `maisi2.ddpm`.
 
 The stages (paper, Sec. "three-stage training"), each in its own folder under ``out_dir``:
 
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maisi2 import flow, losses, nets
+from maisi2 import ddpm, flow, losses, nets
 from maisi2.checkpoint import load_checkpoint, load_weights
 from maisi2.config import Config, FlowConfig, _from_dict, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
@@ -62,6 +64,7 @@ __all__ = [
     "resize_latent",
     "prepare_batch",
     "flow_matching_loss",
+    "ddpm_loss",
     "FlowStepLoss",
     "bucket_batch_sizes",
     "source_weights",
@@ -72,6 +75,7 @@ __all__ = [
 
 STAGES = (1, 2, 3)
 RESIZE_MODES = ("downsample", "crop")
+OBJECTIVES = ("rflow", "ddpm")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class FlowRecipe:
     stage2: BucketStage = field(default_factory=BucketStage)
     stage3: BalancedStage = field(default_factory=BalancedStage)
     modality_dropout: float = 0.0  # classifier-free guidance: P(modality -> 0 "unknown")
+    objective: str = "rflow"  # "ddpm": MAISI v1's noise-prediction objective, for the steps comparison
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     weight_decay: float = 0.0
@@ -164,6 +169,7 @@ def _check_recipe(r: FlowRecipe) -> None:
         (s1.batch_size >= 1, f"stage1.batch_size must be at least 1, got {s1.batch_size}"),
         (s2.voxels_per_batch >= 1 and s2.max_batch_size >= 1, "stage2.voxels_per_batch and stage2.max_batch_size must be at least 1"),
         (r.num_workers >= 0, f"num_workers must be >= 0, got {r.num_workers}"),
+        (r.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {r.objective!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -267,6 +273,20 @@ def flow_matching_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioni
     return losses.flow_loss(v, flow.velocity_target(x0, noise))
 
 
+def ddpm_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioning, flow_cfg: FlowConfig,
+              generator: torch.Generator) -> torch.Tensor:
+    """The DDPM baseline's loss of one batch, same network call and same L1 form as the flow's:
+    |model(x_t, t | cond) - noise| with integer t uniform in [0, T) and MAISI's DDPM schedule."""
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    t = ddpm.sample_ddpm_training_t(x0.shape[0], flow_cfg.num_train_timesteps, generator=generator)
+    x_t = ddpm.ddpm_add_noise(x0, noise, t.to(x0.device))
+    eps = nets.predict_velocity(model, x_t, t.float(), cond)  # the network's output is epsilon here
+    return losses.flow_loss(eps, ddpm.ddpm_training_target(x0, noise, t))
+
+
+OBJECTIVE_LOSSES = {"rflow": flow_matching_loss, "ddpm": ddpm_loss}
+
+
 class FlowStepLoss:
     """The engine's ``loss_fn`` for one stage: prepare the batch, then `flow_matching_loss`."""
 
@@ -276,12 +296,13 @@ class FlowStepLoss:
         self.modality_dropout = recipe.modality_dropout
         self.latent_size = tuple(recipe.stage1.latent_size) if k == 1 else None
         self.resize = recipe.stage1.resize
+        self.objective_loss = OBJECTIVE_LOSSES[recipe.objective]
 
     def __call__(self, model: nn.Module, items: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         device = next(model.parameters()).device
         x0, cond = prepare_batch(items, generator, device, latent_size=self.latent_size, resize=self.resize,
                                  modality_dropout=self.modality_dropout, multiple=self.multiple)
-        return flow_matching_loss(model, x0, cond, self.flow_cfg, generator), {}
+        return self.objective_loss(model, x0, cond, self.flow_cfg, generator), {}
 
 
 # -- what each stage samples ------------------------------------------------------------------
