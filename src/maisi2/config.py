@@ -35,6 +35,7 @@ __all__ = [
     "get_config",
     "apply_overrides",
     "set_dotted",
+    "dataclass_from_dict",
 ]
 
 
@@ -133,7 +134,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        return _from_dict(cls, data, path="")
+        return dataclass_from_dict(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
@@ -161,7 +162,10 @@ def _validate(cfg: Config) -> None:
         raise ValueError(f"flow.sample_method must be 'uniform' or 'logit-normal', got {cfg.flow.sample_method!r}")
 
 
-def _from_dict(cls: type, data: Any, path: str) -> Any:
+def dataclass_from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build the (nested, frozen) dataclass `cls` from JSON data, checking keys and value types;
+    shared by the config and the training recipes, which are stored as JSON in checkpoints.
+    `path` prefixes key names in error messages."""
     if not isinstance(data, dict):
         raise ValueError(f"config section {path or '<root>'} must be an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -173,7 +177,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _from_dict(hint, value, f"{path}{key}.")
+            kwargs[key] = dataclass_from_dict(hint, value, f"{path}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, f"{path}{key}")
     return cls(**kwargs)

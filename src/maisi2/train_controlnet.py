@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 
 from maisi2 import flow, losses, nets
 from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_torch_file
-from maisi2.config import Config, FlowConfig, _from_dict, apply_overrides, get_config, set_dotted
+from maisi2.config import Config, FlowConfig, dataclass_from_dict, apply_overrides, get_config, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.labels import TUMOR_IDS, remove_tumors
 from maisi2.latents import LatentDataset, read_index, read_stats
@@ -276,7 +276,7 @@ class ControlNetRecipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ControlNetRecipe":
-        return _from_dict(cls, data, path="")
+        return dataclass_from_dict(cls, data)
 
 
 def recipe_with_overrides(recipe: ControlNetRecipe, overrides: Sequence[str]) -> ControlNetRecipe:

@@ -45,7 +45,7 @@ from torch import nn
 
 from maisi2 import ddpm, flow, losses, nets
 from maisi2.checkpoint import load_checkpoint, load_weights
-from maisi2.config import Config, FlowConfig, _from_dict, set_dotted
+from maisi2.config import Config, FlowConfig, dataclass_from_dict, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
 from maisi2.latents import LatentDataset
 from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed,
@@ -153,7 +153,7 @@ class FlowRecipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FlowRecipe":
-        return _from_dict(cls, data, path="")
+        return dataclass_from_dict(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> "FlowRecipe":
