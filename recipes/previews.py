@@ -31,9 +31,9 @@ from maisi2.sampling import sample_latent
 from maisi2.vae import decode
 
 
-def axial(hu: np.ndarray, size: int = 192) -> Image.Image:
-    """Mid axial slice, radiological display, window [-200, 300] HU."""
-    sl = hu[::-1, ::-1, hu.shape[2] // 2].T
+def axial(hu: np.ndarray, size: int = 192, z: int | None = None) -> Image.Image:
+    """Axial slice `z` (default the middle one), radiological display, window [-200, 300] HU."""
+    sl = hu[::-1, ::-1, hu.shape[2] // 2 if z is None else z].T
     img = np.clip((sl + 200) / 500, 0, 1) * 255
     return Image.fromarray(img.astype(np.uint8)).resize((size, size))
 
@@ -113,7 +113,8 @@ def main() -> None:
                  options=GenerateOptions(seed=0, overwrite=True, progress=False))
     a, b = (load_ct(tmp / f"{n}.nii.gz").array for n in ("tumor", "no_tumor"))
     render_preview(a, mask.array, mask.spacing).save(out / "controlnet_tumor.png")
-    grid([axial(a), axial(b), axial(np.abs(a - b) - 200)], 3,
+    z = int(np.argwhere(mask.array == 26)[:, 2].mean())  # the slice through the tumour (hepatic tumour = 26)
+    grid([axial(a, z=z), axial(b, z=z), axial(np.abs(a - b) - 200, z=z)], 3,
          ["mask with liver tumour", "same noise, tumour removed", "|difference|"]).save(out / "controlnet_pair.png")
     for f in tmp.iterdir():
         f.unlink()
@@ -122,7 +123,10 @@ def main() -> None:
     # 3. Loss curves.
     for name, run, column in (("vae", "vae", "recon_l1"), ("flow_stage1", "flow/stage_1", "loss"),
                               ("flow_stage2", "flow/stage_2", "loss"), ("flow_stage3", "flow/stage_3", "loss"),
-                              ("controlnet", "controlnet", "flow_loss")):
+                              ("controlnet", "controlnet", "flow_loss"),
+                              ("flow_continued_stage2", "flow_long/stage_2", "loss"),
+                              ("flow_continued_stage3", "flow_long/stage_3", "loss"),
+                              ("controlnet_continued", "controlnet_long", "flow_loss")):
         path = work / run / "log.csv"
         if path.is_file():
             loss_plot(path, column, name).save(out / f"loss_{name}.png")

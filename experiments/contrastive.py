@@ -1,0 +1,176 @@
+"""Experiment 2 of issue #6: does the region-specific contrastive loss make small tumours appear?
+
+The paper: a ControlNet trained with the contrastive loss (lambda 0.01 for the first half of
+training, 0.001 after) renders small tumours that one trained without it misses; with the order
+reversed (0.001 then 0.01) it fails.
+
+Here, in miniature:
+1. the frozen base: experiment 1's rectified-flow UNet (`experiments/steps.py` must have run, or
+   pass --unet), on the same phantom grid and latent cache (which stores the label maps);
+2. three ControlNets from the same start, same data, steps and learning rate: without the
+   contrastive terms, with the paper's schedule, with the reversed schedule;
+3. for held-out phantom masks (their tumours drawn at random, at least one each), a 30-step sample
+   per ControlNet from the same noise seed, decoded by the bundled VAE;
+4. per tumour (`maisi2.evaluate.fidelity`): the HU contrast of the generated tumour against its
+   parent organ next to the phantom's true contrast, and the Dice of a tumour segmenter trained
+   here on the training phantoms; per variant, the 2.5D FID (offline features) of the generated
+   volumes against the reference phantoms -- tumours are well under 1 % of the voxels, so this is
+   in effect the background FID.
+
+    python experiments/contrastive.py                     # after experiments/steps.py; ~1.5 h on 2 cores
+    python experiments/contrastive.py --steps 20 --cases 2 --seg-steps 20   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (GRID_SHAPE, GRID_SPACING, reference_seeds, test_seeds, train_seeds, bundled_vae,  # noqa: E402
+                    decode_hu, encode_to_cache, environment, phantom_arrays, say, tumour_segmenter, write_json)
+
+from maisi2 import nets  # noqa: E402
+from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
+from maisi2.evaluate.fidelity import fidelity  # noqa: E402
+from maisi2.sampling import sample_latent  # noqa: E402
+from maisi2.train_controlnet import ControlNetLossSettings, ControlNetRecipe, load_frozen_unet, train_controlnet  # noqa: E402
+
+VARIANTS = {
+    "no contrastive loss": dict(contrastive=False),
+    "paper: 0.01 then 0.001": dict(contrastive=True, lambda_schedule=((0.0, 0.01), (0.5, 0.001))),
+    "reversed: 0.001 then 0.01": dict(contrastive=True, lambda_schedule=((0.0, 0.001), (0.5, 0.01))),
+}
+
+
+def slug(name: str) -> str:
+    return name.split(":")[0].replace(" ", "_")
+
+
+def train_variants(cache: Path, unet: Path, work: Path, args) -> dict[str, Path]:
+    out = {}
+    for name, loss in VARIANTS.items():
+        recipe = ControlNetRecipe(loss=ControlNetLossSettings(**loss), steps=args.steps, lr=args.lr, warmup=20,
+                                  ema_decay=0.99, ckpt_every=25, seed=args.seed)
+        folder = work / slug(name)
+        say(f"ControlNet '{name}': {args.steps} steps")
+        train_controlnet(cache, unet, folder, recipe, resume=True, device="cpu", progress=not args.no_progress)
+        out[name] = folder / "last.pt"
+    return out
+
+
+def load_controlnet(path: Path):
+    from maisi2.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    net = nets.build_controlnet(ckpt.config)
+    net.load_state_dict(ckpt.weights(prefer_ema=True))
+    return net.eval()
+
+
+@torch.no_grad()
+def generate(unet, controlnet, cfg, scale, vae, labels: np.ndarray, seed: int) -> np.ndarray:
+    mask = torch.from_numpy(labels.astype(np.int64))[None, None]
+    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING], dtype=torch.float32),
+                             modality=torch.tensor([nets.modality_id("ct")]), mask_bits=nets.mask_to_bitplanes(mask))
+    shape = (cfg.vae.latent_channels, *(s // cfg.vae.downsample_factor for s in labels.shape))
+    z = sample_latent(unet, cond, shape, cfg.flow, controlnet=controlnet, steps=30, seed=seed)
+    return decode_hu(vae, z / scale)[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("work/exp_contrastive"))
+    ap.add_argument("--data", type=Path, default=Path("work/exp_data"))
+    ap.add_argument("--unet", type=Path, default=Path("work/exp_steps/rflow/stage_1/last.pt"),
+                    help="the frozen rectified-flow UNet (experiment 1's)")
+    ap.add_argument("--train-volumes", type=int, default=96)
+    ap.add_argument("--reference-volumes", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=400, help="ControlNet training steps per variant")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--cases", type=int, default=12, help="held-out masks generated per variant")
+    ap.add_argument("--seg-steps", type=int, default=1500, help="tumour segmenter training steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report", type=Path, default=Path("docs/img/exp_contrastive.png"))
+    args = ap.parse_args()
+    if not args.unet.is_file():
+        sys.exit(f"{args.unet} does not exist: run experiments/steps.py first (its rflow UNet is the frozen base), "
+                 "or pass --unet")
+    work, started = args.work, time.time()
+    work.mkdir(parents=True, exist_ok=True)
+
+    train_ct, train_labels = phantom_arrays(args.data, train_seeds(args.train_volumes))
+    ref_ct, _ = phantom_arrays(args.data, reference_seeds(args.reference_volumes))
+    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.cases), at_least_one_tumour=True)
+    vae, _ = bundled_vae()
+    cache = encode_to_cache(args.data / f"latents_{args.train_volumes}", vae, train_ct, labels=train_labels)
+    controlnets = train_variants(cache, args.unet, work, args)
+    segmenter = tumour_segmenter(args.data / f"segmenter_{args.train_volumes}_{args.seg_steps}.pt",
+                                 list(zip(train_ct, train_labels)), args.seg_steps, seed=args.seed,
+                                 progress=not args.no_progress)
+
+    unet, cfg, scale = load_frozen_unet(args.unet)
+    ref_stats = volume_set_stats(ref_ct, spacing=None, shape=None, progress=False, desc="reference")
+    rows = []
+    for name, path in controlnets.items():
+        controlnet = load_controlnet(path)
+        cases_file = work / f"samples_{slug(name)}.npz"
+        if cases_file.is_file():
+            generated = np.load(cases_file)["hu"].astype(np.float32)
+        else:
+            say(f"generating {args.cases} cases with '{name}'")
+            generated = np.stack([generate(unet, controlnet, cfg, scale, vae, lab, seed=100 + i)
+                                  for i, lab in enumerate(test_labels)])
+            np.savez(cases_file.with_suffix(".part.npz"), hu=generated.astype(np.int16))
+            cases_file.with_suffix(".part.npz").replace(cases_file)
+        tumours, case_dice = [], []
+        for gen, lab, real in zip(generated, test_labels, test_ct):
+            result = fidelity(gen, lab, GRID_SPACING, real_hu=real, segmenter=segmenter)
+            case_dice.append(result.dice)
+            tumours += [t.to_dict() for t in result.tumors]
+        row = {"variant": name, "tumours": len(tumours),
+               "median_abs_contrast_error_hu": _median_abs([t.get("contrast_error_hu") for t in tumours]),
+               "mean_detected_fraction": float(np.mean([t["detected_fraction"] for t in tumours])),
+               "mean_case_dice": float(np.mean(case_dice)),
+               "fid": fid(ref_stats, generated, spacing=None, shape=None, progress=False).average,
+               "per_tumour": tumours}
+        rows.append(row)
+        say(f"  {name}: contrast error {row['median_abs_contrast_error_hu']}, detected {row['mean_detected_fraction']}, "
+            f"FID {row['fid']:.3f}")
+    real = [fidelity(ct, lab, GRID_SPACING, segmenter=segmenter) for ct, lab in zip(test_ct, test_labels)]
+    results = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
+               "grid": {"shape": GRID_SHAPE, "spacing": GRID_SPACING}, "rows": rows,
+               "segmenter_on_real_phantoms": {
+                   "mean_detected_fraction": float(np.mean([t.detected_fraction for r in real for t in r.tumors])),
+                   "mean_case_dice": float(np.mean([r.dice for r in real]))},
+               "features": "offline HU-texture (NOT comparable with the paper)", "environment": environment(),
+               "wall_seconds": time.time() - started}
+    write_json(work / "results.json", results)
+    print(table(results))
+
+
+def _median_abs(values) -> float | None:
+    values = [abs(v) for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def table(results: dict) -> str:
+    lines = ["| ControlNet | tumours | median abs. contrast error (HU) | tumour voxels found by the segmenter | "
+             "segmenter Dice per case | 2.5D FID (offline) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["rows"]:
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {r['variant']} | {r['tumours']} | {fmt(r['median_abs_contrast_error_hu'], '.0f')} | "
+                     f"{fmt(r['mean_detected_fraction'], '.2f')} | {r['mean_case_dice']:.3f} | {r['fid']:.3f} |")
+    real = results["segmenter_on_real_phantoms"]
+    lines.append(f"| (the phantoms themselves) | | 0 | {real['mean_detected_fraction']:.2f} | {real['mean_case_dice']:.3f} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
