@@ -150,10 +150,67 @@ def test_a_single_tile_plan_is_the_plain_decode(tiny_vae):
     vae, cfg = tiny_vae
     z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     plan = decode.plan_tiles(z.shape[1:], cfg.vae, budget_bytes=2**30)
-    assert plan.count == 1
+    assert plan.count == 1 and plan.storage == "float32"
     with torch.no_grad():
-        torch.testing.assert_close(decode.decode_tiled(vae, z, plan), vae.decode(z), rtol=0, atol=0)
+        want = vae.decode(z)
+    assert (decode.decode_tiled(vae, z, plan) - want).abs().max().item() <= decode.TILED_DECODE_TOLERANCE
     with pytest.raises(ValueError, match="latent must be"):
         decode.decode_tiled(vae, z[:, :, :4], plan)
     with pytest.raises(ValueError, match="statistics"):
         decode.decode_tiled(vae, z, plan, statistics="global")
+
+
+# -- streamed whole-volume decoding -------------------------------------------------------------
+
+def _perturbed_vae(preset, overrides=()):
+    cfg = get_config(preset, list(overrides))
+    torch.manual_seed(0)
+    vae = nets.build_vae(cfg).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae, cfg
+
+
+@pytest.mark.parametrize("preset, latent, overrides", [
+    ("tiny", (10, 7, 6), ()), ("small", (8, 6, 7), ()),
+    ("maisi-v2", (6, 8, 5), ("vae.num_splits=1",)),  # MONAI's splitting fails on latents this small
+])
+def test_streamed_decode_equals_monai_s_whole_decode(preset, latent, overrides):
+    """Layer by layer, slab by slab, with whole-volume group-norm statistics: the plain decode."""
+    vae, cfg = _perturbed_vae(preset, overrides)
+    z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = vae.decode(z)
+    assert decode._streamable_module(vae) and decode.streamable(cfg.vae)
+    # whole tensors at once, and (not for the big preset: slow) one row per slab
+    for slab_bytes in (decode.STREAM_SLAB_BYTES[1],) + ((1,) if preset != "maisi-v2" else ()):
+        got = decode.decode_streamed(vae, z, slab_bytes=slab_bytes)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= decode.TILED_DECODE_TOLERANCE * want.abs().max().item()
+    half = decode.decode_streamed(vae, z, storage=torch.float16)
+    assert (half - want).abs().max().item() <= decode.STREAM_FLOAT16_TOLERANCE * want.abs().max().item()
+
+
+def test_streamed_decode_can_keep_its_tensors_in_files(tiny_vae, tmp_path):
+    vae, _ = tiny_vae
+    z = torch.randn(1, 4, 6, 5, 4, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(decode.decode_streamed(vae, z, spill_dir=str(tmp_path)), decode.decode_streamed(vae, z))
+    assert not list(tmp_path.iterdir())  # the files were deleted at once
+
+
+def test_streamed_memory_model():
+    # released VAE: the full-resolution 128-channel buffer + the half-resolution input of its upsampling
+    assert decode.streamed_channels_per_voxel(get_config("maisi-v2").vae) == 128 + 128 / 8
+    cfg, latent = get_config("maisi-v2").vae, (48, 48, 48)
+    fp32, fp16 = (decode.estimate_streamed_bytes(cfg, latent, b) for b in (4, 2))
+    assert fp16 < fp32 < decode.estimate_decode_bytes(cfg, latent)
+    # the plan prefers float32, then float16 storage, then files (when allowed), then tiles
+    assert decode.plan_tiles(latent, cfg, fp32).storage == "float32"
+    half = decode.plan_tiles(latent, cfg, fp32 - 1)
+    assert half.count == 1 and half.storage == "float16" and half.spill_dir is None
+    spilled = decode.plan_tiles(latent, cfg, fp16 - 1, spill_dir="/tmp")
+    assert spilled.count == 1 and spilled.spill_dir == "/tmp" and spilled.peak_bytes < fp16 / 2
+    assert decode.plan_tiles(latent, cfg, fp16 - 1).count > 1
+    attention = get_config("maisi-v2", ["vae.attention_levels=[false,false,true]"]).vae
+    assert not decode.streamable(attention)

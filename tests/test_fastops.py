@@ -60,3 +60,59 @@ def test_accelerate_keeps_keys_and_skips_strided_convs():
     assert strided and all(m.stride != (1, 1, 1) or m.kernel_size != (3, 3, 3) for m in strided)
     again = accelerate(model)
     assert again is model
+
+
+# -- nearest upsampling + 3x3x3 convolution as one convolution per output parity -----------------
+
+@pytest.mark.parametrize("batch, cin, cout, shape, bias", [(1, 3, 5, (4, 3, 5), True), (2, 4, 2, (2, 5, 3), False)])
+def test_upsample_conv_equals_interpolate_then_conv(batch, cin, cout, shape, bias):
+    import torch.nn.functional as F
+
+    from maisi2.fastops import upsample_nearest_conv3x3x3
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, *shape)
+    weight, b = torch.randn(cout, cin, 3, 3, 3), torch.randn(cout) if bias else None
+    want = F.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
+    torch.testing.assert_close(upsample_nearest_conv3x3x3(x, weight, b), want, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_unet():
+    from maisi2 import nets
+    from maisi2.config import get_config
+
+    torch.manual_seed(0)
+    unet = nets.build_unet(get_config("tiny")).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero-initialised convs would hide differences
+    return unet
+
+
+def test_fused_up_blocks_give_monai_s_unet_output():
+    from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
+
+    from maisi2.fastops import FusedUpForward, restore_monai_layers
+
+    unet = _tiny_unet()
+    fused = [m for m in unet.modules() if isinstance(m, FusedUpForward)]
+    assert fused and all(isinstance(m, DiffusionUNetResnetBlock) and m.up for m in fused)
+    monai = restore_monai_layers(copy.deepcopy(unet))
+    assert not any(isinstance(m, (FusedUpForward, FastConv3d, FastGroupNorm)) for m in monai.modules())
+    assert unet.state_dict().keys() == monai.state_dict().keys()
+    x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([300.0])
+    kwargs = dict(class_labels=torch.tensor([1]), spacing_tensor=torch.tensor([[150.0, 150.0, 200.0]]))
+    with torch.no_grad():
+        want = monai(x, t, **kwargs)
+        torch.testing.assert_close(unet(x, t, **kwargs), want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # second call: folded weights from the cache
+            torch.testing.assert_close(unet(x, t, **kwargs), want, rtol=1e-5, atol=1e-5)
+        for p in unet.parameters():  # a changed weight is folded again
+            p.mul_(0.5)
+        for p in monai.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(unet(x, t, **kwargs), monai(x, t, **kwargs), rtol=1e-5, atol=1e-5)
+    # with gradients (training) the block runs MONAI's own forward
+    loss = unet(x, t, **kwargs).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in fused[0].conv1.parameters())

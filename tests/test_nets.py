@@ -93,3 +93,22 @@ def test_modality_ids_and_devices():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             nets.resolve_device("cuda")
+
+
+def test_a_precomputed_mask_embedding_gives_the_same_velocity():
+    """The ControlNet's mask encoder run once (`embed_mask`) and fed to its trunk = the full call."""
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    unet, controlnet = _unzero(nets.build_unet(cfg)), _unzero(nets.build_controlnet(cfg), seed=1)
+    labels = torch.randint(0, 201, (1, 1, 32, 32, 32))
+    cond = nets.Conditioning(torch.tensor([[1.5, 1.5, 2.0]]), torch.tensor([1]), nets.mask_to_bitplanes(labels))
+    x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([400.0])
+    with torch.no_grad():
+        want = nets.predict_velocity(unet, x, t, cond, controlnet, control_scale=0.7)
+        embedded = nets.embed_mask(controlnet, cond)
+        assert embedded.mask_embedding.shape == (1, cfg.unet.num_channels[0], 8, 8, 8)
+        got = nets.predict_velocity(unet, x, t, embedded, controlnet, control_scale=0.7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert embedded.to("cpu").mask_embedding is not None
+    with pytest.raises(ValueError, match="bit-planes"):
+        nets.embed_mask(controlnet, nets.Conditioning(cond.spacing, cond.modality))

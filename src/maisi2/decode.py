@@ -1,7 +1,12 @@
-"""Tiled VAE decoding under a memory budget.
+"""VAE decoding under a memory budget: streamed whole-volume decoding, or tiles.
 
-A whole 512 x 512 x 768 volume does not decode in one call on most machines, so the latent is cut
-into overlapping tiles, each tile is decoded on its own, and the decoded tiles are blended.
+MONAI's decoder holds ~7 full-resolution activations at once, so a whole 512 x 512 x 768 volume
+does not decode in one call on most machines. `plan_tiles` picks, from the budget, in this order:
+a streamed whole-volume decode (`decode_streamed`: the decoder's layers one after the other over
+the whole volume, every convolution slab by slab; exact group-norm statistics, one decoder's
+FLOPs, about a third of MONAI's memory) with float32 layer tensors, the same with float16 ones,
+the same with its tensors in files (when asked), and else overlapping tiles, each decoded on its
+own and blended, as described next.
 
 How the tiles are blended. Every tile carries a *halo* of `halo` latent voxels on each side that
 has a neighbour. The decoder's convolutions reach `decoder_context(cfg)` latent voxels (9 for the
@@ -40,16 +45,19 @@ Usage::
 
     plan = plan_tiles(latent.shape[1:], cfg.vae, budget_bytes)
     image = decode_tiled(vae, latent / scale_factor, plan)     # (1, 1, X, Y, Z) float32 on CPU
+    image = decode_streamed(vae, latent / scale_factor)        # the whole volume, streamed
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from maisi2.config import VAEConfig
@@ -65,6 +73,13 @@ __all__ = [
     "plan_tiles",
     "axis_weights",
     "decode_tiled",
+    "decode_streamed",
+    "streamable",
+    "streamed_channels_per_voxel",
+    "streamed_slab_bytes",
+    "estimate_streamed_bytes",
+    "STREAM_SLAB_BYTES",
+    "STREAM_FLOAT16_TOLERANCE",
 ]
 
 DECODER_TENSORS_PER_VOXEL = 8
@@ -105,6 +120,360 @@ def estimate_decode_bytes(cfg: VAEConfig, tile_latent: Sequence[int], dtype_byte
     return DECODER_FIXED_BYTES + decoder_bytes_per_voxel(cfg, dtype_bytes) * voxels
 
 
+# -- streamed whole-volume decoding ---------------------------------------------------------------
+# MONAI's decoder runs block by block on whole tensors; its peak is ~7 full-resolution activations
+# (group-norm copies, the upsampled input, split/concat buffers). `decode_streamed` runs the same
+# layers in the same order, whole volume by whole volume, but every convolution slab by slab
+# along the first axis: a slab of its input (with the one-voxel halo the kernel needs) is
+# normalised, activated and upsampled into a small temporary, convolved, and written into the
+# output tensor. Group norms get their statistics from the whole stored input (exact, one pass)
+# and nothing is split or recomputed: exactly one decoder's worth of multiply-adds.
+#
+# Memory: only layer outputs are stored, and a level's tensors share one buffer. The upsampling
+# conv makes a buffer of C channels; a residual block that halves the channels (C -> C/2, with
+# its 1x1 shortcut) writes its shortcut into channels [0, C/2) and its conv1 output into
+# [C/2, C) of that same buffer, each slab committed one slab late, once the next slab has read
+# the rows it shares; later blocks of the level keep their conv1 output in [C/2, C) too. For
+# the released VAE the peak is the full-resolution 128-channel buffer plus the half-resolution
+# input of its upsampling: 144 channels per output voxel (`streamed_channels_per_voxel`), against
+# MONAI's ~450. Stored tensors may be float16 (`storage`), halving that; arithmetic is float32.
+
+# Temporaries of one slab (input rows, activated/upsampled rows, output rows): an eighth of the
+# stored tensors, within these bounds. Thin slabs redo the activation of their halo rows.
+STREAM_SLAB_BYTES = (128 * 2**20, 2 * 2**30)
+# Max |difference| between a streamed decode with float16 storage and the float32 one that
+# tests/test_decode.py allows, relative to the largest output value (float16 keeps 11
+# significant bits per stored activation; measured 0.9-1.2e-3 with random weights).
+STREAM_FLOAT16_TOLERANCE = 2e-3
+
+
+def streamable(cfg: VAEConfig) -> bool:
+    """Whether `decode_streamed` knows every block of this decoder (no attention, no transposed convs)."""
+    return not (any(cfg.attention_levels) or cfg.with_decoder_nonlocal_attn or cfg.use_convtranspose)
+
+
+def streamed_channels_per_voxel(cfg: VAEConfig) -> float:
+    """Peak stored channels per output voxel of `decode_streamed` (144 for the released VAE).
+
+    Follows the decoder level by level: `buffer` is the channel count of the current level's
+    buffer, `share` the voxels at this level per output voxel.
+    """
+    channels = list(reversed(cfg.num_channels))
+    blocks = list(reversed(cfg.num_res_blocks))
+    share = 8.0 ** -(len(channels) - 1)
+    buffer = c = channels[0]
+    peak = (cfg.latent_channels + c) * share  # latent + conv_in output
+    for level, width in enumerate(channels):
+        for _ in range(blocks[level]):
+            in_place = buffer >= 2 * width  # shortcut and conv1 output fit in the buffer
+            peak = max(peak, (buffer if in_place else buffer + width) * share)
+            c = width
+        if level < len(channels) - 1:
+            if buffer > c:  # compacted before upsampling: buffer + its first c channels, briefly
+                peak, buffer = max(peak, (buffer + c) * share), c
+            peak = max(peak, (buffer + 8 * c) * share)  # coarse input + upsampled output
+            share *= 8
+    return max(peak, buffer + 1.0)
+
+
+def streamed_slab_bytes(cfg: VAEConfig, latent_shape: Sequence[int], dtype_bytes: int = 4) -> int:
+    """Slab temporaries `decode_streamed` is given: an eighth of its stored tensors, bounded."""
+    voxels = math.prod(int(n) * cfg.downsample_factor for n in tuple(latent_shape)[-3:])
+    low, high = STREAM_SLAB_BYTES
+    return int(min(high, max(low, streamed_channels_per_voxel(cfg) * voxels * dtype_bytes / 8)))
+
+
+def estimate_streamed_bytes(cfg: VAEConfig, latent_shape: Sequence[int], dtype_bytes: int = 4) -> int:
+    """Peak bytes of `decode_streamed` for a latent (x, y, z), weights excluded: stored tensors, one
+    slab of temporaries (`streamed_slab_bytes`, or less for small volumes), the float32 output
+    and `DECODER_FIXED_BYTES`."""
+    voxels = math.prod(int(n) * cfg.downsample_factor for n in tuple(latent_shape)[-3:])
+    stored = streamed_channels_per_voxel(cfg) * voxels * dtype_bytes
+    # A slab never holds more than every row of the widest layer: its input twice and its output.
+    widest = 3 * max(cfg.num_channels) + cfg.num_channels[0]
+    slab = min(streamed_slab_bytes(cfg, latent_shape, dtype_bytes), widest * voxels * 4)
+    return int(DECODER_FIXED_BYTES + stored + slab + 4 * voxels)
+
+
+def _inner_conv(module: nn.Module) -> nn.Conv3d:
+    """The nn.Conv3d inside MONAI's MaisiConvolution / Convolution wrappers."""
+    while not isinstance(module, nn.Conv3d):
+        module = module.conv
+    return module
+
+
+def _affine_of_norm(x: torch.Tensor, norm: nn.GroupNorm, rows: int, release=lambda t: None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) that apply `norm` to `x` (1, C, D, H, W): statistics of the whole x.
+
+    Mean and variance per channel and slab (float32, as torch's group norm computes them), merged
+    over slabs and then over each group's channels in float64 (Chan et al.); then
+    norm(x) = x * scale + shift with scale = weight / sqrt(var + eps), shift = bias - mean * scale.
+    """
+    c, groups = x.shape[1], norm.num_groups
+    count = 0.0
+    mean = torch.zeros(c, dtype=torch.float64, device=x.device)
+    m2 = torch.zeros_like(mean)
+    for start in range(0, x.shape[2], rows):
+        part = x[:, :, start:start + rows]
+        n = part[0, 0].numel()
+        var_b, mean_b = torch.var_mean(part.float(), dim=(0, 2, 3, 4), correction=0)
+        delta = mean_b.double() - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + var_b.double() * n + delta.square() * (count * n / total)
+        count = total
+        release(x)
+    # Channels -> groups: equal counts, so the group mean is the channels' mean and the group's
+    # sum of squared deviations adds each channel's spread around the group mean.
+    per_group = c // groups
+    mean_g = mean.reshape(groups, per_group).mean(1)
+    m2_g = (m2.reshape(groups, per_group) + count * (mean.reshape(groups, per_group) - mean_g[:, None]).square()).sum(1)
+    var_g = m2_g / (count * per_group)
+    inv_std = (var_g + norm.eps).rsqrt().repeat_interleave(per_group)
+    weight = norm.weight.double() if norm.affine else torch.ones_like(mean)
+    bias = norm.bias.double() if norm.affine else torch.zeros_like(mean)
+    scale = weight * inv_std
+    shift = bias - mean_g.repeat_interleave(per_group) * scale
+    return scale.float().reshape(1, c, 1, 1, 1), shift.float().reshape(1, c, 1, 1, 1)
+
+
+class _Streamer:
+    """Runs a MAISI decoder layer by layer on whole stored tensors, convolving slab by slab.
+
+    The current activation is always ``buffer[:, :channels]``; the rest of the buffer is room.
+    """
+
+    def __init__(self, storage: torch.dtype, slab_bytes: int, spill_dir: str | None = None):
+        self.storage = storage
+        self.slab_bytes = slab_bytes
+        self.spill_dir = spill_dir
+        self.mapped: dict[int, weakref.ref] = {}  # storage address -> its memory map (spilled tensors)
+
+    # -- stored tensors --
+
+    def empty(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A stored layer tensor; with `spill_dir`, backed by a deleted file (the OS pages it in and out)."""
+        if self.spill_dir is None or torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=self.spill_dir) as handle:
+            array = np.memmap(handle, dtype=torch.empty(0, dtype=dtype).numpy().dtype, mode="w+", shape=tuple(shape))
+        tensor = torch.from_numpy(array)
+        # Weak references only: the file must go when its tensor does.
+        self.mapped = {k: ref for k, ref in self.mapped.items() if ref() is not None}
+        self.mapped[tensor.untyped_storage().data_ptr()] = weakref.ref(array)
+        return tensor
+
+    def release(self, *tensors: torch.Tensor) -> None:
+        """Drop the resident pages of spilled tensors (a shared file mapping keeps the data in the file)."""
+        import mmap
+
+        for tensor in tensors:
+            ref = self.mapped.get(tensor.untyped_storage().data_ptr())
+            array = None if ref is None else ref()
+            if array is not None:
+                array._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def rows_for(self, row_bytes: int) -> int:
+        return max(1, self.slab_bytes // max(1, row_bytes))
+
+    # -- slabs --
+
+    def _input_rows(self, x, o0: int, o1: int, reach: int, scale, shift, silu: bool, upsample: bool):
+        """float32 conv input for output rows [o0, o1): rows [o0 - reach, o1 + reach) of
+        upsample(silu(norm(x))), with zero rows beyond the volume (the conv's own zero padding,
+        added after the norm as in the plain decoder). A trilinear upsample reads one more coarse
+        row on each side, so every row it keeps is interpolated exactly as in the whole volume."""
+        factor = 2 if upsample else 1
+        depth = x.shape[2] * factor
+        f0, f1 = max(0, o0 - reach), min(depth, o1 + reach)
+        low, high = reach - (o0 - f0), reach - (f1 - o1)
+        part = torch.empty((1, x.shape[1], o1 - o0 + 2 * reach, *(n * factor for n in x.shape[3:])),
+                           dtype=torch.float32, device=x.device)
+        if low:
+            part[:, :, :low].zero_()
+        if high:
+            part[:, :, part.shape[2] - high:].zero_()
+        body = part[:, :, low:low + f1 - f0]
+        if upsample:
+            c0, c1 = max(0, f0 // 2 - 1), min(x.shape[2], (f1 - 1) // 2 + 2)
+            coarse = self._activate(x[:, :, c0:c1], scale, shift, silu)
+            body.copy_(F.interpolate(coarse, scale_factor=2.0, mode="trilinear")[:, :, f0 - 2 * c0:f1 - 2 * c0])
+        else:
+            self._activate(x[:, :, f0:f1], scale, shift, silu, out=body)
+        return part
+
+    @staticmethod
+    def _activate(x: torch.Tensor, scale, shift, silu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 silu(x * scale + shift) (or a float32 copy of x without a norm), into `out` if given."""
+        if scale is None:
+            y = out.copy_(x) if out is not None else x.float().clone()
+        else:
+            y = torch.addcmul(shift, x.float(), scale, out=out) if out is not None else torch.addcmul(shift, x.float(), scale)
+        return F.silu(y, inplace=True) if silu else y
+
+    def _norm(self, x, norm):
+        if norm is None:
+            return None, None
+        return _affine_of_norm(x, norm, self.rows_for(x[0, :, 0].numel() * 8), self.release)
+
+    def conv(self, x: torch.Tensor, conv: nn.Conv3d, norm: nn.GroupNorm | None = None, silu: bool = False,
+             upsample: bool = False, out: torch.Tensor | None = None, add: bool = False,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """conv(upsample(silu(norm(x)))) over a stored x (1, C, D, H, W), written to (or added into)
+        `out` (which must not overlap the channels of x)."""
+        reach = conv.kernel_size[0] // 2
+        scale, shift = self._norm(x, norm)
+        depth = x.shape[2] * (2 if upsample else 1)
+        plane = x[0, 0, 0].numel() * (4 if upsample else 1)
+        if out is None:
+            out = self.empty((1, conv.out_channels, depth, *(n * (2 if upsample else 1) for n in x.shape[3:])),
+                             dtype or self.storage, x.device)
+        # Per output row: its input rows (twice, with the activation) and the output row, float32.
+        rows = self.rows_for((3 * conv.in_channels + conv.out_channels) * plane * 4)
+        for o0 in range(0, depth, rows):
+            o1 = min(depth, o0 + rows)
+            y = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), conv.weight, conv.bias,
+                         padding=(0, reach, reach))
+            if add:
+                out[:, :, o0:o1] += y.to(out.dtype)
+            else:
+                out[:, :, o0:o1] = y
+            self.release(x, out)
+        return out
+
+    # -- blocks --
+
+    def res_block(self, buffer: torch.Tensor, channels: int, block: nn.Module) -> tuple[torch.Tensor, int]:
+        """MaisiResBlock: x' = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))), x = buffer[:, :channels]."""
+        x = buffer[:, :channels]
+        conv1, conv2 = _inner_conv(block.conv1), _inner_conv(block.conv2)
+        width = conv1.out_channels
+        shortcut = None if isinstance(block.nin_shortcut, nn.Identity) else _inner_conv(block.nin_shortcut)
+        if shortcut is not None and width > channels:
+            raise NotImplementedError("decode_streamed: a residual block that widens the channels")
+        if shortcut is not None and buffer.shape[1] >= 2 * width:
+            self._conv1_and_shortcut_in_place(buffer, channels, conv1, block.norm1, shortcut)
+            h, out = buffer[:, width:2 * width], buffer[:, :width]
+        else:
+            room = buffer[:, channels:2 * channels] if shortcut is None and buffer.shape[1] >= 2 * channels else None
+            h = self.conv(x, conv1, block.norm1, silu=True, out=room)
+            out = x if shortcut is None else self._shortcut_in_place(x, shortcut)
+        self.conv(h, conv2, block.norm2, silu=True, out=out, add=True)
+        return buffer, width
+
+    def _shortcut_in_place(self, x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+        """A 1x1 convolution (no more output channels than input ones) written over x's first channels.
+
+        Pointwise, so a slab reads only its own rows.
+        """
+        rows = self.rows_for((x.shape[1] + conv.out_channels) * x[0, 0, 0].numel() * 4)
+        for start in range(0, x.shape[2], rows):
+            y = F.conv3d(x[:, :, start:start + rows].float(), conv.weight, conv.bias)
+            x[:, :conv.out_channels, start:start + rows] = y
+            self.release(x)
+        return x[:, :conv.out_channels]
+
+    def _conv1_and_shortcut_in_place(self, buffer, channels, conv1, norm1, shortcut) -> None:
+        """A channel-halving block's conv1 and 1x1 shortcut, both written into its own input buffer:
+        shortcut -> channels [0, W), conv1 output -> [W, 2W). Slab k's results are committed after
+        slab k+1 has been computed, since slab k+1 reads the last input row of slab k."""
+        x, width, reach = buffer[:, :channels], conv1.out_channels, conv1.kernel_size[0] // 2
+        scale, shift = self._norm(x, norm1)
+        rows = self.rows_for((3 * channels + 4 * width) * x[0, 0, 0].numel() * 4)
+        pending = None
+        for o0 in range(0, x.shape[2], rows):
+            o1 = min(x.shape[2], o0 + rows)
+            h = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, True, False), conv1.weight, conv1.bias,
+                         padding=(0, reach, reach))
+            s = F.conv3d(x[:, :, o0:o1].float(), shortcut.weight, shortcut.bias)
+            if pending is not None:
+                self._commit(buffer, width, *pending)
+            pending = (o0, o1, s, h)
+        self._commit(buffer, width, *pending)
+
+    def _commit(self, buffer, width, o0, o1, s, h) -> None:
+        buffer[:, :width, o0:o1] = s
+        buffer[:, width:2 * width, o0:o1] = h
+        self.release(buffer)
+
+    def upsample(self, buffer: torch.Tensor, channels: int, block: nn.Module) -> tuple[torch.Tensor, int]:
+        if buffer.shape[1] > channels:  # keep only the activation before the larger buffer is made
+            buffer = buffer[:, :channels].clone()
+        return self.conv(buffer, _inner_conv(block.conv), upsample=True), channels
+
+
+@torch.no_grad()
+def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torch.float32,
+                    slab_bytes: int = STREAM_SLAB_BYTES[0], spill_dir: str | None = None) -> torch.Tensor:
+    """Whole-volume decode of an unscaled latent (1, C, x, y, z) with bounded temporaries.
+
+    Equals ``vae.decode(z)`` up to float rounding (float32 storage; tests allow
+    `TILED_DECODE_TOLERANCE`) at a fraction of its memory (`estimate_streamed_bytes`); float16
+    storage halves the stored tensors (`STREAM_FLOAT16_TOLERANCE`); `spill_dir` keeps them in
+    (deleted) files there instead of RAM, for volumes too large for either. Runs on the VAE's
+    device; returns (1, 1, X, Y, Z) float32 on the CPU. Decoders with attention or transposed
+    convolutions are not supported (`streamable`).
+    """
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock, MaisiUpsample
+
+    if z.dim() != 5 or z.shape[0] != 1:
+        raise ValueError(f"latent must be (1, C, x, y, z), got {tuple(z.shape)}")
+    if not _streamable_module(vae):
+        raise NotImplementedError("decode_streamed supports MAISI decoders without attention or transposed convs")
+    device = next(vae.parameters()).device
+    run = _Streamer(storage, slab_bytes, spill_dir)
+    post = _inner_conv(vae.post_quant_conv)
+    buffer = F.conv3d(z.to(device).float(), post.weight, post.bias).to(storage)
+    channels = buffer.shape[1]
+    blocks = list(vae.decoder.blocks)
+    for index, block in enumerate(blocks):
+        if isinstance(block, MaisiResBlock):
+            buffer, channels = run.res_block(buffer, channels, block)
+        elif isinstance(block, MaisiUpsample):
+            buffer, channels = run.upsample(buffer, channels, block)
+        elif isinstance(block, nn.GroupNorm):
+            continue  # applied by the next block, conv_out
+        else:
+            # conv_in, or conv_out after the last norm (no activation in between); the image is float32
+            norm = blocks[index - 1] if index and isinstance(blocks[index - 1], nn.GroupNorm) else None
+            buffer = run.conv(buffer[:, :channels], _inner_conv(block), norm,
+                              dtype=torch.float32 if index == len(blocks) - 1 else None)
+            channels = buffer.shape[1]
+    return buffer[:, :channels].float().cpu()
+
+
+def _safe_inner_conv(module: nn.Module):
+    try:
+        return _inner_conv(module)
+    except AttributeError:
+        return None
+
+
+def _streamable_module(vae: nn.Module) -> bool:
+    """Whether every block of this VAE's decoder is one `decode_streamed` runs."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock, MaisiUpsample
+
+    blocks = list(getattr(getattr(vae, "decoder", None), "blocks", []))
+    if not blocks or not hasattr(vae, "post_quant_conv"):
+        return False
+    for i, block in enumerate(blocks):
+        if isinstance(block, MaisiResBlock):
+            if not isinstance(block.nin_shortcut, nn.Identity) and block.out_channels > block.in_channels:
+                return False
+        elif isinstance(block, MaisiUpsample):
+            if block.use_convtranspose:
+                return False
+        elif isinstance(block, nn.GroupNorm):
+            if i != len(blocks) - 2:
+                return False
+        elif not isinstance(_safe_inner_conv(block), nn.Conv3d):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Where the tiles go. All sizes in latent voxels; `starts[a]` are the tile origins on axis a."""
@@ -116,6 +485,9 @@ class TilePlan:
     ramp: int
     factor: int
     peak_bytes: int
+    storage: str = "float32"  # dtype of the stored layer tensors of a streamed whole-volume decode
+    slab_bytes: int = STREAM_SLAB_BYTES[0]  # temporaries of one slab of a streamed decode
+    spill_dir: str | None = None  # a streamed decode keeps its layer tensors in files here
 
     @property
     def count(self) -> int:
@@ -127,7 +499,8 @@ class TilePlan:
 
     def to_dict(self) -> dict:
         return {"latent_shape": list(self.latent_shape), "tile": list(self.tile), "tiles": self.count,
-                "halo": self.halo, "ramp": self.ramp, "estimated_peak_bytes": self.peak_bytes}
+                "halo": self.halo, "ramp": self.ramp, "estimated_peak_bytes": self.peak_bytes,
+                "storage": self.storage, "spilled": self.spill_dir is not None}
 
 
 def _axis_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
@@ -140,17 +513,33 @@ def _axis_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
 
 
 def plan_tiles(latent_shape: Sequence[int], cfg: VAEConfig, budget_bytes: float, halo: int | None = None,
-               ramp: int = DEFAULT_RAMP, dtype_bytes: int = 4) -> TilePlan:
-    """The largest tiles whose decode fits `budget_bytes` (the whole latent when it fits).
+               ramp: int = DEFAULT_RAMP, dtype_bytes: int = 4, spill_dir: str | None = None) -> TilePlan:
+    """How to decode within `budget_bytes`: whole volume when it fits, else the largest tiles that do.
 
-    latent_shape: (x, y, z) or (C, x, y, z). halo defaults to `decoder_context(cfg)`. Raises a
-    ValueError when even the smallest useful tile (two halos, a ramp and two core voxels per
-    axis) does not fit.
+    With a streamable decoder (`streamable`) the whole volume is decoded by `decode_streamed`
+    when its stored tensors fit in float32, else in float16; else, with `spill_dir`, with them
+    kept in files there (then memory holds only slabs). Otherwise tiles. latent_shape: (x, y, z)
+    or (C, x, y, z). halo defaults to `decoder_context(cfg)`. Raises a ValueError when even the
+    smallest useful tile (two halos, a ramp and two core voxels per axis) does not fit.
     """
     shape = tuple(int(n) for n in latent_shape)[-3:]
     halo = decoder_context(cfg) if halo is None else int(halo)
     if halo < 0 or ramp < 0:
         raise ValueError(f"halo ({halo}) and ramp ({ramp}) must be >= 0")
+    if streamable(cfg):
+        # One streamed whole-volume decode when it fits: exact statistics in one pass, no halos.
+        # float16 storage before tiling: it costs far less accuracy than per-tile statistics.
+        for storage, nbytes in (("float32", 4), ("float16", 2)):
+            need = estimate_streamed_bytes(cfg, shape, nbytes)
+            if need <= budget_bytes:
+                return TilePlan(shape, shape, ((0,), (0,), (0,)), halo, ramp, cfg.downsample_factor, need, storage,
+                                streamed_slab_bytes(cfg, shape, nbytes))
+        if spill_dir is not None:
+            slab = streamed_slab_bytes(cfg, shape, 2)
+            need = DECODER_FIXED_BYTES + slab + 4 * math.prod(n * cfg.downsample_factor for n in shape)
+            if need <= budget_bytes:
+                return TilePlan(shape, shape, ((0,), (0,), (0,)), halo, ramp, cfg.downsample_factor, need, "float16",
+                                slab, str(spill_dir))
     overlap = 2 * halo + ramp
     smallest = overlap + 2
     tile = list(shape)
@@ -330,6 +719,8 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
                  progress: bool = False, statistics: str = "volume") -> torch.Tensor:
     """Decode an unscaled latent (1, C, x, y, z) tile by tile; returns (1, 1, X, Y, Z) float32 on CPU.
 
+    A single-tile plan decodes the whole volume with `decode_streamed` (storage as planned) when
+    the VAE's decoder is streamable, else with ``vae.decode``.
     statistics: "volume" (default) gives every tile the group-norm statistics of the whole volume
     (`_VolumeGroupNorms`): the result equals a whole-volume decode up to float rounding, whatever
     the tiling, at the cost of extra partial passes. "tile" lets each tile use its own statistics
@@ -345,6 +736,9 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
     device = next(vae.parameters()).device
     if plan.count == 1:
         with autocast_context(device, autocast):
+            if _streamable_module(vae):
+                return decode_streamed(vae, z, storage=getattr(torch, plan.storage), slab_bytes=plan.slab_bytes,
+                                       spill_dir=plan.spill_dir)
             return vae.decode(z.to(device)).float().cpu()
     if statistics == "tile":
         return _blend_tiles(vae, z, plan, device, autocast, progress)

@@ -79,6 +79,11 @@ def velocity_function(
     if (uncond is None) != (cfg_scale is None):
         raise ValueError("classifier-free guidance needs both `uncond` and `cfg_scale` (or neither)")
 
+    if controlnet is not None and not torch.is_grad_enabled():
+        # The mask encoder depends on the mask alone: run it once, not at every step.
+        cond = _embedded(controlnet, cond, autocast)
+        uncond = None if uncond is None else _embedded(controlnet, uncond, autocast)
+
     def predict(x: torch.Tensor, t: torch.Tensor, c: nets.Conditioning) -> torch.Tensor:
         with autocast_context(x.device, autocast):
             return nets.predict_velocity(unet, x, t, c, controlnet, control_scale).float()
@@ -90,6 +95,13 @@ def velocity_function(
         return guided_velocity(v_cond, predict(x, t, uncond), cfg_scale)
 
     return velocity
+
+
+def _embedded(controlnet: nn.Module, cond: nets.Conditioning, autocast: bool) -> nets.Conditioning:
+    if cond.mask_embedding is not None or cond.mask_bits is None:
+        return cond
+    with autocast_context(cond.mask_bits.device, autocast):
+        return nets.embed_mask(controlnet, cond)
 
 
 def autocast_context(device: torch.device, enabled: bool):

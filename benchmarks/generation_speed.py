@@ -1,0 +1,461 @@
+"""Generation speed and memory: maisi2 against the reference inference path, side by side.
+
+The reference is how the original release runs inference, rebuilt here from MONAI primitives:
+MONAI's `RFlowScheduler` loop calling `ControlNetMaisi` and then `DiffusionModelUNetMaisi` at every
+step, then the VAE decode as the release does it: the whole latent at once when it has no more
+voxels than the window, else MONAI's `SlidingWindowInferer` (gaussian blending, overlap 0.4,
+window 80^3 latent voxels clamped per axis to the latent), with the autoencoder's tensor splitting
+as configured (num_splits 4 on axis 1), on the CPU in fp32 with its half-precision normalisation
+off (it only runs under fp16 autocast). The networks are MONAI's own classes (maisi2's faster
+layers taken out again with `fastops.restore_monai_layers`). Ours is what `maisi2 generate` runs:
+`sampling.sample_latent` (mask embedding computed once, fused upsampling blocks) and
+`decode.decode_tiled` with the plan `decode.plan_tiles` makes for the memory budget.
+
+Same networks (``maisi-v2`` architecture, random weights from one seed, perturbed so that the
+zero-initialised layers are not zero), same noise, same mask, same machine, same run. Each variant
+runs in a fresh subprocess; its peak resident memory is the process's VmHWM (whole process:
+weights included), with glibc told to hand large blocks back at once (``MALLOC_MMAP_THRESHOLD_``)
+so resident memory follows live tensors. On CUDA the peak is ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/generation_speed.py e2e                   # mask -> CT at 128^3 (~8 min on 2 cores)
+    python benchmarks/generation_speed.py decode                # 512x512x128 decode (~1 h on 2 cores)
+    python benchmarks/generation_speed.py decode --shape 512 512 512 --variants ours
+    python benchmarks/generation_speed.py limit                 # best 3D-conv GFLOP/s + FLOP counts
+
+Results (JSON lines) are appended to ``--out`` (default work/bench/generation_speed.jsonl), so an
+interrupted run keeps what it finished and ``--resume`` skips variants already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WINDOW = 80  # latent voxels per axis of the release's sliding-window decode
+OVERLAP = 0.4
+SEED = 0
+
+
+# -- measurement helpers ---------------------------------------------------------------------
+
+def _status_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_mib(device) -> dict:
+    import resource
+
+    import torch
+
+    peak = _status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"peak_rss_mib": peak}
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process: less disturbed than wall time by other processes."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _networks(kinds, device, reference: bool, overrides=()):
+    """The maisi-v2 networks with random weights from SEED (identical in every subprocess)."""
+    import torch
+
+    from maisi2 import fastops, nets
+    from maisi2.config import get_config
+
+    cfg = get_config("maisi-v2", list(overrides))
+    torch.manual_seed(SEED)
+    built = {}
+    for kind in ("vae", "unet", "controlnet"):  # always all three, in one order: same weights each run
+        model = {"vae": nets.build_vae, "unet": nets.build_unet, "controlnet": nets.build_controlnet}[kind](cfg)
+        with torch.no_grad():
+            for p in model.parameters():  # zero-initialised output convs would make everything trivial
+                p.add_(torch.randn_like(p) * 0.01)
+        if kind in kinds:
+            if reference:
+                fastops.restore_monai_layers(model)
+            built[kind] = model.eval().to(device)
+        else:
+            del model
+    return cfg, built
+
+
+def _latent_from_seed(shape):
+    import torch
+
+    return torch.randn((1, 4, *shape), generator=torch.Generator().manual_seed(SEED + 1))
+
+
+def _reference_decode(vae, z, device):
+    """The release's decode: whole latent when it fits the window, else MONAI's sliding window."""
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
+    window = tuple(min(WINDOW, n) for n in z.shape[2:])
+    with torch.no_grad():
+        if math.prod(z.shape[2:]) <= WINDOW**3:
+            return vae.decode(z.to(device)).float().cpu()
+        inferer = SlidingWindowInferer(roi_size=window, sw_batch_size=1, overlap=OVERLAP, mode="gaussian",
+                                       sw_device=device, device=torch.device("cpu"), progress=False)
+        return inferer(z, vae.decode_stage_2_outputs).float()
+
+
+def _our_decode(vae, cfg, z, device, budget_gb, spill_dir=None):
+    from maisi2 import decode
+    from maisi2.generate import memory_budget_bytes
+
+    budget = memory_budget_bytes(budget_gb, device) - sum(p.numel() * 4 for p in vae.parameters())
+    plan = decode.plan_tiles(z.shape[2:], cfg.vae, budget, spill_dir=spill_dir)
+    return decode.decode_tiled(vae, z, plan), plan.to_dict()
+
+
+# -- workers (run in subprocesses) ------------------------------------------------------------
+
+def _mask(size: int):
+    import numpy as np
+    import torch
+
+    from maisi2 import nets
+    from maisi2.generate import phantom_mask
+
+    volume = phantom_mask((size,) * 3, (1.5, 1.5, 1.5), seed=SEED)
+    labels = torch.from_numpy(volume.array.astype(np.int64))[None, None]
+    spacing = torch.tensor([volume.spacing], dtype=torch.float32)
+    return nets.Conditioning(spacing, torch.ones(1, dtype=torch.long), nets.mask_to_bitplanes(labels))
+
+
+def _e2e(args, device, reference: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from maisi2 import flow, nets, sampling
+    from maisi2.data import unit_to_hu
+
+    cfg, net = _networks(("vae", "unet", "controlnet"), device, reference)
+    scale_factor = 1.0
+    cond = _mask(args.size).to(device)
+    latent_shape = (4, *(n // 4 for n in cond.mask_bits.shape[2:]))
+    _sync(device)
+    start, cpu_start, step_times = time.perf_counter(), _cpu_seconds(), []
+    last = [start]
+
+    def tick(_=None):
+        _sync(device)
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    if reference:
+        from monai.networks.schedulers.rectified_flow import RFlowScheduler
+
+        scheduler = RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=False, use_timestep_transform=True,
+                                   sample_method="uniform", scale=1.4)
+        scheduler.set_timesteps(num_inference_steps=args.steps, device=device,
+                                input_img_size_numel=math.prod(latent_shape[1:]))
+        times = scheduler.timesteps
+        nexts = torch.cat((times[1:], torch.tensor([0], dtype=times.dtype, device=device)))
+        x = sampling.initial_noise(latent_shape, SEED, device)
+        spacing = cond.spacing * nets.SPACING_SCALE
+        with torch.no_grad():
+            for t, t_next in zip(times, nexts):
+                tt = torch.tensor([float(t)], device=device)
+                down, mid = net["controlnet"](x=x, timesteps=tt, controlnet_cond=cond.mask_bits,
+                                              conditioning_scale=1.0, class_labels=cond.modality)
+                v = net["unet"](x=x, timesteps=tt, spacing_tensor=spacing, class_labels=cond.modality,
+                                down_block_additional_residuals=down, mid_block_additional_residual=mid)
+                x, _ = scheduler.step(v, t, x, t_next)
+                tick()
+        _sync(device)
+        sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
+        image = _reference_decode(net["vae"], x / scale_factor, device)
+        plan = None
+    else:
+        x = sampling.sample_latent(net["unet"], cond, latent_shape, cfg.flow, controlnet=net["controlnet"],
+                                   steps=args.steps, seed=SEED, callback=tick)
+        _sync(device)
+        sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
+        image, plan = _our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb)
+    _sync(device)
+    done, cpu_done = time.perf_counter(), _cpu_seconds()
+    hu = unit_to_hu(image[0, 0]).numpy()
+    out = Path(args.out).with_suffix("")
+    np.save(f"{out}_e2e{args.size}_{'reference' if reference else 'ours'}.npy", image[0, 0].numpy())
+    np.save(f"{out}_e2e{args.size}_{'reference' if reference else 'ours'}_latent.npy", x.cpu().numpy())
+    return {"total_s": done - start, "sampling_s": sampled - start, "per_step_s": (sampled - start) / args.steps,
+            "decode_s": done - sampled, "step_min_s": min(step_times), "step_median_s": sorted(step_times)[len(step_times) // 2],
+            "cpu_sampling_s": cpu_sampled - cpu_start, "cpu_decode_s": cpu_done - cpu_sampled,
+            "plan": plan, "hu_mean": float(hu.mean()), **_peak_mib(device)}
+
+
+def _decode(args, device, variant: str) -> dict:
+    import numpy as np
+    import torch
+
+    from maisi2 import decode
+
+    cfg, net = _networks(("vae",), device, reference=variant == "reference")
+    vae = net["vae"]
+    z = _latent_from_seed([n // 4 for n in args.shape])
+    _sync(device)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    plan = None
+    if variant == "reference":
+        image = _reference_decode(vae, z, device)
+    elif variant == "ours":
+        image, plan = _our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir)
+    else:  # "whole": the exact whole-volume decode (streamed, float32), what both are compared with
+        image = decode.decode_streamed(vae, z, storage=torch.float32, spill_dir=args.spill_dir)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    name = "x".join(map(str, args.shape))
+    np.save(f"{Path(args.out).with_suffix('')}_decode{name}_{variant}.npy", image[0, 0].numpy())
+    return {"decode_s": seconds, "cpu_decode_s": _cpu_seconds() - cpu_start, "plan": plan, **_peak_mib(device)}
+
+
+def _limit(args, device) -> dict:
+    """Best 3D-conv throughput over decoder/UNet-like shapes, and FLOPs of one step and one decode."""
+    import torch
+    import torch.nn.functional as F
+
+    best, shapes = 0.0, []
+    for cin, cout, n in [(64, 64, 64), (128, 64, 64), (128, 128, 48), (256, 256, 32), (64, 64, 32), (512, 512, 16)]:
+        x = torch.randn(1, cin, n, n, n, device=device)
+        w = torch.randn(cout, cin, 3, 3, 3, device=device)
+        seconds = []
+        with torch.no_grad():
+            for _ in range(4):
+                _sync(device)
+                t0 = time.perf_counter()
+                F.conv3d(x, w, padding=1)
+                _sync(device)
+                seconds.append(time.perf_counter() - t0)
+        gflops = 2 * cin * cout * 27 * n**3 / min(seconds[1:]) / 1e9
+        shapes.append({"shape": f"{cin}->{cout} @ {n}^3", "gflops": gflops})
+        best = max(best, gflops)
+    return {"conv_gflops_best": best, "conv_shapes": shapes, **_flop_counts(device)}
+
+
+def _flop_counts(device) -> dict:
+    """Multiply-adds x 2 of every convolution and linear layer, counted with forward hooks on a
+    small input and scaled to the benchmark sizes (all of them grow linearly with the voxels; the
+    attention products, which do not, are counted too and are a small share)."""
+    import torch
+    from torch import nn
+
+    from maisi2 import nets
+
+    # MONAI's modules; the VAE without tensor splitting, whose overlapping splits add convolutions
+    cfg, net = _networks(("vae", "unet", "controlnet"), device, reference=True, overrides=("vae.num_splits=1",))
+    counted = {"n": 0.0}
+
+    def conv_hook(module, inputs, output):
+        k = math.prod(module.kernel_size)
+        counted["n"] += 2 * module.in_channels // module.groups * k * output.numel()
+
+    def linear_hook(module, inputs, output):
+        counted["n"] += 2 * module.in_features * output.numel()
+
+    for model in net.values():
+        for m in model.modules():
+            if isinstance(m, nn.Conv3d):
+                m.register_forward_hook(conv_hook)
+            elif isinstance(m, nn.Linear):
+                m.register_forward_hook(linear_hook)
+    n = 16  # latent edge counted; scaled by (32/16)^3 to the 128^3 image
+    cond = nets.Conditioning(torch.ones(1, 3), torch.ones(1, dtype=torch.long),
+                             torch.zeros(1, 8, 4 * n, 4 * n, 4 * n)).to(device)
+    x = torch.randn(1, 4, n, n, n, device=device)
+    with torch.no_grad():
+        nets.predict_velocity(net["unet"], x, torch.tensor([500.0]), cond)
+        unet = counted["n"]
+        counted["n"] = 0.0
+        net["controlnet"](x=x, timesteps=torch.tensor([500.0]), controlnet_cond=cond.mask_bits, class_labels=cond.modality)
+        controlnet = counted["n"]
+        counted["n"] = 0.0
+        net["controlnet"].controlnet_cond_embedding(cond.mask_bits)
+        embedding = counted["n"]
+        counted["n"] = 0.0
+        net["vae"].decode(x)
+        vae = counted["n"]
+    scale = (32 / n) ** 3
+    return {"flops_unet_step_32": unet * scale, "flops_controlnet_step_32": controlnet * scale,
+            "flops_mask_embedding_32": embedding * scale, "flops_decode_per_latent_voxel": vae / n**3}
+
+
+def _worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from maisi2.nets import resolve_device
+
+    device = resolve_device(args.device)
+    if args.command == "e2e":
+        return _e2e(args, device, reference=args.variant == "reference")
+    if args.command == "decode":
+        return _decode(args, device, args.variant)
+    return _limit(args, device)
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+def _key(args, variant: str) -> str:
+    size = args.size if args.command == "e2e" else "x".join(map(str, getattr(args, "shape", [])))
+    return f"{args.command}:{size}:{variant}:{args.device}:{args.threads}"
+
+
+def _done(args) -> dict:
+    path = Path(args.out)
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["key"]] = row
+    return rows
+
+
+def _run(args, variant: str) -> dict:
+    cmd = [sys.executable, __file__, args.command, "--worker", variant, "--device", args.device,
+           "--threads", str(args.threads), "--out", args.out, "--steps", str(args.steps), "--size", str(args.size),
+           "--shape", *map(str, args.shape)]
+    if args.budget_gb is not None:
+        cmd += ["--budget-gb", str(args.budget_gb)]
+    if args.spill_dir:
+        cmd += ["--spill-dir", args.spill_dir]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(args.threads)}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        row = {"error": f"exit code {done.returncode}", "stderr": done.stderr[-2000:],
+               "wall_s": time.perf_counter() - start}
+    else:
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+    row.update(key=_key(args, variant), command=args.command, variant=variant, device=args.device,
+               threads=args.threads, when=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _compare(a, b) -> dict:
+    """max and mean |a - b| in [0, 1] units (unclipped) and in HU (after the [0, 1] clip)."""
+    import numpy as np
+
+    from maisi2.data import unit_to_hu
+
+    diff = np.abs(a - b)
+    hu = np.abs(unit_to_hu(a) - unit_to_hu(b))
+    return {"max_unit": float(diff.max()), "mean_unit": float(diff.mean()),
+            "max_hu": float(hu.max()), "mean_hu": float(hu.mean())}
+
+
+def _table(args, rows: dict) -> None:
+    import numpy as np
+
+    prefix = Path(args.out).with_suffix("")
+    if args.command == "e2e":
+        ref, ours = rows.get(_key(args, "reference")), rows.get(_key(args, "ours"))
+        print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads")
+        print(f"{'':<10} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
+              f"{'cpu sample':>11} {'cpu decode':>11} {'peak MiB':>9}")
+        for name, r in (("reference", ref), ("ours", ours)):
+            if r and "error" not in r:
+                print(f"{name:<10} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
+                      f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
+                      f"{r['cpu_decode_s']:>11.1f} {r['peak_rss_mib']:>9.0f}")
+        if ref and ours and "error" not in ref and "error" not in ours:
+            print(f"ratio ref/ours: time {ref['total_s'] / ours['total_s']:.2f}x, step "
+                  f"{ref['per_step_s'] / ours['per_step_s']:.2f}x, decode {ref['decode_s'] / ours['decode_s']:.2f}x, "
+                  f"peak memory ours/ref {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")
+            a = np.load(f"{prefix}_e2e{args.size}_reference.npy")
+            b = np.load(f"{prefix}_e2e{args.size}_ours.npy")
+            la = np.load(f"{prefix}_e2e{args.size}_reference_latent.npy")
+            lb = np.load(f"{prefix}_e2e{args.size}_ours_latent.npy")
+            print(f"agreement ours vs reference: image {_compare(a, b)}; latent max |diff| "
+                  f"{np.abs(la - lb).max():.2e} (latent max {np.abs(la).max():.2f})")
+    elif args.command == "decode":
+        name = "x".join(map(str, args.shape))
+        print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads")
+        whole_path = Path(f"{prefix}_decode{name}_whole.npy")
+        whole = np.load(whole_path) if whole_path.exists() else None
+        for variant in ("reference", "ours", "whole"):
+            r = rows.get(_key(args, variant))
+            if not r:
+                continue
+            if "error" in r:
+                print(f"{variant:<10} failed: {r['error']}")
+                continue
+            line = f"{variant:<10} {r['decode_s']:>8.1f} s (cpu {r['cpu_decode_s']:.0f} s)  peak {r['peak_rss_mib']:>8.0f} MiB"
+            path = Path(f"{prefix}_decode{name}_{variant}.npy")
+            if whole is not None and variant != "whole" and path.exists():
+                line += f"  vs whole: {_compare(np.load(path), whole)}"
+            print(line)
+    else:
+        r = rows.get(_key(args, "limit"))
+        if r and "error" not in r:
+            for s in r["conv_shapes"]:
+                print(f"conv {s['shape']:<18} {s['gflops']:7.1f} GFLOP/s")
+            print(f"best {r['conv_gflops_best']:.1f} GFLOP/s; FLOPs at a 32^3 latent: UNet step "
+                  f"{r['flops_unet_step_32'] / 1e12:.3f} T, ControlNet step {r['flops_controlnet_step_32'] / 1e12:.3f} T "
+                  f"(mask embedding {r['flops_mask_embedding_32'] / 1e12:.3f} T), decode of 128^3 "
+                  f"{r['flops_decode_per_latent_voxel'] * 32**3 / 1e12:.2f} T")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("e2e", "decode", "limit"))
+    parser.add_argument("--size", type=int, default=128, help="e2e: image edge (a multiple of 32)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 128], help="decode: image shape")
+    parser.add_argument("--variants", nargs="+", default=None, help="default: reference ours (+ whole for decode)")
+    parser.add_argument("--budget-gb", type=float, default=None, help="our memory budget (default: available RAM)")
+    parser.add_argument("--spill-dir", default=None,
+                        help="decode: where the whole decode (and ours, when RAM is short) keeps layer tensors in files")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="work/bench/generation_speed.jsonl")
+    parser.add_argument("--resume", action="store_true", help="skip variants already in --out")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.variant = args.worker
+        print(json.dumps(_worker(args)))
+        return
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print("command: python " + " ".join(sys.argv), flush=True)
+    default = {"e2e": ["reference", "ours"], "decode": ["reference", "ours", "whole"], "limit": ["limit"]}
+    rows = _done(args)
+    for variant in args.variants or default[args.command]:
+        if args.resume and _key(args, variant) in rows and "error" not in rows[_key(args, variant)]:
+            continue
+        rows[_key(args, variant)] = _run(args, variant)
+    _table(args, rows)
+
+
+if __name__ == "__main__":
+    main()
