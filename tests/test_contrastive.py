@@ -290,7 +290,7 @@ def test_contrastive_off_is_the_plain_weighted_flow_loss(tiny_nets):
 
 
 def test_residual_helper_matches_the_call_inside_predict_velocity(tiny_nets):
-    from maisi2.train_controlnet import _RecordResiduals, controlnet_residuals
+    from maisi2.train_controlnet import _RecordResiduals
 
     cfg, unet, controlnet = tiny_nets
     _, cond, labels = _batch()
@@ -299,7 +299,8 @@ def test_residual_helper_matches_the_call_inside_predict_velocity(tiny_nets):
     recorder = _RecordResiduals(controlnet)
     with torch.no_grad():
         nets.predict_velocity(unet, x_t, t, cond, controlnet=recorder)
-        direct = controlnet_residuals(controlnet, x_t, t, cond)
+        down, mid = nets.controlnet_residuals(controlnet, x_t, t, cond)
+        direct = [*down, mid]
     assert len(direct) == len(recorder.residuals)
     assert all(torch.equal(a, b) for a, b in zip(direct, recorder.residuals))
 

@@ -198,13 +198,7 @@ def predict_velocity(
     t = t.to(x_t.device, torch.float32).reshape(-1).expand(x_t.shape[0])
     residuals = {}
     if controlnet is not None:
-        if cond.mask_embedding is not None:
-            down, mid = controlnet_residuals(controlnet, x_t, t, cond.mask_embedding, cond.modality, control_scale)
-        elif cond.mask_bits is not None:
-            down, mid = controlnet(x=x_t, timesteps=t, controlnet_cond=cond.mask_bits,
-                                   conditioning_scale=control_scale, class_labels=cond.modality)
-        else:
-            raise ValueError("a ControlNet needs the mask bit-planes in the conditioning")
+        down, mid = controlnet_residuals(controlnet, x_t, t, cond, control_scale)
         residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
     spacing = cond.spacing.to(x_t.device, torch.float32) * SPACING_SCALE
     return unet(x=x_t, timesteps=t, class_labels=cond.modality, spacing_tensor=spacing, **residuals)
@@ -220,17 +214,24 @@ def embed_mask(controlnet: nn.Module, cond: Conditioning) -> Conditioning:
     return Conditioning(cond.spacing, cond.modality, cond.mask_bits, embedding)
 
 
-def controlnet_residuals(controlnet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, mask_embedding: torch.Tensor,
-                         modality: torch.Tensor, scale: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """What `ControlNetMaisi.forward` returns, with the mask embedding given instead of recomputed.
+def controlnet_residuals(controlnet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                         scale: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The ControlNet's residuals (down-block list, middle block) for the UNet, as
+    `ControlNetMaisi.forward` computes them.
 
-    The same steps through MONAI's own stages: time + class embedding, conv_in plus the mask
-    embedding, the down blocks, the middle block, the zero convolutions, the conditioning scale.
+    With ``cond.mask_embedding`` (from `embed_mask`) the mask embedding is not recomputed: the same
+    steps run through MONAI's own stages (time + class embedding, conv_in plus the embedding, down
+    blocks, middle block, zero convolutions, conditioning scale), so the result is identical.
     """
-    emb = controlnet._prepare_time_and_class_embedding(x_t, t, modality)
-    h = controlnet._apply_initial_convolution(x_t)
-    h = h + mask_embedding.to(h.dtype)
-    down, h = controlnet._apply_down_blocks(emb, None, h)
-    h = controlnet._apply_mid_block(emb, None, h)
-    down, mid = controlnet._apply_controlnet_blocks(h, down)
-    return [d * scale for d in down], mid * scale
+    t = t.to(x_t.device, torch.float32).reshape(-1).expand(x_t.shape[0])
+    if cond.mask_embedding is not None:
+        emb = controlnet._prepare_time_and_class_embedding(x_t, t, cond.modality)
+        h = controlnet._apply_initial_convolution(x_t) + cond.mask_embedding.to(x_t.dtype)
+        down, h = controlnet._apply_down_blocks(emb, None, h)
+        h = controlnet._apply_mid_block(emb, None, h)
+        down, mid = controlnet._apply_controlnet_blocks(h, down)
+        return [d * scale for d in down], mid * scale
+    if cond.mask_bits is None:
+        raise ValueError("a ControlNet needs the mask bit-planes (or their embedding) in the conditioning")
+    return controlnet(x=x_t, timesteps=t, controlnet_cond=cond.mask_bits, conditioning_scale=scale,
+                      class_labels=cond.modality)

@@ -60,7 +60,6 @@ __all__ = [
     "recipe_with_overrides",
     "resolve_placement",
     "perturb_labels",
-    "controlnet_residuals",
     "StepOutput",
     "controlnet_loss",
     "ControlNetStepLoss",
@@ -127,19 +126,6 @@ def perturb_labels(labels: torch.Tensor) -> torch.Tensor:
             clean = remove_tumors(labels[b, 0].cpu().numpy())
             out[b, 0] = torch.from_numpy(clean).to(out.device)
     return out
-
-
-def controlnet_residuals(
-    controlnet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: nets.Conditioning, control_scale: float = 1.0
-) -> list[torch.Tensor]:
-    """The ControlNet's residuals alone ([*down, mid]), called exactly as `nets.predict_velocity`
-    calls it; used by the `encoder` placement for the perturbed mask, where no UNet pass is needed.
-    (A test pins this call to the one inside `predict_velocity`.)
-    """
-    t = t.to(x_t.device, torch.float32).reshape(-1).expand(x_t.shape[0])
-    down, mid = controlnet(x=x_t, timesteps=t, controlnet_cond=cond.mask_bits,
-                           conditioning_scale=control_scale, class_labels=cond.modality)
-    return [*down, mid]
 
 
 class _RecordResiduals(nn.Module):
@@ -218,7 +204,8 @@ def controlnet_loss(
                 terms = losses.region_contrastive_loss(v_orig[index], v_pert, regions.select(index), settings.delta,
                                                        settings.background_form, v_target[index])
             else:
-                feats_pert = controlnet_residuals(controlnet, x_t[index], t[index], cond_p)
+                down, mid = nets.controlnet_residuals(controlnet, x_t[index], t[index], cond_p)
+                feats_pert = [*down, mid]
                 feats_orig = [f[index] for f in recorder.residuals]
                 terms = losses.feature_contrastive_loss(feats_orig, feats_pert, regions.select(index), settings.delta)
             l_roi, l_bg = terms.batch_mean(B)
