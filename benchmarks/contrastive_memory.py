@@ -34,27 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import reset_peak_rss, status_mib  # noqa: E402
+
 VARIANTS = ("flow-only", "output", "encoder")
-
-
-def _status_mib(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, or None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the resident high-water mark (Linux clear_refs, value 5); False where not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_mib("VmHWM") is not None
-    except OSError:
-        return False
 
 
 def _worker(args) -> dict:
@@ -110,14 +93,14 @@ def _worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated()
-    exact = _reset_peak_rss()
-    base = _status_mib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    exact = reset_peak_rss()
+    base = status_mib("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _status_mib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {"variant": args.variant, "seconds": sum(times) / len(times), "peak_rss_mib": peak,
               "step_rss_mib": peak - base, "exact": exact,
               "saved_mib": sum(saved.values()) / 2**20}

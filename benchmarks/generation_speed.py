@@ -37,6 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_rss_mib  # noqa: E402
+
 WINDOW = 80  # latent voxels per axis of the release's sliding-window decode
 OVERLAP = 0.4
 SEED = 0
@@ -44,23 +47,10 @@ SEED = 0
 
 # -- measurement helpers ---------------------------------------------------------------------
 
-def _status_mib(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _peak_mib(device) -> dict:
-    import resource
-
     import torch
 
-    peak = _status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"peak_rss_mib": peak}
+    out = {"peak_rss_mib": peak_rss_mib()}
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -153,7 +143,7 @@ def _e2e(args, device, reference: bool) -> dict:
     import numpy as np
     import torch
 
-    from maisi2 import flow, nets, sampling
+    from maisi2 import nets, sampling
     from maisi2.data import unit_to_hu
 
     cfg, net = _networks(("vae", "unet", "controlnet"), device, reference)

@@ -28,3 +28,13 @@ def shared_data() -> Path:
 @pytest.fixture
 def reference_dir() -> Path:
     return need(REFERENCE)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test. Files of small-tensor tests use it: on a busy 2-core machine
+    thread hand-offs cost far more than they save (measured 10-50x slower with 2 threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

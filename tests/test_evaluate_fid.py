@@ -25,14 +25,7 @@ from maisi2.evaluate.fid import (
 from maisi2.io import Volume, ras_affine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many ops on tiny tensors: on a busy 2-core machine, thread hand-offs cost
-    far more than they save (measured 30x slower with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spd(rng, d):

@@ -28,13 +28,7 @@ LIVER, HEPATIC, SPLEEN = label_id("liver"), label_id("hepatic tumor"), label_id(
 LUNG_LOBE, LUNG_TUMOR = label_id("right lung lower lobe"), label_id("lung tumor")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: on a busy 2-core machine two threads were measured 30-50x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ball(shape, centre, radius):

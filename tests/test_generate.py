@@ -170,6 +170,39 @@ def test_a_tight_memory_budget_tiles_the_decoder_without_changing_the_ct(model_d
     assert np.abs(a - b).max() <= 1  # float rounding may flip an int16 rounding
 
 
+def test_spill_dir_reaches_the_decode_plan_and_a_spilled_decode_keeps_the_ct(model_dir, tmp_path, monkeypatch):
+    """--spill-dir is handed to the decode plan, and a decode whose layer tensors live in files (the
+    plan for volumes too large for memory; forced here, at a size where memory would do) gives the
+    CT of the in-memory decode."""
+    import dataclasses
+
+    from maisi2 import decode
+
+    mask = G.phantom_mask((72, 32, 32), (4.0, 8.0, 8.0), seed=2)
+    options = G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False)
+    roomy = G.generate(mask, tmp_path / "roomy.nii.gz", model=model_dir, options=options)
+    seen, real_plan = [], decode.plan_tiles
+
+    def spilling_plan(*args, spill_dir=None, **kwargs):
+        seen.append(spill_dir)
+        return dataclasses.replace(real_plan(*args, spill_dir=spill_dir, **kwargs), storage="float16", spill_dir=spill_dir)
+
+    monkeypatch.setattr(decode, "plan_tiles", spilling_plan)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    spilled = G.generate(mask, tmp_path / "spilled.nii.gz", model=model_dir,
+                         options=dataclasses.replace(options, spill_dir=str(spill)))
+    assert seen == [str(spill)]
+    plan = spilled.report["memory"]["decode"]
+    assert plan["tiles"] == 1 and plan["spilled"] and plan["storage"] == "float16"
+    a = np.asarray(nib.load(roomy.paths.ct).dataobj).astype(int)
+    b = np.asarray(nib.load(spilled.paths.ct).dataobj).astype(int)
+    # float16 storage: STREAM_FLOAT16_TOLERANCE is 2e-3 of the largest raw decoder output, which
+    # random weights push past [0, 1] (measured here: 6 HU max); tiles with per-tile statistics are off by 100+.
+    assert np.abs(a - b).max() <= 12 and np.abs(a - b).mean() < 1
+    assert not any(spill.iterdir())  # the files are deleted as they are made
+
+
 # -- mask preparation --------------------------------------------------------------------------
 
 def test_padding_is_centred_and_undone_by_the_crop():
@@ -223,7 +256,12 @@ def _bad_spacing(path):
     return path, {"spacing": (8.0, -1.0, 8.0)}, "spacing"
 
 
-@pytest.mark.parametrize("make", [_unknown_ids, _empty, _over_budget, _fov_too_small, _bad_spacing])
+def _missing_spill_dir(path):
+    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    return path, {"spill_dir": str(path.parent / "nowhere")}, "spill_dir"
+
+
+@pytest.mark.parametrize("make", [_unknown_ids, _empty, _over_budget, _fov_too_small, _bad_spacing, _missing_spill_dir])
 def test_bad_requests_fail_before_any_work(make, model_dir, tmp_path, nothing_runs):
     mask, options, message = make(tmp_path / "mask.nii.gz")
     out_dir = tmp_path / "out"

@@ -29,13 +29,7 @@ CFG = get_config("tiny")
 SMALL, LONG = (4, 8, 8, 8), (4, 16, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and 2 threads on 2 shared cores can be 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cache(folder, shapes=(SMALL, LONG, SMALL, LONG, SMALL, LONG, SMALL), sources=None, same=False, scale=1.0):

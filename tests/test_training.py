@@ -17,13 +17,7 @@ CFG = get_config("tiny")
 TRUE_W = torch.tensor([[1.0], [2.0], [-1.0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and 2 threads on 2 shared cores can be 10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(n=10):

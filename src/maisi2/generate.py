@@ -82,6 +82,7 @@ class GenerateOptions:
     half_precision: bool | None = None  # fp16 autocast; None: on for CUDA, off on CPU
     qc_retries: int = 0  # regenerate with seed+1, seed+2 ... while the quality check fails
     decode_statistics: str = "volume"  # "tile": one-pass tiled decoding with per-tile group norms
+    spill_dir: str | None = None  # CPU: a streamed decode may keep its layer tensors in files here
     fov_tolerance: float = 2.0  # refuse fields of view more than this factor outside the trained range
     write_label: bool = True
     write_preview: bool = True
@@ -197,6 +198,8 @@ def _check_request(out: PathLike, options: GenerateOptions) -> OutputPaths:
         raise ValueError(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
     if options.max_memory_gb is not None and not options.max_memory_gb > 0:
         raise ValueError(f"max_memory_gb must be positive, got {options.max_memory_gb}")
+    if options.spill_dir is not None and not Path(options.spill_dir).expanduser().is_dir():
+        raise ValueError(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
     if options.spacing is not None:
         io.ras_affine(options.spacing)  # validates: three positive numbers
     paths = OutputPaths.beside(out, options)
@@ -335,7 +338,7 @@ def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions) 
            # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
            "host": math.prod(prepared.padded.shape) * 12 if device.type == "cpu" else 0}
     fit["sampling"] = fit["weights"] + _sampling_bytes(prepared, info.cfg, options, device)
-    fit["plan"] = _decode_plan(prepared, info.cfg, fit)
+    fit["plan"] = _decode_plan(prepared, info.cfg, fit, options.spill_dir if device.type == "cpu" else None)
     return fit
 
 
@@ -347,7 +350,7 @@ def _sampling_bytes(prepared: PreparedMask, cfg, options: GenerateOptions, devic
     return sampling.estimate_sampling_bytes(cfg, latent, flash, options.cfg_scale is not None, _half(options, device))
 
 
-def _decode_plan(prepared: PreparedMask, cfg, fit: dict):
+def _decode_plan(prepared: PreparedMask, cfg, fit: dict, spill_dir: str | None = None):
     from maisi2 import decode
 
     budget, size = fit["budget"], "x".join(map(str, prepared.padded.shape))
@@ -362,7 +365,7 @@ def _decode_plan(prepared: PreparedMask, cfg, fit: dict):
             f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
         )
     latent = tuple(n // cfg.vae.downsample_factor for n in prepared.padded.shape)
-    return decode.plan_tiles(latent, cfg.vae, budget - fit["weights"] - fit["host"])
+    return decode.plan_tiles(latent, cfg.vae, budget - fit["weights"] - fit["host"], spill_dir=spill_dir)
 
 
 def _check_fov(prepared: PreparedMask, info, tolerance: float) -> None:

@@ -53,6 +53,9 @@ def _register_generate(sub) -> None:
     p.add_argument("--tile-statistics", action="store_true",
                    help="when the VAE decodes in tiles, let each tile use its own group-norm statistics (one pass, "
                         "faster; the default measures the whole volume's so tiling does not change the result)")
+    p.add_argument("--spill-dir", default=None, metavar="DIR",
+                   help="CPU only: when even a float16 whole-volume decode does not fit the budget, keep the "
+                        "decoder's layer tensors in (deleted) files here instead of falling back to tiles")
     p.add_argument("--fp32", action="store_true", help="full precision on CUDA too (default there: fp16 autocast)")
     p.add_argument("--no-label", action="store_true", help="do not write the prepared label map")
     p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
@@ -95,6 +98,7 @@ def _options(args):
         exact_grid=args.exact_grid, cfg_scale=args.cfg_scale, control_scale=args.control_scale,
         max_memory_gb=args.max_memory, device=args.device, half_precision=False if args.fp32 else None,
         qc_retries=args.qc_retries, decode_statistics="tile" if args.tile_statistics else "volume",
+        spill_dir=args.spill_dir,
         write_label=not args.no_label, write_preview=not args.no_preview,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
