@@ -66,7 +66,7 @@ def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SP
         cts.append(ct.astype(np.float32))
         labels.append(lab)
     ct, lab = np.stack(cts), np.stack(labels)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite=True) as tmp:  # a rerun recomputes the results
         np.savez(tmp, ct=ct, labels=lab)
     return ct, lab
 
@@ -144,5 +144,5 @@ def environment() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_output(path, overwrite=True) as tmp:  # a rerun recomputes the results
         Path(tmp).write_text(json.dumps(data, indent=2, default=str))

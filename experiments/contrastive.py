@@ -152,7 +152,39 @@ def main() -> None:
                "features": "offline HU-texture (NOT comparable with the paper)", "environment": environment(),
                "wall_seconds": time.time() - started}
     write_json(work / "results.json", results)
+    figure(test_ct, test_labels, {name: np.load(work / f"samples_{slug(name)}.npz")["hu"] for name in controlnets},
+           args.report)
     print(table(results))
+
+
+def figure(real_ct: np.ndarray, labels: np.ndarray, generated: dict[str, np.ndarray], path: Path,
+           cases: int = 4, size: int = 144) -> None:
+    """Per case (rows): the phantom and each variant's sample on the axial slice through the
+    largest tumour, tumour outline in the mask drawn on all; window [-200, 300] HU."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    from maisi2.labels import TUMOR_IDS
+
+    columns = ["phantom", *generated]
+    cases = min(cases, len(labels))
+    canvas = Image.new("RGB", (len(columns) * (size + 4), cases * (size + 16) + 14), "black")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), "axial slice through each case's largest tumour (red: its outline in the mask)", fill="white")
+    for row in range(cases):
+        tumour = np.isin(labels[row], TUMOR_IDS)
+        z = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else labels.shape[3] // 2
+        outline = tumour[:, :, z] & ~ndimage.binary_erosion(tumour[:, :, z])
+        for col, volume in enumerate([real_ct[row], *(g[row] for g in generated.values())]):
+            grey = np.clip((volume[:, :, z].astype(np.float32) + 200) / 500, 0, 1) * 255
+            rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
+            rgb[outline] = (255, 60, 60)
+            img = Image.fromarray(rgb[::-1, ::-1].transpose(1, 0, 2).copy()).resize((size, size), Image.NEAREST)
+            x, y = col * (size + 4), 14 + row * (size + 16)
+            canvas.paste(img, (x, y + 14))
+            draw.text((x + 2, y + 1), columns[col].split(":")[0], fill="white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
 
 
 def _median_abs(values) -> float | None:
