@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report", type=Path, default=Path("docs/img/exp_downstream.png"), help="where the plot goes")
     args = ap.parse_args()
     work, started = args.work, time.time()
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,35 @@ def main() -> None:
                "grid": {"shape": GRID_SHAPE, "spacing": GRID_SPACING}, "rows": rows, "environment": environment(),
                "wall_seconds": time.time() - started}
     write_json(work / "results.json", results)
+    plot(results, args.report)
     print(table(results))
+
+
+def plot(results: dict, path: Path, size=(420, 260)) -> None:
+    """Test Dice per condition: one dot per seed, a bar at the mean."""
+    from PIL import Image, ImageDraw
+
+    rows = results["rows"]
+    hi = max(max(r["dice_per_seed"]) for r in rows) * 1.15 or 1.0
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 45, 25, size[0] - 10, size[1] - 30
+    draw.rectangle([left, top, right, bottom], outline="black")
+    y_of = lambda v: bottom - v / hi * (bottom - top)  # noqa: E731
+    slot = (right - left) / len(rows)
+    for k, r in enumerate(rows):
+        x0, x1 = left + slot * (k + 0.25), left + slot * (k + 0.75)
+        draw.rectangle([x0, y_of(r["dice_mean"]), x1, bottom], fill=(170, 190, 230), outline="navy")
+        for j, d in enumerate(r["dice_per_seed"]):
+            x = x0 + (x1 - x0) * (j + 1) / (len(r["dice_per_seed"]) + 1)
+            draw.ellipse([x - 3, y_of(d) - 3, x + 3, y_of(d) + 3], fill="black")
+        draw.text((x0, bottom + 5), f"{r['condition']} ({r['training_volumes']})", fill="black")
+        draw.text((x0, y_of(r["dice_mean"]) - 13), f"{r['dice_mean']:.3f}", fill="navy")
+    draw.text((left, 5), "held-out tumour Dice: bar = mean, dots = seeds", fill="black")
+    draw.text((2, top), f"{hi:.3g}", fill="black")
+    draw.text((2, bottom - 10), "0", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 def table(results: dict) -> str:
