@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from maisi2 import latents
+from maisi2 import io, latents
 from maisi2.atomic import atomic_output
-from maisi2.data import hu_to_unit, unit_to_hu
+from maisi2.data import center_pad_or_crop, hu_to_unit, unit_to_hu
+from maisi2.labels import BACKGROUND, label_id, remove_tumors
 from maisi2.latents import LatentRecord
 from maisi2.models import load_model
 from maisi2.phantom import TumorSpec, make_phantom, random_tumors
+from maisi2.totalseg import convert_totalseg
 
 # The miniature grid: one of the bundled VAE's training grids (96 x 96 x 64 at 4 mm, a 38 x 38 x 26 cm
 # field of view), so its reconstructions are as good as that VAE gets; the latent is 24 x 24 x 16,
@@ -66,7 +69,7 @@ def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SP
         cts.append(ct.astype(np.float32))
         labels.append(lab)
     ct, lab = np.stack(cts), np.stack(labels)
-    with atomic_output(path, overwrite=True) as tmp:  # a rerun recomputes the results
+    with atomic_output(path, overwrite=True) as tmp:  # only reached when no cache covers these seeds
         np.savez(tmp, ct=ct, labels=lab)
     return ct, lab
 
@@ -86,6 +89,43 @@ def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumour: bool = Fa
             if not misfit:
                 raise
             tumors = [t for t in tumors if t is not misfit[0]]
+
+
+LIVER, HEPATIC_TUMOUR = label_id("liver"), label_id("hepatic tumor")
+REAL_SCANS = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
+
+
+def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0), spacing=GRID_SPACING) -> np.ndarray:
+    """Tumours out (each becomes its parent organ), then 1-2 hepatic tumours painted inside the
+    liver, each a ball whose centre lies at least its radius deep in the liver."""
+    edited = remove_tumors(labels)
+    depth = ndimage.distance_transform_edt(edited == LIVER, sampling=spacing)
+    grid = np.indices(labels.shape, dtype=np.float32)
+    for _ in range(int(rng.integers(1, 3))):
+        radius = float(rng.uniform(*radius_mm))
+        candidates = np.argwhere(depth >= radius)
+        if len(candidates) == 0:
+            break
+        centre = candidates[rng.integers(len(candidates))]
+        dist2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
+        edited[(dist2 <= radius**2) & (edited == LIVER)] = HEPATIC_TUMOUR
+    return edited
+
+
+def real_scan_on_grid() -> tuple[np.ndarray, np.ndarray] | None:
+    """The real abdominal scan of ../shared/data (TotalSegmentator's example_ct_sm, 122 x 101 x 30 at
+    3 mm) and its label map imported to MAISI ids, resampled to the experiment's 4 mm and centre
+    padded to its grid (CT with -1000 HU, labels with background): (hu, labels), or None when the
+    folder is absent. Its slab is 9 cm thick, so most of the grid's 25.6 cm in z is empty."""
+    seg_path, ct_path = REAL_SCANS / "example_seg.nii.gz", REAL_SCANS / "example_ct_sm.nii.gz"
+    if not (seg_path.is_file() and ct_path.is_file()):
+        return None
+    ct, seg = io.load_ct(ct_path), io.load_label_map(seg_path, check_ids=False)
+    labels, _ = convert_totalseg(seg.array, ct.array, spacing=seg.spacing)
+    labels = io.resample_to_spacing(seg.with_array(labels), GRID_SPACING, order=0).array
+    hu = io.resample_to_spacing(ct, GRID_SPACING, order=1).array
+    return (center_pad_or_crop(hu.astype(np.float32), GRID_SHAPE, fill=-1000.0),
+            center_pad_or_crop(labels, GRID_SHAPE, fill=BACKGROUND))
 
 
 def bundled_vae():

@@ -15,7 +15,10 @@ Here, in miniature:
    parent organ next to the phantom's true contrast, and the Dice of a tumour segmenter trained
    here on the training phantoms; per variant, the 2.5D FID (offline features) of the generated
    volumes against the reference phantoms -- tumours are well under 1 % of the voxels, so this is
-   in effect the background FID.
+   in effect the background FID;
+5. the real scan of ../shared/data (when present): its imported label map with 1-2 hepatic
+   tumours implanted in the liver, rendered by each ControlNet; the generated tumour-to-liver
+   contrast and the segmenter's detection (no real tumour exists to compare with).
 
     python experiments/contrastive.py                     # after experiments/steps.py; ~1.5 h on 2 cores
     python experiments/contrastive.py --steps 20 --cases 2 --seg-steps 20   # smoke run
@@ -33,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GRID_SHAPE, GRID_SPACING, reference_seeds, test_seeds, train_seeds, bundled_vae,  # noqa: E402
-                    decode_hu, encode_to_cache, environment, phantom_arrays, say, tumour_segmenter, write_json)
+                    decode_hu, edit_mask, encode_to_cache, environment, phantom_arrays, real_scan_on_grid, say,
+                    tumour_segmenter, write_json)
 
 from maisi2 import nets  # noqa: E402
 from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
@@ -144,30 +148,42 @@ def main() -> None:
         say(f"  {name}: contrast error {row['median_abs_contrast_error_hu']}, detected {row['mean_detected_fraction']}, "
             f"FID {row['fid']:.3f}")
     real = [fidelity(ct, lab, GRID_SPACING, segmenter=segmenter) for ct, lab in zip(test_ct, test_labels)]
+    real_scan = real_scan_on_grid()
+    real_mask = None if real_scan is None else real_mask_case(real_scan, controlnets, unet, cfg, scale, vae,
+                                                              segmenter, work, args)
     results = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
                "grid": {"shape": GRID_SHAPE, "spacing": GRID_SPACING}, "rows": rows,
                "segmenter_on_real_phantoms": {
                    "mean_detected_fraction": float(np.mean([t.detected_fraction for r in real for t in r.tumors])),
                    "mean_case_dice": float(np.mean([r.dice for r in real]))},
+               "real_scan_mask": None if real_mask is None else real_mask["rows"],
                "features": "offline HU-texture (NOT comparable with the paper)", "environment": environment(),
                "wall_seconds": time.time() - started}
     write_json(work / "results.json", results)
-    figure(test_ct, test_labels, {name: np.load(work / f"samples_{slug(name)}.npz")["hu"] for name in controlnets},
-           args.report)
+    cases = min(4, len(test_labels))
+    generated = {name: np.load(work / f"samples_{slug(name)}.npz")["hu"][:cases] for name in controlnets}
+    real_ct, labels, titles = test_ct[:cases], test_labels[:cases], ["phantom"] * cases
+    if real_mask is not None:  # the real scan's row last
+        real_ct, labels = np.concatenate([real_ct, real_scan[0][None]]), np.concatenate([labels, real_mask["labels"][None]])
+        generated = {name: np.concatenate([g, real_mask["generated"][name][None]]) for name, g in generated.items()}
+        titles.append("real scan (no tumour)")
+    figure(real_ct, labels, generated, args.report, titles)
     print(table(results))
 
 
 def figure(real_ct: np.ndarray, labels: np.ndarray, generated: dict[str, np.ndarray], path: Path,
-           cases: int = 4, size: int = 144) -> None:
-    """Per case (rows): the phantom and each variant's sample on the axial slice through the
-    largest tumour, tumour outline in the mask drawn on all; window [-200, 300] HU."""
+           first_titles: list[str] | None = None, size: int = 144) -> None:
+    """Per case (rows): the real volume (`first_titles`, default "phantom") and each variant's
+    sample on the axial slice through the largest tumour, the mask's tumour outline drawn on all;
+    window [-200, 300] HU."""
     from PIL import Image, ImageDraw
     from scipy import ndimage
 
     from maisi2.labels import TUMOR_IDS
 
     columns = ["phantom", *generated]
-    cases = min(cases, len(labels))
+    cases = len(labels)
+    first_titles = first_titles or ["phantom"] * cases
     canvas = Image.new("RGB", (len(columns) * (size + 4), cases * (size + 16) + 14), "black")
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), "axial slice through each case's largest tumour (red: its outline in the mask)", fill="white")
@@ -182,9 +198,28 @@ def figure(real_ct: np.ndarray, labels: np.ndarray, generated: dict[str, np.ndar
             img = Image.fromarray(rgb[::-1, ::-1].transpose(1, 0, 2).copy()).resize((size, size), Image.NEAREST)
             x, y = col * (size + 4), 14 + row * (size + 16)
             canvas.paste(img, (x, y + 14))
-            draw.text((x + 2, y + 1), columns[col].split(":")[0], fill="white")
+            draw.text((x + 2, y + 1), first_titles[row] if col == 0 else columns[col].split(":")[0], fill="white")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def real_mask_case(real_scan, controlnets, unet, cfg, scale, vae, segmenter, work: Path, args) -> dict:
+    """Each ControlNet on the real scan's label map with hepatic tumours implanted (same noise seed)."""
+    labels = edit_mask(real_scan[1], np.random.default_rng(args.seed))
+    rows, generated = [], {}
+    for name, path in controlnets.items():
+        cached = work / f"real_mask_{slug(name)}.npz"
+        if cached.is_file():
+            gen = np.load(cached)["hu"].astype(np.float32)
+        else:
+            say(f"real scan's mask with '{name}'")
+            gen = generate(unet, load_controlnet(path), cfg, scale, vae, labels, seed=300)
+            np.savez(cached.with_suffix(".part.npz"), hu=gen.astype(np.int16))
+            cached.with_suffix(".part.npz").replace(cached)
+        result = fidelity(gen, labels, GRID_SPACING, segmenter=segmenter)
+        generated[name] = gen
+        rows.append({"variant": name, "dice": result.dice, "tumours": [t.to_dict() for t in result.tumors]})
+    return {"labels": labels, "rows": rows, "generated": generated}
 
 
 def _median_abs(values) -> float | None:
@@ -201,6 +236,16 @@ def table(results: dict) -> str:
                      f"{fmt(r['mean_detected_fraction'], '.2f')} | {r['mean_case_dice']:.3f} | {r['fid']:.3f} |")
     real = results["segmenter_on_real_phantoms"]
     lines.append(f"| (the phantoms themselves) | | 0 | {real['mean_detected_fraction']:.2f} | {real['mean_case_dice']:.3f} | |")
+    if results.get("real_scan_mask"):
+        lines += ["", "Real scan's label map with implanted hepatic tumours:", "",
+                  "| ControlNet | tumour - liver contrast per tumour (HU) | tumour voxels found | segmenter Dice |",
+                  "| --- | --- | --- | ---: |"]
+        for r in results["real_scan_mask"]:
+            contrasts = ", ".join("n/a" if t["contrast_hu"] is None else f"{t['contrast_hu']:.0f}" for t in r["tumours"])
+            found = ", ".join("n/a" if t["detected_fraction"] is None else f"{t['detected_fraction']:.2f}"
+                              for t in r["tumours"])
+            dice = "n/a" if r["dice"] is None else f"{r['dice']:.3f}"
+            lines.append(f"| {r['variant']} | {contrasts} | {found} | {dice} |")
     return "\n".join(lines)
 
 

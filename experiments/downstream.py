@@ -24,37 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, test_seeds, train_seeds, bundled_vae, environment,  # noqa: E402
+from common import (GRID_SHAPE, GRID_SPACING, test_seeds, train_seeds, bundled_vae, edit_mask, environment,  # noqa: E402
                     phantom_arrays, say, write_json)
 from contrastive import VARIANTS, generate, load_controlnet, slug  # noqa: E402
 
 from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,  # noqa: E402
                                  load_segmenter, segment, train_segmenter)
-from maisi2.labels import label_id, remove_tumors  # noqa: E402
 from maisi2.train_controlnet import load_frozen_unet  # noqa: E402
-
-LIVER, HEPATIC_TUMOUR = label_id("liver"), label_id("hepatic tumor")
-
-
-def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0)) -> np.ndarray:
-    """Tumours out (each becomes its parent organ), then 1-2 hepatic tumours painted inside the
-    liver, each a ball whose centre lies at least its radius deep in the liver."""
-    edited = remove_tumors(labels)
-    depth = ndimage.distance_transform_edt(edited == LIVER, sampling=GRID_SPACING)
-    grid = np.indices(labels.shape, dtype=np.float32)
-    for _ in range(int(rng.integers(1, 3))):
-        radius = float(rng.uniform(*radius_mm))
-        candidates = np.argwhere(depth >= radius)
-        if len(candidates) == 0:
-            break
-        centre = candidates[rng.integers(len(candidates))]
-        dist2 = sum(((grid[a] - centre[a]) * GRID_SPACING[a]) ** 2 for a in range(3))
-        edited[(dist2 <= radius**2) & (edited == LIVER)] = HEPATIC_TUMOUR
-    return edited
-
 
 def synthetic_pairs(args, work: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     path = work / f"synthetic_{args.synthetic}.npz"
