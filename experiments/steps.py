@@ -159,7 +159,28 @@ def main() -> None:
                "wall_seconds": time.time() - started}
     write_json(work / "results.json", results)
     plot(results, args.report)
+    samples_figure(work, ref_ct, args.report.with_name(args.report.stem + "_samples.png"))
     print(table(results))
+
+
+def samples_figure(work: Path, reference: np.ndarray, path: Path, count: int = 4, size: int = 128) -> None:
+    """Mid axial slices: reference phantoms, then the first samples of RF-30, RF-100, DDPM-1000, DDIM-30."""
+    from PIL import Image, ImageDraw
+
+    rows = [("phantoms (reference set)", reference[:count])]
+    for name in ("rf-30", "rf-100", "ddpm-1000", "ddim-30"):
+        if (work / "samples" / f"{name}.npz").is_file():
+            rows.append((name.upper(), np.load(work / "samples" / f"{name}.npz")["hu"][:count]))
+    canvas = Image.new("L", (count * (size + 4) + 150, len(rows) * (size + 4)))
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, volumes) in enumerate(rows):
+        draw.text((4, r * (size + 4) + size // 2), name, fill=255)
+        for c, volume in enumerate(volumes):
+            sl = volume[::-1, ::-1, volume.shape[2] // 2].T.astype(np.float32)
+            img = Image.fromarray((np.clip((sl + 200) / 500, 0, 1) * 255).astype(np.uint8)).resize((size, size))
+            canvas.paste(img, (150 + c * (size + 4), r * (size + 4)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
 
 
 def table(results: dict) -> str:
