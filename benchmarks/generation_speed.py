@@ -280,11 +280,12 @@ def _flop_counts(device) -> dict:
     cond = nets.Conditioning(torch.ones(1, 3), torch.ones(1, dtype=torch.long),
                              torch.zeros(1, 8, 4 * n, 4 * n, 4 * n)).to(device)
     x = torch.randn(1, 4, n, n, n, device=device)
+    t = torch.tensor([500.0], device=device)
     with torch.no_grad():
-        nets.predict_velocity(net["unet"], x, torch.tensor([500.0]), cond)
+        nets.predict_velocity(net["unet"], x, t, cond)
         unet = counted["n"]
         counted["n"] = 0.0
-        net["controlnet"](x=x, timesteps=torch.tensor([500.0]), controlnet_cond=cond.mask_bits, class_labels=cond.modality)
+        net["controlnet"](x=x, timesteps=t, controlnet_cond=cond.mask_bits, class_labels=cond.modality)
         controlnet = counted["n"]
         counted["n"] = 0.0
         net["controlnet"].controlnet_cond_embedding(cond.mask_bits)
@@ -364,24 +365,30 @@ def _compare(a, b) -> dict:
             "max_hu": float(hu.max()), "mean_hu": float(hu.mean())}
 
 
+def _peak(row: dict) -> float:
+    """The peak that bounds the run: GPU memory on CUDA, resident memory on CPU."""
+    return row.get("cuda_peak_mib", row["peak_rss_mib"])
+
+
 def _table(args, rows: dict) -> None:
     import numpy as np
 
+    peak_name = "GPU peak MiB" if args.device.startswith("cuda") else "peak MiB"
     prefix = Path(args.out).with_suffix("")
     if args.command == "e2e":
         ref, ours = rows.get(_key(args, "reference")), rows.get(_key(args, "ours"))
         print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads")
         print(f"{'':<10} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
-              f"{'cpu sample':>11} {'cpu decode':>11} {'peak MiB':>9}")
+              f"{'cpu sample':>11} {'cpu decode':>11} {peak_name:>12}")
         for name, r in (("reference", ref), ("ours", ours)):
             if r and "error" not in r:
                 print(f"{name:<10} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
                       f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
-                      f"{r['cpu_decode_s']:>11.1f} {r['peak_rss_mib']:>9.0f}")
+                      f"{r['cpu_decode_s']:>11.1f} {_peak(r):>12.0f}")
         if ref and ours and "error" not in ref and "error" not in ours:
             print(f"ratio ref/ours: time {ref['total_s'] / ours['total_s']:.2f}x, step "
                   f"{ref['per_step_s'] / ours['per_step_s']:.2f}x, decode {ref['decode_s'] / ours['decode_s']:.2f}x, "
-                  f"peak memory ours/ref {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")
+                  f"peak memory ours/ref {_peak(ours) / _peak(ref):.2f}")
             a = np.load(f"{prefix}_e2e{args.size}_reference.npy")
             b = np.load(f"{prefix}_e2e{args.size}_ours.npy")
             la = np.load(f"{prefix}_e2e{args.size}_reference_latent.npy")
@@ -400,7 +407,7 @@ def _table(args, rows: dict) -> None:
             if "error" in r:
                 print(f"{variant:<10} failed: {r['error']}")
                 continue
-            line = f"{variant:<10} {r['decode_s']:>8.1f} s (cpu {r['cpu_decode_s']:.0f} s)  peak {r['peak_rss_mib']:>8.0f} MiB"
+            line = f"{variant:<10} {r['decode_s']:>8.1f} s (cpu {r['cpu_decode_s']:.0f} s)  {peak_name} {_peak(r):>8.0f}"
             path = Path(f"{prefix}_decode{name}_{variant}.npy")
             if whole is not None and variant != "whole" and path.exists():
                 line += f"  vs whole: {_compare(np.load(path), whole)}"
