@@ -5,7 +5,9 @@ Usage (after recipes/bundled_model.sh):
 
 Writes
   flow_samples.png      30-step rectified-flow samples of the flow UNet alone (no mask), next to
-                        real phantoms of the same grid, mid-slices
+                        real phantoms of the same grid, mid-slices; with --compare-model NAME=DIR a
+                        third row holds that model's samples from the same noise
+                        (flow_samples_compare.png)
   controlnet_tumor.png  a phantom mask with a liver tumour, the generated CT, and the CT generated
                         from the same noise with the tumour removed from the mask
   loss_*.png            training loss curves from the runs' log.csv files
@@ -88,6 +90,9 @@ def main() -> None:
     ap.add_argument("--work", default="work")
     ap.add_argument("--model", default="src/maisi2/resources/models/default")
     ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--compare-model", default=None, metavar="NAME=DIR",
+                    help="also sample this model's flow UNet (same seeds) into flow_samples_compare.png")
+    ap.add_argument("--flow-only", action="store_true", help="only the flow samples (no ControlNet pair, no curves)")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,9 +102,17 @@ def main() -> None:
     # 1. Flow-only samples next to real phantoms of the same grid (128 x 128 x 96 at 3 mm).
     samples = flow_samples(models, (128, 128, 96), (3.0, 3.0, 3.0), seeds=[0, 1, 2])
     reals = [load_ct(work / f"phantoms/case_{i:03d}/ct.nii.gz").array for i in (0, 3, 6)]
-    grid([axial(a) for a in reals + samples], 3,
-         [f"phantom {i}" for i in (0, 3, 6)] + [f"RF-30 sample, seed {s}" for s in (0, 1, 2)]
-         ).save(out / "flow_samples.png")
+    titles = [f"phantom {i}" for i in (0, 3, 6)] + [f"RF-30 sample, seed {s}" for s in (0, 1, 2)]
+    if args.compare_model:
+        name, folder = args.compare_model.split("=", 1)
+        other = flow_samples(load_model(folder, device="cpu"), (128, 128, 96), (3.0, 3.0, 3.0), seeds=[0, 1, 2])
+        grid([axial(a) for a in reals + samples + other], 3,
+             titles + [f"{name}, seed {s}" for s in (0, 1, 2)]).save(out / "flow_samples_compare.png")
+    else:
+        grid([axial(a) for a in reals + samples], 3, titles).save(out / "flow_samples.png")
+    if args.flow_only:
+        print(f"wrote flow samples into {out}")
+        return
 
     # 2. ControlNet: a mask with a liver tumour, and the same noise with the tumour removed.
     from maisi2.generate import GenerateOptions, generate

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.config import get_config
+from maisi2.labels import TUMOR_IDS
 from maisi2.nets import build_vae
 from maisi2.train_vae import (VAE_FILE, RandomCrops, StepClock, VAETrainingModel, VAETrainOptions, crop_plan,
                               make_vae_loss, train_vae)
@@ -132,6 +134,47 @@ def test_options_are_checked():
         VAETrainOptions(adv_loss="wgan")
     with pytest.raises(ValueError, match="adv_weight"):
         VAETrainOptions(adv_weight=-1)
+    with pytest.raises(ValueError, match="region_weight"):
+        VAETrainOptions(region_weight=0.5)
+    with pytest.raises(ValueError, match="region_crops"):
+        VAETrainOptions(region_crops=1.5)
+    with pytest.raises(ValueError, match="region_labels"):
+        VAETrainOptions(region_weight=10, region_labels=())
+    assert VAETrainOptions().region_ids is None  # no region setting: labels are not even loaded
+    assert VAETrainOptions(region_weight=10).region_ids == TUMOR_IDS
+    assert VAETrainOptions(region_crops=0.5, region_labels=(1, 5)).region_ids == (1, 5)
+
+
+def test_weighted_reconstruction_l1():
+    recon, image = torch.zeros(1, 1, 2, 2, 1), torch.tensor([0.1, 0.2, 0.3, 0.4]).reshape(1, 1, 2, 2, 1)
+    assert reconstruction_l1(recon, image, torch.ones_like(image)).item() == pytest.approx(0.25)
+    weight = torch.tensor([1.0, 1.0, 1.0, 7.0]).reshape(1, 1, 2, 2, 1)
+    assert reconstruction_l1(recon, image, weight).item() == pytest.approx((0.1 + 0.2 + 0.3 + 7 * 0.4) / 10)
+
+
+def test_region_crops_carry_the_region_and_centre_on_it(tmp_path):
+    from maisi2.data import read_datalist
+
+    image, label = write_scan(tmp_path, "a", (64, 60, 40), seed=2)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": image.name, "label": label.name}) + "\n")
+    items = read_datalist(tmp_path / "d.jsonl")
+    labels = np.asarray(nib.load(label).dataobj)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    region_id = int(ids[counts.argmin()])  # the smallest structure
+    share = (labels == region_id).mean()
+    centred = RandomCrops(items, (16, 16, 16), region_ids=[region_id], region_crops=1.0)
+    anywhere = RandomCrops(items, (16, 16, 16), region_ids=[region_id], region_crops=0.0)
+    hits_centred = [bool(centred[i]["region"].any()) for i in range(40)]
+    hits_anywhere = [bool(anywhere[i]["region"].any()) for i in range(40)]
+    assert all(hits_centred), "a crop centred on the region (give or take a quarter patch) must contain it"
+    assert sum(hits_anywhere) < 40, share  # a small structure is missed by most random crops
+    item = centred[3]
+    assert item["region"].dtype == torch.bool and item["region"].shape == item["image"].shape
+    assert torch.equal(centred[3]["image"], item["image"])  # still addressed by index alone
+    unlabelled = tmp_path / "u.jsonl"
+    unlabelled.write_text(json.dumps({"image": image.name}) + "\n")
+    with pytest.raises(ValueError, match="need a label map for every scan"):
+        RandomCrops(read_datalist(unlabelled), (16, 16, 16), region_ids=[region_id])
 
 
 def test_random_crops_are_addressed_by_index(tmp_path):
@@ -263,6 +306,33 @@ def test_refusals(tmp_path, scans):
 
 
 @pytest.mark.slow
+def test_decoder_only_fine_tuning_keeps_the_encoder(tmp_path, tiny_vae):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    image, label = write_scan(folder, "s", (40, 36, 32), seed=3)
+    datalist = folder / "d.jsonl"
+    datalist.write_text(json.dumps({"image": image.name, "label": label.name}) + "\n")
+    cfg = get_config("tiny")
+    init = tmp_path / "init.pt"
+    save_checkpoint(init, Checkpoint(kind="vae", config=cfg, state_dict=tiny_vae.state_dict()))
+    options = VAETrainOptions(patch=(32, 32, 32), decoder_only=True, region_weight=50, region_labels=(1,),
+                              region_crops=0.5)
+    result = train_vae(datalist, tmp_path / "run", cfg, options, fast_settings(3), init=init)
+    trained = load_checkpoint(result.vae).state_dict
+    before = tiny_vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], trained[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("decoder.") for k in changed)
+    assert ckpt_options(result.vae)["decoder_only"] is True
+    with pytest.raises(ValueError, match="--init"):
+        train_vae(datalist, tmp_path / "run2", cfg, options, fast_settings(1))
+
+
+def ckpt_options(path):
+    return load_checkpoint(path).extra["vae_options"]
+
+
+@pytest.mark.slow
 def test_cli_train_vae_then_encode(tmp_path, scans, capsys):
     from maisi2.cli import main
 
@@ -277,6 +347,14 @@ def test_cli_train_vae_then_encode(tmp_path, scans, capsys):
     capsys.readouterr()
     assert main(["train-vae", str(scans), "--out", str(tmp_path / "x"), "--preset", "maisi-v2"]) == 1
     assert "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an unknown label id is refused while parsing
+        main(["train-vae", str(scans), "--out", str(tmp_path / "x"), "--region-labels", "26,999"])
+    assert "999" in capsys.readouterr().err
+    # region weights on scans without label maps: a clear error, nothing trained
+    assert main(["train-vae", str(scans), "--out", str(tmp_path / "y"), "--preset", "tiny", "--patch", "32", "32",
+                 "32", "--region-weight", "10", "--no-progress"]) == 1
+    assert "label map for every scan" in capsys.readouterr().err
+    assert not (tmp_path / "y" / "last.pt").exists()
     cache = tmp_path / "cache"
     assert main(["encode", str(scans), "--vae", str(out / VAE_FILE), "--out", str(cache), "--no-progress"]) == 0
     assert "encoded 2" in capsys.readouterr().out

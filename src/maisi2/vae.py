@@ -56,6 +56,7 @@ __all__ = [
     "discriminator_logits",
     "ADVERSARIAL_KINDS",
     "TILED_ENCODE_TOLERANCE",
+    "decoder_only",
 ]
 
 ADVERSARIAL_KINDS = ("hinge", "lsgan")
@@ -355,9 +356,22 @@ def decode(vae: nn.Module, z: torch.Tensor, clip: bool = True) -> torch.Tensor:
 
 # -- losses ----------------------------------------------------------------------------------
 
-def reconstruction_l1(recon: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error between reconstruction and input (both in [0, 1] units)."""
-    return (recon.float() - image.float()).abs().mean()
+def reconstruction_l1(recon: torch.Tensor, image: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute error between reconstruction and input (both in [0, 1] units); with a per-voxel
+    `weight` (broadcastable to the image), the weighted mean sum(w |r - x|) / sum(w)."""
+    err = (recon.float() - image.float()).abs()
+    if weight is None:
+        return err.mean()
+    weight = weight.float().expand_as(err)
+    return (err * weight).sum() / weight.sum()
+
+
+def decoder_only(vae: nn.Module) -> nn.Module:
+    """Leave only the decoder side trainable (``post_quant_conv`` and ``decoder``): the encoder, and
+    so every latent already cached with it, stays exactly as it is."""
+    for name, param in vae.named_parameters():
+        param.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+    return vae
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

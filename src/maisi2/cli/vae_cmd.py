@@ -32,6 +32,16 @@ def _register_train(sub) -> None:
     p.add_argument("--adv-loss", choices=["hinge", "lsgan"], default="hinge")
     p.add_argument("--adv-layers", type=int, default=3, help="discriminator depth (default 3; 2 for patches < 32)")
     p.add_argument("--adv-channels", type=int, default=16, help="discriminator width (default 16)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="fine-tune only the decoder of the --init VAE (the encoder, and latents cached with it, "
+                        "stay valid)")
+    p.add_argument("--region-weight", type=float, default=1.0,
+                   help="weight of --region-labels voxels in the L1 (weighted mean; default 1: none). Small, "
+                        "low-contrast tumours need it to survive reconstruction")
+    p.add_argument("--region-labels", type=_label_ids, default=None, metavar="ID,ID,...",
+                   help="label ids of the weighted region (default: every tumour label); needs label maps")
+    p.add_argument("--region-crops", type=float, default=0.0,
+                   help="share of crops centred on a region voxel (default 0)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (0: no EMA)")
     p.add_argument("--amp", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
@@ -67,6 +77,22 @@ def _register_encode(sub) -> None:
     p.set_defaults(func=_encode)
 
 
+def _label_ids(text: str) -> tuple[int, ...]:
+    """'26,27' -> (26, 27), each a known MAISI label id."""
+    import argparse
+
+    import numpy as np
+
+    from maisi2.labels import check_label_ids
+
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+        check_label_ids(np.asarray(ids), what="--region-labels")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return ids
+
+
 def _train(args) -> int:
     from maisi2.config import get_config
     from maisi2.train_vae import VAETrainOptions, train_vae
@@ -76,7 +102,8 @@ def _train(args) -> int:
     options = VAETrainOptions(
         patch=tuple(args.patch), batch_size=args.batch_size, spacing=tuple(args.spacing) if args.spacing else None,
         kl_weight=args.kl_weight, adv_weight=args.adv_weight, adv_start=args.adv_start, adv_loss=args.adv_loss,
-        disc_layers=args.adv_layers, disc_channels=args.adv_channels,
+        disc_layers=args.adv_layers, disc_channels=args.adv_channels, decoder_only=args.decoder_only,
+        region_weight=args.region_weight, region_labels=args.region_labels, region_crops=args.region_crops,
     )
     settings = TrainSettings(
         steps=args.steps, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, amp=args.amp,
