@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from maisi2.cli import main
 from maisi2.io import load_ct, load_label_map
@@ -33,6 +34,21 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         "--cache", cache, "--out", model)
     info = json.loads((model / "model.json").read_text())
     assert info["metadata"]["fov_mm"] == {"min": [384.0] * 3, "max": [384.0] * 3}
+    assert info["metadata"]["weights"] == {"vae": "ema", "unet": "ema", "controlnet": "ema"}
+
+    # --raw controlnet: the ControlNet's raw weights, not its EMA (which differ after training)
+    from maisi2.checkpoint import load_checkpoint
+    from maisi2.models import load_model
+
+    raw_model = tmp_path / "model_raw"
+    run("export-model", "--vae", vae / "vae.pt", "--unet", unet, "--controlnet", cn / "last.pt",
+        "--out", raw_model, "--raw", "controlnet")
+    assert json.loads((raw_model / "model.json").read_text())["metadata"]["weights"]["controlnet"] == "raw"
+    trained = load_checkpoint(cn / "last.pt")
+    exported = {"ema": load_model(model).controlnet.state_dict(), "raw": load_model(raw_model).controlnet.state_dict()}
+    for which, state in (("ema", trained.ema_state_dict), ("raw", trained.state_dict)):
+        assert all(torch.equal(exported[which][k], v) for k, v in state.items()), which
+    assert any(not torch.equal(trained.ema_state_dict[k], v) for k, v in trained.state_dict.items())
 
     mask = data / "case_000" / "label.nii.gz"
     out = tmp_path / "gen" / "ct.nii.gz"

@@ -1,7 +1,8 @@
 """Assemble a model folder (what `generate --model` reads) from trained checkpoints.
 
 The VAE, flow UNet and ControlNet are trained separately (train-vae, train-flow,
-train-controlnet); `export_model` takes their EMA weights, checks they belong together (same VAE
+train-controlnet); `export_model` takes their EMA weights (or, for the networks named in `raw`,
+the raw ones: the EMA of a short run lags far behind it, see docs/model_card.md), checks they belong together (same VAE
 and trunk config, one scale factor), records the fields of view the model was trained on (from
 the latent cache) and writes the folder with `models.save_model_folder`.
 """
@@ -9,6 +10,7 @@ the latent cache) and writes the folder with `models.save_model_folder`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -26,10 +28,14 @@ def trained_fov_mm(cache: str | Path, downsample: int) -> dict:
 
 def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | None, out_dir: str | Path,
                  cache: str | Path | None = None, layout: str = "safetensors", notes: dict | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write `out_dir` (model.json + weights) from our vae/unet/controlnet checkpoints."""
+                 overwrite: bool = False, raw: Sequence[str] = ()) -> Path:
+    """Write `out_dir` (model.json + weights) from our vae/unet/controlnet checkpoints; the
+    networks named in `raw` ("vae", "unet", "controlnet") take their raw weights, not their EMA."""
     from maisi2.models import save_model_folder
 
+    unknown = sorted(set(raw) - {"vae", "unet", "controlnet"})
+    if unknown:
+        raise ValueError(f"raw: unknown network(s) {', '.join(unknown)}; choose from vae, unet, controlnet")
     ckpts = {"vae": load_checkpoint(vae), "unet": load_checkpoint(unet)}
     if controlnet is not None:
         ckpts["controlnet"] = load_checkpoint(controlnet)
@@ -46,8 +52,11 @@ def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | Non
         raise ValueError(f"{unet} carries no scale_factor; train it with `maisi2 train-flow` on an encoded cache")
     networks = {}
     for kind, ck in ckpts.items():
-        networks[kind] = load_weights(build_network(kind, cfg), ck.weights(), kind, str(ck), cfg.preset).eval()
-    metadata = {"trained_steps": {k: ck.step for k, ck in ckpts.items()}, **(notes or {})}
+        weights = ck.weights(prefer_ema=kind not in raw)
+        networks[kind] = load_weights(build_network(kind, cfg), weights, kind, str(ck), cfg.preset).eval()
+    metadata = {"trained_steps": {k: ck.step for k, ck in ckpts.items()},
+                "weights": {k: "raw" if k in raw or ck.ema_state_dict is None else "ema" for k, ck in ckpts.items()},
+                **(notes or {})}
     if cache is not None:
         metadata["fov_mm"] = trained_fov_mm(cache, cfg.vae.downsample_factor)
     return save_model_folder(out_dir, cfg, networks["vae"], networks["unet"], networks.get("controlnet"),

@@ -11,6 +11,9 @@ def register(sub) -> None:
     p.add_argument("--cache", default=None, help="latent cache the models were trained on (records the trained FOV)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--layout", choices=["safetensors", "pt"], default="safetensors")
+    p.add_argument("--raw", action="append", default=[], choices=["vae", "unet", "controlnet"],
+                   help="export this network's raw weights instead of its EMA (repeatable); for a short run, "
+                        "whose EMA still lags far behind the weights")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run)
 
@@ -19,6 +22,6 @@ def _run(args) -> int:
     from maisi2.export import export_model
 
     out = export_model(args.vae, args.unet, args.controlnet, args.out, cache=args.cache, layout=args.layout,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, raw=args.raw)
     print(f"wrote model folder {out}")
     return 0

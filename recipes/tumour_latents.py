@@ -1,0 +1,71 @@
+"""Where does a tumour get lost: in the ControlNet or in the VAE? Compared in latent space.
+
+    python recipes/tumour_latents.py --model src/maisi2/resources/models/default --model work/model_gpu
+
+For the phantom mask of recipes/previews.py (128 x 128 x 96 at 3 mm, one hepatic tumour, anatomy
+seed 7): (1) the encoder's answer: the posterior mean of the phantom's own CT minus that of the
+same CT with the tumour filled with liver (its median HU); (2) each model's answer: the latent
+sampled (30 steps, seed 0) from the mask minus the one sampled from the same noise with the
+tumour removed from the mask, unscaled like (1). Both: max over channels of |difference|, mean and
+max over the latent voxels under the tumour, and the max elsewhere; then the tumour-to-liver
+contrast (HU) of each model's decoded sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from maisi2 import nets
+from maisi2.data import hu_to_unit, unit_to_hu
+from maisi2.evaluate.fidelity import tumor_contrasts
+from maisi2.labels import remove_tumors
+from maisi2.losses import pool_any
+from maisi2.models import load_model
+from maisi2.phantom import TumorSpec, make_phantom
+from maisi2.sampling import sample_latent
+from maisi2.vae import decode, encode_mean
+
+SHAPE, SPACING = (128, 128, 96), (3.0, 3.0, 3.0)
+
+
+def summary(diff: torch.Tensor, roi: torch.Tensor) -> str:
+    d = diff.abs().amax(1)[0]
+    return f"tumour mean {float(d[roi].mean()):.3f}, max {float(d[roi].max()):.3f}; elsewhere max {float(d[~roi].max()):.3f}"
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="model folder (repeat to compare)")
+    args = parser.parse_args()
+    ct, labels, _ = make_phantom(SHAPE, SPACING, [TumorSpec("hepatic", 1, (15.0, 20.0))], 7)
+    parents = remove_tumors(labels)
+    tumour = parents != labels
+    filled = ct.copy()
+    filled[tumour] = np.median(ct[parents == parents[tumour][0]])
+    latent_shape = (4, *(n // 4 for n in SHAPE))
+    roi = pool_any(torch.from_numpy(tumour)[None, None], latent_shape[1:])[0, 0].bool()
+    print(f"tumour: {int(tumour.sum())} voxels, {int(roi.sum())} latent voxels; phantom contrast "
+          f"{tumor_contrasts(ct, labels, SPACING)[0].contrast_hu:.0f} HU")
+    for folder in args.model:
+        models = load_model(folder, device="cpu")
+        encoded = [encode_mean(models.vae, hu_to_unit(torch.from_numpy(v.astype(np.float32)))[None, None])
+                   for v in (ct, filled)]
+        print(f"\n{folder}\n  encoder, phantom CT with vs without the tumour: {summary(encoded[0] - encoded[1], roi)}")
+        sampled = []
+        for lab in (labels, parents):
+            cond = nets.Conditioning(torch.tensor([SPACING], dtype=torch.float32),
+                                     torch.tensor([nets.modality_id("ct")]),
+                                     nets.mask_to_bitplanes(torch.from_numpy(lab.astype(np.int64))[None, None]))
+            z = sample_latent(models.unet, cond, latent_shape, models.cfg.flow, controlnet=models.controlnet, seed=0)
+            sampled.append(z / models.scale_factor)
+        print(f"  generated, mask with vs without the tumour:     {summary(sampled[0] - sampled[1], roi)}")
+        hu = unit_to_hu(decode(models.vae, sampled[0])[0, 0]).numpy()
+        print(f"  decoded sample: tumour - liver {tumor_contrasts(hu, labels, SPACING)[0].contrast_hu:.0f} HU")
+
+
+if __name__ == "__main__":
+    main()
