@@ -116,3 +116,25 @@ def test_fused_up_blocks_give_monai_s_unet_output():
     loss = unet(x, t, **kwargs).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in fused[0].conv1.parameters())
+
+
+def test_fused_up_blocks_run_only_on_the_cpu(monkeypatch):
+    """Off the CPU (here the shape-only 'meta' device, standing in for CUDA) MONAI's forward runs."""
+    from maisi2 import fastops
+
+    block = next(m for m in _tiny_unet().modules() if isinstance(m, fastops.FusedUpForward))
+    x, emb = torch.randn(1, block.norm1.num_channels, 4, 4, 4), torch.randn(1, block.time_emb_proj.in_features)
+    with torch.no_grad():
+        on_cpu = block(x, emb)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the fused path ran off the CPU")
+
+    monkeypatch.setattr(fastops, "upsample_nearest_conv3x3x3", fail)
+    with pytest.raises(AssertionError, match="fused path"):
+        with torch.no_grad():
+            block(x, emb)
+    block = block.to("meta")
+    with torch.no_grad():
+        out = block(x.to("meta"), emb.to("meta"))
+    assert out.device.type == "meta" and out.shape == on_cpu.shape
