@@ -391,8 +391,7 @@ def scan_shape(item: DataItem, spacing: Sequence[float] | None = None) -> Shape3
         own_spacing = np.asarray(item.spacing, dtype=np.float64)
     if spacing is None:
         return tuple(int(s) for s in shape)
-    # Must match io.resample_to_spacing's grid rule (a test checks both agree).
-    return tuple(int(s) for s in np.maximum(np.rint(shape * own_spacing / np.asarray(spacing, float)), 1))
+    return tuple(int(s) for s in io.resampled_shape(shape, own_spacing, spacing))
 
 
 def bucket_by_size(

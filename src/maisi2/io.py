@@ -37,6 +37,7 @@ __all__ = [
     "save_ct",
     "save_label_map",
     "resample_to_spacing",
+    "resampled_shape",
 ]
 
 PathLike = str | os.PathLike
@@ -265,6 +266,13 @@ def _write_nifti(path: PathLike, volume: Volume, overwrite: bool) -> Path:
 # ---------------------------------------------------------------- resampling
 
 
+def resampled_shape(shape, spacing, new_spacing) -> np.ndarray:
+    """The grid `resample_to_spacing` makes: the same physical extent in `new_spacing` voxels,
+    rounded to whole voxels, at least one per axis."""
+    shape, spacing, new_spacing = (np.asarray(v, dtype=np.float64) for v in (shape, spacing, new_spacing))
+    return np.maximum(np.rint(shape * spacing / new_spacing), 1).astype(int)
+
+
 def resample_to_spacing(volume: Volume, spacing, order: int) -> Volume:
     """Resample onto a grid with `spacing` mm voxels covering the same physical extent, centred.
 
@@ -279,7 +287,7 @@ def resample_to_spacing(volume: Volume, spacing, order: int) -> Volume:
     new_spacing = _spacing3(spacing)
     old_spacing = np.asarray(volume.spacing)
     old_shape = np.asarray(volume.shape)
-    new_shape = np.maximum(np.rint(old_shape * old_spacing / new_spacing), 1).astype(int)
+    new_shape = resampled_shape(old_shape, old_spacing, new_spacing)
     if np.array_equal(new_shape, old_shape) and np.allclose(new_spacing, old_spacing):
         return volume
     # Map new voxel index -> old voxel index so that both grids share their centre point.
