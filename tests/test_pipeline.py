@@ -35,6 +35,8 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     info = json.loads((model / "model.json").read_text())
     assert info["metadata"]["fov_mm"] == {"min": [384.0] * 3, "max": [384.0] * 3}
     assert info["metadata"]["weights"] == {"vae": "ema", "unet": "ema", "controlnet": "ema"}
+    # the UNet's count adds up its three stages (each resumed from the one before)
+    assert info["metadata"]["trained_steps"] == {"vae": 2, "unet": 6, "controlnet": 2}
 
     # --raw controlnet: the ControlNet's raw weights, not its EMA (which differ after training)
     from maisi2.checkpoint import load_checkpoint

@@ -316,11 +316,13 @@ def test_cli_trains_all_stages_and_resumes(tmp_path, capsys):
     for k in (1, 2, 3):
         assert f"stage {k}: step 2 -> {stage_dir(out, k) / LAST}" in printed
     assert load_checkpoint(stage_dir(out, 3) / LAST).extra["init"] == str(stage_dir(out, 2) / LAST)
+    assert [load_checkpoint(stage_dir(out, k) / LAST).steps_in_all for k in (1, 2, 3)] == [2, 4, 6]
     assert main(args) == 1  # a second run must not overwrite the first
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # finished stages are kept as they are
     assert main([*args[:-4], "--stage", "3", "--steps", "3", "--resume"]) == 0  # extend stage 3
     assert load_checkpoint(stage_dir(out, 3) / LAST).step == 3
+    assert load_checkpoint(stage_dir(out, 3) / LAST).steps_in_all == 7  # a resumed stage keeps its start count
     bad = tmp_path / "recipe.json"
     bad.write_text("{not json")
     assert main([*args, "--recipe", str(bad)]) == 1

@@ -63,6 +63,12 @@ class Checkpoint:
         """EMA weights when present (what sampling should use), else the raw weights."""
         return self.ema_state_dict if prefer_ema and self.ema_state_dict is not None else self.state_dict
 
+    @property
+    def steps_in_all(self) -> int:
+        """Training steps these weights have had: this run's, plus those of the checkpoint it
+        started from (``extra["steps_before"]``, which flow stages record) and so on back."""
+        return int(self.extra.get("steps_before", 0)) + int(self.step)
+
 
 def build_network(kind: str, cfg: Config, device=None) -> nn.Module:
     from maisi2 import nets

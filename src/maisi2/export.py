@@ -54,7 +54,8 @@ def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | Non
     for kind, ck in ckpts.items():
         weights = ck.weights(prefer_ema=kind not in raw)
         networks[kind] = load_weights(build_network(kind, cfg), weights, kind, str(ck), cfg.preset).eval()
-    metadata = {"trained_steps": {k: ck.step for k, ck in ckpts.items()},
+    # steps in all: a flow UNet's stages (and the runs it was initialised from) add up
+    metadata = {"trained_steps": {k: ck.steps_in_all for k, ck in ckpts.items()},
                 "weights": {k: "raw" if k in raw or ck.ema_state_dict is None else "ema" for k, ck in ckpts.items()},
                 **(notes or {})}
     if cache is not None:

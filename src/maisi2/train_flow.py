@@ -369,12 +369,13 @@ def _say(info: DistInfo, message: str) -> None:
 
 
 def _initial_unet(cfg: Config, recipe: FlowRecipe, device: str,
-                  init: Path | None) -> tuple[nn.Module, dict | None, float | None]:
-    """A fresh UNet (seeded), or one with `init`'s raw weights; returns (model, its EMA, its scale factor)."""
+                  init: Path | None) -> tuple[nn.Module, dict | None, float | None, int]:
+    """A fresh UNet (seeded), or one with `init`'s raw weights; returns (model, its EMA, its scale
+    factor, the training steps those weights have had in all)."""
     torch.manual_seed(recipe.seed)  # the same start on every rank (DDP also broadcasts rank 0's)
     model = nets.build_unet(cfg, device=nets.resolve_device(device))
     if init is None:
-        return model, None, None
+        return model, None, None, 0
     ckpt = load_checkpoint(init)
     if ckpt.kind != "unet":
         raise ValueError(f"--init {init} holds a {ckpt.kind} checkpoint; the flow model needs a unet checkpoint")
@@ -382,7 +383,7 @@ def _initial_unet(cfg: Config, recipe: FlowRecipe, device: str,
     ema = ckpt.ema_state_dict
     if ema is not None and {k: v.shape for k, v in ema.items()} != {k: v.shape for k, v in ckpt.state_dict.items()}:
         ema = None
-    return model, ema, ckpt.scale_factor
+    return model, ema, ckpt.scale_factor, ckpt.steps_in_all
 
 
 def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, recipe: FlowRecipe,
@@ -399,12 +400,15 @@ def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, rec
     if k == 1:
         _check_low_res_size(cfg, recipe)
     dataset = LatentDataset(cache)
-    model, ema, init_scale = _initial_unet(cfg, recipe, device, init)
+    model, ema, init_scale, steps_before = _initial_unet(cfg, recipe, device, init)
+    if resuming:  # the count the interrupted run started from
+        steps_before = int(load_checkpoint(folder / LAST).extra.get("steps_before", 0))
     if init_scale is not None and abs(init_scale - dataset.scale_factor) > 1e-3 * abs(dataset.scale_factor):
         _say(info, f"{init} was trained with scale_factor {init_scale:.5g}, the cache has {dataset.scale_factor:.5g}; "
                    "using the cache's (encode with the same VAE to keep them equal)")
     _say(info, f"flow stage {k}: {len(dataset)} latents, {recipe.stage(k).steps} steps -> {folder}")
-    extra = {"recipe": recipe.to_json(), "stage": k, "init": "" if init is None else str(init), "cache": str(cache)}
+    extra = {"recipe": recipe.to_json(), "stage": k, "init": "" if init is None else str(init), "cache": str(cache),
+             "steps_before": steps_before}
     return train(model, FlowStepLoss(cfg, recipe, k), stage_source(k, dataset, recipe, info),
                  stage_settings(recipe, k, device, progress), folder, kind="unet", config=cfg,
                  scale_factor=dataset.scale_factor, resume=resume, extra=extra, ema_init=ema, on_batch=on_batch)
