@@ -2,9 +2,9 @@
 
 The VAE, flow UNet and ControlNet are trained separately (train-vae, train-flow,
 train-controlnet); `export_model` takes their EMA weights (or, for the networks named in `raw`,
-the raw ones: the EMA of a short run lags far behind it, see docs/model_card.md), checks they belong together (same VAE
-and trunk config, one scale factor), records the fields of view the model was trained on (from
-the latent cache) and writes the folder with `models.save_model_folder`.
+the raw ones: the EMA of a short run lags far behind it, see docs/model_card.md), checks they
+belong together (same VAE and trunk config, one scale factor), records the fields of view the
+model was trained on (from the latent cache) and writes the folder with `models.save_model_folder`.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ __all__ += [
     "ContrastRegions",
     "contrast_regions",
     "region_weight_map",
+    "mask_weights",
     "ContrastiveTerms",
     "region_contrastive_loss",
     "feature_contrastive_loss",
@@ -144,7 +145,12 @@ def region_weight_map(labels: torch.Tensor, ids: Sequence[int], size: Sequence[i
     """Per-voxel flow-loss weights on the latent grid: `weight` where any image voxel under a latent
     voxel carries one of `ids`, else 1. labels: (B, 1, X, Y, Z) -> (B, 1, *size)."""
     chosen = torch.isin(labels, torch.as_tensor(list(ids), device=labels.device, dtype=labels.dtype))
-    return 1.0 + (float(weight) - 1.0) * pool_any(chosen, size)
+    return mask_weights(pool_any(chosen, size), weight)
+
+
+def mask_weights(mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """`weight` where `mask` is set, 1 elsewhere (float): the weights of a region-weighted mean."""
+    return 1.0 + (float(weight) - 1.0) * mask.float()
 
 
 @dataclass

@@ -37,6 +37,7 @@ from maisi2.checkpoint import Checkpoint, load_checkpoint, load_weights, save_ch
 from maisi2.config import Config
 from maisi2.data import HU_MIN, CTDataset, DataItem, center_pad_or_crop, hu_to_unit, read_datalist
 from maisi2.labels import TUMOR_IDS
+from maisi2.losses import mask_weights
 from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, train
 from maisi2.vae import (ADVERSARIAL_KINDS, build_discriminator, discriminator_logits, discriminator_loss,
                         downsample_factor, generator_adversarial_loss, kl_loss, reconstruction_l1, vae_state_only)
@@ -267,8 +268,7 @@ def make_vae_loss(options: VAETrainOptions, clock: StepClock | None = None):
         out = model(image, eps)
         weight = None
         if "region" in batch and options.region_weight != 1:
-            region = batch["region"].to(device, non_blocking=True)
-            weight = 1.0 + (options.region_weight - 1.0) * region.float()
+            weight = mask_weights(batch["region"].to(device, non_blocking=True), options.region_weight)
         l_rec = reconstruction_l1(out["recon"], image, weight)
         l_kl = kl_loss(out["z_mu"], out["z_sigma"])
         # decoder_only: the KL has no trainable input, so it is logged but not added
@@ -363,10 +363,9 @@ def train_vae(datalist: str | os.PathLike, out_dir: str | os.PathLike, cfg: Conf
     out_dir = Path(out_dir)
     if resume:
         _check_same_options(out_dir, options)
-    items = read_datalist(datalist)
-
     if options.decoder_only and init is None:
         raise ValueError("decoder-only training fine-tunes the decoder of a trained VAE: give its weights as --init")
+    items = read_datalist(datalist)
 
     # 2. networks
     vae = build_vae(cfg)
