@@ -8,8 +8,9 @@ window 80^3 latent voxels clamped per axis to the latent), with the autoencoder'
 as configured (num_splits 4 on axis 1), on the CPU in fp32 with its half-precision normalisation
 off (it only runs under fp16 autocast). The networks are MONAI's own classes (maisi2's faster
 layers taken out again with `fastops.restore_monai_layers`). Ours is what `maisi2 generate` runs:
-`sampling.sample_latent` (mask embedding computed once, fused upsampling blocks) and
-`decode.decode_tiled` with the plan `decode.plan_tiles` makes for the memory budget.
+`sampling.sample_latent` (mask embedding computed once, fused upsampling blocks), the UNet and
+ControlNet let go (as `generate` does with networks it loaded), and `decode.decode_tiled` with the
+plan `decode.plan_tiles` makes for the memory budget.
 
 Same networks (``maisi-v2`` architecture, random weights from one seed, perturbed so that the
 zero-initialised layers are not zero), same noise, same mask, same machine, same run. Each variant
@@ -29,6 +30,7 @@ interrupted run keeps what it finished and ``--resume`` skips variants already t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -187,6 +189,10 @@ def _e2e(args, device, reference: bool) -> dict:
     else:
         x = sampling.sample_latent(net["unet"], cond, latent_shape, cfg.flow, controlnet=net["controlnet"],
                                    steps=args.steps, seed=SEED, callback=tick)
+        # What `generate` does with networks it loaded itself (`Models.release_diffusion`): the UNet
+        # and ControlNet are let go before decoding. The reference keeps all three loaded, as the release does.
+        del net["unet"], net["controlnet"]
+        gc.collect()
         _sync(device)
         sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
         image, plan = _our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb)

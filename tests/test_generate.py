@@ -159,7 +159,7 @@ def test_a_tight_memory_budget_tiles_the_decoder_without_changing_the_ct(model_d
     roomy = G.generate(mask, tmp_path / "roomy.nii.gz", model=model_dir, options=options)
     memory = roomy.report["memory"]
     assert memory["decode"]["tiles"] == 1
-    tight_gb = (memory["weights_bytes"] + memory["host_bytes"]
+    tight_gb = (memory["weights_while_decoding_bytes"] + memory["host_bytes"]
                 + decode.estimate_decode_bytes(get_config("tiny").vae, (21, 8, 8))) / 2**30
     tight = G.generate(mask, tmp_path / "tight.nii.gz", model=model_dir,
                        options=G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False,
@@ -310,10 +310,85 @@ def test_qc_retries_use_the_next_seeds_and_record_every_attempt(small_mask_file,
     assert not result.passed_qc and report["quality"]["passed"] is False
     assert report["seed"] == report["attempts"][report["chosen_attempt"]]["seed"]
 
+    # Each retry read the UNet and ControlNet again (generate lets them go before decoding).
+    assert "reload_networks" not in report["attempts"][0]["timings_s"]
+    assert all(a["timings_s"]["reload_networks"] > 0 for a in report["attempts"][1:])
+
     monkeypatch.setattr(quality, "hu_ranges", lambda: {organ: (-2000.0, 2000.0) for organ in impossible})
     result = G.generate(small_mask_file, tmp_path / "ok.nii.gz", model=model_dir,
                         options=G.GenerateOptions(steps=1, seed=7, qc_retries=2, write_preview=False))
     assert result.passed_qc and len(result.report["attempts"]) == 1
+
+
+# -- memory: which networks are held while decoding ---------------------------------------------
+
+@pytest.fixture
+def decode_sees(monkeypatch):
+    """Record, for every decode, whether the UNet and ControlNet were still loaded."""
+    seen = []
+    real = G._decode_to_hu
+
+    def spy(latent, prepared, models, *args, **kwargs):
+        seen.append(models.has_diffusion)
+        return real(latent, prepared, models, *args, **kwargs)
+
+    monkeypatch.setattr(G, "_decode_to_hu", spy)
+    return seen
+
+
+def test_generate_lets_go_of_the_diffusion_networks_before_decoding(small_mask_file, model_dir, tmp_path,
+                                                                    decode_sees):
+    result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir,
+                        options=G.GenerateOptions(steps=1, write_preview=False))
+    assert decode_sees == [False]
+    memory = result.report["memory"]
+    vae_bytes = sum(p.numel() * 4 for p in models.load_model(model_dir).vae.parameters())
+    assert memory["weights_while_decoding_bytes"] == vae_bytes < memory["weights_bytes"]
+
+
+def test_networks_the_caller_passes_or_a_batch_shares_stay_loaded(small_mask_file, model_dir, tmp_path,
+                                                                  decode_sees):
+    loaded = models.load_model(model_dir)
+    options = G.GenerateOptions(steps=1, write_preview=False)
+    result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=loaded, options=options)
+    assert loaded.has_diffusion and decode_sees == [True]
+    assert result.report["memory"]["weights_while_decoding_bytes"] == result.report["memory"]["weights_bytes"]
+    items = [G.BatchItem(small_mask_file, tmp_path / f"b{i}.nii.gz", None, None) for i in range(2)]
+    G.generate_batch(items, model=model_dir, options=options)
+    assert decode_sees == [True, True, True]
+
+
+def test_load_model_builds_only_the_kinds_asked_for(model_dir):
+    partial = models.load_model(model_dir, kinds=("unet", "controlnet"))
+    assert partial.vae is None and partial.unet is not None and partial.controlnet is not None
+    assert partial.device == torch.device("cpu") and partial.scale_factor == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="unknown network kinds"):
+        models.load_model(model_dir, kinds=("unet", "decoder"))
+    full = models.load_model(model_dir)
+    full.release_diffusion()
+    assert not full.has_diffusion and full.weight_bytes() == full.weight_bytes(("vae",))
+    assert full.restore_diffusion() > 0 and full.has_diffusion
+    reference = models.load_model(model_dir).unet.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in full.unet.state_dict().items())
+
+
+def test_a_retry_with_reloaded_networks_gives_what_its_seed_gives_first_time(small_mask_file, model_dir,
+                                                                              tmp_path, monkeypatch):
+    calls = []
+
+    def third_time_lucky(hu, labels):
+        calls.append(1)
+        failing = [] if len(calls) == 3 else [quality.OrganCheck("liver", quality.FAIL, 1, 0.0, 1.0, 2.0)]
+        return quality.QualityReport(failing)
+
+    monkeypatch.setattr(quality, "quality_check", third_time_lucky)
+    retried = G.generate(small_mask_file, tmp_path / "retried.nii.gz", model=model_dir,
+                         options=G.GenerateOptions(steps=1, seed=7, qc_retries=2, write_preview=False))
+    assert retried.report["seed"] == 9 and retried.report["chosen_attempt"] == 2
+    direct = G.generate(small_mask_file, tmp_path / "direct.nii.gz", model=model_dir,
+                        options=G.GenerateOptions(steps=1, seed=9, write_preview=False))
+    np.testing.assert_array_equal(np.asarray(nib.load(direct.paths.ct).dataobj),
+                                  np.asarray(nib.load(retried.paths.ct).dataobj))
 
 
 # -- model folders -----------------------------------------------------------------------------

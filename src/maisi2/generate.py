@@ -12,7 +12,10 @@
 6. conditioning: the mask as bit-planes, spacing, modality (and, for guidance, the mask with its
    tumours replaced by their parent organs);
 7. denoising loop (`sampling.sample_latent`), tiled decoding (`decode.decode_tiled`) back to HU,
-   quality check; with `qc_retries`, again with seed+1, seed+2 ... while the check fails;
+   quality check; with `qc_retries`, again with seed+1, seed+2 ... while the check fails.
+   Networks that `generate` loaded itself are its alone: the UNet and ControlNet are let go
+   before decoding (read again for a retry), so the peak memory is the larger of sampling and
+   decoding, not their sum; `generate_batch` and callers passing `Models` keep theirs loaded;
 8. the report;
 9. write the CT, the prepared label map, a preview and the JSON report as one set.
 
@@ -164,8 +167,10 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
     info, models = _model_info(model)
     # 3. prepare the mask
     prepared = prepare_mask(mask, info.cfg, options.spacing)
-    # 4. check the request against the model and the memory budget
-    fit = _check_fits(prepared, info, models, options)
+    # 4. check the request against the model and the memory budget. Networks loaded here are
+    #    ours alone: the UNet and ControlNet are let go while the decoder runs.
+    release = models is None
+    fit = _check_fits(prepared, info, models, options, release)
     # 5. load the networks
     models, load_seconds = _load_networks(info, models, options)
     return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds)
@@ -309,32 +314,38 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _weight_bytes(info, models) -> int:
-    """fp32 bytes of the three networks' parameters (counted on the meta device: nothing allocated)."""
+def _weight_bytes(info, models, kinds: tuple[str, ...] | None = None) -> int:
+    """fp32 bytes of the networks' parameters (all three by default; counted on the meta device:
+    nothing allocated)."""
     import torch
 
     from maisi2 import checkpoint as ckpt
+    from maisi2.models import NETWORK_KINDS
 
+    kinds = NETWORK_KINDS if kinds is None else kinds
     if models is not None:
-        return models.weight_bytes()
+        return models.weight_bytes(kinds)
     total = 0
     with torch.device("meta"):
-        for kind in ("vae", "unet", "controlnet"):
+        for kind in kinds:
             total += sum(p.numel() * 4 for p in ckpt.build_network(kind, info.cfg).parameters())
     return total
 
 
-def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions) -> dict:
+def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions, release: bool = False) -> dict:
     """Refuse (ValueError) a field of view far off the model's or a size over the memory budget.
 
-    Returns the memory plan: budget, weights, sampling peak, host arrays, decode tiles, device.
+    Returns the memory plan: budget, weights, sampling peak, host arrays, decode tiles, device, and
+    `release` (the UNet and ControlNet are let go before decoding, so the decoder's budget counts
+    only the VAE's weights).
     """
     from maisi2.nets import resolve_device
 
     _check_fov(prepared, info, options.fov_tolerance)
     device = resolve_device(options.device)
     fit = {"device": str(device), "budget": memory_budget_bytes(options.max_memory_gb, device),
-           "weights": _weight_bytes(info, models),
+           "weights": _weight_bytes(info, models), "release": release,
+           "decode_weights": _weight_bytes(info, models, ("vae",) if release else None),
            # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
            "host": math.prod(prepared.padded.shape) * 12 if device.type == "cpu" else 0}
     fit["sampling"] = fit["weights"] + _sampling_bytes(prepared, info.cfg, options, device)
@@ -359,13 +370,14 @@ def _decode_plan(prepared: PreparedMask, cfg, fit: dict, spill_dir: str | None =
             f"sampling a {size} volume needs about {fit['sampling'] / 2**30:.1f} GB, over the "
             f"{budget / 2**30:.1f} GB budget. Raise --max-memory, choose a coarser --spacing, or crop the mask"
         )
-    if fit["weights"] + fit["host"] >= budget:
+    held = fit["decode_weights"]  # what stays loaded while decoding
+    if held + fit["host"] >= budget:
         raise ValueError(
-            f"the networks ({fit['weights'] / 2**30:.2f} GB) and the output arrays ({fit['host'] / 2**30:.2f} GB) "
+            f"the networks ({held / 2**30:.2f} GB) and the output arrays ({fit['host'] / 2**30:.2f} GB) "
             f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
         )
     latent = tuple(n // cfg.vae.downsample_factor for n in prepared.padded.shape)
-    return decode.plan_tiles(latent, cfg.vae, budget - fit["weights"] - fit["host"], spill_dir=spill_dir)
+    return decode.plan_tiles(latent, cfg.vae, budget - held - fit["host"], spill_dir=spill_dir)
 
 
 def _check_fov(prepared: PreparedMask, info, tolerance: float) -> None:
@@ -448,6 +460,7 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
     half = _half(options, models.device)
     latent_shape = (models.cfg.vae.latent_channels, *fit["plan"].latent_shape)
     uncond = conditioning["uncond"]
+    reload_seconds = models.restore_diffusion()  # released by an earlier attempt (a QC retry)
     start = time.perf_counter()
     latent = sampling.sample_latent(
         models.unet, conditioning["cond"], latent_shape, models.cfg.flow, controlnet=models.controlnet,
@@ -455,10 +468,14 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
         seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, autocast=half,
         progress=options.progress)
     sampled = time.perf_counter()
+    if fit["release"]:
+        models.release_diffusion()  # the decode plan counted only the VAE's weights
     hu = _decode_to_hu(latent, prepared, models, fit["plan"], half, options.progress, options.decode_statistics)
     decoded = time.perf_counter()
     qc = quality.quality_check(hu, prepared.volume.array)
     timings = {"sampling": sampled - start, "decoding": decoded - sampled}
+    if reload_seconds:
+        timings["reload_networks"] = reload_seconds
     return {"seed": seed, "hu": hu, "qc": qc, "timings": timings}
 
 
@@ -504,6 +521,7 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
         "guidance": {"scale": options.cfg_scale, "applied": conditioning["uncond"] is not None,
                      "unconditional_mask": "tumours replaced by their parent organs (labels.remove_tumors)"},
         "memory": {"budget_bytes": fit["budget"], "weights_bytes": fit["weights"],
+                   "weights_while_decoding_bytes": fit["decode_weights"],
                    "sampling_bytes": fit["sampling"], "host_bytes": fit["host"], "decode": fit["plan"].to_dict()},
         "seed": attempts[best]["seed"],
         "chosen_attempt": best,

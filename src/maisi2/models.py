@@ -30,7 +30,9 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -103,14 +105,38 @@ class Models:
     scale_factor: float
     metadata: dict[str, Any] = field(default_factory=dict)
     info: ModelInfo | None = None
+    prefer_ema: bool = True
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        net = next(n for n in (self.vae, self.unet, self.controlnet) if n is not None)
+        return next(net.parameters()).device
 
-    def weight_bytes(self) -> int:
-        nets = [n for n in (self.vae, self.unet, self.controlnet) if n is not None]
+    def weight_bytes(self, kinds: tuple[str, ...] = NETWORK_KINDS) -> int:
+        nets = [getattr(self, k) for k in kinds if getattr(self, k) is not None]
         return sum(p.numel() * p.element_size() for n in nets for p in n.parameters())
+
+    @property
+    def has_diffusion(self) -> bool:
+        """False after `release_diffusion` (until `restore_diffusion`)."""
+        return self.unet is not None
+
+    def release_diffusion(self) -> None:
+        """Let go of the UNet and ControlNet (~1 GB for maisi-v2) while only the decoder is left to run,
+        so a generation's peak memory is the larger of its two phases, not their sum."""
+        if self.info is None:
+            raise ValueError("these networks were not loaded from a model folder: releasing them could not be undone")
+        self.unet = self.controlnet = None
+        gc.collect()
+
+    def restore_diffusion(self) -> float:
+        """Read the UNet and ControlNet again after `release_diffusion`; returns the seconds it took."""
+        if self.has_diffusion:
+            return 0.0
+        start = time.perf_counter()
+        fresh = load_model(self.info, self.device, self.prefer_ema, kinds=("unet", "controlnet"))
+        self.unet, self.controlnet = fresh.unet, fresh.controlnet
+        return time.perf_counter() - start
 
 
 def default_model_dir() -> Path:
@@ -202,29 +228,34 @@ def _our_layout(model_dir: Path) -> str:
 # -- loading ---------------------------------------------------------------------------------
 
 def load_model(model_dir: str | Path | ModelInfo | None = None, device: str | torch.device | None = "cpu",
-               prefer_ema: bool = True) -> Models:
+               prefer_ema: bool = True, kinds: tuple[str, ...] = NETWORK_KINDS) -> Models:
     """Build the networks for the folder's config and load its weights strictly (eval mode).
 
     model_dir: a folder (see the module docstring), a `ModelInfo` from `read_model_info`, or None
     for the bundled model. The ControlNet is optional in the files; without it `Models.controlnet`
-    is None and only unconditional sampling is possible.
+    is None and only unconditional sampling is possible. `kinds`: the networks to build (the others
+    are None; `Models.restore_diffusion` reads only the UNet and ControlNet).
     """
     from maisi2.nets import resolve_device
 
     info = model_dir if isinstance(model_dir, ModelInfo) else read_model_info(model_dir)
     device = resolve_device(device)
-    weights, scale_factor = _read_weights(info, prefer_ema)
+    unknown = set(kinds) - set(NETWORK_KINDS)
+    if unknown:
+        raise ValueError(f"unknown network kinds {sorted(unknown)}; choose from {NETWORK_KINDS}")
+    weights, scale_factor = _read_weights(info, prefer_ema, kinds)
     cfg = inference_config(info.cfg)
     built = {}
     for kind in NETWORK_KINDS:
-        if weights.get(kind) is None:
+        if kind not in kinds or weights.get(kind) is None:
             built[kind] = None
             continue
         # Built on the target device: the builders switch flash attention on only for CUDA.
         net = ckpt.build_network(kind, cfg, device=device)
         ckpt.load_weights(net, weights[kind], kind, _source(info, kind), info.cfg.preset)
         built[kind] = net.eval()
-    return Models(info.cfg, built["vae"], built["unet"], built["controlnet"], scale_factor, info.metadata, info)
+    return Models(info.cfg, built["vae"], built["unet"], built["controlnet"], scale_factor, info.metadata, info,
+                  prefer_ema)
 
 
 def _source(info: ModelInfo, kind: str) -> str:
@@ -233,19 +264,25 @@ def _source(info: ModelInfo, kind: str) -> str:
     return str(info.model_dir / f"{kind}.{info.layout}")
 
 
-def _read_weights(info: ModelInfo, prefer_ema: bool) -> tuple[dict, float]:
-    """State dicts by kind (controlnet may be None) and the latent scale factor."""
+def _read_weights(info: ModelInfo, prefer_ema: bool, kinds: tuple[str, ...] = NETWORK_KINDS) -> tuple[dict, float]:
+    """State dicts by kind (controlnet may be None) and the latent scale factor.
+
+    Files of kinds not asked for are not read, except the UNet's when it carries the scale factor
+    and the released files (one reader for the three).
+    """
     if info.layout == "released":
         released = ckpt.read_released(info.model_dir)
         return {"vae": released.vae, "unet": released.unet, "controlnet": released.controlnet}, released.scale_factor
     if info.layout == "safetensors":
         from safetensors.torch import load_file
 
-        files = {k: info.model_dir / f"{k}.safetensors" for k in NETWORK_KINDS}
+        files = {k: info.model_dir / f"{k}.safetensors" for k in kinds}
         return {k: load_file(str(p)) if p.is_file() else None for k, p in files.items()}, float(info.scale_factor)
     weights, scale = {}, info.scale_factor
     for kind in NETWORK_KINDS:
         path = info.model_dir / f"{kind}.pt"
+        if kind not in kinds and not (kind == "unet" and scale is None):
+            continue
         if not path.is_file():
             weights[kind] = None
             continue
