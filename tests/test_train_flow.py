@@ -322,7 +322,9 @@ def test_cli_trains_all_stages_and_resumes(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0  # finished stages are kept as they are
     assert main([*args[:-4], "--stage", "3", "--steps", "3", "--resume"]) == 0  # extend stage 3
     assert load_checkpoint(stage_dir(out, 3) / LAST).step == 3
-    assert load_checkpoint(stage_dir(out, 3) / LAST).steps_in_all == 7  # a resumed stage keeps its start count
+    resumed = load_checkpoint(stage_dir(out, 3) / LAST)
+    assert resumed.steps_in_all == 7  # a resumed stage keeps its start count ...
+    assert resumed.extra["init"] == str(stage_dir(out, 2) / LAST)  # ... and its origin
     bad = tmp_path / "recipe.json"
     bad.write_text("{not json")
     assert main([*args, "--recipe", str(bad)]) == 1

@@ -176,6 +176,18 @@ def test_resume_is_exact(tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "b" / LOG)] == ["2", "4", "6", "8", "9"]
 
 
+def test_a_resumed_run_keeps_the_origin_keys_of_its_extra(tmp_path):
+    def crash(step, batch):
+        if step == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        _run(tmp_path, on_batch=crash, extra={"origin": "first", "note": "old"}, keep_on_resume=("origin",))
+    _run(tmp_path, resume=True, extra={"origin": "second", "note": "new"}, keep_on_resume=("origin",))
+    extra = load_checkpoint(tmp_path / LAST).extra
+    assert extra["origin"] == "first" and extra["note"] == "new"
+
+
 def test_existing_run_needs_resume_and_the_same_config(tmp_path):
     _run(tmp_path, _settings(steps=2))
     with pytest.raises(FileExistsError, match="resume"):

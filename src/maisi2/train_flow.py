@@ -401,8 +401,6 @@ def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, rec
         _check_low_res_size(cfg, recipe)
     dataset = LatentDataset(cache)
     model, ema, init_scale, steps_before = _initial_unet(cfg, recipe, device, init)
-    if resuming:  # the count the interrupted run started from
-        steps_before = int(load_checkpoint(folder / LAST).extra.get("steps_before", 0))
     if init_scale is not None and abs(init_scale - dataset.scale_factor) > 1e-3 * abs(dataset.scale_factor):
         _say(info, f"{init} was trained with scale_factor {init_scale:.5g}, the cache has {dataset.scale_factor:.5g}; "
                    "using the cache's (encode with the same VAE to keep them equal)")
@@ -411,7 +409,9 @@ def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, rec
              "steps_before": steps_before}
     return train(model, FlowStepLoss(cfg, recipe, k), stage_source(k, dataset, recipe, info),
                  stage_settings(recipe, k, device, progress), folder, kind="unet", config=cfg,
-                 scale_factor=dataset.scale_factor, resume=resume, extra=extra, ema_init=ema, on_batch=on_batch)
+                 scale_factor=dataset.scale_factor, resume=resume, extra=extra,
+                 keep_on_resume=("init", "steps_before"),  # a resumed stage's origin is the interrupted run's
+                 ema_init=ema, on_batch=on_batch)
 
 
 def _check_low_res_size(cfg: Config, recipe: FlowRecipe) -> None:

@@ -537,12 +537,15 @@ class TrainResult:
 
 def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainSettings, out_dir: str | Path, *,
           kind: str, config: Config, scale_factor: float | None = None, resume: bool = False,
-          extra: dict | None = None, ema_init: dict[str, torch.Tensor] | None = None,
+          extra: dict | None = None, keep_on_resume: tuple[str, ...] = (),
+          ema_init: dict[str, torch.Tensor] | None = None,
           on_batch: Callable[[int, Any], None] | None = None) -> TrainResult:
     """Train `model` for ``settings.steps`` steps, writing checkpoints and logs to `out_dir`.
 
     kind, config, scale_factor, extra: stored in every checkpoint (extra must hold only tensors,
       numbers, strings, lists and dicts; the engine adds its state under extra["trainer"]).
+    keep_on_resume: keys of `extra` that describe where the run started (e.g. its initial weights):
+      a resumed run keeps the checkpoint's values for them instead of the caller's.
     resume: continue from out_dir/last.pt when it exists (else start afresh); without it an
       existing last.pt is an error, never silently overwritten.
     ema_init: weights the EMA starts from (e.g. the previous stage's EMA); default the model's.
@@ -556,10 +559,12 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
     trainer = _Trainer(model.to(device), data, settings, info, device)
     last = out_dir / LAST
     resumed = resume and last.is_file()
+    extra = dict(extra or {})
     if resumed:
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, last, kind, config)
         trainer.restore(ckpt)
+        extra.update({k: ckpt.extra[k] for k in keep_on_resume if k in ckpt.extra})
         _say(info, f"resuming {last} at step {trainer.step}")
     elif last.is_file():
         raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, or choose another output folder")
@@ -570,7 +575,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     _barrier(info)
-    record = {"kind": kind, "config": config, "scale_factor": scale_factor, "extra": dict(extra or {}), "path": last,
+    record = {"kind": kind, "config": config, "scale_factor": scale_factor, "extra": extra, "path": last,
               "resumed": resumed}
     return _loop(trainer, net, loss_fn, out_dir, record, on_batch)
 
