@@ -314,22 +314,18 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _weight_bytes(info, models, kinds: tuple[str, ...] | None = None) -> int:
-    """fp32 bytes of the networks' parameters (all three by default; counted on the meta device:
-    nothing allocated)."""
+def _weight_bytes(info, models) -> dict[str, int]:
+    """fp32 bytes of each network's parameters, by kind (counted on the meta device: nothing allocated)."""
     import torch
 
     from maisi2 import checkpoint as ckpt
     from maisi2.models import NETWORK_KINDS
 
-    kinds = NETWORK_KINDS if kinds is None else kinds
     if models is not None:
-        return models.weight_bytes(kinds)
-    total = 0
+        return {kind: models.weight_bytes((kind,)) for kind in NETWORK_KINDS}
     with torch.device("meta"):
-        for kind in kinds:
-            total += sum(p.numel() * 4 for p in ckpt.build_network(kind, info.cfg).parameters())
-    return total
+        return {kind: sum(p.numel() * 4 for p in ckpt.build_network(kind, info.cfg).parameters())
+                for kind in NETWORK_KINDS}
 
 
 def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions, release: bool = False) -> dict:
@@ -343,9 +339,10 @@ def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions, 
 
     _check_fov(prepared, info, options.fov_tolerance)
     device = resolve_device(options.device)
+    weights = _weight_bytes(info, models)
     fit = {"device": str(device), "budget": memory_budget_bytes(options.max_memory_gb, device),
-           "weights": _weight_bytes(info, models), "release": release,
-           "decode_weights": _weight_bytes(info, models, ("vae",) if release else None),
+           "weights": sum(weights.values()), "release": release,
+           "decode_weights": weights["vae"] if release else sum(weights.values()),
            # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
            "host": math.prod(prepared.padded.shape) * 12 if device.type == "cpu" else 0}
     fit["sampling"] = fit["weights"] + _sampling_bytes(prepared, info.cfg, options, device)
