@@ -3,6 +3,7 @@ UNet checkpoint, a few steps with and without the contrastive loss, resume, and 
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from maisi2.losses import PAPER_LAMBDA_SCHEDULE
 from maisi2.train_controlnet import (
     ControlNetLossSettings,
     ControlNetRecipe,
+    crop_window,
     load_frozen_unet,
     recipe_with_overrides,
     train_controlnet,
@@ -205,3 +207,92 @@ def test_volumes_without_a_label_map_are_skipped(tmp_path):
     write_stats(tmp_path, compute_scale_factor(tmp_path))
     dataset = _labelled_latents(tmp_path, 1.0, DistInfo(0, 1, 0))
     assert len(dataset) == 2 and all("label" in dataset[i] for i in range(2))
+
+
+def _positional_item(shape=(16, 16, 8), factor=4):
+    """A latent whose value is its flat voxel index and a label map holding, at every fine voxel,
+    the flat index of the latent voxel above it (mod 256 would clash; the shapes keep it < 256*k)."""
+    latent = torch.arange(math.prod(shape), dtype=torch.float32).reshape(1, *shape).repeat(4, 1, 1, 1)
+    coarse = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+    fine = coarse.repeat_interleave(factor, 0).repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+    return {"latent": latent, "spacing": torch.ones(3), "modality": 0, "fine_index": fine[None]}
+
+
+def test_crop_window_cuts_latent_and_labels_from_the_same_region():
+    item = _positional_item()
+    labels = torch.full((1, 64, 64, 32), LIVER, dtype=torch.uint8)
+    item["label"], item["label_perturbed"] = labels, labels.clone()
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        cut = crop_window({**item, "label_perturbed": item["fine_index"]}, (8, 8, 8), 4, 0.0, g)
+        assert cut["latent"].shape == (4, 8, 8, 8) and cut["label"].shape == (1, 32, 32, 32)
+        # every fine voxel of the label window lies under the latent voxel at the same place
+        coarse = cut["label_perturbed"][0, ::4, ::4, ::4]
+        assert torch.equal(coarse.float(), cut["latent"][0])
+        seen.add(int(cut["latent"][0, 0, 0, 0]))
+        assert torch.equal(cut["spacing"], item["spacing"])
+    assert len(seen) > 5  # random windows, not one fixed place
+    with pytest.raises(ValueError, match="lower the recipe's crop"):
+        crop_window(item, (8, 8, 16), 4, 0.0, g)
+
+
+def test_tumour_centred_windows_hold_the_tumour():
+    labels = torch.full((1, 128, 128, 64), LIVER, dtype=torch.uint8)
+    labels[0, 100:103, 9:12, 50:52] = TUMOUR  # one small tumour near a corner
+    item = {"latent": torch.zeros(4, 32, 32, 16), "spacing": torch.ones(3), "modality": 0, "label": labels}
+    g = torch.Generator().manual_seed(1)
+
+    def share_with_tumour(tumour_share):
+        hits = [bool((crop_window(item, (8, 8, 8), 4, tumour_share, g)["label"] == TUMOUR).any()) for _ in range(60)]
+        return sum(hits) / len(hits)
+
+    assert share_with_tumour(1.0) == 1.0  # centred (jittered by a quarter window at most): always inside
+    assert share_with_tumour(0.0) < 0.3  # uniform windows mostly miss a tumour in 1 % of the volume
+    no_tumour = {**item, "label": torch.full_like(labels, LIVER)}
+    assert crop_window(no_tumour, (8, 8, 8), 4, 1.0, g)["latent"].shape == (4, 8, 8, 8)  # falls back to uniform
+
+
+def test_training_on_tumour_centred_windows(tmp_path, workspace):
+    """16^3 latents trained on 8^3 windows: the step sees the window (not the whole latent) and the
+    recipe (with its crop) is stored; a crop the UNet cannot halve is refused before training."""
+    cache = tmp_path / "cache"
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        labels = torch.full((1, 64, 64, 64), LIVER, dtype=torch.uint8)
+        labels[0, 40:48, 10:18, 20:28] = TUMOUR
+        record = LatentRecord(file="", spacing=(1.5, 1.5, 2.0), latent_shape=(), source="test")
+        write_latent(cache, f"vol{i}", torch.randn(4, 16, 16, 16, generator=g), record, label=labels)
+    write_stats(cache, compute_scale_factor(cache))
+    shapes = []
+    import maisi2.train_controlnet as module
+
+    real_loss = module.controlnet_loss
+
+    def spy(unet, controlnet, x0, *args, **kwargs):
+        shapes.append(tuple(x0.shape))
+        return real_loss(unet, controlnet, x0, *args, **kwargs)
+
+    recipe = _recipe(steps=3, crop=(8, 8, 8), tumour_crops=1.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "controlnet_loss", spy)
+        train_controlnet(cache, workspace["unet"], tmp_path / "run", recipe, device="cpu", progress=False)
+    assert shapes == [(2, 4, 8, 8, 8)] * 3
+    rows = _rows(tmp_path / "run")
+    assert all(float(r["roi_samples"]) == 2.0 for r in rows)  # every window of the batch holds the tumour
+    assert float(rows[-1]["d_roi"]) > 0  # and its ROI reaches the contrastive term
+    stored = ControlNetRecipe.from_dict(json.loads(load_checkpoint(tmp_path / "run" / "last.pt").extra["recipe"]))
+    assert stored.crop == (8, 8, 8) and stored.tumour_crops == 1.0
+    with pytest.raises(ValueError, match="multiple of 8"):
+        train_controlnet(cache, workspace["unet"], tmp_path / "bad", _recipe(steps=1, crop=(4, 8, 8)),
+                         device="cpu", progress=False)
+
+
+def test_window_settings_are_checked():
+    with pytest.raises(ValueError, match="three positive"):
+        ControlNetRecipe(crop=(8, 8))
+    with pytest.raises(ValueError, match="needs crop"):
+        ControlNetRecipe(tumour_crops=0.5)
+    with pytest.raises(ValueError, match="share"):
+        ControlNetRecipe(crop=(8, 8, 8), tumour_crops=1.5)
+    assert recipe_with_overrides(ControlNetRecipe(), ["crop=[16, 16, 8]"]).crop == (16, 16, 8)

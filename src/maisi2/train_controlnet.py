@@ -63,6 +63,7 @@ __all__ = [
     "StepOutput",
     "controlnet_loss",
     "ControlNetStepLoss",
+    "crop_window",
     "load_frozen_unet",
     "train_controlnet",
 ]
@@ -245,10 +246,18 @@ class ControlNetRecipe:
     max_nonfinite: int = 10
     seed: int = 0
     num_workers: int = 0
+    crop: tuple[int, ...] = ()
+    tumour_crops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.voxels_per_batch < 1 or self.num_workers < 0:
             raise ValueError("batch_size and voxels_per_batch must be at least 1 and num_workers >= 0")
+        if self.crop and (len(self.crop) != 3 or min(self.crop) < 1):
+            raise ValueError(f"crop must be three positive latent sizes (x, y, z) or empty, got {list(self.crop)}")
+        if not 0 <= self.tumour_crops <= 1:
+            raise ValueError(f"tumour_crops must be a share in [0, 1], got {self.tumour_crops}")
+        if self.tumour_crops and not self.crop:
+            raise ValueError("tumour_crops needs crop: windows can only be centred on a tumour when there are windows")
         self.settings()  # the engine's own checks (steps, lr, schedule, amp, ...)
 
     def settings(self, device: str = "auto", progress: bool | None = None) -> TrainSettings:
@@ -305,7 +314,7 @@ def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistIn
     """Shape-bucketed batches, dealt to ranks by `data.BucketBatchSampler`; the epoch seed comes
     from the engine's data RNG, so resuming replays the same order."""
     buckets = bucket_by_size([r.latent_shape[1:] for r in dataset.records])
-    sizes = {s: max(1, min(recipe.batch_size, recipe.voxels_per_batch // math.prod(s))) for s in buckets}
+    sizes = {s: max(1, min(recipe.batch_size, recipe.voxels_per_batch // math.prod(recipe.crop or s))) for s in buckets}
 
     def plan(generator: torch.Generator) -> list[list[int]]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -313,6 +322,35 @@ def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistIn
 
     items = _WithPerturbed(dataset) if recipe.loss.contrastive else dataset
     return BatchSource(items, plan=plan, collate=list, num_workers=recipe.num_workers)
+
+
+def crop_window(item: dict, size: Sequence[int], factor: int, tumour_share: float,
+                generator: torch.Generator) -> dict:
+    """One item's latent cut to a window of `size`, its label maps (`factor` times finer) to the
+    same region; spacing unchanged. With probability `tumour_share`, and when the map has a
+    tumour, the window is centred on a random tumour voxel, jittered by up to a quarter window."""
+    latent = item["latent"]
+    shape = tuple(latent.shape[1:])
+    if any(n < s for n, s in zip(shape, size)):
+        raise ValueError(f"cannot cut a window {tuple(size)} from a latent of shape {shape}; lower the recipe's crop")
+
+    def draw(high: int) -> int:  # uniform in [0, high)
+        return int(torch.randint(0, high, (1,), generator=generator, device=generator.device))
+
+    starts = [draw(n - s + 1) for n, s in zip(shape, size)]
+    if tumour_share > 0 and float(torch.rand((), generator=generator, device=generator.device)) < tumour_share:
+        tumour = torch.isin(item["label"][0], torch.tensor(TUMOR_IDS, dtype=item["label"].dtype)).nonzero()
+        if len(tumour):
+            centre = tumour[draw(len(tumour))] // factor
+            starts = [min(max(int(c) - s // 2 + draw(2 * (s // 4) + 1) - s // 4, 0), n - s)
+                      for c, n, s in zip(centre, shape, size)]
+    out = dict(item)
+    out["latent"] = latent[(slice(None), *(slice(a, a + s) for a, s in zip(starts, size)))]
+    fine = (slice(None), *(slice(a * factor, (a + s) * factor) for a, s in zip(starts, size)))
+    for key in ("label", "label_perturbed"):
+        if key in item:
+            out[key] = item[key][fine]
+    return out
 
 
 class ControlNetStepLoss:
@@ -326,6 +364,9 @@ class ControlNetStepLoss:
     def __init__(self, unet: nn.Module, cfg: Config, recipe: ControlNetRecipe):
         self.unet, self.cfg, self.recipe = unet, cfg, recipe
         self.multiple = 2 ** (len(cfg.unet.num_channels) - 1)
+        if any(s % self.multiple for s in recipe.crop):
+            raise ValueError(f"crop {list(recipe.crop)} must be a multiple of {self.multiple} on every axis (the UNet "
+                             f"halves the grid {len(cfg.unet.num_channels) - 1} times)")
         self.step = 0
 
     def on_batch(self, step: int, batch: Any) -> None:
@@ -334,9 +375,11 @@ class ControlNetStepLoss:
     def __call__(self, model: nn.Module, items: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         device = next(model.parameters()).device
         self.unet.to(device)
+        factor = self.cfg.vae.downsample_factor
+        if self.recipe.crop:
+            items = [crop_window(item, self.recipe.crop, factor, self.recipe.tumour_crops, generator) for item in items]
         x0, cond = prepare_batch(items, generator, device, multiple=self.multiple)
         labels = torch.stack([item["label"] for item in items]).to(device)
-        factor = self.cfg.vae.downsample_factor
         if tuple(labels.shape[2:]) != tuple(s * factor for s in x0.shape[2:]):
             raise ValueError(f"label map {tuple(labels.shape[2:])} does not match latent {tuple(x0.shape[2:])} x {factor}; "
                              "re-encode the cache with labels on the image grid")
