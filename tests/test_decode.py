@@ -199,6 +199,30 @@ def test_streamed_decode_can_keep_its_tensors_in_files(tiny_vae, tmp_path):
     assert not list(tmp_path.iterdir())  # the files were deleted at once
 
 
+def test_spilled_decode_keeps_every_stored_tensor_in_a_file(tiny_vae, tmp_path, monkeypatch):
+    """With spill_dir, every layer input a convolution reads lies in a file, the compacted copy
+    before an upsampling included (a plain clone held 4 GiB of anonymous memory at 512^3);
+    only the post-quant latent (4 channels at latent resolution) is in RAM."""
+    vae, _ = tiny_vae
+    z = torch.randn(1, 4, 6, 5, 4, generator=torch.Generator().manual_seed(4))
+    inputs, compacted = [], []
+    real_conv, real_compact = decode._Streamer.conv, decode._Streamer.compact
+
+    def conv(self, x, *args, **kwargs):
+        inputs.append((x.shape[1], x.untyped_storage().data_ptr() in self.mapped))
+        return real_conv(self, x, *args, **kwargs)
+
+    def compact(self, buffer, channels):
+        compacted.append(channels)
+        return real_compact(self, buffer, channels)
+
+    monkeypatch.setattr(decode._Streamer, "conv", conv)
+    monkeypatch.setattr(decode._Streamer, "compact", compact)
+    decode.decode_streamed(vae, z, spill_dir=str(tmp_path))
+    assert compacted  # the tiny decoder halves its channels once, so a copy is made
+    assert inputs[0] == (4, False) and all(in_file for _, in_file in inputs[1:]), inputs
+
+
 def test_streamed_memory_model():
     # released VAE: the full-resolution 128-channel buffer + the half-resolution input of its upsampling
     assert decode.streamed_channels_per_voxel(get_config("maisi-v2").vae) == 128 + 128 / 8
