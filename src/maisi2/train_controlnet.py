@@ -326,13 +326,12 @@ def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistIn
 
 def crop_window(item: dict, size: Sequence[int], factor: int, tumour_share: float,
                 generator: torch.Generator) -> dict:
-    """One item's latent cut to a window of `size`, its label maps (`factor` times finer) to the
+    """One item's latent cut to a window of `size` (per axis at most the latent's), its label maps (`factor` times finer) to the
     same region; spacing unchanged. With probability `tumour_share`, and when the map has a
     tumour, the window is centred on a random tumour voxel, jittered by up to a quarter window."""
     latent = item["latent"]
     shape = tuple(latent.shape[1:])
-    if any(n < s for n, s in zip(shape, size)):
-        raise ValueError(f"cannot cut a window {tuple(size)} from a latent of shape {shape}; lower the recipe's crop")
+    size = [min(s, n) for s, n in zip(size, shape)]  # a latent thinner than the window keeps that axis whole
 
     def draw(high: int) -> int:  # uniform in [0, high)
         return int(torch.randint(0, high, (1,), generator=generator, device=generator.device))
