@@ -60,7 +60,8 @@ def train_variants(cache: Path, unet: Path, work: Path, args) -> dict[str, Path]
     out = {}
     for name, loss in VARIANTS.items():
         recipe = ControlNetRecipe(loss=ControlNetLossSettings(**loss), steps=args.steps, lr=args.lr, warmup=20,
-                                  ema_decay=0.99, ckpt_every=25, seed=args.seed)
+                                  ema_decay=0.99, ckpt_every=25, seed=args.seed, crop=tuple(args.crop or ()),
+                                  tumour_crops=args.tumour_crops)
         folder = work / slug(name)
         say(f"ControlNet '{name}': {args.steps} steps")
         train_controlnet(cache, unet, folder, recipe, resume=True, device="cpu", progress=not args.no_progress)
@@ -97,6 +98,9 @@ def main() -> None:
     ap.add_argument("--reference-volumes", type=int, default=32)
     ap.add_argument("--steps", type=int, default=400, help="ControlNet training steps per variant")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--crop", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="train on latent windows of this size (ControlNetRecipe.crop; default whole latents)")
+    ap.add_argument("--tumour-crops", type=float, default=0.0, help="share of windows centred on a tumour")
     ap.add_argument("--cases", type=int, default=12, help="held-out masks generated per variant")
     ap.add_argument("--seg-steps", type=int, default=1500, help="tumour segmenter training steps")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,17 @@
 """Where does a tumour get lost: in the ControlNet or in the VAE? Compared in latent space.
 
     python recipes/tumour_latents.py --model src/maisi2/resources/models/default --model work/model_gpu
+    python recipes/tumour_latents.py --model work/model_cn_fast --tumour lung --radius 10 14
 
-For the phantom mask of recipes/previews.py (128 x 128 x 96 at 3 mm, one hepatic tumour, anatomy
-seed 7): (1) the encoder's answer: the posterior mean of the phantom's own CT minus that of the
-same CT with the tumour filled with liver (its median HU); (2) each model's answer: the latent
-sampled (30 steps, seed 0) from the mask minus the one sampled from the same noise with the
-tumour removed from the mask, unscaled like (1). Both: max over channels of |difference|, mean and
-max over the latent voxels under the tumour, and the max elsewhere; then the tumour-to-liver
-contrast (HU) of each model's decoded sample.
+For the phantom mask of recipes/previews.py (128 x 128 x 96 at 3 mm, anatomy seed 7) with one
+tumour (default: hepatic, radius 15-20 mm): (1) the encoder's answer: the posterior mean of the
+phantom's own CT minus that of the same CT with the tumour filled with its parent organ (the
+organ's median HU); (2) each model's answer: the latent sampled (30 steps, seed 0) from the mask
+minus the one sampled from the same noise with the tumour removed from the mask, unscaled like
+(1). Both: max over channels of |difference|, mean and max over the latent voxels under the
+tumour, and the max elsewhere; then the tumour-to-organ contrast (HU) of the VAE's own
+reconstruction (the most a generator can show through this VAE) and of each model's decoded
+sample.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ def summary(diff: torch.Tensor, roi: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="model folder (repeat to compare)")
+    parser.add_argument("--tumour", default="hepatic", help="tumour kind (maisi2.phantom.TUMOR_KINDS)")
+    parser.add_argument("--radius", nargs=2, type=float, default=(15.0, 20.0), metavar=("MIN", "MAX"), help="mm")
     args = parser.parse_args()
-    ct, labels, _ = make_phantom(SHAPE, SPACING, [TumorSpec("hepatic", 1, (15.0, 20.0))], 7)
+    ct, labels, _ = make_phantom(SHAPE, SPACING, [TumorSpec(args.tumour, 1, tuple(args.radius))], 7)
     parents = remove_tumors(labels)
     tumour = parents != labels
     filled = ct.copy()
@@ -55,6 +60,8 @@ def main() -> None:
         encoded = [encode_mean(models.vae, hu_to_unit(torch.from_numpy(v.astype(np.float32)))[None, None])
                    for v in (ct, filled)]
         print(f"\n{folder}\n  encoder, phantom CT with vs without the tumour: {summary(encoded[0] - encoded[1], roi)}")
+        recon = unit_to_hu(decode(models.vae, encoded[0])[0, 0]).numpy()
+        print(f"  the VAE's reconstruction of the phantom: tumour - organ {tumor_contrasts(recon, labels, SPACING)[0].contrast_hu:.0f} HU")
         sampled = []
         for lab in (labels, parents):
             cond = nets.Conditioning(torch.tensor([SPACING], dtype=torch.float32),
@@ -64,7 +71,7 @@ def main() -> None:
             sampled.append(z / models.scale_factor)
         print(f"  generated, mask with vs without the tumour:     {summary(sampled[0] - sampled[1], roi)}")
         hu = unit_to_hu(decode(models.vae, sampled[0])[0, 0]).numpy()
-        print(f"  decoded sample: tumour - liver {tumor_contrasts(hu, labels, SPACING)[0].contrast_hu:.0f} HU")
+        print(f"  decoded sample: tumour - organ {tumor_contrasts(hu, labels, SPACING)[0].contrast_hu:.0f} HU")
 
 
 if __name__ == "__main__":
