@@ -10,6 +10,9 @@ Writes
                         (flow_samples_compare.png)
   controlnet_tumor.png  a phantom mask with a liver tumour, the generated CT, and the CT generated
                         from the same noise with the tumour removed from the mask
+                        (controlnet_pair.png: the slice through the tumour); --tumour KIND
+                        --radius MIN MAX pick another lesion, --pair-only writes only
+                        controlnet_pair_KIND.png
   loss_*.png            training loss curves from the runs' log.csv files
 """
 
@@ -33,11 +36,16 @@ from maisi2.sampling import sample_latent
 from maisi2.vae import decode
 
 
-def axial(hu: np.ndarray, size: int = 192, z: int | None = None) -> Image.Image:
-    """Axial slice `z` (default the middle one), radiological display, window [-200, 300] HU."""
-    sl = hu[::-1, ::-1, hu.shape[2] // 2 if z is None else z].T
-    img = np.clip((sl + 200) / 500, 0, 1) * 255
-    return Image.fromarray(img.astype(np.uint8)).resize((size, size))
+def axial(hu: np.ndarray, size: int = 192, z: int | None = None, window: tuple[float, float] = (-200, 300),
+          box: tuple[slice, slice] | None = None) -> Image.Image:
+    """Axial slice `z` (default the middle one), radiological display, HU `window`; `box` zooms
+    into (x, y) slices of the volume first."""
+    sl = hu[:, :, hu.shape[2] // 2 if z is None else z]
+    if box is not None:
+        sl = sl[box]
+    lo, hi = window
+    img = np.clip((sl[::-1, ::-1].T - lo) / (hi - lo), 0, 1) * 255
+    return Image.fromarray(img.astype(np.uint8)).resize((size, size), Image.NEAREST if box is not None else Image.BICUBIC)
 
 
 def grid(images: list[Image.Image], cols: int, titles: list[str]) -> Image.Image:
@@ -85,6 +93,36 @@ def loss_plot(csv_path: Path, column: str, title: str, size=(480, 240)) -> Image
     return img
 
 
+def tumour_pair(model: str, kind: str, radius: tuple[float, float], out: Path, pair_name: str,
+                overview_name: str | None) -> None:
+    """CT generated from a phantom mask with one tumour of `kind`, and from the same noise with the
+    tumour removed from the mask: the slice through the tumour side by side, and their difference."""
+    from maisi2.generate import GenerateOptions, generate
+    from maisi2.phantom import TumorSpec
+
+    mask = phantom_mask((128, 128, 96), (3.0, 3.0, 3.0), [TumorSpec(kind, 1, radius)], seed=7)
+    no_tumor = mask.with_array(remove_tumors(mask.array))
+    tmp = out / "_tmp"
+    for name, m in (("tumor", mask), ("no_tumor", no_tumor)):
+        generate(m, tmp / f"{name}.nii.gz", model=model, options=GenerateOptions(seed=0, overwrite=True, progress=False))
+    a, b = (load_ct(tmp / f"{n}.nii.gz").array for n in ("tumor", "no_tumor"))
+    if overview_name:
+        render_preview(a, mask.array, mask.spacing).save(out / overview_name)
+    tumour = np.argwhere(mask.array != no_tumor.array)
+    cx, cy, z = (int(v) for v in tumour.mean(0))  # the slice through the tumour, and a 48-voxel box around it
+    box = tuple(slice(max(0, min(c - 24, n - 48)), max(0, min(c - 24, n - 48)) + 48)
+                for c, n in zip((cx, cy), mask.array.shape[:2]))
+    window = (-1000, 200) if kind == "lung" else (-200, 300)  # lung tumours: a lung window
+    outline = np.where(mask.array != no_tumor.array, 1000.0, -1000.0)
+    grid([axial(a, z=z, window=window), axial(b, z=z, window=window), axial(np.abs(a - b) - 200, z=z),
+          axial(a, z=z, window=window, box=box), axial(b, z=z, window=window, box=box), axial(outline, z=z, box=box)], 3,
+         [f"mask with {kind} tumour", "same noise, tumour removed", "|difference| (0-500 HU)",
+          "zoom: with tumour", "zoom: without", "zoom: the tumour in the mask"]).save(out / pair_name)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="work")
@@ -93,10 +131,17 @@ def main() -> None:
     ap.add_argument("--compare-model", default=None, metavar="NAME=DIR",
                     help="also sample this model's flow UNet (same seeds) into flow_samples_compare.png")
     ap.add_argument("--flow-only", action="store_true", help="only the flow samples (no ControlNet pair, no curves)")
+    ap.add_argument("--pair-only", action="store_true", help="only the ControlNet pair, as controlnet_pair_KIND.png")
+    ap.add_argument("--tumour", default="hepatic", help="the pair's tumour kind (maisi2.phantom.TUMOR_KINDS)")
+    ap.add_argument("--radius", nargs=2, type=float, default=(15.0, 20.0), metavar=("MIN", "MAX"), help="mm")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
+    if args.pair_only:
+        tumour_pair(args.model, args.tumour, tuple(args.radius), out, f"controlnet_pair_{args.tumour}.png", None)
+        print(f"wrote the ControlNet pair into {out}")
+        return
     models = load_model(args.model, device="cpu")
 
     # 1. Flow-only samples next to real phantoms of the same grid (128 x 128 x 96 at 3 mm).
@@ -115,23 +160,7 @@ def main() -> None:
         return
 
     # 2. ControlNet: a mask with a liver tumour, and the same noise with the tumour removed.
-    from maisi2.generate import GenerateOptions, generate
-    from maisi2.phantom import TumorSpec
-
-    mask = phantom_mask((128, 128, 96), (3.0, 3.0, 3.0), [TumorSpec("hepatic", 1, (15.0, 20.0))], seed=7)
-    no_tumor = mask.with_array(remove_tumors(mask.array))
-    tmp = out / "_tmp"
-    for name, m in (("tumor", mask), ("no_tumor", no_tumor)):
-        generate(m, tmp / f"{name}.nii.gz", model=args.model,
-                 options=GenerateOptions(seed=0, overwrite=True, progress=False))
-    a, b = (load_ct(tmp / f"{n}.nii.gz").array for n in ("tumor", "no_tumor"))
-    render_preview(a, mask.array, mask.spacing).save(out / "controlnet_tumor.png")
-    z = int(np.argwhere(mask.array == 26)[:, 2].mean())  # the slice through the tumour (hepatic tumour = 26)
-    grid([axial(a, z=z), axial(b, z=z), axial(np.abs(a - b) - 200, z=z)], 3,
-         ["mask with liver tumour", "same noise, tumour removed", "|difference|"]).save(out / "controlnet_pair.png")
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
+    tumour_pair(args.model, args.tumour, tuple(args.radius), out, "controlnet_pair.png", "controlnet_tumor.png")
 
     # 3. Loss curves.
     for name, run, column in (("vae", "vae", "recon_l1"), ("flow_stage1", "flow/stage_1", "loss"),

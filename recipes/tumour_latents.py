@@ -11,7 +11,9 @@ minus the one sampled from the same noise with the tumour removed from the mask,
 (1). Both: max over channels of |difference|, mean and max over the latent voxels under the
 tumour, and the max elsewhere; then the tumour-to-organ contrast (HU) of the VAE's own
 reconstruction (the most a generator can show through this VAE) and of each model's decoded
-sample.
+sample, and the paired change: mean HU inside the tumour of the sample with the tumour in the
+mask minus that of the sample from the same noise without it (the phantom's own: its
+contrast).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="model folder (repeat to compare)")
     parser.add_argument("--tumour", default="hepatic", help="tumour kind (maisi2.phantom.TUMOR_KINDS)")
+    parser.add_argument("--seeds", type=int, default=1, help="noise seeds 0..N-1 per model")
     parser.add_argument("--radius", nargs=2, type=float, default=(15.0, 20.0), metavar=("MIN", "MAX"), help="mm")
     args = parser.parse_args()
     ct, labels, _ = make_phantom(SHAPE, SPACING, [TumorSpec(args.tumour, 1, tuple(args.radius))], 7)
@@ -51,10 +54,11 @@ def main() -> None:
     tumour = parents != labels
     filled = ct.copy()
     filled[tumour] = np.median(ct[parents == parents[tumour][0]])
+    phantom_paired = float(ct[tumour].mean() - filled[tumour].mean())
     latent_shape = (4, *(n // 4 for n in SHAPE))
     roi = pool_any(torch.from_numpy(tumour)[None, None], latent_shape[1:])[0, 0].bool()
     print(f"tumour: {int(tumour.sum())} voxels, {int(roi.sum())} latent voxels; phantom contrast "
-          f"{tumor_contrasts(ct, labels, SPACING)[0].contrast_hu:.0f} HU")
+          f"{tumor_contrasts(ct, labels, SPACING)[0].contrast_hu:.0f} HU (tumour minus the organ's median {phantom_paired:+.0f} HU)")
     for folder in args.model:
         models = load_model(folder, device="cpu")
         encoded = [encode_mean(models.vae, hu_to_unit(torch.from_numpy(v.astype(np.float32)))[None, None])
@@ -62,17 +66,20 @@ def main() -> None:
         print(f"\n{folder}\n  encoder, phantom CT with vs without the tumour: {summary(encoded[0] - encoded[1], roi)}")
         recon = unit_to_hu(decode(models.vae, encoded[0])[0, 0]).numpy()
         print(f"  the VAE's reconstruction of the phantom: tumour - organ {tumor_contrasts(recon, labels, SPACING)[0].contrast_hu:.0f} HU")
-        sampled = []
-        for lab in (labels, parents):
-            cond = nets.Conditioning(torch.tensor([SPACING], dtype=torch.float32),
-                                     torch.tensor([nets.modality_id("ct")]),
-                                     nets.mask_to_bitplanes(torch.from_numpy(lab.astype(np.int64))[None, None]))
-            z = sample_latent(models.unet, cond, latent_shape, models.cfg.flow, controlnet=models.controlnet, seed=0)
-            sampled.append(z / models.scale_factor)
-        print(f"  generated, mask with vs without the tumour:     {summary(sampled[0] - sampled[1], roi)}")
-        hu = unit_to_hu(decode(models.vae, sampled[0])[0, 0]).numpy()
-        print(f"  decoded sample: tumour - organ {tumor_contrasts(hu, labels, SPACING)[0].contrast_hu:.0f} HU")
-
+        for seed in range(args.seeds):
+            sampled = []
+            for lab in (labels, parents):
+                cond = nets.Conditioning(torch.tensor([SPACING], dtype=torch.float32),
+                                         torch.tensor([nets.modality_id("ct")]),
+                                         nets.mask_to_bitplanes(torch.from_numpy(lab.astype(np.int64))[None, None]))
+                z = sample_latent(models.unet, cond, latent_shape, models.cfg.flow, controlnet=models.controlnet,
+                                  seed=seed)
+                sampled.append(z / models.scale_factor)
+            hu = [unit_to_hu(decode(models.vae, z)[0, 0]).numpy() for z in sampled]
+            paired = float(hu[0][tumour].mean() - hu[1][tumour].mean())
+            print(f"  seed {seed}: generated, mask with vs without the tumour: {summary(sampled[0] - sampled[1], roi)}\n"
+                  f"          decoded: tumour - organ {tumor_contrasts(hu[0], labels, SPACING)[0].contrast_hu:.0f} HU; "
+                  f"mean HU inside the tumour, with minus without it in the mask: {paired:+.0f} HU")
 
 if __name__ == "__main__":
     main()
