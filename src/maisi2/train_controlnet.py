@@ -326,9 +326,10 @@ def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistIn
 
 def crop_window(item: dict, size: Sequence[int], factor: int, tumour_share: float,
                 generator: torch.Generator) -> dict:
-    """One item's latent cut to a window of `size` (per axis at most the latent's), its label maps (`factor` times finer) to the
-    same region; spacing unchanged. With probability `tumour_share`, and when the map has a
-    tumour, the window is centred on a random tumour voxel, jittered by up to a quarter window."""
+    """One item's latent cut to a window of `size` (per axis at most the latent's), its label maps
+    (`factor` times finer) to the same region; spacing unchanged. With probability `tumour_share`,
+    and when the map has a tumour, the window is centred on a random tumour voxel, jittered by up
+    to a quarter window."""
     latent = item["latent"]
     shape = tuple(latent.shape[1:])
     size = [min(s, n) for s, n in zip(size, shape)]  # a latent thinner than the window keeps that axis whole
