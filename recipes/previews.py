@@ -110,8 +110,8 @@ def tumour_pair(model: str, kind: str, radius: tuple[float, float], out: Path, p
         render_preview(a, mask.array, mask.spacing).save(out / overview_name)
     tumour = np.argwhere(mask.array != no_tumor.array)
     cx, cy, z = (int(v) for v in tumour.mean(0))  # the slice through the tumour, and a 48-voxel box around it
-    box = tuple(slice(max(0, min(c - 24, n - 48)), max(0, min(c - 24, n - 48)) + 48)
-                for c, n in zip((cx, cy), mask.array.shape[:2]))
+    corner = [max(0, min(c - 24, n - 48)) for c, n in zip((cx, cy), mask.array.shape[:2])]
+    box = tuple(slice(c, c + 48) for c in corner)
     window = (-1000, 200) if kind == "lung" else (-200, 300)  # lung tumours: a lung window
     outline = np.where(mask.array != no_tumor.array, 1000.0, -1000.0)
     grid([axial(a, z=z, window=window), axial(b, z=z, window=window), axial(np.abs(a - b) - 200, z=z),
