@@ -21,7 +21,7 @@ from scipy import ndimage
 from maisi2 import io, latents
 from maisi2.atomic import atomic_output
 from maisi2.data import center_pad_or_crop, hu_to_unit, unit_to_hu
-from maisi2.labels import BACKGROUND, label_id, remove_tumors
+from maisi2.labels import BACKGROUND, LUNG_IDS, label_id, remove_tumors
 from maisi2.latents import LatentRecord
 from maisi2.models import load_model
 from maisi2.phantom import TumorSpec, make_phantom, random_tumors
@@ -92,14 +92,23 @@ def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumour: bool = Fa
 
 
 LIVER, HEPATIC_TUMOUR = label_id("liver"), label_id("hepatic tumor")
-REAL_SCANS = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
+# Tumour kinds edit_mask can implant: (the labels a tumour may replace, the tumour's label).
+IMPLANTS = {
+    "hepatic": ((LIVER,), HEPATIC_TUMOUR),
+    "lung": (LUNG_IDS, label_id("lung tumor")),
+}
 
 
-def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0), spacing=GRID_SPACING) -> np.ndarray:
-    """Tumours out (each becomes its parent organ), then 1-2 hepatic tumours painted inside the
-    liver, each a ball whose centre lies at least its radius deep in the liver."""
+def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0), spacing=GRID_SPACING,
+              kind: str = "hepatic") -> np.ndarray:
+    """Tumours out (each becomes its parent organ), then 1-2 tumours of `kind` (IMPLANTS) painted
+    inside their organ, each a ball whose centre lies at least its radius deep in that organ (for
+    the lung: in the lungs, whichever lobes the ball then covers)."""
+    if kind not in IMPLANTS:
+        raise ValueError(f"unknown tumour kind {kind!r}; choose from {sorted(IMPLANTS)}")
+    organ_ids, tumour_id = IMPLANTS[kind]
     edited = remove_tumors(labels)
-    depth = ndimage.distance_transform_edt(edited == LIVER, sampling=spacing)
+    depth = ndimage.distance_transform_edt(np.isin(edited, organ_ids), sampling=spacing)
     grid = np.indices(labels.shape, dtype=np.float32)
     for _ in range(int(rng.integers(1, 3))):
         radius = float(rng.uniform(*radius_mm))
@@ -108,8 +117,11 @@ def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0
             break
         centre = candidates[rng.integers(len(candidates))]
         dist2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
-        edited[(dist2 <= radius**2) & (edited == LIVER)] = HEPATIC_TUMOUR
+        edited[(dist2 <= radius**2) & np.isin(edited, organ_ids)] = tumour_id
     return edited
+
+
+REAL_SCANS = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
 
 
 def real_scan_on_grid() -> tuple[np.ndarray, np.ndarray] | None:
