@@ -98,6 +98,10 @@ IMPLANTS = {
     "lung": (LUNG_IDS, label_id("lung tumor")),
 }
 
+# Lung tumours implanted by experiments 2 and 3: large enough for the bundled VAE to give back
+# (on this grid it keeps lung tumours of ~140+ voxels, i.e. radius 13 mm+: experiments/vae_ceiling.py).
+LUNG_IMPLANT_RADIUS_MM = (14.0, 20.0)
+
 
 def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0), spacing=GRID_SPACING,
               kind: str = "hepatic") -> np.ndarray:

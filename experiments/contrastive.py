@@ -16,7 +16,14 @@ Here, in miniature:
    here on the training phantoms; per variant, the 2.5D FID (offline features) of the generated
    volumes against the reference phantoms -- tumours are well under 1 % of the voxels, so this is
    in effect the background FID;
-5. the real scan of ../shared/data (when present): its imported label map with 1-2 hepatic
+5. the ceiling: the same measures on the bundled VAE's reconstructions of the held-out phantoms
+   (every sample is decoded by that VAE, so no ControlNet can show more than it gives back; on this
+   grid it keeps only lung tumours of ~140+ voxels, `experiments/vae_ceiling.py`);
+6. tumours the VAE can show: the held-out masks edited (their tumours out, 1-2 lung tumours of
+   radius 14-20 mm in), rendered by each ControlNet from the same noise; the generated
+   tumour-to-lung contrast and the segmenter's detection, next to the phantom CT with those
+   tumours painted in at the training phantoms' median lung-tumour HU and its VAE reconstruction;
+7. the real scan of ../shared/data (when present): its imported label map with 1-2 hepatic
    tumours implanted in the liver, rendered by each ControlNet; the generated tumour-to-liver
    contrast and the segmenter's detection (no real tumour exists to compare with).
 
@@ -35,9 +42,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, reference_seeds, test_seeds, train_seeds, bundled_vae,  # noqa: E402
-                    decode_hu, edit_mask, encode_to_cache, environment, phantom_arrays, real_scan_on_grid, say,
-                    tumour_segmenter, write_json)
+from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, reference_seeds, test_seeds, train_seeds, bundled_vae,  # noqa: E402
+                    decode_hu, edit_mask, encode_to_cache, environment, phantom_arrays, real_scan_on_grid,
+                    reconstruct_hu, say, tumour_segmenter, write_json)
 
 from maisi2 import nets  # noqa: E402
 from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
@@ -50,6 +57,9 @@ VARIANTS = {
     "paper: 0.01 then 0.001": dict(contrastive=True, lambda_schedule=((0.0, 0.01), (0.5, 0.001))),
     "reversed: 0.001 then 0.01": dict(contrastive=True, lambda_schedule=((0.0, 0.001), (0.5, 0.01))),
 }
+
+
+LUNG_TUMOUR = IMPLANTS["lung"][1]
 
 
 def slug(name: str) -> str:
@@ -125,32 +135,25 @@ def main() -> None:
 
     unet, cfg, scale = load_frozen_unet(args.unet)
     ref_stats = volume_set_stats(ref_ct, spacing=None, shape=None, progress=False, desc="reference")
-    rows = []
+    rows, lung_rows = [], []
+    recon = cached_volumes(work / "vae_reconstructions.npz", lambda: reconstruct_hu(vae, test_ct), "VAE reconstructions")
+    lung_masks, painted = lung_implants(test_ct, test_labels, train_ct, train_labels, args.seed)
+    painted_recon = cached_volumes(work / "lung_painted_reconstructions.npz", lambda: reconstruct_hu(vae, painted),
+                                   "VAE reconstructions of the painted phantoms")
+    generated = {}
     for name, path in controlnets.items():
         controlnet = load_controlnet(path)
-        cases_file = work / f"samples_{slug(name)}.npz"
-        if cases_file.is_file():
-            generated = np.load(cases_file)["hu"].astype(np.float32)
-        else:
-            say(f"generating {args.cases} cases with '{name}'")
-            generated = np.stack([generate(unet, controlnet, cfg, scale, vae, lab, seed=100 + i)
-                                  for i, lab in enumerate(test_labels)])
-            np.savez(cases_file.with_suffix(".part.npz"), hu=generated.astype(np.int16))
-            cases_file.with_suffix(".part.npz").replace(cases_file)
-        tumours, case_dice = [], []
-        for gen, lab, real in zip(generated, test_labels, test_ct):
-            result = fidelity(gen, lab, GRID_SPACING, real_hu=real, segmenter=segmenter)
-            case_dice.append(result.dice)
-            tumours += [t.to_dict() for t in result.tumors]
-        row = {"variant": name, "tumours": len(tumours),
-               "median_abs_contrast_error_hu": _median_abs([t.get("contrast_error_hu") for t in tumours]),
-               "mean_detected_fraction": float(np.mean([t["detected_fraction"] for t in tumours])),
-               "mean_case_dice": float(np.mean(case_dice)),
-               "fid": fid(ref_stats, generated, spacing=None, shape=None, progress=False).average,
-               "per_tumour": tumours}
-        rows.append(row)
-        say(f"  {name}: contrast error {row['median_abs_contrast_error_hu']}, detected {row['mean_detected_fraction']}, "
-            f"FID {row['fid']:.3f}")
+        render = lambda masks: np.stack([generate(unet, controlnet, cfg, scale, vae, lab, seed=100 + i)  # noqa: E731
+                                         for i, lab in enumerate(masks)])
+        generated[name] = cached_volumes(work / f"samples_{slug(name)}.npz", lambda: render(test_labels),
+                                         f"{args.cases} cases with '{name}'")
+        lung = cached_volumes(work / f"lung_{slug(name)}.npz", lambda: render(lung_masks),
+                              f"{args.cases} lung-implant cases with '{name}'")
+        rows.append(score(name, generated[name], test_labels, test_ct, segmenter, ref_stats))
+        lung_rows.append(score(name, lung, lung_masks, None, segmenter))
+    rows.append(score("(the VAE's reconstructions: the ceiling)", recon, test_labels, test_ct, segmenter, ref_stats))
+    lung_rows += [score("(phantom CT, tumours painted in)", painted, lung_masks, None, segmenter),
+                  score("(its VAE reconstruction: the ceiling)", painted_recon, lung_masks, None, segmenter)]
     real = [fidelity(ct, lab, GRID_SPACING, segmenter=segmenter) for ct, lab in zip(test_ct, test_labels)]
     real_scan = real_scan_on_grid()
     real_mask = None if real_scan is None else real_mask_case(real_scan, controlnets, unet, cfg, scale, vae,
@@ -160,13 +163,18 @@ def main() -> None:
                "segmenter_on_real_phantoms": {
                    "mean_detected_fraction": float(np.mean([t.detected_fraction for r in real for t in r.tumors])),
                    "mean_case_dice": float(np.mean([r.dice for r in real]))},
+               "lung_implants": lung_rows,
                "real_scan_mask": None if real_mask is None else real_mask["rows"],
                "features": "offline HU-texture (NOT comparable with the paper)", "environment": environment(),
                "wall_seconds": time.time() - started}
     write_json(work / "results.json", results)
-    cases = min(4, len(test_labels))
-    generated = {name: np.load(work / f"samples_{slug(name)}.npz")["hu"][:cases] for name in controlnets}
-    real_ct, labels, titles = test_ct[:cases], test_labels[:cases], ["phantom"] * cases
+    cases = min(3, len(test_labels))
+    lung_cases = min(2, len(test_labels))
+    generated = {name: np.concatenate([g[:cases], np.load(work / f"lung_{slug(name)}.npz")["hu"][:lung_cases]])
+                 for name, g in generated.items()}
+    real_ct = np.concatenate([test_ct[:cases], painted[:lung_cases]])
+    labels = np.concatenate([test_labels[:cases], lung_masks[:lung_cases]])
+    titles = ["phantom"] * cases + ["lung tumour painted in"] * lung_cases
     if real_mask is not None:  # the real scan's row last
         real_ct, labels = np.concatenate([real_ct, real_scan[0][None]]), np.concatenate([labels, real_mask["labels"][None]])
         generated = {name: np.concatenate([g, real_mask["generated"][name][None]]) for name, g in generated.items()}
@@ -175,11 +183,53 @@ def main() -> None:
     print(table(results))
 
 
+def cached_volumes(path: Path, make, what: str) -> np.ndarray:
+    """(N, X, Y, Z) float32 HU volumes stored as int16 in `path`; made (and stored) only once."""
+    if path.is_file():
+        return np.load(path)["hu"].astype(np.float32)
+    say(f"making {what}")
+    volumes = make()
+    np.savez(path.with_suffix(".part.npz"), hu=np.round(volumes).astype(np.int16))
+    path.with_suffix(".part.npz").replace(path)
+    return volumes
+
+
+def lung_implants(test_ct, test_labels, train_ct, train_labels, seed: int, radius_mm=LUNG_IMPLANT_RADIUS_MM):
+    """Each held-out mask with its tumours out and 1-2 lung tumours of `radius_mm` in, and the
+    phantom CT with those tumours painted at the training phantoms' median lung-tumour HU."""
+    tumour_id = IMPLANTS["lung"][1]
+    tumour_hu = float(np.median(train_ct[train_labels == tumour_id]))
+    masks = np.stack([edit_mask(lab, np.random.default_rng(seed + i), radius_mm=radius_mm, kind="lung")
+                      for i, lab in enumerate(test_labels)])
+    painted = np.where(masks == tumour_id, np.float32(tumour_hu), test_ct).astype(np.float32)
+    return masks, painted
+
+
+def score(name: str, volumes, labels, real_ct, segmenter, ref_stats=None) -> dict:
+    """Tumour fidelity of volumes against their masks (contrast error needs `real_ct`); FID when
+    `ref_stats` is given."""
+    tumours, case_dice = [], []
+    for i, (volume, lab) in enumerate(zip(volumes, labels)):
+        result = fidelity(volume, lab, GRID_SPACING, real_hu=None if real_ct is None else real_ct[i], segmenter=segmenter)
+        case_dice.append(result.dice)
+        tumours += [t.to_dict() for t in result.tumors]
+    row = {"variant": name, "tumours": len(tumours),
+           "median_abs_contrast_error_hu": _median_abs([t.get("contrast_error_hu") for t in tumours]),
+           "median_contrast_hu": _median([t["contrast_hu"] for t in tumours]),
+           "mean_detected_fraction": float(np.mean([t["detected_fraction"] for t in tumours])),
+           "mean_case_dice": float(np.mean(case_dice)),
+           "fid": None if ref_stats is None else fid(ref_stats, volumes, spacing=None, shape=None, progress=False).average,
+           "per_tumour": tumours}
+    say(f"  {name}: {row['tumours']} tumours, median contrast {row['median_contrast_hu']}, "
+        f"error {row['median_abs_contrast_error_hu']}, detected {row['mean_detected_fraction']:.3f}, FID {row['fid']}")
+    return row
+
+
 def figure(real_ct: np.ndarray, labels: np.ndarray, generated: dict[str, np.ndarray], path: Path,
            first_titles: list[str] | None = None, size: int = 144) -> None:
     """Per case (rows): the real volume (`first_titles`, default "phantom") and each variant's
     sample on the axial slice through the largest tumour, the mask's tumour outline drawn on all;
-    window [-200, 300] HU."""
+    window [-200, 300] HU, or [-1000, 200] HU where that tumour is a lung tumour."""
     from PIL import Image, ImageDraw
     from scipy import ndimage
 
@@ -190,13 +240,17 @@ def figure(real_ct: np.ndarray, labels: np.ndarray, generated: dict[str, np.ndar
     first_titles = first_titles or ["phantom"] * cases
     canvas = Image.new("RGB", (len(columns) * (size + 4), cases * (size + 16) + 14), "black")
     draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), "axial slice through each case's largest tumour (red: its outline in the mask)", fill="white")
+    draw.text((2, 1), "axial slice through each case's largest tumour (red: its outline in the mask; lung window "
+                      "for lung tumours)", fill="white")
     for row in range(cases):
         tumour = np.isin(labels[row], TUMOR_IDS)
         z = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else labels.shape[3] // 2
         outline = tumour[:, :, z] & ~ndimage.binary_erosion(tumour[:, :, z])
+        components, count = ndimage.label(tumour)
+        largest = np.argmax(np.bincount(components.ravel())[1:]) + 1 if count else 0
+        low, high = (-1000, 200) if count and (labels[row][components == largest] == LUNG_TUMOUR).any() else (-200, 300)
         for col, volume in enumerate([real_ct[row], *(g[row] for g in generated.values())]):
-            grey = np.clip((volume[:, :, z].astype(np.float32) + 200) / 500, 0, 1) * 255
+            grey = np.clip((volume[:, :, z].astype(np.float32) - low) / (high - low), 0, 1) * 255
             rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
             rgb[outline] = (255, 60, 60)
             img = Image.fromarray(rgb[::-1, ::-1].transpose(1, 0, 2).copy()).resize((size, size), Image.NEAREST)
@@ -226,6 +280,11 @@ def real_mask_case(real_scan, controlnets, unet, cfg, scale, vae, segmenter, wor
     return {"labels": labels, "rows": rows, "generated": generated}
 
 
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
 def _median_abs(values) -> float | None:
     values = [abs(v) for v in values if v is not None]
     return float(np.median(values)) if values else None
@@ -234,12 +293,20 @@ def _median_abs(values) -> float | None:
 def table(results: dict) -> str:
     lines = ["| ControlNet | tumours | median abs. contrast error (HU) | tumour voxels found by the segmenter | "
              "segmenter Dice per case | 2.5D FID (offline) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     for r in results["rows"]:
-        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['variant']} | {r['tumours']} | {fmt(r['median_abs_contrast_error_hu'], '.0f')} | "
-                     f"{fmt(r['mean_detected_fraction'], '.2f')} | {r['mean_case_dice']:.3f} | {r['fid']:.3f} |")
+                     f"{fmt(r['mean_detected_fraction'], '.2f')} | {r['mean_case_dice']:.3f} | {fmt(r['fid'], '.1f')} |")
     real = results["segmenter_on_real_phantoms"]
     lines.append(f"| (the phantoms themselves) | | 0 | {real['mean_detected_fraction']:.2f} | {real['mean_case_dice']:.3f} | |")
+    if results.get("lung_implants"):
+        lines += ["", f"Held-out masks edited to hold 1-2 lung tumours (radius {LUNG_IMPLANT_RADIUS_MM[0]:g}-{LUNG_IMPLANT_RADIUS_MM[1]:g} mm) instead of their own:", "",
+                  "| volumes | tumours | tumour - lung contrast, median (HU) | per tumour (HU) | tumour voxels found | segmenter Dice per case |",
+                  "| --- | ---: | ---: | --- | ---: | ---: |"]
+        for r in results["lung_implants"]:
+            per = ", ".join(fmt(t["contrast_hu"], ".0f") for t in r["per_tumour"])
+            lines.append(f"| {r['variant']} | {r['tumours']} | {fmt(r['median_contrast_hu'], '.0f')} | {per} | "
+                         f"{r['mean_detected_fraction']:.2f} | {r['mean_case_dice']:.3f} |")
     if results.get("real_scan_mask"):
         lines += ["", "Real scan's label map with implanted hepatic tumours:", "",
                   "| ControlNet | tumour - liver contrast per tumour (HU) | tumour voxels found | segmenter Dice |",

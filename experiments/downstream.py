@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, test_seeds, train_seeds, bundled_vae, edit_mask, environment,  # noqa: E402
+from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, test_seeds, train_seeds, bundled_vae, edit_mask, environment,  # noqa: E402
                     phantom_arrays, say, write_json)
 from contrastive import VARIANTS, generate, load_controlnet, slug  # noqa: E402
 
@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=16, help="synthetic volumes added to it")
     ap.add_argument("--test", type=int, default=12, help="held-out phantoms (each with a tumour)")
     ap.add_argument("--implant", choices=sorted(IMPLANTS), default="lung", help="tumour kind painted into the edited masks")
-    ap.add_argument("--radius", type=float, nargs=2, default=(12.0, 16.0), metavar=("MIN", "MAX"),
-                    help="implanted tumour radius range, mm (the VAE shows a lung tumour of ~140+ voxels, radius ~13 mm+ at 4 mm: experiments/vae_ceiling.py)")
+    ap.add_argument("--radius", type=float, nargs=2, default=LUNG_IMPLANT_RADIUS_MM, metavar=("MIN", "MAX"),
+                    help="implanted tumour radius range, mm (default: common.LUNG_IMPLANT_RADIUS_MM)")
     ap.add_argument("--seg-steps", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
