@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from maisi2 import labels, phantom
+from maisi2 import labels
 from maisi2.cli import main
 from maisi2.io import load_ct, load_label_map, ras_affine
 from maisi2.labels import BODY, LUNG_IDS, label_id, remove_tumors
-from maisi2.phantom import TUMOR_KINDS, TumorSpec, make_phantom, parse_tumor_specs, write_phantom
+from maisi2.phantom import TUMOR_KINDS, TumorSpec, make_phantom, parse_tumor_specs, render, write_phantom
 
 TYPICAL = ((96, 96, 64), (4.0, 4.0, 4.0))  # 384 x 384 x 256 mm: lung bases to the colon
 REQUIRED = ["liver", "spleen", "pancreas", "left kidney", "right kidney", "stomach", "colon", "aorta",
@@ -118,7 +118,7 @@ def test_slab_rendering_has_no_seams(monkeypatch):
     # Big volumes are rendered in z-slabs to bound memory; the result must not depend on the slab size.
     grid = ((40, 36, 30), (6.0, 6.0, 6.0))
     whole = make_phantom(*grid, seed=7)
-    monkeypatch.setattr(phantom, "_SLAB_VOXELS", 40 * 36 * 4)
+    monkeypatch.setattr(render, "_SLAB_VOXELS", 40 * 36 * 4)
     slabs = make_phantom(*grid, seed=7)
     assert np.array_equal(whole[1], slabs[1])
     assert np.allclose(whole[0], slabs[0], atol=1e-3)
