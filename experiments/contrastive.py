@@ -106,13 +106,14 @@ def main() -> None:
                     help="the frozen rectified-flow UNet (experiment 1's)")
     ap.add_argument("--train-volumes", type=int, default=96)
     ap.add_argument("--reference-volumes", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=400, help="ControlNet training steps per variant")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--crop", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                    help="train on latent windows of this size (ControlNetRecipe.crop; default whole latents)")
-    ap.add_argument("--tumour-crops", type=float, default=0.0, help="share of windows centred on a tumour")
-    ap.add_argument("--cases", type=int, default=12, help="held-out masks generated per variant")
-    ap.add_argument("--seg-steps", type=int, default=1500, help="tumour segmenter training steps")
+    ap.add_argument("--steps", type=int, default=1600, help="ControlNet training steps per variant")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--crop", type=int, nargs=3, default=(16, 16, 16), metavar=("X", "Y", "Z"),
+                    help="train on latent windows of this size (ControlNetRecipe.crop; the latent is 24 x 24 x 16, "
+                         "so 24 24 16 trains on whole latents)")
+    ap.add_argument("--tumour-crops", type=float, default=0.7, help="share of windows centred on a tumour")
+    ap.add_argument("--cases", type=int, default=8, help="held-out masks generated per variant")
+    ap.add_argument("--seg-steps", type=int, default=800, help="tumour segmenter training steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", type=Path, default=Path("docs/img/exp_contrastive.png"))
