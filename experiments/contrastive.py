@@ -181,7 +181,44 @@ def main() -> None:
         generated = {name: np.concatenate([g, real_mask["generated"][name][None]]) for name, g in generated.items()}
         titles.append("real scan (no tumour)")
     figure(real_ct, labels, generated, args.report, titles)
+    roi_distance_plot({name: work / slug(name) / "log.csv" for name, loss in VARIANTS.items() if loss["contrastive"]},
+                      args.report.with_name(args.report.stem + "_droi.png"))
     print(table(results))
+
+
+def roi_distance_plot(logs: dict[str, Path], path: Path, size=(520, 260), bin_steps: int = 100) -> None:
+    """The logged contrastive distance D_roi (mean |v_mask - v_tumours-as-organ| over the tumour
+    voxels of the training batch) of each variant, averaged over bins of `bin_steps` steps."""
+    import csv
+
+    from PIL import Image, ImageDraw
+
+    curves = {}
+    for name, log in logs.items():
+        rows = [r for r in csv.DictReader(open(log)) if float(r["roi_samples"]) > 0]
+        steps, d = np.array([int(r["step"]) for r in rows]), np.array([float(r["d_roi"]) for r in rows])
+        bins = (steps - 1) // bin_steps
+        curves[name] = [((b + 1) * bin_steps, float(d[bins == b].mean())) for b in np.unique(bins)]
+    hi = max(v for c in curves.values() for _, v in c) * 1.1 or 1.0
+    last = max(s for c in curves.values() for s, _ in c)
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 45, 22, size[0] - 10, size[1] - 45
+    draw.rectangle([left, top, right, bottom], outline="black")
+    middle = (left + right) / 2  # both schedules switch lambda half-way
+    draw.line([(middle, top), (middle, bottom)], fill="grey")
+    draw.text((middle + 3, top + 2), "lambda switches", fill="grey")
+    for k, (name, curve) in enumerate(curves.items()):
+        colour = ("navy", "firebrick", "darkgreen")[k % 3]
+        xy = [(left + s / last * (right - left), bottom - v / hi * (bottom - top)) for s, v in curve]
+        draw.line(xy, fill=colour, width=2)
+        draw.text((left + 5, bottom + 18 + 12 * k - 12), name, fill=colour)
+    draw.text((left, 4), f"logged D_roi, mean over {bin_steps}-step bins", fill="black")
+    draw.text((2, top), f"{hi:.2g}", fill="black")
+    draw.text((2, bottom - 10), "0", fill="black")
+    draw.text((right - 60, bottom + 3), f"step {last}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 def cached_volumes(path: Path, make, what: str) -> np.ndarray:
