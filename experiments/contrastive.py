@@ -21,8 +21,10 @@ Here, in miniature:
    grid it keeps only lung tumours of ~140+ voxels, `experiments/vae_ceiling.py`);
 6. tumours the VAE can show: the held-out masks edited (their tumours out, 1-2 lung tumours of
    radius 14-20 mm in), rendered by each ControlNet from the same noise; the generated
-   tumour-to-lung contrast and the segmenter's detection, next to the phantom CT with those
-   tumours painted in at the training phantoms' median lung-tumour HU and its VAE reconstruction;
+   tumour-to-lung contrast, the paired HU change inside and around the tumours (against the
+   sample of the original mask from the same noise) and the segmenter's detection, next to the
+   phantom CT with those tumours painted in at the training phantoms' median lung-tumour HU and
+   its VAE reconstruction;
 7. the real scan of ../shared/data (when present): its imported label map with 1-2 hepatic
    tumours implanted in the liver, rendered by each ControlNet; the generated tumour-to-liver
    contrast and the segmenter's detection (no real tumour exists to compare with).
@@ -151,10 +153,13 @@ def main() -> None:
         lung = cached_volumes(work / f"lung_{slug(name)}.npz", lambda: render(lung_masks),
                               f"{args.cases} lung-implant cases with '{name}'")
         rows.append(score(name, generated[name], test_labels, test_ct, segmenter, ref_stats))
-        lung_rows.append(score(name, lung, lung_masks, None, segmenter))
+        lung_rows.append({**score(name, lung, lung_masks, None, segmenter),
+                          **paired_change(lung, generated[name], lung_masks)})
     rows.append(score("(the VAE's reconstructions: the ceiling)", recon, test_labels, test_ct, segmenter, ref_stats))
-    lung_rows += [score("(phantom CT, tumours painted in)", painted, lung_masks, None, segmenter),
-                  score("(its VAE reconstruction: the ceiling)", painted_recon, lung_masks, None, segmenter)]
+    lung_rows += [{**score("(phantom CT, tumours painted in)", painted, lung_masks, None, segmenter),
+                   **paired_change(painted, test_ct, lung_masks)},
+                  {**score("(its VAE reconstruction: the ceiling)", painted_recon, lung_masks, None, segmenter),
+                   **paired_change(painted_recon, recon, lung_masks)}]
     real = [fidelity(ct, lab, GRID_SPACING, segmenter=segmenter) for ct, lab in zip(test_ct, test_labels)]
     real_scan = real_scan_on_grid()
     real_mask = None if real_scan is None else real_mask_case(real_scan, controlnets, unet, cfg, scale, vae,
@@ -241,6 +246,21 @@ def lung_implants(test_ct, test_labels, train_ct, train_labels, seed: int, radiu
                       for i, lab in enumerate(test_labels)])
     painted = np.where(masks == tumour_id, np.float32(tumour_hu), test_ct).astype(np.float32)
     return masks, painted
+
+
+def paired_change(with_tumours, without_tumours, masks, ring_voxels: int = 2) -> dict:
+    """Mean HU change, volume with the implanted lung tumours minus the same volume without them
+    (for samples: the original mask from the same noise), inside the tumours and in a ring of
+    `ring_voxels` around them; per case."""
+    from scipy import ndimage
+
+    inside, ring = [], []
+    for a, b, mask in zip(with_tumours, without_tumours, masks):
+        tumour = mask == LUNG_TUMOUR
+        around = ndimage.binary_dilation(tumour, iterations=ring_voxels) & ~tumour
+        inside.append(float(a[tumour].mean() - b[tumour].mean()))
+        ring.append(float(a[around].mean() - b[around].mean()))
+    return {"paired_change_inside_hu": inside, "paired_change_ring_hu": ring}
 
 
 def score(name: str, volumes, labels, real_ct, segmenter, ref_stats=None) -> dict:
@@ -339,11 +359,15 @@ def table(results: dict) -> str:
     lines.append(f"| (the phantoms themselves) | | 0 | {real['mean_detected_fraction']:.2f} | {real['mean_case_dice']:.3f} | |")
     if results.get("lung_implants"):
         lines += ["", f"Held-out masks edited to hold 1-2 lung tumours (radius {LUNG_IMPLANT_RADIUS_MM[0]:g}-{LUNG_IMPLANT_RADIUS_MM[1]:g} mm) instead of their own:", "",
-                  "| volumes | tumours | tumour - lung contrast, median (HU) | per tumour (HU) | tumour voxels found | segmenter Dice per case |",
-                  "| --- | ---: | ---: | --- | ---: | ---: |"]
+                  "| volumes | tumours | tumour - lung contrast, median (HU) | per tumour (HU) | HU change inside the tumours, "
+                  "with minus without them (mean over cases; range) | the same, 2-voxel ring around them | "
+                  "tumour voxels found | segmenter Dice per case |",
+                  "| --- | ---: | ---: | --- | --- | --- | ---: | ---: |"]
         for r in results["lung_implants"]:
             per = ", ".join(fmt(t["contrast_hu"], ".0f") for t in r["per_tumour"])
+            change = lambda v: f"{np.mean(v):+.0f} ({min(v):+.0f} to {max(v):+.0f})"  # noqa: E731
             lines.append(f"| {r['variant']} | {r['tumours']} | {fmt(r['median_contrast_hu'], '.0f')} | {per} | "
+                         f"{change(r['paired_change_inside_hu'])} | {change(r['paired_change_ring_hu'])} | "
                          f"{r['mean_detected_fraction']:.2f} | {r['mean_case_dice']:.3f} |")
     if results.get("real_scan_mask"):
         lines += ["", "Real scan's label map with implanted hepatic tumours:", "",
