@@ -29,7 +29,7 @@ Here, in miniature:
    tumours implanted in the liver, rendered by each ControlNet; the generated tumour-to-liver
    contrast and the segmenter's detection (no real tumour exists to compare with).
 
-    python experiments/contrastive.py                     # after experiments/steps.py; ~1.5 h on 2 cores
+    python experiments/contrastive.py                     # after experiments/steps.py; ~1 h 50 min on 2 cores
     python experiments/contrastive.py --steps 20 --cases 2 --seg-steps 20   # smoke run
 """
 

@@ -17,7 +17,7 @@ Here, in miniature:
 4. Dice ("any tumour" vs rest) on held-out phantoms; mean and spread over the seeds; and per
    tumour kind (lung, hepatic), the share of its voxels the segmenter finds.
 
-    python experiments/downstream.py            # after experiments/contrastive.py; ~1 h on 2 cores
+    python experiments/downstream.py            # after experiments/contrastive.py; ~15 min on 2 cores
     python experiments/downstream.py --real 2 --synthetic 2 --seeds 1 --seg-steps 10 --test 2   # smoke run
 """
 
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--implant", choices=sorted(IMPLANTS), default="lung", help="tumour kind painted into the edited masks")
     ap.add_argument("--radius", type=float, nargs=2, default=LUNG_IMPLANT_RADIUS_MM, metavar=("MIN", "MAX"),
                     help="implanted tumour radius range, mm (default: common.LUNG_IMPLANT_RADIUS_MM)")
-    ap.add_argument("--seg-steps", type=int, default=1000)
+    ap.add_argument("--seg-steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")

@@ -6,7 +6,7 @@ of the experiment grid (96 x 96 x 64 at 4 mm) to their posterior mean, decodes t
 every tumour its size and its contrast against the surrounding parent organ
 (`maisi2.evaluate.fidelity.tumor_contrasts`) in the phantom and in the reconstruction.
 
-    python experiments/vae_ceiling.py --data work/exp_data --cases 12     # ~4 min on 2 cores
+    python experiments/vae_ceiling.py --data work/exp_data --cases 12     # ~1 min on 2 cores
 """
 
 from __future__ import annotations
