@@ -255,6 +255,15 @@ def test_later_stage_needs_the_previous_one_or_init(tmp_path):
         train_flow(cache, tmp_path / "other", small, default_recipe(small), stages=[3], init=init, device="cpu")
 
 
+def test_a_resumable_run_started_from_init_says_so(tmp_path, capsys):
+    cache = make_cache(tmp_path / "cache")
+    init = fresh_unet_checkpoint(tmp_path / "init.pt")
+    train_flow(cache, tmp_path / "out", CFG, recipe("stage3.lr=0.0"), stages=[3], init=init, resume=True,
+               device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert f"starting from {init}" in err and "from scratch" not in err
+
+
 # -- data parallel -----------------------------------------------------------------------------------
 
 WORKER = textwrap.dedent("""

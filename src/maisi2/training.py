@@ -569,7 +569,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
     elif last.is_file():
         raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, or choose another output folder")
     elif resume:
-        _say(info, f"no checkpoint in {out_dir}; starting from scratch")
+        origin = f"from {extra['init']}" if extra.get("init") else "from scratch"
+        _say(info, f"no checkpoint in {out_dir}; starting {origin}")
     net = _wrap(model, info, device)
     trainer.start_ema(ema_init)  # after DDP's broadcast, so every rank starts from rank 0's weights
     if info.is_main:
