@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, reference_seeds, test_seeds, train_seeds, bundled_vae,  # noqa: E402
-                    decode_hu, edit_mask, encode_to_cache, environment, phantom_arrays, real_scan_on_grid,
-                    reconstruct_hu, say, tumour_segmenter, write_json)
+from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, reference_seeds,  # noqa: E402
+                    test_seeds, train_seeds, bundled_vae, decode_hu, edit_mask, encode_to_cache, environment,
+                    phantom_arrays, real_scan_on_grid, reconstruct_hu, say, tumour_segmenter, write_json)
 
 from maisi2 import nets  # noqa: E402
 from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402

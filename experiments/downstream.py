@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, test_seeds, train_seeds, bundled_vae, edit_mask, environment,  # noqa: E402
-                    phantom_arrays, say, write_json)
+from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, test_seeds,  # noqa: E402
+                    train_seeds, bundled_vae, edit_mask, environment, phantom_arrays, say, write_json)
 from contrastive import VARIANTS, generate, load_controlnet, slug  # noqa: E402
 
 from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,  # noqa: E402
