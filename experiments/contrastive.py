@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, reference_seeds,  # noqa: E402
-                    test_seeds, train_seeds, bundled_vae, decode_hu, edit_mask, encode_to_cache, environment,
+                    test_seeds, train_seeds, bundled_vae, cached_volumes, decode_hu, edit_mask, encode_to_cache, environment,
                     phantom_arrays, real_scan_on_grid, reconstruct_hu, say, tumour_segmenter, write_json)
 
 from maisi2 import nets  # noqa: E402
@@ -226,17 +226,6 @@ def roi_distance_plot(logs: dict[str, Path], path: Path, size=(520, 260), bin_st
     img.save(path)
 
 
-def cached_volumes(path: Path, make, what: str) -> np.ndarray:
-    """(N, X, Y, Z) float32 HU volumes stored as int16 in `path`; made (and stored) only once."""
-    if path.is_file():
-        return np.load(path)["hu"].astype(np.float32)
-    say(f"making {what}")
-    volumes = make()
-    np.savez(path.with_suffix(".part.npz"), hu=np.round(volumes).astype(np.int16))
-    path.with_suffix(".part.npz").replace(path)
-    return volumes
-
-
 def lung_implants(test_ct, test_labels, train_ct, train_labels, seed: int, radius_mm=LUNG_IMPLANT_RADIUS_MM):
     """Each held-out mask with its tumours out and 1-2 lung tumours of `radius_mm` in, and the
     phantom CT with those tumours painted at the training phantoms' median lung-tumour HU."""
@@ -324,14 +313,9 @@ def real_mask_case(real_scan, controlnets, unet, cfg, scale, vae, segmenter, wor
     labels = edit_mask(real_scan[1], np.random.default_rng(args.seed))
     rows, generated = [], {}
     for name, path in controlnets.items():
-        cached = work / f"real_mask_{slug(name)}.npz"
-        if cached.is_file():
-            gen = np.load(cached)["hu"].astype(np.float32)
-        else:
-            say(f"real scan's mask with '{name}'")
-            gen = generate(unet, load_controlnet(path), cfg, scale, vae, labels, seed=300)
-            np.savez(cached.with_suffix(".part.npz"), hu=gen.astype(np.int16))
-            cached.with_suffix(".part.npz").replace(cached)
+        gen = cached_volumes(work / f"real_mask_{slug(name)}.npz",
+                             lambda: generate(unet, load_controlnet(path), cfg, scale, vae, labels, seed=300)[None],
+                             f"the real scan's mask with '{name}'")[0]
         result = fidelity(gen, labels, GRID_SPACING, segmenter=segmenter)
         generated[name] = gen
         rows.append({"variant": name, "dice": result.dice, "tumours": [t.to_dict() for t in result.tumors]})

@@ -37,6 +37,7 @@ from contrastive import VARIANTS, generate, load_controlnet, slug  # noqa: E402
 
 from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,  # noqa: E402
                                  load_segmenter, segment, train_segmenter)
+from maisi2.atomic import atomic_output  # noqa: E402
 from maisi2.train_controlnet import load_frozen_unet  # noqa: E402
 
 # Tumour kinds whose voxels found by the segmenter are reported separately (mean over seeds).
@@ -44,7 +45,8 @@ FOUND_KINDS = {kind: IMPLANTS[kind][1] for kind in ("lung", "hepatic")}
 
 
 def synthetic_pairs(args, work: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    path = work / f"synthetic_{args.implant}_{args.synthetic}.npz"
+    low, high = args.radius
+    path = work / f"synthetic_{args.implant}_{low:g}-{high:g}mm_{args.synthetic}.npz"
     if path.is_file():
         data = np.load(path)
         return list(zip(data["ct"].astype(np.float32), data["labels"]))
@@ -60,9 +62,9 @@ def synthetic_pairs(args, work: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     for i, mask in enumerate(masks):
         say(f"synthetic volume {i + 1}/{len(masks)}")
         cts.append(generate(unet, controlnet, cfg, scale, vae, mask, seed=500 + i))
-    np.savez(path.with_suffix(".part.npz"), ct=np.stack(cts).astype(np.int16), labels=np.stack(masks))
-    path.with_suffix(".part.npz").replace(path)
-    return list(zip(cts, masks))
+    with atomic_output(path, overwrite=True) as tmp:
+        np.savez(tmp, ct=np.round(np.stack(cts)).astype(np.int16), labels=np.stack(masks))
+    return synthetic_pairs(args, work)  # what was stored, as a rerun reads it
 
 
 def main() -> None:

@@ -15,17 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRID_SPACING, bundled_vae, phantom_arrays, test_seeds  # noqa: E402
+from common import GRID_SPACING, bundled_vae, phantom_arrays, reconstruct_hu, test_seeds  # noqa: E402
 
-from maisi2.data import hu_to_unit, unit_to_hu  # noqa: E402
 from maisi2.evaluate.fidelity import tumor_contrasts  # noqa: E402
-from maisi2.vae import decode, encode_mean  # noqa: E402
 
 
-@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("work/exp_data"))
@@ -35,7 +30,7 @@ def main() -> None:
     vae, _ = bundled_vae()
     print("| case | tumour | voxels | phantom contrast (HU) | VAE reconstruction (HU) |\n| ---: | --- | ---: | ---: | ---: |")
     for case, (ct, lab) in enumerate(zip(cts, labels)):
-        recon = unit_to_hu(decode(vae, encode_mean(vae, hu_to_unit(torch.from_numpy(ct))[None, None]))[0, 0]).numpy()
+        recon = reconstruct_hu(vae, ct[None])[0]
         for own, back in zip(tumor_contrasts(ct, lab, GRID_SPACING), tumor_contrasts(recon, lab, GRID_SPACING)):
             print(f"| {case} | {own.tumor_name} | {own.voxels} | {own.contrast_hu:.0f} | {back.contrast_hu:.0f} |", flush=True)
 

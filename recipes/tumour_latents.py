@@ -81,5 +81,6 @@ def main() -> None:
                   f"          decoded: tumour - organ {tumor_contrasts(hu[0], labels, SPACING)[0].contrast_hu:.0f} HU; "
                   f"mean HU inside the tumour, with minus without it in the mask: {paired:+.0f} HU")
 
+
 if __name__ == "__main__":
     main()
