@@ -1,0 +1,67 @@
+"""Where the streamed decode's time goes: every convolution timed and counted, by shape.
+
+    python benchmarks/profile_decode.py --latent 32 --storage float32      # 128^3 output, ~75 s here
+
+The maisi-v2 VAE with the benchmark's random weights (`generation_speed._networks`), one
+`decode.decode_streamed` call; `F.conv3d` is wrapped to time each call (and count its FLOPs:
+2 x multiply-adds), so the rest of the wall time is what the decoder does between convolutions
+(group-norm statistics, activation, upsampling, copies). Prints the total, the convolutions' share
+and rate, and the 12 costliest convolution shapes (in -> out channels, kernel, input slab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generation_speed  # noqa: E402
+
+from maisi2 import decode  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latent", type=int, default=32, help="latent edge (the output is 4x per axis)")
+    ap.add_argument("--storage", choices=("float32", "float16"), default="float32")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    _, net = generation_speed._networks(("vae",), "cpu", reference=False)
+    z = torch.randn(1, 4, args.latent, args.latent, args.latent, generator=torch.Generator().manual_seed(0))
+    by_shape: dict[tuple, list[float]] = {}
+    plain = F.conv3d
+
+    def timed(x, weight, bias=None, *rest, **kw):
+        started = time.perf_counter()
+        y = plain(x, weight, bias, *rest, **kw)
+        entry = by_shape.setdefault((weight.shape[1], weight.shape[0], weight.shape[2], tuple(x.shape[2:])), [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - started
+        entry[2] += 2 * weight[0].numel() * y.numel()
+        return y
+
+    decode.F.conv3d = timed
+    try:
+        started = time.perf_counter()
+        with torch.no_grad():
+            decode.decode_streamed(net["vae"], z, storage=getattr(torch, args.storage))
+        total = time.perf_counter() - started
+    finally:
+        decode.F.conv3d = plain
+    conv_s = sum(e[1] for e in by_shape.values())
+    flops = sum(e[2] for e in by_shape.values())
+    print(f"decode of {4 * args.latent}^3 ({args.storage} storage): {total:.1f} s, convolutions {conv_s:.1f} s "
+          f"({100 * conv_s / total:.0f} %) at {flops / conv_s / 1e9:.0f} GFLOP/s, overall {flops / total / 1e9:.0f} GFLOP/s")
+    print("in -> out, kernel, input slab | calls | seconds | GFLOP/s")
+    for (cin, cout, k, slab), (calls, seconds, fl) in sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"{cin} -> {cout}, {k}^3, {slab} | {calls} | {seconds:.1f} | {fl / seconds / 1e9:.0f}")
+
+
+if __name__ == "__main__":
+    main()
