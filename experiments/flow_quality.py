@@ -37,8 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GRID_SHAPE, bundled_vae, cached_volumes, decode_hu, environment, phantom_arrays,  # noqa: E402
                     reconstruct_hu, reference_seeds, say, train_seeds, write_json)
-from steps import load_unet, sample  # noqa: E402
+from steps import sample, unet_of  # noqa: E402
 
+from maisi2.checkpoint import load_checkpoint  # noqa: E402
 from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
 
 # HU bands of the tissues a phantom is made of, low edge inclusive; what falls between is "other".
@@ -58,8 +59,11 @@ def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
 
 
 def samples_of(path: Path, count: int, vae, work: Path, name: str) -> tuple[np.ndarray, int]:
-    unet, cfg, scale = load_unet(path)
-    step = load_step(path)
+    """`count` RF-30 samples (HU) of a checkpoint, and the training steps its weights have had in
+    all (those of the run it continued included)."""
+    ckpt = load_checkpoint(path)
+    unet, cfg, scale = unet_of(ckpt)
+    step = ckpt.steps_in_all
     latent_shape = (cfg.vae.latent_channels, *(s // cfg.vae.downsample_factor for s in GRID_SHAPE))
 
     def make():
@@ -68,13 +72,6 @@ def samples_of(path: Path, count: int, vae, work: Path, name: str) -> tuple[np.n
 
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     return cached_volumes(work / f"rf30_{slug}_step{step}_{count}.npz", make, f"{count} RF-30 samples of {name}"), step
-
-
-def load_step(path: Path) -> int:
-    """Training steps the checkpoint's weights have had, those of the run it continued included."""
-    from maisi2.checkpoint import load_checkpoint
-
-    return load_checkpoint(path).steps_in_all
 
 
 def loss_curve(logs: list[Path], path: Path, size=(640, 260), smooth: int = 10) -> dict:
@@ -159,7 +156,6 @@ def main() -> None:
                     help="log.csv of each run, in training order (a continuation after the run it continues)")
     ap.add_argument("--samples", type=int, default=16, help="samples per checkpoint, noise seeds 0..N-1")
     ap.add_argument("--reference-volumes", type=int, default=32)
-    ap.add_argument("--train-volumes", type=int, default=96)
     ap.add_argument("--report", type=Path, default=Path("docs/img/flow_quality.png"),
                     help="the samples figure; the loss curve goes beside it as <stem>_loss.png")
     args = ap.parse_args()
@@ -173,7 +169,7 @@ def main() -> None:
     started = time.time()
 
     reference, _ = phantom_arrays(args.data, reference_seeds(args.reference_volumes))
-    training, _ = phantom_arrays(args.data, train_seeds(args.train_volumes))
+    training, _ = phantom_arrays(args.data, train_seeds(args.samples))  # the floor: as many as samples
     vae, _ = bundled_vae()
     fid_kw = dict(spacing=None, shape=None, progress=False)
     ref_stats = volume_set_stats(reference, **fid_kw, desc="reference")
@@ -185,7 +181,7 @@ def main() -> None:
                 "tissue_distance": total_variation(shares, ref_shares), **extra}
 
     rows = [{"name": "reference phantoms", "fid": None, "tissue_shares": ref_shares, "tissue_distance": 0.0},
-            row("floor: training phantoms", training[:args.samples]),
+            row("floor: training phantoms", training),
             row("floor: VAE reconstructions", cached_volumes(
                 args.work / f"vae_reconstructions_{args.reference_volumes}.npz",
                 lambda: reconstruct_hu(vae, reference), "the VAE's reconstructions of the reference set"))]

@@ -60,7 +60,11 @@ def train(objective: str, cache: Path, work: Path, args) -> Path:
 
 
 def load_unet(path: Path):
-    ckpt = load_checkpoint(path)
+    return unet_of(load_checkpoint(path))
+
+
+def unet_of(ckpt):
+    """(UNet with the checkpoint's EMA weights, eval mode; its config; its latent scale factor)."""
     unet = nets.build_unet(ckpt.config)
     unet.load_state_dict(ckpt.weights(prefer_ema=True))
     return unet.eval(), ckpt.config, ckpt.scale_factor
