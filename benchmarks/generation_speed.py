@@ -15,8 +15,11 @@ plan `decode.plan_tiles` makes for the memory budget.
 Same networks (``maisi-v2`` architecture, random weights from one seed, perturbed so that the
 zero-initialised layers are not zero), same noise, same mask, same machine, same run. Each variant
 runs in a fresh subprocess; its peak resident memory is the process's VmHWM (whole process:
-weights included), with glibc told to hand large blocks back at once (``MALLOC_MMAP_THRESHOLD_``)
-so resident memory follows live tensors. On CUDA the peak is ``torch.cuda.max_memory_allocated``.
+weights included); on CUDA the peak is ``torch.cuda.max_memory_allocated``. Each runs with the
+allocator a user would get: the reference with glibc's defaults (the release changes nothing),
+ours with `maisi2.allocator.reuse_freed_memory`, as `generate` sets it. The variant
+``reference_reuse`` is the reference with that same allocator policy, to show what part of the
+difference is the allocator.
 
     python benchmarks/generation_speed.py e2e                   # mask -> CT at 128^3 (~8 min on 2 cores)
     python benchmarks/generation_speed.py decode                # 512x512x128 decode (~1 h on 2 cores)
@@ -145,7 +148,7 @@ def _e2e(args, device, reference: bool) -> dict:
     import numpy as np
     import torch
 
-    from maisi2 import nets, sampling
+    from maisi2 import allocator, nets, sampling
     from maisi2.data import unit_to_hu
 
     cfg, net = _networks(("vae", "unet", "controlnet"), device, reference)
@@ -193,6 +196,7 @@ def _e2e(args, device, reference: bool) -> dict:
         # and ControlNet are let go before decoding. The reference keeps all three loaded, as the release does.
         del net["unet"], net["controlnet"]
         gc.collect()
+        allocator.give_back_freed_memory()
         _sync(device)
         sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
         image, plan = _our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb)
@@ -200,8 +204,8 @@ def _e2e(args, device, reference: bool) -> dict:
     done, cpu_done = time.perf_counter(), _cpu_seconds()
     hu = unit_to_hu(image[0, 0]).numpy()
     out = Path(args.out).with_suffix("")
-    np.save(f"{out}_e2e{args.size}_{'reference' if reference else 'ours'}.npy", image[0, 0].numpy())
-    np.save(f"{out}_e2e{args.size}_{'reference' if reference else 'ours'}_latent.npy", x.cpu().numpy())
+    np.save(f"{out}_e2e{args.size}_{args.variant}.npy", image[0, 0].numpy())
+    np.save(f"{out}_e2e{args.size}_{args.variant}_latent.npy", x.cpu().numpy())
     return {"total_s": done - start, "sampling_s": sampled - start, "per_step_s": (sampled - start) / args.steps,
             "decode_s": done - sampled, "step_min_s": min(step_times), "step_median_s": sorted(step_times)[len(step_times) // 2],
             "cpu_sampling_s": cpu_sampled - cpu_start, "cpu_decode_s": cpu_done - cpu_sampled,
@@ -214,13 +218,14 @@ def _decode(args, device, variant: str) -> dict:
 
     from maisi2 import decode
 
-    cfg, net = _networks(("vae",), device, reference=variant == "reference")
+    reference = variant.startswith("reference")
+    cfg, net = _networks(("vae",), device, reference=reference)
     vae = net["vae"]
     z = _latent_from_seed([n // 4 for n in args.shape])
     _sync(device)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     plan = None
-    if variant == "reference":
+    if reference:
         image = _reference_decode(vae, z, device)
     elif variant == "ours":
         image, plan = _our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir)
@@ -311,8 +316,12 @@ def _worker(args) -> dict:
     from maisi2.nets import resolve_device
 
     device = resolve_device(args.device)
+    if args.variant != "reference":
+        from maisi2 import allocator
+
+        allocator.reuse_freed_memory()  # what `generate` and training set; the reference keeps glibc's defaults
     if args.command == "e2e":
-        return _e2e(args, device, reference=args.variant == "reference")
+        return _e2e(args, device, reference=args.variant.startswith("reference"))
     if args.command == "decode":
         return _decode(args, device, args.variant)
     return _limit(args, device)
@@ -343,7 +352,7 @@ def _run(args, variant: str) -> dict:
         cmd += ["--budget-gb", str(args.budget_gb)]
     if args.spill_dir:
         cmd += ["--spill-dir", args.spill_dir]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -382,38 +391,44 @@ def _table(args, rows: dict) -> None:
     peak_name = "GPU peak MiB" if args.device.startswith("cuda") else "peak MiB"
     prefix = Path(args.out).with_suffix("")
     if args.command == "e2e":
-        ref, ours = rows.get(_key(args, "reference")), rows.get(_key(args, "ours"))
         print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads")
-        print(f"{'':<10} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
+        print(f"{'':<16} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
               f"{'cpu sample':>11} {'cpu decode':>11} {peak_name:>12}")
-        for name, r in (("reference", ref), ("ours", ours)):
-            if r and "error" not in r:
-                print(f"{name:<10} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
-                      f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
-                      f"{r['cpu_decode_s']:>11.1f} {_peak(r):>12.0f}")
-        if ref and ours and "error" not in ref and "error" not in ours:
-            print(f"ratio ref/ours: time {ref['total_s'] / ours['total_s']:.2f}x, step "
+        ok = {v: rows[_key(args, v)] for v in ("reference", "reference_reuse", "ours")
+              if _key(args, v) in rows and "error" not in rows[_key(args, v)]}
+        for name, r in ok.items():
+            print(f"{name:<16} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
+                  f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
+                  f"{r['cpu_decode_s']:>11.1f} {_peak(r):>12.0f}")
+        if "ours" not in ok:
+            return
+        ours = ok["ours"]
+        b = np.load(f"{prefix}_e2e{args.size}_ours.npy")
+        lb = np.load(f"{prefix}_e2e{args.size}_ours_latent.npy")
+        for name in ("reference", "reference_reuse"):
+            if name not in ok:
+                continue
+            ref = ok[name]
+            print(f"ratio {name}/ours: time {ref['total_s'] / ours['total_s']:.2f}x, step "
                   f"{ref['per_step_s'] / ours['per_step_s']:.2f}x, decode {ref['decode_s'] / ours['decode_s']:.2f}x, "
-                  f"peak memory ours/ref {_peak(ours) / _peak(ref):.2f}")
-            a = np.load(f"{prefix}_e2e{args.size}_reference.npy")
-            b = np.load(f"{prefix}_e2e{args.size}_ours.npy")
-            la = np.load(f"{prefix}_e2e{args.size}_reference_latent.npy")
-            lb = np.load(f"{prefix}_e2e{args.size}_ours_latent.npy")
-            print(f"agreement ours vs reference: image {_compare(a, b)}; latent max |diff| "
+                  f"peak memory ours/{name} {_peak(ours) / _peak(ref):.2f}")
+            a = np.load(f"{prefix}_e2e{args.size}_{name}.npy")
+            la = np.load(f"{prefix}_e2e{args.size}_{name}_latent.npy")
+            print(f"agreement ours vs {name}: image {_compare(a, b)}; latent max |diff| "
                   f"{np.abs(la - lb).max():.2e} (latent max {np.abs(la).max():.2f})")
     elif args.command == "decode":
         name = "x".join(map(str, args.shape))
         print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads")
         whole_path = Path(f"{prefix}_decode{name}_whole.npy")
         whole = np.load(whole_path) if whole_path.exists() else None
-        for variant in ("reference", "ours", "whole"):
+        for variant in ("reference", "reference_reuse", "ours", "whole"):
             r = rows.get(_key(args, variant))
             if not r:
                 continue
             if "error" in r:
-                print(f"{variant:<10} failed: {r['error']}")
+                print(f"{variant:<16} failed: {r['error']}")
                 continue
-            line = f"{variant:<10} {r['decode_s']:>8.1f} s (cpu {r['cpu_decode_s']:.0f} s)  {peak_name} {_peak(r):>8.0f}"
+            line = f"{variant:<16} {r['decode_s']:>8.1f} s (cpu {r['cpu_decode_s']:.0f} s)  {peak_name} {_peak(r):>8.0f}"
             path = Path(f"{prefix}_decode{name}_{variant}.npy")
             if whole is not None and variant != "whole" and path.exists():
                 line += f"  vs whole: {_compare(np.load(path), whole)}"
@@ -435,7 +450,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="e2e: image edge (a multiple of 32)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 128], help="decode: image shape")
-    parser.add_argument("--variants", nargs="+", default=None, help="default: reference ours (+ whole for decode)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="default: reference ours (+ whole for decode); also reference_reuse (the reference "
+                             "with our allocator policy)")
     parser.add_argument("--budget-gb", type=float, default=None, help="our memory budget (default: available RAM)")
     parser.add_argument("--spill-dir", default=None,
                         help="decode: where the whole decode (and ours, when RAM is short) keeps layer tensors in files")

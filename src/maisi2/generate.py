@@ -178,6 +178,16 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
 
 def _generate_prepared(prepared, paths, models, fit, options, started, load_seconds) -> GenerationResult:
     """Steps 6-9 for a checked, prepared mask and loaded networks (shared with `generate_batch`)."""
+    from maisi2 import allocator
+
+    allocator.reuse_freed_memory()  # steps and decode slabs reuse freed blocks: no page-fault churn
+    try:
+        return _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds)
+    finally:
+        allocator.give_back_freed_memory()
+
+
+def _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds) -> GenerationResult:
     # 6. conditioning: mask bit-planes, spacing, modality (and the tumour-free mask for guidance)
     conditioning = _conditioning(prepared, models, options)
     # 7. denoising loop, tiled decoding, quality check; again with the next seed while it fails

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from maisi2 import allocator
 from maisi2 import checkpoint as ckpt
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.config import Config, get_config
@@ -128,6 +129,7 @@ class Models:
             raise ValueError("these networks were not loaded from a model folder: releasing them could not be undone")
         self.unet = self.controlnet = None
         gc.collect()
+        allocator.give_back_freed_memory()  # their freed weights would otherwise stay in the heap
 
     def restore_diffusion(self) -> float:
         """Read the UNet and ControlNet again after `release_diffusion`; returns the seconds it took."""

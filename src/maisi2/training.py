@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from maisi2 import allocator
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.config import Config
 
@@ -578,7 +579,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
     _barrier(info)
     record = {"kind": kind, "config": config, "scale_factor": scale_factor, "extra": extra, "path": last,
               "resumed": resumed}
-    return _loop(trainer, net, loss_fn, out_dir, record, on_batch)
+    allocator.reuse_freed_memory()  # every step makes and drops the same activations
+    try:
+        return _loop(trainer, net, loss_fn, out_dir, record, on_batch)
+    finally:
+        allocator.give_back_freed_memory()
 
 
 def _check_resumable(ckpt: Checkpoint, path: Path, kind: str, config: Config) -> None:
