@@ -210,6 +210,29 @@ def environment() -> dict:
             "machine": platform.processor() or platform.machine()}
 
 
+def slices_figure(rows: list[tuple[str, np.ndarray]], path: Path, count: int = 4, size: int = 128,
+                  coronal: bool = False) -> None:
+    """A labelled grid: per row, `count` volumes as their mid-axial slice (and mid-coronal, when
+    `coronal`), windowed to HU -200..300, each slice resized to `size` pixels square."""
+    from PIL import Image, ImageDraw
+
+    label_width, per_volume = 190, 2 if coronal else 1
+    canvas = Image.new("L", (label_width + per_volume * count * (size + 4), len(rows) * (size + 4)))
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, volumes) in enumerate(rows):
+        draw.text((4, r * (size + 4) + size // 2 - 6), name, fill=255)
+        for c, volume in enumerate(volumes[:count]):
+            slices = [volume[::-1, ::-1, volume.shape[2] // 2].T]
+            if coronal:
+                slices.append(volume[::-1, volume.shape[1] // 2, ::-1].T)
+            for k, sl in enumerate(slices):
+                img = np.clip((sl.astype(np.float32) + 200) / 500, 0, 1) * 255
+                canvas.paste(Image.fromarray(img.astype(np.uint8)).resize((size, size)),
+                             (label_width + (per_volume * c + k) * (size + 4), r * (size + 4)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def write_json(path: Path, data: dict) -> None:
     with atomic_output(path, overwrite=True) as tmp:  # a rerun recomputes the results
         Path(tmp).write_text(json.dumps(data, indent=2, default=str))

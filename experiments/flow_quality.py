@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GRID_SHAPE, bundled_vae, cached_volumes, decode_hu, environment, phantom_arrays,  # noqa: E402
-                    reconstruct_hu, reference_seeds, say, train_seeds, write_json)
+                    reconstruct_hu, reference_seeds, say, slices_figure, train_seeds, write_json)
 from steps import sample, unet_of  # noqa: E402
 
 from maisi2.checkpoint import load_checkpoint  # noqa: E402
@@ -114,26 +114,6 @@ def loss_curve(logs: list[Path], path: Path, size=(640, 260), smooth: int = 10) 
             "run_starts": [int(s) for s in starts]}
 
 
-def figure(rows: list[tuple[str, np.ndarray]], path: Path, count: int = 4, size: int = 128) -> None:
-    """Per row: `count` volumes, each as its mid-axial then mid-coronal slice (HU -200..300)."""
-    from PIL import Image, ImageDraw
-
-    label_width = 190
-    canvas = Image.new("L", (label_width + 2 * count * (size + 4), len(rows) * (size + 4)))
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, volumes) in enumerate(rows):
-        draw.text((4, r * (size + 4) + size // 2 - 6), name, fill=255)
-        for c, volume in enumerate(volumes[:count]):
-            axial = volume[::-1, ::-1, volume.shape[2] // 2].T
-            coronal = volume[::-1, volume.shape[1] // 2, ::-1].T
-            for k, sl in enumerate((axial, coronal)):
-                img = np.clip((sl.astype(np.float32) + 200) / 500, 0, 1) * 255
-                canvas.paste(Image.fromarray(img.astype(np.uint8)).resize((size, size)),
-                             (label_width + (2 * c + k) * (size + 4), r * (size + 4)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
 def table(results: dict) -> str:
     bands = list(TISSUE_BANDS) + ["other"]
     lines = ["| volumes | step | 2.5D FID | tissue-mix distance | " + " / ".join(bands) + " (% of voxels) |",
@@ -191,7 +171,7 @@ def main() -> None:
         rows.append(row(f"RF-30 samples: {name}", volumes, step=step, checkpoint=str(path)))
         figure_rows.append((f"{name} (step {step})", volumes))
         say(f"{name}: FID {rows[-1]['fid']:.0f}, tissue-mix distance {rows[-1]['tissue_distance']:.3f}")
-    figure(figure_rows, args.report)
+    slices_figure(figure_rows, args.report, coronal=True)
     loss = loss_curve(args.loss_log, args.report.with_name(args.report.stem + "_loss.png")) if args.loss_log else None
     bands = {name: [None if np.isinf(edge) else edge for edge in band] for name, band in TISSUE_BANDS.items()}
     results = {"command": " ".join(sys.argv), "rows": rows, "loss": loss, "tissue_bands_hu": bands,

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GRID_SHAPE, GRID_SPACING, reference_seeds, train_seeds, bundled_vae, decode_hu, encode_to_cache, environment,  # noqa: E402
-                    phantom_arrays, reconstruct_hu, say, write_json)
+                    phantom_arrays, reconstruct_hu, say, slices_figure, write_json)
 
 from maisi2 import ddpm, flow, nets  # noqa: E402
 from maisi2.checkpoint import load_checkpoint  # noqa: E402
@@ -167,24 +167,13 @@ def main() -> None:
     print(table(results))
 
 
-def samples_figure(work: Path, reference: np.ndarray, path: Path, count: int = 4, size: int = 128) -> None:
+def samples_figure(work: Path, reference: np.ndarray, path: Path) -> None:
     """Mid axial slices: reference phantoms, then the first samples of RF-30, RF-100, DDPM-1000, DDIM-30."""
-    from PIL import Image, ImageDraw
-
-    rows = [("phantoms (reference set)", reference[:count])]
+    rows = [("phantoms (reference set)", reference)]
     for name in ("rf-30", "rf-100", "ddpm-1000", "ddim-30"):
         if (work / "samples" / f"{name}.npz").is_file():
-            rows.append((name.upper(), np.load(work / "samples" / f"{name}.npz")["hu"][:count]))
-    canvas = Image.new("L", (count * (size + 4) + 150, len(rows) * (size + 4)))
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, volumes) in enumerate(rows):
-        draw.text((4, r * (size + 4) + size // 2), name, fill=255)
-        for c, volume in enumerate(volumes):
-            sl = volume[::-1, ::-1, volume.shape[2] // 2].T.astype(np.float32)
-            img = Image.fromarray((np.clip((sl + 200) / 500, 0, 1) * 255).astype(np.uint8)).resize((size, size))
-            canvas.paste(img, (150 + c * (size + 4), r * (size + 4)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+            rows.append((name.upper(), np.load(work / "samples" / f"{name}.npz")["hu"]))
+    slices_figure(rows, path)
 
 
 def table(results: dict) -> str:

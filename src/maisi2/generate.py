@@ -159,6 +159,9 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
 
     mask: a NIfTI label map path or an `io.Volume` of MAISI ids (e.g. from `phantom_mask`).
     model: a model folder, a `models.ModelInfo`/`models.Models`, or None for the bundled model.
+
+    On glibc this sets the process-wide allocator policy of `maisi2.allocator` (freed blocks up to
+    32 MiB are kept for reuse) and gives the freed memory back to the system before returning.
     """
     started = time.perf_counter()
     # 1. check inputs: settings, and outputs that may not be overwritten
