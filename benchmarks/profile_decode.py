@@ -28,12 +28,23 @@ from maisi2 import decode  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", type=int, default=32, help="latent edge (the output is 4x per axis)")
+    ap.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                    help="latent shape instead of a cube (e.g. 16 128 32: a slice of the 512 x 512 x 128 "
+                         "decode, whose slabs are planes of 512 x 128 output voxels)")
+    ap.add_argument("--slab-mib", type=float,
+                    help="slab temporaries (default: what decode.plan_tiles gives --plan-shape, else this shape)")
+    ap.add_argument("--plan-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                    help="latent shape whose plan sets the slab size (e.g. 128 128 32 with --shape 16 128 32)")
     ap.add_argument("--storage", choices=("float32", "float16"), default="float32")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    _, net = generation_speed._networks(("vae",), "cpu", reference=False)
-    z = torch.randn(1, 4, args.latent, args.latent, args.latent, generator=torch.Generator().manual_seed(0))
+    cfg, net = generation_speed._networks(("vae",), "cpu", reference=False)
+    shape = tuple(args.shape or (args.latent,) * 3)
+    z = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(0))
+    storage = getattr(torch, args.storage)
+    slab_bytes = (int(args.slab_mib * 2**20) if args.slab_mib else
+                  decode.streamed_slab_bytes(cfg.vae, args.plan_shape or shape, storage.itemsize))
     by_shape: dict[tuple, list[float]] = {}
     plain = F.conv3d
 
@@ -50,13 +61,13 @@ def main() -> None:
     try:
         started = time.perf_counter()
         with torch.no_grad():
-            decode.decode_streamed(net["vae"], z, storage=getattr(torch, args.storage))
+            decode.decode_streamed(net["vae"], z, storage=storage, slab_bytes=slab_bytes)
         total = time.perf_counter() - started
     finally:
         decode.F.conv3d = plain
     conv_s = sum(e[1] for e in by_shape.values())
     flops = sum(e[2] for e in by_shape.values())
-    print(f"decode of {4 * args.latent}^3 ({args.storage} storage): {total:.1f} s, convolutions {conv_s:.1f} s "
+    print(f"decode of {' x '.join(str(4 * n) for n in shape)} ({args.storage} storage, slabs of {slab_bytes / 2**20:.0f} MiB): {total:.1f} s, convolutions {conv_s:.1f} s "
           f"({100 * conv_s / total:.0f} %) at {flops / conv_s / 1e9:.0f} GFLOP/s, overall {flops / total / 1e9:.0f} GFLOP/s")
     print("in -> out, kernel, input slab | calls | seconds | GFLOP/s")
     for (cin, cout, k, slab), (calls, seconds, fl) in sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:12]:

@@ -206,18 +206,22 @@ def _affine_of_norm(x: torch.Tensor, norm: nn.GroupNorm, rows: int, release=lamb
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) that apply `norm` to `x` (1, C, D, H, W): statistics of the whole x.
 
-    Mean and variance per channel and slab (float32, as torch's group norm computes them), merged
-    over slabs and then over each group's channels in float64 (Chan et al.); then
-    norm(x) = x * scale + shift with scale = weight / sqrt(var + eps), shift = bias - mean * scale.
+    Mean and variance per channel and slab (float32, two passes: the mean, then the mean square
+    of the centred copy), merged over slabs and then over each group's channels in float64
+    (Chan et al.); then norm(x) = x * scale + shift with scale = weight / sqrt(var + eps),
+    shift = bias - mean * scale. (torch.var_mean over these dims computes the same to ~1e-7
+    relative but took 2.6x as long on a 10-row slab of 512 x 128 planes.)
     """
     c, groups = x.shape[1], norm.num_groups
     count = 0.0
     mean = torch.zeros(c, dtype=torch.float64, device=x.device)
     m2 = torch.zeros_like(mean)
     for start in range(0, x.shape[2], rows):
-        part = x[:, :, start:start + rows]
-        n = part[0, 0].numel()
-        var_b, mean_b = torch.var_mean(part.float(), dim=(0, 2, 3, 4), correction=0)
+        part = x[0, :, start:start + rows].reshape(c, -1).to(torch.float32, copy=True)
+        n = part.shape[1]
+        mean_b = part.mean(1, keepdim=True)
+        var_b = part.sub_(mean_b).square_().mean(1)
+        mean_b = mean_b[:, 0]
         delta = mean_b.double() - mean
         total = count + n
         mean = mean + delta * (n / total)
@@ -308,10 +312,10 @@ class _Streamer:
     @staticmethod
     def _activate(x: torch.Tensor, scale, shift, silu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 silu(x * scale + shift) (or a float32 copy of x without a norm), into `out` if given."""
-        if scale is None:
-            y = out.copy_(x) if out is not None else x.float().clone()
-        else:
-            y = torch.addcmul(shift, x.float(), scale, out=out) if out is not None else torch.addcmul(shift, x.float(), scale)
+        # Converted once into a float32 buffer and then changed in place: no further temporaries.
+        y = out.copy_(x) if out is not None else x.to(torch.float32, copy=True)
+        if scale is not None:
+            torch.addcmul(shift, y, scale, out=y)
         return F.silu(y, inplace=True) if silu else y
 
     def _norm(self, x, norm):
@@ -337,10 +341,9 @@ class _Streamer:
             o1 = min(depth, o0 + rows)
             y = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), conv.weight, conv.bias,
                          padding=(0, reach, reach))
-            if add:
-                out[:, :, o0:o1] += y.to(out.dtype)
-            else:
-                out[:, :, o0:o1] = y
+            if add:  # summed in float32, rounded to the storage type once
+                y += out[:, :, o0:o1]
+            out[:, :, o0:o1] = y
             self.release(x, out)
         return out
 
