@@ -3,17 +3,18 @@
 PyTorch allocates CPU tensors with malloc. glibc serves large blocks with fresh mmap'd pages and
 returns them to the kernel on free, so a loop that makes and drops the same tensors over and over
 (every sampling step, every slab of a streamed decode) has the kernel zero new pages again and
-again. Measured here (2 threads, released-size networks, `benchmarks/generation_speed.py`): with
-glibc's threshold pinned at 128 KiB a 128^3 decode took 8.1 million page faults and 61 s, one
-UNet + ControlNet call ~0.95 million; served from the heap as below, 1.6 million faults and 46 s,
-and ~75 000 per call (1.3-1.6x faster steps).
+again. Measured with `benchmarks/allocator_churn.py` (2 threads, released-size networks, AMD Zen 5):
+one UNet + ControlNet call at a 32^3 latent takes 645 000 page faults and 1.70 s with glibc's
+threshold pinned at 128 KiB, 76 000 and 1.11 s with glibc's adaptive default, none and 1.04 s
+under the policy below; a 128^3 decode 9.1 million faults / 27.9 s, 2.2 million / 20.0 s and
+1.5 million / 19.4 s (blocks over 32 MiB still come from mmap).
 
 `reuse_freed_memory` raises the mmap threshold to glibc's maximum (32 MiB) so blocks up to that
 size come from the heap, and stops glibc from trimming the heap after each free, so freed blocks
 are reused without new page faults. The peak resident memory is still the peak of live tensors
-plus fragmentation (measured +7 % on the 128^3 decode); what was freed stays resident until
-`give_back_freed_memory`, which jobs call between phases (after letting go of networks) and when
-they finish. Both are no-ops where the C library is not glibc (macOS, Windows, musl).
+plus fragmentation (+4 % over glibc's default in the run above); what was freed stays resident
+until `give_back_freed_memory`, which jobs call between phases (after letting go of networks) and
+when they finish. Both are no-ops where the C library is not glibc (macOS, Windows, musl).
 """
 
 from __future__ import annotations
