@@ -22,7 +22,7 @@ ours with `maisi2.allocator.reuse_freed_memory`, as `generate` sets it. The vari
 difference is the allocator.
 
     python benchmarks/generation_speed.py e2e                   # mask -> CT at 128^3 (2 cores: ~3 min on a Zen 5, ~9 on a Zen 3)
-    python benchmarks/generation_speed.py decode --spill-dir D  # 512x512x128 decode (2 cores: ~40 min on a Zen 5, ~1.6 h on a Zen 3)
+    python benchmarks/generation_speed.py decode --spill-dir D  # 512x512x128 decode (2 cores: ~30 min on a Zen 5, ~1.6 h on a Zen 3)
     python benchmarks/generation_speed.py decode --shape 512 512 512 --variants ours --budget-gb 16 --spill-dir D
     python benchmarks/generation_speed.py limit                 # best 3D-conv GFLOP/s + FLOP counts
 
