@@ -1,6 +1,7 @@
 """Where the streamed decode's time goes: every convolution timed and counted, by shape.
 
-    python benchmarks/profile_decode.py --latent 32 --storage float32      # 128^3 output, ~75 s here
+    python benchmarks/profile_decode.py --latent 32 --storage float32      # 128^3 output, ~75 s on a Zen 3
+    python benchmarks/profile_decode.py --shape 16 128 32 --plan-shape 128 128 32 --storage float16   # 1/8 of 512x512x128
 
 The maisi-v2 VAE with the benchmark's random weights (`generation_speed._networks`), one
 `decode.decode_streamed` call; `F.conv3d` is wrapped to time each call (and count its FLOPs:
@@ -67,8 +68,9 @@ def main() -> None:
         decode.F.conv3d = plain
     conv_s = sum(e[1] for e in by_shape.values())
     flops = sum(e[2] for e in by_shape.values())
-    print(f"decode of {' x '.join(str(4 * n) for n in shape)} ({args.storage} storage, slabs of {slab_bytes / 2**20:.0f} MiB): {total:.1f} s, convolutions {conv_s:.1f} s "
-          f"({100 * conv_s / total:.0f} %) at {flops / conv_s / 1e9:.0f} GFLOP/s, overall {flops / total / 1e9:.0f} GFLOP/s")
+    print(f"decode of {' x '.join(str(4 * n) for n in shape)} ({args.storage} storage, slabs of "
+          f"{slab_bytes / 2**20:.0f} MiB): {total:.1f} s, convolutions {conv_s:.1f} s ({100 * conv_s / total:.0f} %) "
+          f"at {flops / conv_s / 1e9:.0f} GFLOP/s, overall {flops / total / 1e9:.0f} GFLOP/s")
     print("in -> out, kernel, input slab | calls | seconds | GFLOP/s")
     for (cin, cout, k, slab), (calls, seconds, fl) in sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:12]:
         print(f"{cin} -> {cout}, {k}^3, {slab} | {calls} | {seconds:.1f} | {fl / seconds / 1e9:.0f}")
