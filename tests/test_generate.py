@@ -292,6 +292,28 @@ def test_a_failure_while_writing_leaves_no_partial_set(small_mask_file, model_di
     assert list(tmp_path.iterdir()) == []  # neither outputs nor staged temporary files
 
 
+def test_progress_reports_each_step_and_phase_and_raising_from_it_writes_nothing(small_mask_file, model_dir, tmp_path):
+    events = []
+    options = G.GenerateOptions(steps=3, seed=0, qc_retries=1)
+    result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, options=options,
+                        on_progress=events.append)
+    attempts = len(result.report["attempts"])
+    one = [{"phase": "sampling", "attempt": 1, "step": i, "steps": 3} for i in (1, 2, 3)]
+    assert events[:5] == one + [{"phase": "decoding", "attempt": 1}, {"phase": "checking", "attempt": 1}]
+    assert len(events) == 5 * attempts + 1 and events[-1] == {"phase": "writing"}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_two(event):
+        if event.get("step") == 2:
+            raise Stop
+    with pytest.raises(Stop):
+        G.generate(small_mask_file, tmp_path / "stopped.nii.gz", model=model_dir, options=options,
+                   on_progress=stop_at_step_two)
+    assert sorted(p.name for p in tmp_path.iterdir() if "stopped" in p.name) == []
+
+
 def test_missing_bundled_model_says_how_to_pass_one(tmp_path, monkeypatch, small_mask_file):
     monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "default")
     with pytest.raises(FileNotFoundError, match="--model"):

@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from maisi2.atomic import check_writable
 
 __all__ = [
     "GenerateOptions",
+    "ProgressFn",
     "OutputPaths",
     "PreparedMask",
     "GenerationResult",
@@ -68,6 +69,11 @@ __all__ = [
 
 PREVIEW_WINDOW_HU = (-500.0, 500.0)  # lungs dark, soft tissues apart, bone bright
 PathLike = str | os.PathLike
+# `on_progress(event)` is called in the generating thread as the work advances, with one of
+#   {"phase": "sampling", "attempt": k, "step": i, "steps": n}  after each Euler step (i = 1..n),
+#   {"phase": "decoding", "attempt": k}, {"phase": "checking", "attempt": k}, {"phase": "writing"}.
+# An exception raised by it stops the generation there; nothing is written (a way to cancel).
+ProgressFn = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -154,11 +160,12 @@ class GenerationResult:
 # -- the pipeline ----------------------------------------------------------------------------
 
 def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
-             options: GenerateOptions = GenerateOptions()) -> GenerationResult:
+             options: GenerateOptions = GenerateOptions(), on_progress: ProgressFn | None = None) -> GenerationResult:
     """Generate a CT for `mask` and write it (plus label map, preview, report) to `out`.
 
     mask: a NIfTI label map path or an `io.Volume` of MAISI ids (e.g. from `phantom_mask`).
     model: a model folder, a `models.ModelInfo`/`models.Models`, or None for the bundled model.
+    on_progress: called with each `ProgressFn` event; raising from it stops the run, nothing written.
 
     On glibc this sets the process-wide allocator policy of `maisi2.allocator` (freed blocks up to
     32 MiB are kept for reuse) and gives the freed memory back to the system before returning.
@@ -176,29 +183,37 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
     fit = _check_fits(prepared, info, models, options, release)
     # 5. load the networks
     models, load_seconds = _load_networks(info, models, options)
-    return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds)
+    return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds, on_progress)
 
 
-def _generate_prepared(prepared, paths, models, fit, options, started, load_seconds) -> GenerationResult:
+def _generate_prepared(prepared, paths, models, fit, options, started, load_seconds,
+                       on_progress: ProgressFn | None = None) -> GenerationResult:
     """Steps 6-9 for a checked, prepared mask and loaded networks (shared with `generate_batch`)."""
     from maisi2 import allocator
 
     allocator.reuse_freed_memory()  # steps and decode slabs reuse freed blocks: no page-fault churn
     try:
-        return _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds)
+        return _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds,
+                                    on_progress or _no_progress)
     finally:
         allocator.give_back_freed_memory()
 
 
-def _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds) -> GenerationResult:
+def _no_progress(event: dict) -> None:
+    pass
+
+
+def _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds,
+                         on_progress: ProgressFn) -> GenerationResult:
     # 6. conditioning: mask bit-planes, spacing, modality (and the tumour-free mask for guidance)
     conditioning = _conditioning(prepared, models, options)
     # 7. denoising loop, tiled decoding, quality check; again with the next seed while it fails
-    attempts, best = _attempts(prepared, models, conditioning, fit, options)
+    attempts, best = _attempts(prepared, models, conditioning, fit, options, on_progress)
     # 8. the report
     timings = {"load_model": load_seconds, "total": time.perf_counter() - started}
     report = _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings)
     # 9. write everything as one set
+    on_progress({"phase": "writing"})
     _write_outputs(paths, prepared, attempts[best]["hu"], report, options.overwrite)
     return GenerationResult(paths, report)
 
@@ -449,11 +464,13 @@ def _half(options: GenerateOptions, device) -> bool:
     return torch.device(device).type == "cuda" if options.half_precision is None else bool(options.half_precision)
 
 
-def _attempts(prepared, models, conditioning, fit, options: GenerateOptions) -> tuple[list[dict], int]:
+def _attempts(prepared, models, conditioning, fit, options: GenerateOptions,
+              on_progress: ProgressFn) -> tuple[list[dict], int]:
     """Attempts with seeds seed, seed+1, ... until one passes the quality check (or retries run out)."""
     attempts: list[dict] = []
     for retry in range(options.qc_retries + 1):
-        attempts.append(_attempt(prepared, models, conditioning, fit, options, options.seed + retry))
+        attempts.append(_attempt(prepared, models, conditioning, fit, options, options.seed + retry,
+                                 _attempt_progress(on_progress, retry + 1, options.steps)))
         best = _best_attempt(attempts)
         for i, other in enumerate(attempts):
             if i != best:
@@ -463,7 +480,18 @@ def _attempts(prepared, models, conditioning, fit, options: GenerateOptions) -> 
     return attempts, best
 
 
-def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed: int) -> dict:
+def _attempt_progress(on_progress: ProgressFn, attempt: int, steps: int) -> ProgressFn:
+    """`on_progress` for one attempt: Euler-step callbacks (`flow.sample_euler`) and phase names in."""
+    def report(event: dict) -> None:
+        if "phase" in event:
+            on_progress({**event, "attempt": attempt})
+        else:  # a sampler step
+            on_progress({"phase": "sampling", "attempt": attempt, "step": event["i"] + 1, "steps": steps})
+    return report
+
+
+def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed: int,
+             on_progress: ProgressFn = _no_progress) -> dict:
     """One sample: the denoising loop, decoding to HU, the quality check; with their timings."""
     from maisi2 import quality, sampling
 
@@ -476,12 +504,14 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
         models.unet, conditioning["cond"], latent_shape, models.cfg.flow, controlnet=models.controlnet,
         uncond=uncond, cfg_scale=options.cfg_scale if uncond is not None else None, steps=options.steps,
         seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, autocast=half,
-        progress=options.progress)
+        progress=options.progress, callback=on_progress)
     sampled = time.perf_counter()
     if fit["release"]:
         models.release_diffusion()  # the decode plan counted only the VAE's weights
+    on_progress({"phase": "decoding"})
     hu = _decode_to_hu(latent, prepared, models, fit["plan"], half, options.progress, options.decode_statistics)
     decoded = time.perf_counter()
+    on_progress({"phase": "checking"})
     qc = quality.quality_check(hu, prepared.volume.array)
     timings = {"sampling": sampled - start, "decoding": decoded - sampled}
     if reload_seconds:
