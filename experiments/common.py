@@ -25,7 +25,7 @@ from maisi2.labels import BACKGROUND, LUNG_IDS, label_id, remove_tumors
 from maisi2.latents import LatentRecord
 from maisi2.models import load_model
 from maisi2.phantom import TumorSpec, make_phantom, random_tumors
-from maisi2.totalseg import convert_totalseg
+from maisi2.label_import import convert_totalseg
 
 # The miniature grid: one of the bundled VAE's training grids (96 x 96 x 64 at 4 mm, a 38 x 38 x 26 cm
 # field of view), so its reconstructions are as good as that VAE gets; the latent is 24 x 24 x 16,

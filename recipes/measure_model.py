@@ -28,7 +28,7 @@ from maisi2.generate import GenerateOptions, generate
 from maisi2.labels import LUNG_IDS, label_id
 from maisi2.phantom import make_phantom, parse_tumor_specs
 from maisi2.quality import organ_median_hu
-from maisi2.totalseg import import_totalseg
+from maisi2.label_import import import_totalseg
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
 ORGANS = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maisi2 import cli, io, models, nets, quality
+from maisi2 import cli, io, label_tables, models, nets, quality
 from maisi2 import generate as G
 from maisi2.config import get_config
 from maisi2.data import center_pad_or_crop
@@ -107,6 +107,10 @@ def test_outputs_match_the_mask_geometry_and_conventions(first_run, mask_file):
     assert np.all(ct[mask == 0] == -1000)  # air outside the body
     assert np.ptp(ct[mask > 0]) > 0  # something was generated inside
     np.testing.assert_array_equal(np.asarray(nib.load(paths.label).dataobj), mask)  # MAISI ids, not renumbered
+    # names and colours for the viewers beside the label map (formats checked in test_label_tables)
+    assert paths.slicer_colour_table.read_text() == label_tables.slicer_colour_table()
+    assert paths.itksnap_labels.read_text() == label_tables.itksnap_label_description()
+    assert label_tables.table_paths(paths.label) == (paths.slicer_colour_table, paths.itksnap_labels)
 
 
 def test_report_and_preview(first_run):
@@ -501,8 +505,9 @@ def test_generate_command_over_a_folder_of_masks(run_cli, model_dir, small_mask_
     code = run_cli(["generate", "--mask-dir", str(masks), "--out-dir", str(tmp_path / "cts"), "--model", str(model_dir),
                     "--steps", "1", "--no-preview", "--no-progress"])
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "cts").iterdir()) == [
-        "a_ct.nii.gz", "a_ct_label.nii.gz", "a_ct_report.json", "b_ct.nii.gz", "b_ct_label.nii.gz", "b_ct_report.json"]
+    assert sorted(p.name for p in (tmp_path / "cts").iterdir()) == sorted(
+        f"{n}_ct{end}" for n in "ab"
+        for end in (".nii.gz", "_label.nii.gz", "_label.ctbl", "_label.itksnap.txt", "_report.json"))
     seeds = [json.loads((tmp_path / "cts" / f"{n}_ct_report.json").read_text())["seed"] for n in "ab"]
     assert seeds == [0, 1]  # distinct seeds per item
     assert run_cli(["generate", "--datalist", str(tmp_path / "list.jsonl"), "--out-dir", str(tmp_path / "dl"),

@@ -1,4 +1,6 @@
-"""TotalSegmentator import: name mapping, body envelope, file conversion and CLI."""
+"""TotalSegmentator import (v2 multi-label file): name mapping, body envelope, file conversion and CLI.
+
+Other formats (v1 numbering, per-class folders, class tables, VISTA3D): test_label_import.py."""
 
 import json
 
@@ -7,18 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from maisi2 import cli, io, totalseg
+from maisi2 import cli, envelope, io
+from maisi2.envelope import body_envelope_from_ct, body_envelope_from_labels
+from maisi2.label_import import convert_totalseg, import_totalseg, resolve_class_name
 from maisi2.labels import BODY, LABELS, check_label_ids, label_id
-from maisi2.totalseg import (
-    NO_COUNTERPART,
-    TOTALSEG_CLASSES,
-    body_envelope_from_ct,
-    body_envelope_from_labels,
-    convert_totalseg,
-    import_totalseg,
-    maisi_name,
-    totalseg_to_maisi_table,
-)
+from maisi2.totalseg import CLASS_MAPS, NO_COUNTERPART, TOTALSEG_CLASSES, maisi_name
 
 TS = {name: idx for idx, name in TOTALSEG_CLASSES.items()}
 
@@ -43,23 +38,28 @@ TS = {name: idx for idx, name in TOTALSEG_CLASSES.items()}
 ])
 def test_names_follow_the_maisi_spelling(ts_name, maisi):
     assert maisi_name(ts_name) == maisi
-    assert totalseg_to_maisi_table()[TS[ts_name]] == label_id(maisi)
+    assert resolve_class_name(ts_name) == label_id(maisi)
 
 
-def test_every_class_maps_or_is_declared_without_counterpart():
-    table = totalseg_to_maisi_table()
-    assert sorted(table) == list(range(1, 118))
+@pytest.mark.parametrize("version, count", [("v1", 104), ("v2", 117)])
+def test_every_class_maps_or_is_declared_without_counterpart(version, count):
+    table = {i: resolve_class_name(name) for i, name in CLASS_MAPS[version].items()}
+    assert sorted(table) == list(range(1, count + 1))
     for ts_id, maisi_id in table.items():
-        name = TOTALSEG_CLASSES[ts_id]
+        name = CLASS_MAPS[version][ts_id]
         if maisi_id is None:
             assert name in NO_COUNTERPART, f"{name} maps to nothing and is not declared in NO_COUNTERPART"
         else:
             assert name not in NO_COUNTERPART
             assert LABELS[maisi_name(name)] == maisi_id
-    # Distinct classes must stay distinct: a many-to-one map would silently merge organs.
-    mapped = [v for v in table.values() if v is not None]
+    # Distinct classes stay distinct (a many-to-one map would silently merge organs), except v1's
+    # five heart parts, which MAISI labels as one heart.
+    mapped = [v for i, v in table.items() if v is not None and not CLASS_MAPS[version][i].startswith("heart_")]
     assert len(mapped) == len(set(mapped))
     assert BODY not in mapped
+    if version == "v1":
+        assert {n for n in CLASS_MAPS["v1"].values() if resolve_class_name(n) is None} == {"pulmonary_artery", "face"}
+        assert {resolve_class_name(n) for n in CLASS_MAPS["v1"].values() if n.startswith("heart_")} == {label_id("heart")}
 
 
 def test_packaged_class_map_matches_the_shared_copy(shared_data):
@@ -89,7 +89,7 @@ def _synthetic_scan():
 
 def test_synthetic_conversion_with_ct():
     ct, seg, disc, lung = _synthetic_scan()
-    out, report = convert_totalseg(seg, ct, spacing=(2.0, 2.0, 2.0))
+    out, report = convert_totalseg(seg, ct, spacing=(2.0, 2.0, 2.0), version="v2")
     check_label_ids(out)
     assert out.dtype == np.int16
     assert np.all(out[seg == TS["liver"]] == label_id("liver"))
@@ -122,15 +122,16 @@ def test_label_envelope_bridges_gaps_between_organs():
     assert body[labels > 0].all()
 
 
-def test_classes_without_counterpart_become_body(monkeypatch):
-    monkeypatch.setattr(totalseg, "NO_COUNTERPART", frozenset({"spleen"}))
+def test_classes_without_counterpart_become_body():
+    v1 = {name: idx for idx, name in CLASS_MAPS["v1"].items()}
     seg = np.zeros((10, 10, 3), dtype=np.uint8)
-    seg[2:5, 2:5] = TS["spleen"]
-    seg[6:8, 6:8] = TS["liver"]
-    out, report = convert_totalseg(seg, None)
-    assert np.all(out[seg == TS["spleen"]] == BODY)
-    assert report.no_counterpart == {"spleen": 27}
-    assert "spleen (27 voxels)" in report.summary()
+    seg[2:5, 2:5] = v1["face"]
+    seg[6:8, 6:8] = v1["liver"]
+    out, report = convert_totalseg(seg, None, version="v1")
+    assert np.all(out[seg == v1["face"]] == BODY)
+    assert np.all(out[seg == v1["liver"]] == label_id("liver"))
+    assert report.no_counterpart == {"face": 27}
+    assert "face (27 voxels)" in report.summary()
 
 
 def test_bad_inputs_are_explained():
@@ -140,7 +141,7 @@ def test_bad_inputs_are_explained():
     with pytest.raises(ValueError, match="outside the TotalSegmentator"):
         convert_totalseg(np.full((4, 4, 2), 118, dtype=np.int16), None)
     with pytest.raises(ValueError, match="differs from label map shape"):
-        convert_totalseg(np.zeros((4, 4, 2), dtype=np.int16), np.zeros((4, 4, 3)))
+        convert_totalseg(np.zeros((4, 4, 2), dtype=np.int16), np.zeros((4, 4, 3)), version="v2")
 
 
 # -- the real TotalSegmentator example --------------------------------------------------
@@ -221,6 +222,7 @@ def test_cli_writes_prints_and_refuses_to_overwrite(example, tmp_path, monkeypat
     assert _cli(monkeypatch, argv) == 0
     printed = capsys.readouterr().out
     assert "classes present: 41" in printed and str(out_path) in printed
+    assert "v2 'total' numbering (ids up to 117" in printed
     stamp = out_path.stat().st_mtime_ns
     assert _cli(monkeypatch, argv) == 1
     assert "already exists" in capsys.readouterr().err
@@ -234,4 +236,4 @@ def test_fast_hole_filling_equals_scipy():
     rng = np.random.default_rng(0)
     for shape in [(30, 25), (12, 14, 9)]:
         mask = rng.random(shape) < 0.55
-        assert np.array_equal(totalseg._enclosed_filled(mask), ndimage.binary_fill_holes(mask))
+        assert np.array_equal(envelope._enclosed_filled(mask), ndimage.binary_fill_holes(mask))

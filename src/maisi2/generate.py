@@ -21,7 +21,8 @@
 
 Outputs, for ``--out CT.nii.gz``: ``CT.nii.gz`` (int16 HU in [-1000, 1000], -1000 outside the body,
 the mask's geometry and stored orientation), ``CT_label.nii.gz`` (the prepared label map, MAISI
-ids, same grid), ``CT_preview.png`` (axial/coronal/sagittal mid-slices with label contours) and
+ids, same grid, with its names and colours for 3D Slicer in ``CT_label.ctbl`` and for ITK-SNAP in
+``CT_label.itksnap.txt``), ``CT_preview.png`` (axial/coronal/sagittal mid-slices with label contours) and
 ``CT_report.json`` (settings, seeds, timings, memory plan, quality check of every attempt). They
 are staged beside their targets and renamed into place together at the end, so an error or
 Ctrl-C never leaves a partial set.
@@ -45,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from maisi2 import io
+from maisi2 import io, label_tables
 from maisi2 import labels as L
 from maisi2.atomic import check_writable
 
@@ -106,6 +107,8 @@ class OutputPaths:
     report: Path
     label: Path | None = None
     preview: Path | None = None
+    slicer_colour_table: Path | None = None  # names and colours of the label map for 3D Slicer
+    itksnap_labels: Path | None = None  # ... and for ITK-SNAP
 
     @classmethod
     def beside(cls, ct: PathLike, options: GenerateOptions) -> "OutputPaths":
@@ -114,12 +117,15 @@ class OutputPaths:
         if not ct.name.endswith((".nii.gz", ".nii")):
             raise ValueError(f"{ct}: the output CT is NIfTI; name it *.nii.gz")
         stem = ct.name[: -len(".nii.gz")] if ct.name.endswith(".nii.gz") else ct.name[: -len(".nii")]
-        return cls(ct=ct, report=ct.with_name(f"{stem}_report.json"),
-                   label=ct.with_name(f"{stem}_label.nii.gz") if options.write_label else None,
-                   preview=ct.with_name(f"{stem}_preview.png") if options.write_preview else None)
+        label = ct.with_name(f"{stem}_label.nii.gz") if options.write_label else None
+        slicer, itksnap = label_tables.table_paths(label) if label is not None else (None, None)
+        return cls(ct=ct, report=ct.with_name(f"{stem}_report.json"), label=label,
+                   preview=ct.with_name(f"{stem}_preview.png") if options.write_preview else None,
+                   slicer_colour_table=slicer, itksnap_labels=itksnap)
 
     def all(self) -> list[Path]:
-        return [p for p in (self.ct, self.label, self.preview, self.report) if p is not None]
+        return [p for p in (self.ct, self.label, self.slicer_colour_table, self.itksnap_labels, self.preview,
+                            self.report) if p is not None]
 
 
 @dataclass
@@ -299,7 +305,7 @@ def _load_mask(mask) -> tuple[io.Volume, str]:
 
 def _with_body(volume: io.Volume, source: str) -> tuple[io.Volume, int]:
     """Add the body envelope (label 200) to unlabelled voxels inside the labels' filled hull."""
-    from maisi2.totalseg import body_envelope_from_labels
+    from maisi2.envelope import body_envelope_from_labels
 
     labels = volume.array
     if not np.any(labels != L.BACKGROUND):
@@ -584,7 +590,9 @@ def _write_outputs(paths: OutputPaths, prepared: PreparedMask, hu: np.ndarray, r
         paths.ct.parent.mkdir(parents=True, exist_ok=True)
         io.save_ct(stage(paths.ct), prepared.volume.with_array(hu))
         if paths.label is not None:
-            io.save_label_map(stage(paths.label), prepared.volume)
+            io.save_label_map(stage(paths.label), prepared.volume, tables=False)  # staged below
+            stage(paths.slicer_colour_table).write_text(label_tables.slicer_colour_table())
+            stage(paths.itksnap_labels).write_text(label_tables.itksnap_label_description())
         if paths.preview is not None:
             render_preview(hu, prepared.volume.array, prepared.volume.spacing).save(stage(paths.preview), format="PNG")
         stage(paths.report).write_text(json.dumps(report, indent=2, default=_json_default))
@@ -648,19 +656,8 @@ def _panel(hu2d: np.ndarray, labels2d: np.ndarray, pixel_mm: tuple[float, float]
     edge[:-1, :] |= ids[:-1, :] != ids[1:, :]
     edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
     edge &= ids != L.BACKGROUND
-    rgb[edge] = _palette(ids[edge])
+    rgb[edge] = label_tables.colours_of(ids[edge])
     return Image.fromarray(rgb)
-
-
-def _palette(ids: np.ndarray) -> np.ndarray:
-    """A fixed, well-spread colour per label id (golden-ratio hues; the body outline in grey)."""
-    import colorsys
-
-    table = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        table[i] = [round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)]
-    table[L.BODY] = (160, 160, 160)
-    return table[np.clip(ids, 0, 255)]
 
 
 # -- batches -----------------------------------------------------------------------------------

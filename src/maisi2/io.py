@@ -26,7 +26,8 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 
-from maisi2.atomic import atomic_output
+from maisi2 import label_tables
+from maisi2.atomic import atomic_output, check_writable
 from maisi2.labels import check_label_ids
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "load_label_map",
     "save_ct",
     "save_label_map",
+    "check_label_map_writable",
     "resample_to_spacing",
     "resampled_shape",
 ]
@@ -240,12 +242,27 @@ def save_ct(path: PathLike, volume: Volume, overwrite: bool = False) -> Path:
     return _write_nifti(path, volume.with_array(hu), overwrite)
 
 
-def save_label_map(path: PathLike, volume: Volume, overwrite: bool = False) -> Path:
-    """Write a label map as NIfTI: uint8 when every id is in 0..255, else int16."""
+def save_label_map(path: PathLike, volume: Volume, overwrite: bool = False, tables: bool = True) -> Path:
+    """Write a label map as NIfTI: uint8 when every id is in 0..255, else int16.
+
+    tables: also write the MAISI names and colours beside it for 3D Slicer (``X.ctbl``) and
+    ITK-SNAP (``X.itksnap.txt``); see `maisi2.label_tables`. Every target is checked first.
+    """
+    if tables:
+        check_label_map_writable(path, overwrite)
     what = f"label map to save as {path}"
     labels = _as_int16_labels(_validated(np.asarray(volume.array), what), what)
     fits_uint8 = labels.min() >= 0 and labels.max() <= 255
-    return _write_nifti(path, volume.with_array(labels.astype(np.uint8) if fits_uint8 else labels), overwrite)
+    written = _write_nifti(path, volume.with_array(labels.astype(np.uint8) if fits_uint8 else labels), overwrite)
+    if tables:
+        label_tables.write_label_tables(written, overwrite)
+    return written
+
+
+def check_label_map_writable(path: PathLike, overwrite: bool = False) -> None:
+    """Fail before any work if the label map or its viewer tables may not be written."""
+    check_writable(Path(path).expanduser(), overwrite)
+    label_tables.check_tables_writable(Path(path).expanduser(), overwrite)
 
 
 def _write_nifti(path: PathLike, volume: Volume, overwrite: bool) -> Path:

@@ -1,56 +1,60 @@
-"""Import TotalSegmentator label maps: class ids -> MAISI ids by name, plus the body envelope.
+"""TotalSegmentator's "total" task: its two class numberings, its name spelling, its output shapes.
 
-TotalSegmentator's "total" task (v2, 117 classes; class map packaged as
-resources/totalseg_class_map_total.json) spells names as ``kidney_right`` or ``rib_left_1``; the
-MAISI table spells them ``right kidney`` and ``left rib 1``. One rule covers almost every class:
-move the side word to the front and join the rest with spaces. The few names the rule cannot
-produce live in `_RENAMES`; classes MAISI has no label for would live in `NO_COUNTERPART` and
-their voxels become body (today every "total" class has a counterpart).
+Class maps (packaged as resources/totalseg_class_map_total.json for v2, 117 classes, and
+resources/totalseg_class_map_total_v1.json for v1, 104 classes; both taken from
+``totalsegmentator/map_to_binary.py`` of github.com/wasserth/TotalSegmentator, Apache-2.0). The two
+versions share names but not ids: v1 numbers aorta 7, v2 pancreas 7.
 
-MAISI label maps also carry the body envelope (label 200): voxels inside the body that no organ
-claims. The generator sets everything outside labels to -1000 HU, so without the envelope fat and
-muscle would come out as air. The envelope comes from the CT when one is given (a threshold at
--500 HU, thin bridges to the scanner table cut, the main connected component kept, holes filled
-so the lungs and bowel gas count as inside), else from the labels alone (closing and hole filling of the union of all labels per axial slice).
-The label-only envelope is rough: TotalSegmentator does not label subcutaneous fat or most
-muscles, so it hugs the labelled organs and misses the outer body wall.
+Names: TotalSegmentator spells ``kidney_right`` or ``rib_left_1``; the MAISI table spells
+``right kidney`` and ``left rib 1``. One rule covers almost every class: move the side word to the
+front and join the rest with spaces. The few names the rule cannot produce live in `_RENAMES`
+(v1's five heart parts become MAISI's one heart); classes MAISI has no label for are declared in
+`NO_COUNTERPART` and their voxels become body.
 
-Arrays are RAS-canonical with axes (x, y, z), as `maisi2.io` loads them; axial slices are
-``array[:, :, k]``.
+Output shapes: one multi-label file (``TotalSegmentator --ml``), or a folder with one binary mask
+per class (``liver.nii.gz``, the default without ``--ml``; `read_class_folder`).
+
+Which numbering a multi-label file uses: ids above 104 exist only in v2; otherwise
+`detect_version` reads it off the anatomy (classes named left lie left of the body's midline in
+the right numbering, and only about half of them do in the wrong one).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from maisi2 import io
-from maisi2.atomic import check_writable
-from maisi2.labels import BACKGROUND, BODY, LABELS, check_label_ids, label_id, label_name, load_resource_json
+from maisi2.labels import load_resource_json
 
 __all__ = [
+    "CLASS_MAPS",
     "TOTALSEG_CLASSES",
     "NO_COUNTERPART",
+    "VERSIONS",
     "maisi_name",
-    "totalseg_to_maisi_table",
-    "ImportReport",
-    "convert_totalseg",
-    "body_envelope_from_ct",
-    "body_envelope_from_labels",
-    "import_totalseg",
+    "detect_version",
+    "read_class_folder",
 ]
 
-TOTALSEG_CLASSES: dict[int, str] = {
-    int(k): v for k, v in load_resource_json("totalseg_class_map_total.json")["total"].items()
+VERSIONS = ("v1", "v2")
+CLASS_MAPS: dict[str, dict[int, str]] = {
+    "v1": {int(k): v for k, v in load_resource_json("totalseg_class_map_total_v1.json")["total_v1"].items()},
+    "v2": {int(k): v for k, v in load_resource_json("totalseg_class_map_total.json")["total"].items()},
 }
-# Names the side rule cannot produce: MAISI says "bladder", TotalSegmentator "urinary_bladder".
-_RENAMES: dict[str, str] = {"urinary_bladder": "bladder"}
-# TotalSegmentator classes with no MAISI label (none in the v2 "total" task; a test keeps it so).
-NO_COUNTERPART: frozenset[str] = frozenset()
+TOTALSEG_CLASSES = CLASS_MAPS["v2"]  # the current numbering
+# Names the side rule cannot produce: MAISI says "bladder", TotalSegmentator "urinary_bladder";
+# MAISI has one heart label where v1 had five parts.
+_RENAMES: dict[str, str] = {
+    "urinary_bladder": "bladder",
+    **{f"heart_{part}": "heart" for part in
+       ("myocardium", "atrium_left", "ventricle_left", "atrium_right", "ventricle_right")},
+}
+# TotalSegmentator classes with no MAISI label (only v1 has them; their voxels become body).
+NO_COUNTERPART: frozenset[str] = frozenset({"pulmonary_artery", "face"})
 _SIDES = ("left", "right")
 
 
@@ -68,253 +72,98 @@ def maisi_name(totalseg_name: str) -> str:
     return " ".join(side + rest)
 
 
-def totalseg_to_maisi_table() -> dict[int, int | None]:
-    """TotalSegmentator "total" class id -> MAISI id, or None for a class with no counterpart."""
-    table: dict[int, int | None] = {}
-    for ts_id, name in TOTALSEG_CLASSES.items():
-        target = maisi_name(name)
-        table[ts_id] = None if name in NO_COUNTERPART or target not in LABELS else label_id(target)
-    return table
+# -- which numbering ---------------------------------------------------------------------------
+
+_MIN_SIDED = 4  # sided classes needed before anatomy can tell the numberings apart
+_MIN_AGREEMENT = 0.8  # share of sided classes on their named side in the right numbering
+_MIN_MARGIN = 0.3  # ... ahead of the other numbering
 
 
-@dataclass(frozen=True)
-class ImportReport:
-    """What a conversion did. Names are TotalSegmentator's; voxel counts are of the input map."""
+def detect_version(labels: np.ndarray) -> tuple[str, str]:
+    """("v1" or "v2", why) for a multi-label TotalSegmentator map in RAS orientation (X, Y, Z).
 
-    present: dict[str, int]  # class name -> voxels, for each class found in the map
-    mapped: dict[str, str]  # class name -> MAISI name, for present classes with a counterpart
-    no_counterpart: dict[str, int]  # class name -> voxels, which became body
-    body_voxels: int  # voxels labelled body (200) in the output
-    body_from: str  # "ct" or "labels"
-    shape: tuple[int, ...]
-
-    def summary(self) -> str:
-        lines = [
-            f"TotalSegmentator classes present: {len(self.present)}; mapped to MAISI ids: {len(self.mapped)}",
-            f"body envelope from the {'CT (HU threshold)' if self.body_from == 'ct' else 'labels (rough)'}: "
-            f"{self.body_voxels} voxels of {int(np.prod(self.shape))}",
-        ]
-        if self.no_counterpart:
-            gone = ", ".join(f"{k} ({v} voxels)" for k, v in self.no_counterpart.items())
-            lines.append(f"no MAISI counterpart, relabelled as body: {gone}")
-        else:
-            lines.append("every present class has a MAISI counterpart")
-        return "\n".join(lines)
-
-
-def _lookup_table() -> np.ndarray:
-    """Array indexed by TotalSegmentator id giving the MAISI id (body for classes with no label)."""
-    lut = np.zeros(max(TOTALSEG_CLASSES) + 1, dtype=np.int16)
-    for ts_id, maisi_id in totalseg_to_maisi_table().items():
-        lut[ts_id] = BODY if maisi_id is None else maisi_id
-    return lut
-
-
-def _class_voxel_counts(seg: np.ndarray) -> np.ndarray:
-    """Voxels per TotalSegmentator id (index = id), after checking the map holds only class ids."""
-    if not np.issubdtype(seg.dtype, np.integer) and not np.array_equal(seg, np.round(seg)):
-        raise ValueError("TotalSegmentator label map holds non-integer values; was the CT passed in place of the label map?")
-    low, high = int(seg.min()), int(seg.max())
-    if low < 0 or high > max(TOTALSEG_CLASSES):
-        hint = " (negative values: was the CT passed in place of the label map?)" if low < 0 else ""
-        raise ValueError(
-            f"label map holds ids from {low} to {high}, outside the TotalSegmentator 'total' classes "
-            f"(1..{max(TOTALSEG_CLASSES)}){hint}; expected the single multi-label file of TotalSegmentator "
-            "v2's 'total' task (`TotalSegmentator --ml`)"
-        )
-    # bincount beats np.unique (a full sort) on 512 x 512 x 768 maps.
-    return np.bincount(seg.astype(np.intp, copy=False).ravel(), minlength=max(TOTALSEG_CLASSES) + 1)
-
-
-def convert_totalseg(
-    labels: np.ndarray, ct: np.ndarray | None = None, spacing: tuple[float, ...] | None = None
-) -> tuple[np.ndarray, ImportReport]:
-    """Map a TotalSegmentator "total" label map to MAISI ids and add the body envelope.
-
-    labels: integer array (X, Y, Z), TotalSegmentator class ids. ct: HU on the same grid, or None
-    to build the envelope from the labels. spacing: voxel size in mm (x, y, z), which sizes the
-    morphology; None means 1 mm. Returns an int16 MAISI label map and an `ImportReport`.
+    Ids above 104 settle it (v2). Otherwise each numbering names some present classes left or
+    right; in RAS arrays patient left is low x. The numbering under which clearly more of them lie
+    on their named side of the midline (the middle of the labelled extent along x) wins. Raises
+    ValueError when neither does, asking for ``--version``.
     """
-    labels = np.asarray(labels)
-    if ct is not None and np.shape(ct) != labels.shape:
-        raise ValueError(f"CT shape {np.shape(ct)} differs from label map shape {labels.shape}; resample the CT onto the label grid")
-    counts = _class_voxel_counts(labels)
-    seg = labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int16)
-    out = _lookup_table()[seg]
-    if ct is not None:
-        envelope = body_envelope_from_ct(ct, labels=seg, spacing=spacing)
-    else:
-        envelope = body_envelope_from_labels(seg, spacing=spacing)
-    out[(out == BACKGROUND) & envelope] = BODY
-    return out, _report(counts, out, ct is not None)
-
-
-def _report(counts: np.ndarray, out: np.ndarray, from_ct: bool) -> ImportReport:
-    table = totalseg_to_maisi_table()
-    present = {TOTALSEG_CLASSES[i]: int(counts[i]) for i in TOTALSEG_CLASSES if counts[i]}
-    target = {TOTALSEG_CLASSES[i]: table[i] for i in TOTALSEG_CLASSES}
-    return ImportReport(
-        present=present,
-        mapped={n: label_name(target[n]) for n in present if target[n] is not None},
-        no_counterpart={n: c for n, c in present.items() if target[n] is None},
-        body_voxels=int(np.count_nonzero(out == BODY)),
-        body_from="ct" if from_ct else "labels",
-        shape=tuple(int(s) for s in out.shape),
+    counts_by_x = _counts_by_x(labels)  # (X, ids)
+    present = np.flatnonzero(counts_by_x.sum(axis=0))
+    present = present[present > 0]
+    top = int(present.max()) if present.size else 0
+    if top > max(CLASS_MAPS["v1"]):
+        return "v2", f"ids up to {top}; v1 stops at {max(CLASS_MAPS['v1'])}"
+    scores = {v: _side_agreement(counts_by_x, present, CLASS_MAPS[v]) for v in VERSIONS}
+    text = "; ".join(f"{v}: {ok} of {n} sided classes on their named side" for v, (ok, n) in scores.items())
+    share = {v: ok / n if n >= _MIN_SIDED else 0.0 for v, (ok, n) in scores.items()}
+    best, other = sorted(VERSIONS, key=share.get, reverse=True)
+    if share[best] >= _MIN_AGREEMENT and share[best] - share[other] >= _MIN_MARGIN:
+        return best, f"anatomy ({text})"
+    raise ValueError(
+        f"cannot tell TotalSegmentator v1 from v2 numbering (ids up to {top}; {text}); "
+        "pass --version v1 or --version v2 (TotalSegmentator >= 2.0 writes v2)"
     )
 
 
-def body_envelope_from_ct(
-    ct_hu: np.ndarray,
-    threshold: float = -500.0,
-    labels: np.ndarray | None = None,
-    spacing: tuple[float, ...] | None = None,
-    detach_mm: float = 3.0,
-) -> np.ndarray:
-    """Boolean body mask from a CT in HU (X, Y, Z).
+def _counts_by_x(labels: np.ndarray) -> np.ndarray:
+    """Voxels per (x index, class id): one bincount per sagittal slab, no full-size temporaries."""
+    labels = np.asarray(labels)
+    if labels.min() < 0:
+        raise ValueError("label map holds negative values; was the CT passed in place of the label map?")
+    width = int(labels.max()) + 1
+    return np.stack([np.bincount(labels[x].ravel().astype(np.intp), minlength=width) for x in range(labels.shape[0])])
 
-    1. Voxels above `threshold` HU.
-    2. An in-plane opening of radius `detach_mm` cuts thin bridges (the table top, cables,
-       blankets) from the body; the largest connected component of what remains is the body,
-       plus, when `labels` are given, any component holding a labelled voxel (arms beside the
-       body are separate components but still body).
-    3. The opening rounded off the body outline, so the kept components are grown back by
-       `detach_mm` inside the thresholded voxels (a stub of the table at most that long remains).
-    4. Holes filled, so lungs, airways and bowel gas count as inside.
 
-    spacing: voxel size in mm (x, y, z); None means 1 mm.
+def _side_agreement(counts_by_x: np.ndarray, present: np.ndarray, names: dict[int, str]) -> tuple[int, int]:
+    """(classes on their named side, sided classes present) under one numbering."""
+    x = np.arange(counts_by_x.shape[0], dtype=np.float64)
+    labelled_x = np.flatnonzero(counts_by_x[:, 1:].sum(axis=1))
+    midline = (labelled_x.min() + labelled_x.max()) / 2 if labelled_x.size else 0.0
+    agree = total = 0
+    for idx in present:
+        words = names.get(int(idx), "").split("_")
+        side = [w for w in words if w in _SIDES]
+        if len(side) != 1:
+            continue
+        centre = float(x @ counts_by_x[:, idx] / counts_by_x[:, idx].sum())
+        total += 1
+        agree += (centre > midline) == (side[0] == "right")  # RAS: patient right is high x
+    return agree, total
+
+
+# -- one mask per class -------------------------------------------------------------------------
+
+def read_class_folder(folder: str | os.PathLike) -> tuple[io.Volume, dict[int, str]]:
+    """A folder of binary masks named by class (``liver.nii.gz`` ...) as one multi-label volume.
+
+    Returns the volume (ids 1..N in the files' name order, RAS) and {id: class name}. Every file is
+    checked to be on one grid from its header before any voxels are read. Where masks overlap, the
+    later file in name order wins (TotalSegmentator's own masks do not overlap).
     """
-    tissue = np.asarray(ct_hu) > threshold
-    sampling = _in_plane(spacing)
-    core = _per_slice(lambda m: _opening_2d(m, sampling, detach_mm), tissue)
-    core = _main_components(core, labels)
-    regrown = _per_slice(lambda m: _dilation_2d(m, sampling, detach_mm), core) & tissue
-    return _fill_holes(regrown)
+    folder = Path(folder).expanduser()
+    files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{folder} holds no NIfTI masks (*.nii.gz); expected TotalSegmentator's one-file-per-class output")
+    _check_one_grid(files)
+    names: dict[int, str] = {}
+    merged = None
+    for idx, path in enumerate(files, start=1):
+        mask = io.load_label_map(path, check_ids=False)
+        if mask.array.min() < 0 or mask.array.max() > 1:
+            raise ValueError(f"{path} holds values other than 0 and 1; a per-class folder holds binary masks")
+        if merged is None:
+            merged = mask.with_array(np.zeros(mask.shape, dtype=np.int16))
+        merged.array[mask.array > 0] = idx
+        names[idx] = path.name.split(".nii")[0]
+    return merged, names
 
 
-def _main_components(mask: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-    """The largest connected component, plus any component holding a labelled voxel."""
-    components, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[int(np.argmax(sizes))] = True
-    if labels is not None:
-        keep[np.unique(components[labels > 0])] = True
-        keep[0] = False
-    return keep[components]
-
-
-def body_envelope_from_labels(
-    labels: np.ndarray, spacing: tuple[float, ...] | None = None, closing_mm: float = 10.0
-) -> np.ndarray:
-    """A rough body mask from a label map alone: the labelled union, closed and hole-filled per slice.
-
-    The closing (a disc of radius `closing_mm` in each axial slice) bridges the unlabelled fat and
-    muscle between organs; it cannot recover the outer body wall, which TotalSegmentator does not
-    label, so prefer `body_envelope_from_ct` when the CT is at hand. spacing: voxel size in mm
-    (x, y, z); None means 1 mm.
-    """
-    sampling = _in_plane(spacing)
-    closed = _per_slice(lambda m: _closing_2d(m, sampling, closing_mm), np.asarray(labels) > 0)
-    return _fill_holes(closed)
-
-
-# -- per-slice morphology -------------------------------------------------------------------
-# Discs are applied through distance transforms: their cost does not grow with the radius, where a
-# 10 mm structuring element at sub-millimetre spacing makes scipy's binary morphology crawl on a
-# 512 x 512 slice. Only in-array zeros count as background, so a body cut by the field of view is
-# not eaten from the array edge.
-
-def _in_plane(spacing) -> tuple[float, float]:
-    return (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
-
-
-def _per_slice(fn, mask: np.ndarray) -> np.ndarray:
-    out = np.empty_like(mask)
-    for k in range(mask.shape[2]):
-        out[:, :, k] = fn(mask[:, :, k])
-    return out
-
-
-def _dilation_2d(mask, sampling, radius_mm):
-    if not mask.any():
-        return mask
-    return ndimage.distance_transform_edt(~mask, sampling=sampling) <= radius_mm
-
-
-def _erosion_2d(mask, sampling, radius_mm):
-    if mask.all():
-        return mask
-    return ndimage.distance_transform_edt(mask, sampling=sampling) > radius_mm
-
-
-def _closing_2d(mask, sampling, radius_mm):
-    return _erosion_2d(_dilation_2d(mask, sampling, radius_mm), sampling, radius_mm)
-
-
-def _opening_2d(mask, sampling, radius_mm):
-    return _dilation_2d(_erosion_2d(mask, sampling, radius_mm), sampling, radius_mm)
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill holes per axial slice, then in 3D.
-
-    Per slice first because the lungs and trachea touch the top and bottom of a scan: in 3D their
-    air connects to the volume border and would not count as a hole, in an axial slice it is
-    enclosed by the chest wall.
-    """
-    return _enclosed_filled(_per_slice(_enclosed_filled, mask))
-
-
-def _enclosed_filled(mask: np.ndarray) -> np.ndarray:
-    """`mask` plus every background region not touching the array border (any number of dims).
-
-    Same result as ndimage.binary_fill_holes, about twice as fast: one labelling pass instead of
-    an iterated propagation.
-    """
-    background, _ = ndimage.label(~mask)
-    faces = [np.take(background, end, axis=axis).ravel() for axis in range(mask.ndim) for end in (0, -1)]
-    outside = np.zeros(background.max() + 1, dtype=bool)
-    outside[np.concatenate(faces)] = True
-    outside[0] = False  # label 0 is the mask itself
-    return ~outside[background]
-
-
-def _same_grid(a, b, atol_mm: float = 1e-2) -> bool:
-    # 0.01 mm: headers written from float32 geometry differ by rounding, real grid changes do not.
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol_mm)
-
-
-def _grid_text(vol) -> str:
-    spacing = " x ".join(f"{s:g}" for s in vol.spacing)
-    origin = ", ".join(f"{o:.1f}" for o in vol.affine[:3, 3])
-    return f"shape {vol.shape}, spacing {spacing} mm, origin ({origin})"
-
-
-def import_totalseg(
-    seg_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    ct_path: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> ImportReport:
-    """Convert a TotalSegmentator label map file to a MAISI label map file (NIfTI).
-
-    With `ct_path` (NIfTI or DICOM folder, on the label map's grid) the body envelope comes from
-    the CT's HU; without it, a rough envelope comes from the labels.
-    """
-    check_writable(out_path, overwrite)  # fail before the slow part
-    seg = io.load_label_map(seg_path, check_ids=False)
-    ct = None
-    if ct_path is not None:
-        ct = io.load_ct(ct_path)
-        if not _same_grid(ct, seg):
+def _check_one_grid(files: list[Path]) -> None:
+    first = nib.load(files[0])
+    for path in files[1:]:
+        image = nib.load(path)
+        if image.shape != first.shape or not np.allclose(image.affine, first.affine, atol=1e-3):
             raise ValueError(
-                f"CT {Path(ct_path)} ({_grid_text(ct)}) is not on the grid of label map {Path(seg_path)} "
-                f"({_grid_text(seg)}); pass the CT that TotalSegmentator segmented, or resample it onto the label grid first"
+                f"{path.name} (shape {image.shape}) is not on the grid of {files[0].name} (shape {first.shape}); "
+                "the masks of one folder must come from one TotalSegmentator run"
             )
-    out, report = convert_totalseg(seg.array, None if ct is None else ct.array, spacing=seg.spacing)
-    check_label_ids(out, "converted label map")
-    io.save_label_map(out_path, seg.with_array(out), overwrite=overwrite)
-    return report
