@@ -1,5 +1,6 @@
 """Datalists, the CT dataset, size buckets and samplers (synthetic NIfTI files in tmp_path)."""
 
+import json
 from collections import Counter
 
 import nibabel as nib
@@ -12,6 +13,7 @@ from maisi2.data import (
     BucketBatchSampler,
     CTDataset,
     DataItem,
+    DatalistSource,
     bucket_by_size,
     center_pad_or_crop,
     collate_samples,
@@ -76,7 +78,7 @@ def test_hu_unit_round_trip_and_clipping():
 
 # -- datalists ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
 def test_datalist_round_trip_with_relative_paths(scans, tmp_path, suffix):
     data, (img_a, lab_a), (img_b, _) = scans
     items = [
@@ -96,6 +98,71 @@ def test_datalist_round_trip_with_relative_paths(scans, tmp_path, suffix):
     again = read_datalist(moved / f"list{suffix}")
     assert again[0].image == moved / "data" / "a_ct.nii.gz" and again[0].spacing == (1.5, 1.5, 2.25)
     assert again[0].modality_id == 3 and again[1].modality_id == 1
+
+
+def test_decathlon_json_paths_are_joined_as_monai_joins_them(scans, tmp_path):
+    from monai.data import load_decathlon_datalist
+
+    data, (img_a, lab_a), (img_b, _) = scans
+    (tmp_path / "lists").mkdir()
+    datalist = tmp_path / "lists" / "dataset.json"
+    datalist.write_text(json.dumps({
+        "name": "two scans", "labels": {"0": "background"}, "numTraining": 1,
+        "training": [{"image": "./data/a_ct.nii.gz", "label": "./data/a_label.nii.gz", "fold": 1,
+                      "dim": [12, 10, 8], "spacing": [2.0, 2.0, 3.0]}],  # dim: a MAISI-release key, not used
+        "validation": [{"image": "data/b_ct.nii.gz"}],
+        "test": ["data/b_ct.nii.gz"],
+    }))
+    source = DatalistSource(datalist, data_root=tmp_path)  # paths relative to a data root, not the file
+    items = read_datalist(source)
+    monai_rows = load_decathlon_datalist(datalist, data_list_key="training", base_dir=tmp_path)
+    assert [str(i.image) for i in items] == [r["image"] for r in monai_rows] == [str(img_a)]
+    assert [str(i.label) for i in items] == [r["label"] for r in monai_rows]
+    assert items[0].fold == 1 and items[0].spacing == (2.0, 2.0, 3.0)
+    assert [i.image for i in read_datalist(DatalistSource(datalist, "validation", tmp_path))] == [img_b]
+    assert [i.image for i in read_datalist(DatalistSource(datalist, "test", tmp_path))] == [img_b]
+    with pytest.raises(FileNotFoundError, match="relative paths start at the datalist's folder"):
+        read_datalist(datalist)  # relative to lists/, where data/ is not
+    with pytest.raises(ValueError, match="has no 'testing' list \\(lists: training, validation, test\\)"):
+        read_datalist(DatalistSource(datalist, "testing", tmp_path))
+    with pytest.raises(FileNotFoundError, match="data root .* is not an existing folder"):
+        read_datalist(DatalistSource(datalist, data_root=tmp_path / "nowhere"))
+    write_datalist(tmp_path / "l.jsonl", items)
+    with pytest.raises(ValueError, match="applies to decathlon-style .json datalists only"):
+        read_datalist(DatalistSource(tmp_path / "l.jsonl", key="training"))
+
+
+def test_every_datalist_command_takes_decathlon_json(scans, tmp_path, monkeypatch):
+    """train-vae, encode, generate --datalist and evaluate train-segmenter pass --datalist-key and
+    --data-root on (train-flow and train-controlnet read the latent cache that encode builds)."""
+    from maisi2 import cli, encode, generate, train_vae
+    from maisi2.evaluate import seg
+
+    data, (img_a, lab_a), _ = scans
+    datalist = tmp_path / "elsewhere.json"
+    datalist.write_text(json.dumps({"validation": [{"image": "data/a_ct.nii.gz", "label": "data/a_label.nii.gz"}]}))
+    seen = {}
+
+    def capture(name):
+        def record(*args, **kwargs):
+            seen[name] = args
+            raise SystemExit(0)
+        return record
+
+    monkeypatch.setattr(train_vae, "train_vae", capture("train-vae"))
+    monkeypatch.setattr(encode, "encode_datalist", capture("encode"))
+    monkeypatch.setattr(generate, "generate_batch", capture("generate"))
+    monkeypatch.setattr(seg, "train_segmenter", capture("train-segmenter"))
+    options = ["--datalist-key", "validation", "--data-root", str(tmp_path)]
+    for argv in (["train-vae", str(datalist), "--out", str(tmp_path / "v")],
+                 ["encode", str(datalist), "--vae", "x.pt", "--out", str(tmp_path / "c")],
+                 ["generate", "--datalist", str(datalist), "--out-dir", str(tmp_path / "g")],
+                 ["evaluate", "train-segmenter", "--data", str(datalist), "--out", str(tmp_path / "s.pt")]):
+        with pytest.raises(SystemExit):
+            cli.main(argv + options)
+    assert read_datalist(seen["train-vae"][0]) == read_datalist(seen["encode"][0]) == [DataItem(img_a, lab_a)]
+    assert [(i.mask, i.out.name) for i in seen["generate"][0]] == [(lab_a, "a_label_ct.nii.gz")]
+    assert seen["train-segmenter"][0] == [(img_a, lab_a)]
 
 
 def test_write_refuses_to_overwrite(scans, tmp_path):

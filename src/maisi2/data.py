@@ -3,8 +3,12 @@
 Intensity convention (the one place it is defined): CT is clipped to [-1000, 1000] HU and scaled
 linearly to [0, 1] for the VAE (`hu_to_unit`); generated volumes come back through `unit_to_hu`.
 
-Datalist format: JSON lines (``.jsonl``, one object per line) or CSV (``.csv``, header row) with
-the fields
+Datalist formats: JSON lines (``.jsonl``, one object per line), CSV (``.csv``, header row), or a
+decathlon-style JSON file (``.json``: ``{"training": [{"image": ..., "label": ...}, ...],
+"validation": [...], "test": [...]}``, as the Medical Segmentation Decathlon, MONAI and the MAISI
+release write them; the ``training`` list unless another key is asked for, paths relative to a data
+root that defaults to the file's folder, joined exactly as MONAI's ``load_decathlon_datalist`` joins
+them; other keys of an entry, such as the MAISI release's ``dim``, are not used). The fields
 
 =========  ===================================================================================
 image      CT path (NIfTI file or DICOM folder), relative to the datalist's folder. Required.
@@ -46,7 +50,9 @@ __all__ = [
     "unit_to_hu",
     "MODALITIES",
     "DataItem",
+    "DatalistSource",
     "read_datalist",
+    "decathlon_rows",
     "write_datalist",
     "center_pad_or_crop",
     "CTDataset",
@@ -107,23 +113,79 @@ class DataItem:
         return MODALITIES[self.modality]
 
 
-def read_datalist(path: str | os.PathLike) -> list[DataItem]:
-    """Read a .jsonl or .csv datalist; a bad row raises an error naming its line number."""
-    path = Path(path)
+@dataclass(frozen=True)
+class DatalistSource:
+    """A datalist file and, for a decathlon-style .json, which list to read and the folder its paths
+    are relative to (None: the file's folder)."""
+
+    path: Path
+    key: str | None = None  # .json only; None means "training"
+    data_root: Path | None = None
+
+    @classmethod
+    def of(cls, source: "str | os.PathLike | DatalistSource") -> "DatalistSource":
+        return source if isinstance(source, DatalistSource) else cls(Path(source).expanduser())
+
+    def root(self) -> Path:
+        """The folder relative paths start from (checked to exist)."""
+        if self.data_root is None:
+            return Path(self.path).parent
+        root = Path(self.data_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data root {root} is not an existing folder")
+        return root
+
+
+def read_datalist(source: str | os.PathLike | DatalistSource) -> list[DataItem]:
+    """Read a .jsonl, .csv or decathlon-style .json datalist; a bad row raises an error naming where it is."""
+    source = DatalistSource.of(source)
+    path = Path(source.path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist")
-    text = path.read_text()
-    rows = _jsonl_rows(path, text) if _format(path) == "jsonl" else _csv_rows(path, text)
-    items = [_parse_row(raw, path.parent, f"{path}, line {line}") for line, raw in rows]
+    fmt = _format(path)
+    root = source.root()
+    if fmt == "json":
+        rows = decathlon_rows(source)
+        items = [_parse_row({k: v for k, v in raw.items() if k in FIELDS}, root, where) for where, raw in rows]
+    else:
+        if source.key is not None:
+            raise ValueError(f"datalist {path}: a list key ({source.key!r}) applies to decathlon-style .json datalists only")
+        text = path.read_text()
+        rows = _jsonl_rows(path, text) if fmt == "jsonl" else _csv_rows(path, text)
+        items = [_parse_row(raw, root, f"{path}, line {line}") for line, raw in rows]
     if not items:
         raise ValueError(f"datalist {path} holds no rows")
     return items
 
 
+def decathlon_rows(source: str | os.PathLike | DatalistSource) -> list[tuple[str, dict]]:
+    """(where, entry) for each entry of one list of a decathlon-style .json datalist, paths joined to
+    the data root by MONAI's ``load_decathlon_datalist`` (image and label always, other keys when
+    the joined path exists; a bare path in a "test" list becomes {"image": path})."""
+    from monai.data import load_decathlon_datalist
+
+    source = DatalistSource.of(source)
+    path, key = Path(source.path), source.key or "training"
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"datalist {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    lists = [k for k, v in content.items() if isinstance(v, list)] if isinstance(content, dict) else []
+    if key not in lists:
+        raise ValueError(f"datalist {path} has no {key!r} list (lists: {', '.join(lists) or 'none'}); "
+                         "a decathlon-style datalist is {\"training\": [{\"image\": ..., \"label\": ...}]}; "
+                         "choose the list with --datalist-key")
+    if any(not isinstance(e, (dict, str)) for e in content[key]):
+        raise ValueError(f"datalist {path}: each entry of {key!r} must be an object like {{\"image\": ...}} or a path")
+    entries = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=source.root())
+    return [(f"{path}, {key}[{i}]", entry) for i, entry in enumerate(entries)]
+
+
 def _format(path: Path) -> str:
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".csv"):
-        raise ValueError(f"datalist {path}: unknown format {suffix!r}; name it *.jsonl (JSON lines) or *.csv")
+    if suffix not in (".jsonl", ".csv", ".json"):
+        raise ValueError(f"datalist {path}: unknown format {suffix!r}; name it *.jsonl (JSON lines), *.csv, "
+                         "or *.json (decathlon style)")
     return suffix[1:]
 
 
@@ -206,7 +268,8 @@ def _parse_fold(value, where: str) -> int:
 
 
 def write_datalist(path: str | os.PathLike, items: Sequence[DataItem], overwrite: bool = False) -> Path:
-    """Write items as .jsonl or .csv (by suffix), atomically; paths relative to the file's folder."""
+    """Write items as .jsonl, .csv or decathlon-style .json ({"training": [...]}) by suffix,
+    atomically; paths relative to the file's folder."""
     path = Path(path)
     fmt = _format(path)
     rows = [_row_for(item, Path(os.path.abspath(path.parent))) for item in items]
@@ -214,6 +277,8 @@ def write_datalist(path: str | os.PathLike, items: Sequence[DataItem], overwrite
         with open(tmp, "w", newline="") as f:
             if fmt == "jsonl":
                 f.writelines(json.dumps(row) + "\n" for row in rows)
+            elif fmt == "json":
+                json.dump({"training": rows}, f, indent=1)
             else:
                 writer = csv.DictWriter(f, fieldnames=FIELDS)
                 writer.writeheader()

@@ -686,16 +686,25 @@ def batch_from_dir(mask_dir: PathLike, out_dir: PathLike) -> list[BatchItem]:
     return [BatchItem(m, out_dir / _output_name(m)) for m in masks]
 
 
-def batch_from_datalist(path: PathLike, out_dir: PathLike) -> list[BatchItem]:
-    """A .txt (one mask path per line) or .jsonl datalist.
+def batch_from_datalist(path, out_dir: PathLike) -> list[BatchItem]:
+    """A .txt (one mask path per line), .jsonl or decathlon-style .json datalist.
 
-    JSONL rows: {"mask": path (or "label", so a training datalist works), "spacing": [x, y, z]
-    (optional), "seed": int (optional), "out": file name (optional)}. Relative paths are relative
-    to the datalist's folder.
+    JSONL rows and .json entries: {"mask": path (or "label", so a training datalist works),
+    "spacing": [x, y, z] (optional), "seed": int (optional), "out": file name (optional)}. Relative
+    paths are relative to the datalist's folder (a .json's: to its data root, see `maisi2.data`).
+    `path` may be a `data.DatalistSource` naming the .json's list and data root.
     """
-    path, out_dir = Path(path).expanduser(), Path(out_dir).expanduser()
+    from maisi2.data import DatalistSource, decathlon_rows
+
+    source = DatalistSource.of(path)
+    path, out_dir = source.path, Path(out_dir).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"datalist {path} does not exist")
+    if path.suffix.lower() == ".json":
+        items = [_batch_item(row, source.root(), where, out_dir) for where, row in decathlon_rows(source)]
+        if not items:
+            raise ValueError(f"datalist {path} lists no masks")
+        return items
     items = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
@@ -714,12 +723,17 @@ def _datalist_item(line: str, path: Path, number: int, out_dir: Path) -> BatchIt
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    if isinstance(row, dict):
+        unknown = set(row) - {"mask", "label", "spacing", "seed", "out", "image", "modality", "source", "fold"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: mask, spacing, seed, out")
+    return _batch_item(row, path.parent, where, out_dir)
+
+
+def _batch_item(row, root: Path, where: str, out_dir: Path) -> BatchItem:
     if not isinstance(row, dict) or not (row.get("mask") or row.get("label")):
         raise ValueError(f"{where}: each row needs a \"mask\" (or \"label\") path")
-    unknown = set(row) - {"mask", "label", "spacing", "seed", "out", "image", "modality", "source", "fold"}
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: mask, spacing, seed, out")
-    mask = path.parent / (row.get("mask") or row["label"])
+    mask = root / (row.get("mask") or row["label"])
     spacing = tuple(float(v) for v in row["spacing"]) if row.get("spacing") is not None else None
     seed = int(row["seed"]) if row.get("seed") is not None else None
     return BatchItem(mask, out_dir / (row.get("out") or _output_name(mask)), spacing, seed)

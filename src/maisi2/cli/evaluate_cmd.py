@@ -7,12 +7,15 @@
     maisi2 evaluate train-segmenter --data train.jsonl --out seg.pt [--steps 1000]
 
 A SET is a folder of NIfTI volumes (``*_label.nii.gz`` files are the label maps beside them), a
-glob pattern, a datalist (.jsonl/.csv with image and label columns) or one file.
+glob pattern, a datalist (.jsonl/.csv with image and label columns, or a decathlon-style .json whose
+"training" list is read, paths relative to its folder) or one file.
 """
 
 from __future__ import annotations
 
-_SET_HELP = "folder, glob pattern, datalist (.jsonl/.csv) or NIfTI file"
+from maisi2.cli.datalist_args import add_datalist_options, datalist_source
+
+_SET_HELP = "folder, glob pattern, datalist (.jsonl/.csv/decathlon-style .json) or NIfTI file"
 
 
 def register(sub) -> None:
@@ -87,6 +90,7 @@ def _register_train_segmenter(tools) -> None:
     p.add_argument("--data", required=True, action="append",
                    help=f"training CTs with labels (datalist, or folder with *_label.nii.gz beside): {_SET_HELP}; repeatable")
     p.add_argument("--out", required=True, help="checkpoint file to write (e.g. seg.pt)")
+    add_datalist_options(p)
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=4, help="patches per step (default 4)")
     p.add_argument("--patch", type=int, nargs=3, default=[32, 32, 32], metavar=("X", "Y", "Z"),
@@ -204,7 +208,7 @@ def _train_segmenter(args) -> int:
     from maisi2.evaluate.inputs import collect_pairs
     from maisi2.evaluate.seg import SegmenterConfig, SegmenterTrainSettings, train_segmenter
 
-    pairs = [pair for spec in args.data for pair in collect_pairs(spec, "--data")]
+    pairs = [pair for spec in args.data for pair in collect_pairs(spec, "--data", datalist_source(spec, args))]
     unlabeled = [str(img) for img, lab in pairs if lab is None]
     if unlabeled:
         raise ValueError(f"{len(unlabeled)} training image(s) have no label map (e.g. {unlabeled[0]}); give a datalist "

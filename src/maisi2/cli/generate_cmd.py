@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from maisi2.cli.datalist_args import add_datalist_options, datalist_source
 
 def register(sub) -> None:
     _register_generate(sub)
@@ -29,10 +30,12 @@ def _register_generate(sub) -> None:
     source.add_argument("--mask", help="MAISI label map (NIfTI)")
     source.add_argument("--phantom", action="store_true", help="generate from a procedural phantom mask made now")
     source.add_argument("--mask-dir", help="batch: every *.nii.gz mask in this folder")
-    source.add_argument("--datalist", help="batch: .txt (a mask path per line) or .jsonl ({\"mask\", \"spacing\", \"seed\", \"out\"})")
+    source.add_argument("--datalist", help="batch: .txt (a mask path per line), .jsonl ({\"mask\", \"spacing\", \"seed\", "
+                        "\"out\"}) or decathlon-style .json (the \"label\" of each entry is the mask)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output CT (.nii.gz) for --mask / --phantom")
     target.add_argument("--out-dir", help="output folder for --mask-dir / --datalist (<mask>_ct.nii.gz each)")
+    add_datalist_options(p)
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"),
                    help="output voxel size in mm (the mask is resampled, nearest); default: the mask's")
     p.add_argument("--steps", type=int, default=30, help="Euler steps (default 30)")
@@ -113,7 +116,7 @@ def _generate(args) -> int:
         raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom write to --out")
     if batch:
         items = (G.batch_from_dir(args.mask_dir, args.out_dir) if args.mask_dir
-                 else G.batch_from_datalist(args.datalist, args.out_dir))
+                 else G.batch_from_datalist(datalist_source(args.datalist, args), args.out_dir))
         G.generate_batch(items, model=args.model, options=options, on_done=_print_result)
         return 0
     mask = args.mask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from maisi2.cli.config_cmd import add_config_args
+from maisi2.cli.datalist_args import DATALIST_HELP, add_datalist_options, datalist_source
 
 
 def register(sub) -> None:
@@ -14,7 +15,8 @@ def _register_train(sub) -> None:
     p = sub.add_parser("train-vae", help="train a VAE (tiny/small presets) on random crops of a datalist's scans",
                        description="Train a VAE on random crops (L1 + KL, optional patch-adversarial term). Writes "
                                    "OUT/vae.pt (the VAE checkpoint), OUT/last.pt (resumable state) and OUT/log.csv.")
-    p.add_argument("datalist", help="datalist (.jsonl or .csv) of CT scans")
+    p.add_argument("datalist", help=f"{DATALIST_HELP} of CT scans")
+    add_datalist_options(p)
     p.add_argument("--out", required=True, help="run folder")
     add_config_args(p)  # --preset defaults to small here
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
@@ -61,7 +63,8 @@ def _register_encode(sub) -> None:
                        description="Encode every scan of a datalist with a VAE and cache the posterior means (with "
                                    "label maps, spacing, modality) for flow/ControlNet training. Idempotent: "
                                    "unchanged scans are skipped on a rerun, changed ones re-encoded.")
-    p.add_argument("datalist", help="datalist (.jsonl or .csv)")
+    p.add_argument("datalist", help=DATALIST_HELP)
+    add_datalist_options(p)
     p.add_argument("--vae", required=True, help="VAE checkpoint (from train-vae) or the released autoencoder_v1.pt")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
@@ -111,7 +114,7 @@ def _train(args) -> int:
         progress=False if args.no_progress else None,
     )
     with distributed(args.device) as info:
-        result = train_vae(args.datalist, args.out, cfg, options, settings, resume=args.resume, force=args.force,
+        result = train_vae(datalist_source(args.datalist, args), args.out, cfg, options, settings, resume=args.resume, force=args.force,
                            init=args.init, num_workers=args.workers)
     if info.is_main:
         last = result.rows[-1] if result.rows else {}
@@ -125,7 +128,7 @@ def _train(args) -> int:
 def _encode(args) -> int:
     from maisi2.encode import encode_datalist
 
-    report = encode_datalist(args.datalist, args.vae, args.out, spacing=args.spacing, tile=args.tile or None,
+    report = encode_datalist(datalist_source(args.datalist, args), args.vae, args.out, spacing=args.spacing, tile=args.tile or None,
                              overlap=args.overlap, norm_stats=args.norm_stats, device=args.device,
                              progress=not args.no_progress)
     print(f"encoded {len(report.encoded)}, already up to date {len(report.skipped)}")

@@ -4,7 +4,7 @@ A *set* argument is one of
 - a folder: every ``*.nii`` / ``*.nii.gz`` in it, except label maps named ``*_label.nii.gz``
   (what `maisi2 generate` writes beside each CT) and hidden files, sorted by name;
 - a glob pattern (``gen/*_ct.nii.gz``);
-- a datalist (``.jsonl`` / ``.csv``, see `maisi2.data`): its ``image`` column (and ``label``);
+- a datalist (``.jsonl`` / ``.csv`` / decathlon-style ``.json``, see `maisi2.data`): its ``image`` column (and ``label``);
 - a single NIfTI file.
 """
 
@@ -39,14 +39,17 @@ def _is_volume_file(path: Path) -> bool:
             and not _stem(path).endswith(LABEL_SUFFIX))
 
 
-def collect_pairs(spec: str | os.PathLike, what: str = "set") -> list[tuple[Path, Path | None]]:
-    """(image, label or None) for every volume of a set; labels from datalists or ``*_label`` files beside."""
+def collect_pairs(spec: str | os.PathLike, what: str = "set", source=None) -> list[tuple[Path, Path | None]]:
+    """(image, label or None) for every volume of a set; labels from datalists or ``*_label`` files beside.
+
+    source: a `maisi2.data.DatalistSource` for `spec` when it is a datalist read with a list key or
+    data root other than the defaults."""
     text = str(spec)
     path = Path(text).expanduser()
-    if path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
+    if path.suffix.lower() in (".jsonl", ".csv", ".json") and path.is_file():
         from maisi2.data import read_datalist
 
-        return [(item.image, item.label) for item in read_datalist(path)]
+        return [(item.image, item.label) for item in read_datalist(source or path)]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if _is_volume_file(p))
         where = f"folder {path}"
@@ -57,7 +60,7 @@ def collect_pairs(spec: str | os.PathLike, what: str = "set") -> list[tuple[Path
         files, where = [path], str(path)
     else:
         raise FileNotFoundError(f"{what} {text!r} is neither a folder, a glob pattern with matches, a datalist "
-                                "(.jsonl/.csv) nor a file")
+                                "(.jsonl/.csv/.json) nor a file")
     if not files:
         raise ValueError(f"{what}: {where} holds no NIfTI volumes (*.nii.gz; *_label.nii.gz files are label maps)")
     pairs = []
