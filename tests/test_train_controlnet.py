@@ -296,3 +296,76 @@ def test_window_settings_are_checked():
     with pytest.raises(ValueError, match="share"):
         ControlNetRecipe(crop=(8, 8, 8), tumour_crops=1.5)
     assert recipe_with_overrides(ControlNetRecipe(), ["crop=[16, 16, 8]"]).crop == (16, 16, 8)
+
+
+# -- fine-tuning from the released ControlNet ----------------------------------------------------
+
+def _randomised(net, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return net
+
+
+def test_released_controlnet_file_loads_with_the_released_keys_and_shapes(reference_dir, tmp_path):
+    """A random-weight ControlNet of the released architecture, written in the release's file
+    layout (controlnet_3d_rflow-ct.pt), is what fine-tuning starts from, tensor for tensor."""
+    import maisi2.train_controlnet as module
+    from maisi2.checkpoint import write_released
+
+    cfg = get_config("maisi-v2")
+    released = _randomised(nets.build_controlnet(cfg), seed=3)
+    write_released(tmp_path, None, None, released, scale_factor=1.0)
+    data = torch.load(tmp_path / "controlnet_3d_rflow-ct.pt", weights_only=True)
+    expected = {}
+    for line in (reference_dir / "state_dict_keys_controlnet.tsv").read_text().splitlines():
+        key, shape = line.split("\t")
+        expected[key] = tuple(json.loads(shape.replace("(", "[").replace(")", "]").replace(",]", "]")))
+    assert {k: tuple(v.shape) for k, v in data["controlnet_state_dict"].items()} == expected
+    start = module._initial_controlnet(None, cfg, seed=0, device=torch.device("cpu"),
+                                       init=tmp_path / "controlnet_3d_rflow-ct.pt")
+    assert all(torch.equal(start.state_dict()[k], v) for k, v in released.state_dict().items())
+
+
+def test_fine_tuning_starts_from_exactly_the_given_controlnet(workspace, tmp_path, monkeypatch):
+    import maisi2.train_controlnet as module
+    from maisi2.checkpoint import write_released
+
+    cfg = get_config("tiny")
+    released = _randomised(nets.build_controlnet(cfg), seed=5)
+    write_released(tmp_path / "release", None, None, released, scale_factor=1.0)
+    started = {}
+    real_train = module.train
+
+    def spy(model, *args, **kwargs):
+        started["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "train", spy)
+    out = tmp_path / "finetune"
+    # the folder holding the released file, as --init-controlnet accepts it
+    train_controlnet(workspace["cache"], workspace["unet"], out, _recipe(steps=2), device="cpu", progress=False,
+                     init_controlnet=tmp_path / "release")
+    assert started["weights"].keys() == released.state_dict().keys()
+    assert all(torch.equal(started["weights"][k], v) for k, v in released.state_dict().items())
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.extra["init"] == str(tmp_path / "release") and ckpt.step == 2
+    assert any(not torch.equal(ckpt.state_dict[k], v) for k, v in released.state_dict().items()), "it trained"
+    # without --init-controlnet the start is the UNet's weights, not the file's
+    train_controlnet(workspace["cache"], workspace["unet"], tmp_path / "scratch", _recipe(steps=1), device="cpu",
+                     progress=False)
+    assert not torch.equal(started["weights"]["conv_in.conv.weight"], released.state_dict()["conv_in.conv.weight"])
+
+
+def test_init_controlnet_of_other_shapes_or_kind_is_explained(workspace, tmp_path, monkeypatch, capsys):
+    from maisi2.checkpoint import write_released
+
+    write_released(tmp_path / "small", None, None, nets.build_controlnet(get_config("small")), scale_factor=1.0)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["maisi2.cli.controlnet_cmd"])
+    argv = ["train-controlnet", str(workspace["cache"]), "--unet", str(workspace["unet"]), "--steps", "1",
+            "--device", "cpu", "--no-progress"]
+    assert cli.main(argv + ["--out", str(tmp_path / "a"), "--init-controlnet", str(tmp_path / "small")]) == 1
+    assert "preset" in capsys.readouterr().err  # strict loading names the preset the weights fit
+    assert cli.main(argv + ["--out", str(tmp_path / "b"), "--init-controlnet", str(workspace["unet"])]) == 1
+    assert "holds a unet checkpoint, not a ControlNet" in capsys.readouterr().err

@@ -35,6 +35,7 @@ __all__ = [
     "RELEASED_FILES",
     "ReleasedWeights",
     "read_released",
+    "read_controlnet_weights",
     "write_released",
     "build_network",
 ]
@@ -229,15 +230,35 @@ def read_released(model_dir: str | Path, map_location: str | torch.device = "cpu
                            scale_factor=float(torch.as_tensor(unet_file["scale_factor"]).reshape(-1)[0]))
 
 
-def write_released(model_dir: str | Path, vae: nn.Module, unet: nn.Module, controlnet: nn.Module | None,
+def read_controlnet_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """ControlNet weights from the released ``controlnet_3d_rflow-ct.pt``, a folder holding it, or
+    one of our controlnet checkpoints (its EMA weights when present, as sampling uses)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RELEASED_FILES["controlnet"]
+    data = read_torch_file(path, map_location)
+    if isinstance(data, dict) and "controlnet_state_dict" in data:
+        return data["controlnet_state_dict"]
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        ckpt = load_checkpoint(path, map_location)
+        if ckpt.kind != "controlnet":
+            raise ValueError(f"{path} holds a {ckpt.kind} checkpoint, not a ControlNet")
+        return ckpt.weights(prefer_ema=True)
+    raise ValueError(f"{path} is neither the released {RELEASED_FILES['controlnet']} (a dict with "
+                     "'controlnet_state_dict') nor a maisi2 controlnet checkpoint")
+
+
+def write_released(model_dir: str | Path, vae: nn.Module | None, unet: nn.Module | None, controlnet: nn.Module | None,
                    scale_factor: float, overwrite: bool = False) -> Path:
-    """Write networks in the released file layout (for tests, and to hand weights to the official code)."""
+    """Write networks in the released file layout (for tests, and to hand weights to the official code);
+    a network given as None is not written."""
     model_dir = Path(model_dir)
-    payloads = {
-        "vae": _cpu(vae.state_dict()),
-        "unet": {"unet_state_dict": _cpu(unet.state_dict()), "scale_factor": torch.tensor(float(scale_factor)),
-                 "epoch": 0, "loss": 0.0, "num_train_timesteps": 1000},
-    }
+    payloads = {}
+    if vae is not None:
+        payloads["vae"] = _cpu(vae.state_dict())
+    if unet is not None:
+        payloads["unet"] = {"unet_state_dict": _cpu(unet.state_dict()), "scale_factor": torch.tensor(float(scale_factor)),
+                            "epoch": 0, "loss": 0.0, "num_train_timesteps": 1000}
     if controlnet is not None:
         payloads["controlnet"] = {"controlnet_state_dict": _cpu(controlnet.state_dict()), "epoch": 0, "loss": 0.0}
     for kind, payload in payloads.items():

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from maisi2 import flow, losses, nets
-from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_torch_file
+from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_controlnet_weights, read_torch_file
 from maisi2.config import Config, FlowConfig, dataclass_from_dict, apply_overrides, get_config, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.labels import TUMOR_IDS, remove_tumors
@@ -432,19 +432,29 @@ def load_frozen_unet(path: str | Path, preset: str | None = None, overrides: Seq
     return unet, cfg, scale
 
 
-def _initial_controlnet(unet: nn.Module, cfg: Config, seed: int, device: torch.device) -> nn.Module:
+def _initial_controlnet(unet: nn.Module, cfg: Config, seed: int, device: torch.device,
+                        init: Path | None = None) -> nn.Module:
+    """The UNet's weights where the shapes allow (the paper's start), or `init`'s, loaded strictly."""
     torch.manual_seed(seed)  # the same start on every rank (DDP also broadcasts rank 0's)
     controlnet = nets.build_controlnet(cfg, device=device)
-    nets.controlnet_from_unet(controlnet, unet)
+    if init is None:
+        nets.controlnet_from_unet(controlnet, unet)
+    else:
+        load_weights(controlnet, read_controlnet_weights(init), "controlnet", str(init), cfg.preset)
     return controlnet
 
 
 def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, recipe: ControlNetRecipe | None = None,
                      preset: str | None = None, overrides: Sequence[str] = (), resume: bool = False,
                      device: str = "auto", progress: bool | None = None,
-                     on_batch: Callable[[int, Any], None] | None = None) -> TrainResult:
+                     on_batch: Callable[[int, Any], None] | None = None,
+                     init_controlnet: str | Path | None = None) -> TrainResult:
     """Train a ControlNet on the latent cache `cache` (stored with label maps) against the frozen
     flow UNet checkpoint `unet`; writes ``out_dir/last.pt`` (kind "controlnet") and ``log.csv``.
+
+    The ControlNet starts from the UNet's weights, or, to fine-tune, from `init_controlnet`: the
+    released ``controlnet_3d_rflow-ct.pt`` (or its folder) or one of our controlnet checkpoints,
+    loaded strictly (a resumed run takes its weights from ``last.pt`` instead).
 
     The latents are scaled with the UNet's scale factor (the one it was trained with); the cache's
     own is used only when the UNet file has none. Works as is under ``torchrun``.
@@ -462,7 +472,8 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
             _say(info, f"the UNet was trained with scale_factor {scale:.5g}, the cache has {cache_scale:.5g}; "
                        "using the UNet's (encode with the same VAE to keep them equal)")
         dataset = _labelled_latents(cache, scale, info)
-        controlnet = _initial_controlnet(frozen, cfg, recipe.seed, where)
+        init = None if init_controlnet is None or (resume and (Path(out_dir) / "last.pt").is_file()) else Path(init_controlnet)
+        controlnet = _initial_controlnet(frozen, cfg, recipe.seed, where, init)
         loss_fn = ControlNetStepLoss(frozen, cfg, recipe)
 
         def each_batch(step: int, batch: Any) -> None:
@@ -472,7 +483,8 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
 
         _say(info, f"controlnet: {len(dataset)} latents, {recipe.steps} steps, contrastive "
                    f"{'on (' + recipe.loss.placement + ')' if recipe.loss.contrastive else 'off'} -> {out_dir}")
-        extra = {"recipe": recipe.to_json(), "unet": str(unet), "cache": str(cache)}
+        extra = {"recipe": recipe.to_json(), "unet": str(unet), "cache": str(cache),
+                 "init": "" if init is None else str(init)}
         return train(controlnet, loss_fn, _batch_source(dataset, recipe, info), recipe.settings(device, progress),
                      out_dir, kind="controlnet", config=cfg, scale_factor=scale, resume=resume, extra=extra,
-                     on_batch=each_batch)
+                     keep_on_resume=("init",), on_batch=each_batch)

@@ -19,13 +19,18 @@ def register(sub) -> None:
         description=(
             "Train a ControlNet on a latent cache stored with label maps (`maisi2 encode` with labels in the "
             "datalist), against the frozen flow UNet CKPT (a maisi2 unet checkpoint, or the released "
-            "diff_unet_3d_rflow-ct.pt or its folder). The ControlNet starts from the UNet's weights. Writes "
+            "diff_unet_3d_rflow-ct.pt or its folder). The ControlNet starts from the UNet's weights, or from "
+            "--init-controlnet (e.g. the released controlnet_3d_rflow-ct.pt, to fine-tune it for a new tumour "
+            "class). Writes "
             "OUT/last.pt (kind controlnet) and OUT/log.csv (flow_loss, roi_loss, bg_loss, lambda, ...)."
         ),
     )
     p.add_argument("cache", help="latent cache folder (index.jsonl, stats.json, *.pt with labels)")
     p.add_argument("--unet", required=True, metavar="CKPT", help="trained flow UNet checkpoint (or released file/folder)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--init-controlnet", default=None, metavar="FILE",
+                   help="fine-tune from this ControlNet instead of starting from the UNet's weights: the released "
+                        "controlnet_3d_rflow-ct.pt (or its folder) or a maisi2 controlnet checkpoint")
     add_config_args(p)
     p.add_argument("--steps", type=int, default=None, help="training steps (default 10000)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-5)")
@@ -75,7 +80,8 @@ def _train_controlnet(args) -> int:
 
     recipe = recipe_with_overrides(ControlNetRecipe(), _overrides(args))
     result = train_controlnet(args.cache, args.unet, args.out, recipe, preset=args.preset, overrides=args.overrides,
-                              resume=args.resume, device=args.device, progress=False if args.no_progress else None)
+                              resume=args.resume, device=args.device, progress=False if args.no_progress else None,
+                              init_controlnet=args.init_controlnet)
     skipped = f", {result.skipped} skipped" if result.skipped else ""
     print(f"controlnet: step {result.step}{skipped} -> {result.checkpoint}")
     return 0
