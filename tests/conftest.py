@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +39,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _identical_set_round_off(stats) -> float:
+    """How far from 0 round-off can take the FID of a set with itself (a bound, any CPU or BLAS).
+
+    The covariances here are singular (fewer independent slices than features). In float64,
+    C @ C carries an error of about d * eps * |C|^2, so each of its (up to d) zero eigenvalues
+    comes out as about that, and sqrtm turns each into sqrt(d * eps) * |C|: the trace of
+    sqrtm(C C) misses 2 Tr(C) by at most 2 d sqrt(d eps) |C|, with |C| <= Tr(C). The square root
+    is what makes this ~1e-7 relative rather than ~1e-14: which tiny eigenvalue a given BLAS
+    leaves (Intel AMX gave 4e-6 absolute on one of these sets) is not something a test may fix.
+    """
+    eps = np.finfo(np.float64).eps
+    return max(2 * p.dim * np.sqrt(p.dim * eps) * np.trace(p.cov) for p in stats.planes.values())
+
+
+@pytest.fixture
+def fid_round_off():
+    """The bound above, for tests that compare a FID of identical sets with 0."""
+    return _identical_set_round_off

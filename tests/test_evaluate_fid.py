@@ -142,26 +142,28 @@ def _phantom_like(seed, shift=0.0):
     return ct.astype(np.float32)
 
 
-def test_fid_zero_for_identical_sets_and_grows_with_a_shift():
+def test_fid_zero_for_identical_sets_and_grows_with_a_shift(fid_round_off):
     real = [_phantom_like(s) for s in range(3)]
     kw = dict(spacing=None, shape=None, batch_size=7, progress=False)
     same = fid(real, real, **kw)
-    assert same.average == pytest.approx(0.0, abs=1e-6)
+    tolerance = fid_round_off(volume_set_stats(real, spacing=None, shape=None, batch_size=7,
+                                                          progress=False))
+    assert 0.0 <= same.average <= tolerance
     assert set(same.per_plane) == {"xy", "yz", "zx"} and not same.comparable_to_paper
     small = fid(real, [_phantom_like(s, 50) for s in range(3)], **kw).average
     large = fid(real, [_phantom_like(s, 300) for s in range(3)], **kw).average
-    assert 0 < small < large
+    assert 100 * tolerance < small < large  # the bound is far below what a 50 HU shift gives
     assert same.samples["real"]["xy"] == 3 * 24
 
 
-def test_set_stats_round_trip_and_settings_check(tmp_path):
+def test_set_stats_round_trip_and_settings_check(tmp_path, fid_round_off):
     real = [_phantom_like(s) for s in range(2)]
     stats = volume_set_stats(real, spacing=None, shape=None, progress=False)
     path = stats.save(tmp_path / "real.npz")
     loaded = SetStats.load(path)
     assert loaded.settings() == stats.settings() and loaded.volumes == 2
     np.testing.assert_array_equal(loaded.planes["yz"].scatter, stats.planes["yz"].scatter)
-    assert fid(loaded, real, spacing=None, shape=None, progress=False).average == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 <= fid(loaded, real, spacing=None, shape=None, progress=False).average <= fid_round_off(stats)
     other = volume_set_stats([a[:20] for a in real], spacing=None, shape=(20, 24, 24), progress=False)
     with pytest.raises(ValueError, match="featurised differently"):
         fid_from_stats(loaded, other)
