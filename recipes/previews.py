@@ -28,10 +28,11 @@ from PIL import Image, ImageDraw
 
 from maisi2 import nets
 from maisi2.data import unit_to_hu
-from maisi2.generate import phantom_mask, render_preview
+from maisi2.generate import phantom_mask
 from maisi2.io import load_ct
 from maisi2.labels import remove_tumors
 from maisi2.models import load_model
+from maisi2.preview import render_preview
 from maisi2.sampling import sample_latent
 from maisi2.vae import decode
 

@@ -113,6 +113,32 @@ def test_outputs_match_the_mask_geometry_and_conventions(first_run, mask_file):
     assert label_tables.table_paths(paths.label) == (paths.slicer_colour_table, paths.itksnap_labels)
 
 
+def test_dicom_output_holds_the_same_ct(first_run, mask_file, model_dir, tmp_path, run_cli):
+    """--out-format dicom, same mask, model, seed and steps as first_run: a DICOM series that reads
+    back (maisi2's reader and pydicom) with the NIfTI CT's voxels and geometry."""
+    import pydicom
+
+    argv = ["generate", "--mask", str(mask_file), "--model", str(model_dir), "--steps", "2", "--seed", "1",
+            "--out", str(tmp_path / "ct.nii.gz"), "--out-format", "dicom", "--no-progress"]
+    assert run_cli(argv) == 0
+    series, nifti = io.load_ct(tmp_path / "ct"), io.load_ct(first_run.paths.ct)
+    np.testing.assert_array_equal(series.array, nifti.array)
+    np.testing.assert_allclose(series.affine, nifti.affine, atol=1e-4)
+    first = pydicom.dcmread(tmp_path / "ct" / "CT_0001.dcm")
+    lps_origin = np.diag([-1, -1, 1]) @ (nifti.affine @ [nifti.shape[0] - 1, nifti.shape[1] - 1, 0, 1])[:3]
+    np.testing.assert_allclose([float(v) for v in first.ImagePositionPatient], lps_origin, atol=1e-3)
+    assert [float(v) for v in first.PixelSpacing] == [8.0, 8.0] and float(first.SliceThickness) == 8.0
+    np.testing.assert_array_equal(first.pixel_array, series.array[::-1, ::-1, 0].T)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ct", "ct_label.ctbl", "ct_label.itksnap.txt", "ct_label.nii.gz", "ct_preview.png", "ct_report.json"]
+    # a rerun replaces the series only when asked, and never a folder holding anything else
+    assert run_cli(argv) == 1
+    assert run_cli(argv + ["--overwrite"]) == 0
+    (tmp_path / "ct" / "notes.txt").write_text("mine")
+    assert run_cli(argv + ["--overwrite"]) == 1
+    assert (tmp_path / "ct" / "notes.txt").exists()
+
+
 def test_report_and_preview(first_run):
     report = json.loads(first_run.paths.report.read_text())
     assert report["seed"] == 1 and report["settings"]["steps"] == 2 and len(report["attempts"]) == 1
@@ -122,9 +148,14 @@ def test_report_and_preview(first_run):
     assert report["memory"]["decode"]["tiles"] >= 1 and report["model"]["preset"] == "tiny"
     assert report["guidance"]["applied"] is False
     preview = Image.open(first_run.paths.preview)
-    assert preview.format == "PNG" and preview.width > 2 * preview.height
+    assert preview.format == "PNG" and preview.width > 2 * 256 and preview.height > 256  # three panels, a legend below
     pixels = np.asarray(preview.convert("RGB")).astype(int)
     assert (np.ptp(pixels, axis=2) > 60).sum() > 100  # coloured contour pixels were drawn
+    # the mask has a hepatic tumour: the slices pass through it (tested in detail in test_preview)
+    centre = report["preview"]["centre_voxel"]
+    assert report["preview"]["centred_on"] == "centred on the largest tumour (hepatic tumor)"
+    assert io.load_label_map(first_run.paths.label).array[tuple(centre)] == label_id("hepatic tumor")
+    assert report["preview"]["window_hu"] == [-500.0, 500.0]
 
 
 def test_deterministic_for_a_seed_and_different_for_another(first_run, mask_file, model_dir, tmp_path):

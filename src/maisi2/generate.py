@@ -22,7 +22,8 @@
 Outputs, for ``--out CT.nii.gz``: ``CT.nii.gz`` (int16 HU in [-1000, 1000], -1000 outside the body,
 the mask's geometry and stored orientation), ``CT_label.nii.gz`` (the prepared label map, MAISI
 ids, same grid, with its names and colours for 3D Slicer in ``CT_label.ctbl`` and for ITK-SNAP in
-``CT_label.itksnap.txt``), ``CT_preview.png`` (axial/coronal/sagittal mid-slices with label contours) and
+``CT_label.itksnap.txt``), ``CT_preview.png`` (axial/coronal/sagittal slices through the largest
+tumour, or the middle, with label contours, a legend and the HU window; `maisi2.preview`) and
 ``CT_report.json`` (settings, seeds, timings, memory plan, quality check of every attempt). They
 are staged beside their targets and renamed into place together at the end, so an error or
 Ctrl-C never leaves a partial set.
@@ -38,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ import numpy as np
 
 from maisi2 import io, label_tables
 from maisi2 import labels as L
+from maisi2.dicom_series import write_ct_series
+from maisi2.preview import PREVIEW_WINDOW_HU, preview_centre, render_preview
 from maisi2.atomic import check_writable
 
 __all__ = [
@@ -68,7 +72,6 @@ __all__ = [
     "render_preview",
 ]
 
-PREVIEW_WINDOW_HU = (-500.0, 500.0)  # lungs dark, soft tissues apart, bone bright
 PathLike = str | os.PathLike
 # `on_progress(event)` is called in the generating thread as the work advances, with one of
 #   {"phase": "sampling", "attempt": k, "step": i, "steps": n}  after each Euler step (i = 1..n),
@@ -96,6 +99,8 @@ class GenerateOptions:
     fov_tolerance: float = 2.0  # refuse fields of view more than this factor outside the trained range
     write_label: bool = True
     write_preview: bool = True
+    out_format: str = "nifti"  # "dicom": the CT as a DICOM series (one file per slice) in a folder
+    preview_focus: str | None = None  # label name the preview is centred on; None: the largest tumour, else mid-volume
     overwrite: bool = False
     progress: bool = False
     modality: str = "ct"
@@ -112,11 +117,16 @@ class OutputPaths:
 
     @classmethod
     def beside(cls, ct: PathLike, options: GenerateOptions) -> "OutputPaths":
-        """CT.nii.gz -> CT_label.nii.gz, CT_preview.png, CT_report.json in the same folder."""
+        """CT.nii.gz -> CT_label.nii.gz, CT_preview.png, CT_report.json in the same folder.
+
+        For DICOM output the CT is the folder CT (a trailing .nii.gz dropped) and the other files
+        are named after it the same way."""
         ct = Path(ct).expanduser()
-        if not ct.name.endswith((".nii.gz", ".nii")):
-            raise ValueError(f"{ct}: the output CT is NIfTI; name it *.nii.gz")
-        stem = ct.name[: -len(".nii.gz")] if ct.name.endswith(".nii.gz") else ct.name[: -len(".nii")]
+        stem = ct.name.removesuffix(".gz").removesuffix(".nii")
+        if options.out_format == "dicom":
+            ct = ct.with_name(stem)
+        elif not ct.name.endswith((".nii.gz", ".nii")):
+            raise ValueError(f"{ct}: the output CT is NIfTI; name it *.nii.gz (or pass --out-format dicom for a DICOM series)")
         label = ct.with_name(f"{stem}_label.nii.gz") if options.write_label else None
         slicer, itksnap = label_tables.table_paths(label) if label is not None else (None, None)
         return cls(ct=ct, report=ct.with_name(f"{stem}_report.json"), label=label,
@@ -183,6 +193,7 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
     info, models = _model_info(model)
     # 3. prepare the mask
     prepared = prepare_mask(mask, info.cfg, options.spacing)
+    _check_preview_focus(prepared, options)
     # 4. check the request against the model and the memory budget. Networks loaded here are
     #    ours alone: the UNet and ControlNet are let go while the decoder runs.
     release = models is None
@@ -220,7 +231,10 @@ def _sample_decode_write(prepared, paths, models, fit, options, started, load_se
     report = _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings)
     # 9. write everything as one set
     on_progress({"phase": "writing"})
-    _write_outputs(paths, prepared, attempts[best]["hu"], report, options.overwrite)
+    if paths.preview is not None:
+        centre, what = preview_centre(prepared.volume.array, options.preview_focus)
+        report["preview"] = {"centre_voxel": list(centre), "centred_on": what, "window_hu": list(PREVIEW_WINDOW_HU)}
+    _write_outputs(paths, prepared, attempts[best]["hu"], report, options)
     return GenerationResult(paths, report)
 
 
@@ -241,10 +255,33 @@ def _check_request(out: PathLike, options: GenerateOptions) -> OutputPaths:
         raise ValueError(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
     if options.spacing is not None:
         io.ras_affine(options.spacing)  # validates: three positive numbers
+    if options.out_format not in ("nifti", "dicom"):
+        raise ValueError(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
     paths = OutputPaths.beside(out, options)
-    for path in paths.all():
-        check_writable(path, options.overwrite)
+    _check_targets(paths, options)
     return paths
+
+
+def _check_targets(paths: OutputPaths, options: GenerateOptions) -> None:
+    for path in paths.all():
+        if options.out_format == "dicom" and path == paths.ct:
+            _check_series_folder(path, options.overwrite)
+        else:
+            check_writable(path, options.overwrite)
+
+
+def _check_series_folder(folder: Path, overwrite: bool) -> None:
+    """A DICOM output folder is new, or (with overwrite) holds only a DICOM series we may replace."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; DICOM output goes into a new folder")
+    if not overwrite:
+        raise FileExistsError(f"{folder} already exists; pass --overwrite (overwrite=True) to replace it")
+    others = [p.name for p in folder.iterdir() if not p.name.endswith(".dcm")]
+    if others:
+        raise FileExistsError(f"{folder} holds files other than a DICOM series ({others[0]} ...); "
+                              "it is not replaced: choose a new output folder")
 
 
 # -- 2. the model's description --------------------------------------------------------------
@@ -291,6 +328,12 @@ def prepare_mask(mask: PathLike | io.Volume, cfg, spacing=None) -> PreparedMask:
     padded_shape = tuple(-(-n // divisor) * divisor for n in volume.shape)
     padded = center_pad_or_crop(volume.array, padded_shape, fill=L.BACKGROUND)
     return PreparedMask(volume, padded, source, input_shape, input_spacing, added)
+
+
+def _check_preview_focus(prepared: PreparedMask, options: GenerateOptions) -> None:
+    """A preview asked to centre on a label the mask lacks is refused before any work."""
+    if options.write_preview and options.preview_focus is not None:
+        preview_centre(prepared.volume.array, options.preview_focus)
 
 
 def _load_mask(mask) -> tuple[io.Volume, str]:
@@ -578,7 +621,7 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
 
 
 def _write_outputs(paths: OutputPaths, prepared: PreparedMask, hu: np.ndarray, report: dict,
-                   overwrite: bool) -> None:
+                   options: GenerateOptions) -> None:
     """Stage every file beside its target, then rename them all into place (all or nothing)."""
     staged: dict[Path, Path] = {}
 
@@ -588,22 +631,38 @@ def _write_outputs(paths: OutputPaths, prepared: PreparedMask, hu: np.ndarray, r
 
     try:
         paths.ct.parent.mkdir(parents=True, exist_ok=True)
-        io.save_ct(stage(paths.ct), prepared.volume.with_array(hu))
+        if options.out_format == "dicom":
+            write_ct_series(stage(paths.ct), prepared.volume.with_array(hu), window=PREVIEW_WINDOW_HU)
+        else:
+            io.save_ct(stage(paths.ct), prepared.volume.with_array(hu))
         if paths.label is not None:
             io.save_label_map(stage(paths.label), prepared.volume, tables=False)  # staged below
             stage(paths.slicer_colour_table).write_text(label_tables.slicer_colour_table())
             stage(paths.itksnap_labels).write_text(label_tables.itksnap_label_description())
         if paths.preview is not None:
-            render_preview(hu, prepared.volume.array, prepared.volume.spacing).save(stage(paths.preview), format="PNG")
+            render_preview(hu, prepared.volume.array, prepared.volume.spacing,
+                           focus=options.preview_focus).save(stage(paths.preview), format="PNG")
         stage(paths.report).write_text(json.dumps(report, indent=2, default=_json_default))
-        for target in staged:
-            check_writable(target, overwrite)  # something may have appeared meanwhile
+        _check_targets(paths, options)  # something may have appeared meanwhile
         for target, tmp in staged.items():
-            os.replace(tmp, target)
+            _move_into_place(tmp, target)
     finally:
         for tmp in staged.values():
-            if tmp.exists():
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            elif tmp.exists():
                 tmp.unlink()
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename a staged file or series folder onto its target (a replaced folder goes only once the new one is in)."""
+    if not (tmp.is_dir() and target.is_dir()):
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old)
 
 
 def _json_default(value):
@@ -612,52 +671,6 @@ def _json_default(value):
     if isinstance(value, (Path, tuple)):
         return str(value) if isinstance(value, Path) else list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-# -- preview -----------------------------------------------------------------------------------
-
-def render_preview(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float], height: int = 256):
-    """Axial, coronal and sagittal mid-slices side by side, label outlines drawn in colour (PIL image).
-
-    Radiological display of RAS arrays: patient right on the image left, anterior / superior up.
-    Panels keep physical proportions (one mm-per-pixel scale for all three).
-    """
-    from PIL import Image, ImageDraw
-
-    x, y, z = (n // 2 for n in hu.shape)
-    views = {  # name: (hu slice, label slice, (row mm, column mm)) oriented for display
-        "axial": (hu[::-1, ::-1, z].T, labels[::-1, ::-1, z].T, (spacing[1], spacing[0])),
-        "coronal": (hu[::-1, y, ::-1].T, labels[::-1, y, ::-1].T, (spacing[2], spacing[0])),
-        "sagittal": (hu[x, ::-1, ::-1].T, labels[x, ::-1, ::-1].T, (spacing[2], spacing[1])),
-    }
-    mm_per_px = max(n * s for n, s in zip(hu.shape, spacing)) / height
-    panels = [_panel(*view, mm_per_px) for view in views.values()]
-    gap = 4
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), height + 14))
-    draw = ImageDraw.Draw(canvas)
-    left = 0
-    for name, panel in zip(views, panels):
-        canvas.paste(panel, (left, 14 + (height - panel.height) // 2))
-        draw.text((left + 2, 1), name, fill=(255, 255, 255))
-        left += panel.width + gap
-    return canvas
-
-
-def _panel(hu2d: np.ndarray, labels2d: np.ndarray, pixel_mm: tuple[float, float], mm_per_px: float):
-    from PIL import Image
-
-    low, high = PREVIEW_WINDOW_HU
-    size = (max(1, round(hu2d.shape[1] * pixel_mm[1] / mm_per_px)), max(1, round(hu2d.shape[0] * pixel_mm[0] / mm_per_px)))
-    gray = np.clip((hu2d.astype(np.float32) - low) / (high - low) * 255, 0, 255).astype(np.uint8)
-    gray = np.asarray(Image.fromarray(np.ascontiguousarray(gray)).resize(size, Image.BILINEAR))
-    ids = np.asarray(Image.fromarray(np.ascontiguousarray(labels2d.astype(np.int32))).resize(size, Image.NEAREST))
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    edge = np.zeros(ids.shape, dtype=bool)
-    edge[:-1, :] |= ids[:-1, :] != ids[1:, :]
-    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-    edge &= ids != L.BACKGROUND
-    rgb[edge] = label_tables.colours_of(ids[edge])
-    return Image.fromarray(rgb)
 
 
 # -- batches -----------------------------------------------------------------------------------
@@ -756,6 +769,7 @@ def generate_batch(items: Sequence[BatchItem], model=None, options: GenerateOpti
         item_options = dataclasses.replace(options, seed=seed, spacing=item.spacing or options.spacing)
         paths = _check_request(item.out, item_options)
         prepared = prepare_mask(item.mask, info.cfg, item_options.spacing)
+        _check_preview_focus(prepared, item_options)
         checked.append((prepared, paths, _check_fits(prepared, info, models, item_options), item_options))
     models, load_seconds = _load_networks(info, models, options)
     results = []

@@ -62,6 +62,12 @@ def _register_generate(sub) -> None:
     p.add_argument("--fp32", action="store_true", help="full precision on CUDA too (default there: fp16 autocast)")
     p.add_argument("--no-label", action="store_true", help="do not write the prepared label map")
     p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
+    p.add_argument("--out-format", choices=["nifti", "dicom"], default="nifti",
+                   help="nifti (default) or dicom: the CT as a DICOM CT series (one file per slice) in the folder "
+                        "OUT (a trailing .nii.gz dropped); label map, preview and report stay beside it")
+    p.add_argument("--preview-at", default=None, metavar="LABEL",
+                   help="centre the preview's slices on this label (a MAISI name, e.g. 'hepatic tumor'); "
+                        "default: the largest tumour, else the middle of the volume")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     ph = p.add_argument_group("phantom mask (with --phantom)")
     # Defaults: a field of view the bundled model was trained on (384 x 384 x 288 mm).
@@ -102,7 +108,8 @@ def _options(args):
         max_memory_gb=args.max_memory, device=args.device, half_precision=False if args.fp32 else None,
         qc_retries=args.qc_retries, decode_statistics="tile" if args.tile_statistics else "volume",
         spill_dir=args.spill_dir,
-        write_label=not args.no_label, write_preview=not args.no_preview,
+        write_label=not args.no_label, write_preview=not args.no_preview, preview_focus=args.preview_at,
+        out_format=args.out_format,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
 
@@ -135,9 +142,8 @@ def _print_result(result) -> None:
     attempts = len(result.report["attempts"])
     print(f"wrote {result.paths.ct} (seed {result.report['seed']}, quality check {verdict}, "
           f"{attempts} attempt{'s' if attempts > 1 else ''})")
-    for path in (result.paths.label, result.paths.preview, result.paths.report):
-        if path is not None:
-            print(f"  {path}")
+    for path in result.paths.all()[1:]:
+        print(f"  {path}")
 
 
 def _qc(args) -> int:
