@@ -23,6 +23,7 @@ PREVIEW_WINDOW_HU = (-500.0, 500.0)  # lungs dark, soft tissues apart, bone brig
 _TITLE_PX = 14
 _LEGEND_ROW_PX = 12
 _LEGEND_MAX_ROWS = 12
+_LEGEND_COLUMN_PX = 200
 
 
 def preview_centre(labels: np.ndarray, focus: str | int | None = None) -> tuple[tuple[int, int, int], str]:
@@ -70,11 +71,12 @@ def render_preview(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
     }
     mm_per_px = max(n * s for n, s in zip(hu.shape, spacing)) / height
     panels = [_panel(*view, mm_per_px) for view in views.values()]
-    drawn = _legend_ids(np.concatenate([np.unique(view[1]) for view in views.values()]))
+    drawn = _legend_ids(np.concatenate([np.unique(view[1]) for view in views.values()]), labels[x, y, z])
     gap = 4
-    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
-    legend_rows = min(len(drawn), _LEGEND_MAX_ROWS)
-    canvas = Image.new("RGB", (max(width, 360), _TITLE_PX + height + _TITLE_PX + legend_rows * _LEGEND_ROW_PX + 4))
+    width = max(sum(p.width for p in panels) + gap * (len(panels) - 1), 2 * _LEGEND_COLUMN_PX)
+    columns = max(1, width // _LEGEND_COLUMN_PX)
+    rows = min(_LEGEND_MAX_ROWS, -(-len(drawn) // columns))
+    canvas = Image.new("RGB", (width, _TITLE_PX + height + 2 * _TITLE_PX + rows * _LEGEND_ROW_PX + 4))
     draw = ImageDraw.Draw(canvas)
     left = 0
     for name, panel, index in zip(views, panels, (z, y, x)):
@@ -82,26 +84,35 @@ def render_preview(hu: np.ndarray, labels: np.ndarray, spacing: Sequence[float],
         draw.text((left + 2, 1), f"{name} {index}", fill=(255, 255, 255))
         left += panel.width + gap
     low, high = PREVIEW_WINDOW_HU
-    info = (f"{where} at voxel ({x}, {y}, {z}); window {low:g}..{high:g} HU "
-            f"(W {high - low:g} / L {(high + low) / 2:g}); patient right on the left")
-    draw.text((2, _TITLE_PX + height + 1), info, fill=(255, 255, 255))
-    _draw_legend(draw, drawn[:legend_rows], top=2 * _TITLE_PX + height, more=len(drawn) - legend_rows)
+    lines = (f"{where} at voxel ({x}, {y}, {z})",
+             f"window {low:g}..{high:g} HU (W {high - low:g} / L {(high + low) / 2:g}); patient right on the left")
+    for row, line in enumerate(lines):
+        draw.text((2, _TITLE_PX + height + 1 + row * _TITLE_PX), line, fill=(255, 255, 255))
+    _draw_legend(draw, drawn, top=3 * _TITLE_PX + height, rows=rows, columns=columns)
     return canvas
 
 
-def _legend_ids(ids: np.ndarray) -> list[int]:
-    """Labels in the drawn slices: tumours first, then the rest by id (background left out)."""
+def _legend_ids(ids: np.ndarray, centre_label: int) -> list[int]:
+    """Labels in the drawn slices: the one at the centre first, then tumours, then the rest by id
+    (background left out)."""
     present = sorted({int(i) for i in ids} - {L.BACKGROUND})
-    return [i for i in present if i in L.TUMOR_IDS] + [i for i in present if i not in L.TUMOR_IDS]
+    first = [i for i in present if i == centre_label]
+    tumours = [i for i in present if i in L.TUMOR_IDS and i != centre_label]
+    return first + tumours + [i for i in present if i not in L.TUMOR_IDS and i != centre_label]
 
 
-def _draw_legend(draw, ids: list[int], top: int, more: int) -> None:
-    for row, idx in enumerate(ids):
-        y = top + row * _LEGEND_ROW_PX
+def _draw_legend(draw, ids: list[int], top: int, rows: int, columns: int) -> None:
+    """Swatch and "id name" per label, column by column; what does not fit is counted in the last cell."""
+    shown = ids if len(ids) <= rows * columns else ids[: rows * columns - 1]
+    for n, idx in enumerate(shown):
+        x, y = 4 + (n // rows) * _LEGEND_COLUMN_PX, top + (n % rows) * _LEGEND_ROW_PX
         colour = tuple(int(c) for c in label_tables.colours_of(np.array(idx)))
-        draw.rectangle((4, y + 2, 12, y + 10), fill=colour)
-        suffix = f"   (+{more} more labels)" if more > 0 and row == len(ids) - 1 else ""
-        draw.text((16, y), f"{idx} {L.label_name(idx)}{suffix}", fill=(255, 255, 255))
+        draw.rectangle((x, y + 2, x + 8, y + 10), fill=colour)
+        draw.text((x + 12, y), f"{idx} {L.label_name(idx)}", fill=(255, 255, 255))
+    if len(shown) < len(ids):
+        n = len(shown)
+        x, y = 4 + (n // rows) * _LEGEND_COLUMN_PX, top + (n % rows) * _LEGEND_ROW_PX
+        draw.text((x + 12, y), f"+{len(ids) - n} more labels", fill=(255, 255, 255))
 
 
 def _panel(hu2d: np.ndarray, labels2d: np.ndarray, pixel_mm: tuple[float, float], mm_per_px: float):
