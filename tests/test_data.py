@@ -133,10 +133,13 @@ def test_decathlon_json_paths_are_joined_as_monai_joins_them(scans, tmp_path):
 
 
 def test_every_datalist_command_takes_decathlon_json(scans, tmp_path, monkeypatch):
-    """train-vae, encode, generate --datalist and evaluate train-segmenter pass --datalist-key and
+    """train-vae, encode, generate --datalist and the evaluate tools pass --datalist-key and
     --data-root on (train-flow and train-controlnet read the latent cache that encode builds)."""
+    import importlib
+
     from maisi2 import cli, encode, generate, train_vae
-    from maisi2.evaluate import seg
+
+    diversity, qcrate, seg = (importlib.import_module(f"maisi2.evaluate.{m}") for m in ("diversity", "qcrate", "seg"))
 
     data, (img_a, lab_a), _ = scans
     datalist = tmp_path / "elsewhere.json"
@@ -153,16 +156,20 @@ def test_every_datalist_command_takes_decathlon_json(scans, tmp_path, monkeypatc
     monkeypatch.setattr(encode, "encode_datalist", capture("encode"))
     monkeypatch.setattr(generate, "generate_batch", capture("generate"))
     monkeypatch.setattr(seg, "train_segmenter", capture("train-segmenter"))
+    monkeypatch.setattr(qcrate, "qc_rate_files", capture("qc-rate"))
+    monkeypatch.setattr(diversity, "diversity", capture("diversity"))
     options = ["--datalist-key", "validation", "--data-root", str(tmp_path)]
     for argv in (["train-vae", str(datalist), "--out", str(tmp_path / "v")],
                  ["encode", str(datalist), "--vae", "x.pt", "--out", str(tmp_path / "c")],
                  ["generate", "--datalist", str(datalist), "--out-dir", str(tmp_path / "g")],
-                 ["evaluate", "train-segmenter", "--data", str(datalist), "--out", str(tmp_path / "s.pt")]):
+                 ["evaluate", "train-segmenter", "--data", str(datalist), "--out", str(tmp_path / "s.pt")],
+                 ["evaluate", "qc-rate", str(datalist)], ["evaluate", "diversity", str(datalist)]):
         with pytest.raises(SystemExit):
             cli.main(argv + options)
     assert read_datalist(seen["train-vae"][0]) == read_datalist(seen["encode"][0]) == [DataItem(img_a, lab_a)]
     assert [(i.mask, i.out.name) for i in seen["generate"][0]] == [(lab_a, "a_label_ct.nii.gz")]
-    assert seen["train-segmenter"][0] == [(img_a, lab_a)]
+    assert seen["train-segmenter"][0] == seen["qc-rate"][0] == [(img_a, lab_a)]
+    assert seen["diversity"][0] == [img_a]
 
 
 def test_write_refuses_to_overwrite(scans, tmp_path):

@@ -35,6 +35,7 @@ def _common(p) -> None:
     p.add_argument("--out", help="JSON report to write (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_datalist_options(p)
 
 
 def _register_fid(tools) -> None:
@@ -135,8 +136,8 @@ def _fid(args) -> int:
     _prepare_out(args)
     extractor = ResNet50Features(args.weights, device=args.device) if args.weights else HUTextureFeatures()
     real = (SetStats.load(args.real) if str(args.real).endswith(".npz")
-            else collect_volumes(args.real, "--real"))
-    generated = collect_volumes(args.generated, "--generated")
+            else collect_volumes(args.real, "--real", datalist_source(args.real, args)))
+    generated = collect_volumes(args.generated, "--generated", datalist_source(args.generated, args))
     settings = dict(spacing=tuple(args.spacing), shape=tuple(args.shape), batch_size=args.batch_size,
                     progress=not args.no_progress)
     if not isinstance(real, SetStats):
@@ -159,10 +160,10 @@ def _fidelity(args) -> int:
     from maisi2.evaluate.inputs import collect_pairs, collect_volumes
 
     _prepare_out(args)
-    pairs = collect_pairs(args.generated, "generated set")
+    pairs = collect_pairs(args.generated, "generated set", datalist_source(args.generated, args))
     reals = [None] * len(pairs)
     if args.real:
-        reals = collect_volumes(args.real, "--real")
+        reals = collect_volumes(args.real, "--real", datalist_source(args.real, args))
         if len(reals) != len(pairs):
             raise ValueError(f"--real holds {len(reals)} volumes but the generated set {len(pairs)}; they are "
                              "matched by sorted order, one real CT per generated CT")
@@ -186,7 +187,7 @@ def _diversity(args) -> int:
     from maisi2.evaluate.inputs import collect_volumes
 
     _prepare_out(args)
-    samples = collect_volumes(args.samples, "samples")
+    samples = collect_volumes(args.samples, "samples", datalist_source(args.samples, args))
     result = diversity(samples, progress=not args.no_progress)
     print(result.summary())
     _write(args, {"samples": [str(s) for s in samples], **result.to_dict()})
@@ -198,7 +199,8 @@ def _qc_rate(args) -> int:
     from maisi2.evaluate.qcrate import qc_rate_files
 
     _prepare_out(args)
-    result = qc_rate_files(collect_pairs(args.generated, "generated set"), progress=not args.no_progress)
+    result = qc_rate_files(collect_pairs(args.generated, "generated set", datalist_source(args.generated, args)),
+                           progress=not args.no_progress)
     print(result.summary())
     _write(args, result.to_dict())
     return 0

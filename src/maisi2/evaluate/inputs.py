@@ -70,6 +70,6 @@ def collect_pairs(spec: str | os.PathLike, what: str = "set", source=None) -> li
     return pairs
 
 
-def collect_volumes(spec: str | os.PathLike, what: str = "set") -> list[Path]:
-    """The image paths of a set (see the module docstring)."""
-    return [image for image, _ in collect_pairs(spec, what)]
+def collect_volumes(spec: str | os.PathLike, what: str = "set", source=None) -> list[Path]:
+    """The image paths of a set (see the module docstring; `source` as for `collect_pairs`)."""
+    return [image for image, _ in collect_pairs(spec, what, source)]
