@@ -250,3 +250,18 @@ def test_labels_list(monkeypatch, capsys):
     assert _cli(monkeypatch, ["labels", "list", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == label_table() and {r["name"] for r in rows} == set(LABELS)
+
+
+def test_real_dicom_ct_gives_the_envelope(shared_data, tmp_path):
+    """TotalSegmentator's 512 x 512 x 20 example: its label map (NIfTI) with the CT as a DICOM series."""
+    folder = shared_data / "totalsegmentator"
+    seg, dicom = folder / "example_seg_dicom.nii.gz", folder / "example_ct_dicom"
+    if not (seg.exists() and dicom.is_dir()):
+        pytest.skip(f"TotalSegmentator DICOM example absent from {folder}")
+    report = import_totalseg(seg, tmp_path / "out.nii.gz", ct_path=dicom)
+    out = io.load_label_map(tmp_path / "out.nii.gz").array
+    v2 = io.load_label_map(seg, check_ids=False).array
+    assert np.array_equal(out == label_id("liver"), v2 == V2["liver"])
+    assert len(report.mapped) == 31 and report.body_from == "ct"
+    ct = io.load_ct(dicom).array
+    assert np.median(ct[out == BODY]) > -200 and np.mean(out[ct < -900] > 0) < 0.2
