@@ -6,8 +6,8 @@ from __future__ import annotations
 _BODY_TEXT = (
     "Voxels inside the body that no class claims become body (200): with --ct the envelope comes "
     "from the CT (HU > -500, holes filled); without it a rough envelope is built from the labels "
-    "alone (it misses the outer body wall). Beside OUT go its names and colours for 3D Slicer "
-    "(OUT.ctbl) and ITK-SNAP (OUT.itksnap.txt)."
+    "alone (it misses the outer body wall). Beside OUT X.nii.gz go the label names and colours for "
+    "3D Slicer (X.ctbl) and ITK-SNAP (X.itksnap.txt)."
 )
 
 
