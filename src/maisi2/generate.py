@@ -62,6 +62,7 @@ __all__ = [
     "GenerationResult",
     "BatchItem",
     "generate",
+    "check_options",
     "generate_batch",
     "batch_from_dir",
     "batch_from_datalist",
@@ -241,6 +242,14 @@ def _sample_decode_write(prepared, paths, models, fit, options, started, load_se
 # -- 1. check inputs -------------------------------------------------------------------------
 
 def _check_request(out: PathLike, options: GenerateOptions) -> OutputPaths:
+    check_options(options)
+    paths = OutputPaths.beside(out, options)
+    _check_targets(paths, options)
+    return paths
+
+
+def check_options(options: GenerateOptions) -> None:
+    """Refuse (ValueError) settings `generate` would refuse, whatever the mask: cheap, no files read."""
     if not 1 <= options.steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {options.steps}")
     if options.seed < 0 or options.qc_retries < 0:
@@ -257,9 +266,6 @@ def _check_request(out: PathLike, options: GenerateOptions) -> OutputPaths:
         io.ras_affine(options.spacing)  # validates: three positive numbers
     if options.out_format not in ("nifti", "dicom"):
         raise ValueError(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
-    paths = OutputPaths.beside(out, options)
-    _check_targets(paths, options)
-    return paths
 
 
 def _check_targets(paths: OutputPaths, options: GenerateOptions) -> None:

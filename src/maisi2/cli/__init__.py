@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "maisi2.cli.generate_cmd",
     "maisi2.cli.export_cmd",
     "maisi2.cli.evaluate_cmd",
+    "maisi2.cli.serve_cmd",
 ]
 
 

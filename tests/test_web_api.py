@@ -1,0 +1,303 @@
+"""`maisi2 serve`'s API through FastAPI's TestClient: token, uploads, imports, phantoms, viewer slices,
+generation jobs (progress, cancel, queue, server stop), results and downloads, and every refusal.
+
+Generation runs the tiny preset with random weights (a 32^3 mask of 8 mm: about a second a job).
+"""
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the web app needs fastapi (pip install -e .)")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (pip install -e '.[test]')")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from maisi2 import io, models, nets  # noqa: E402
+from maisi2.config import get_config  # noqa: E402
+from maisi2.generate import phantom_mask  # noqa: E402
+from maisi2.labels import label_id  # noqa: E402
+from maisi2.web.app import COOKIE, HEADER, create_app  # noqa: E402
+from maisi2.web.workspace import GenerationSettings, Workspace  # noqa: E402
+
+TOKEN = "test-token"
+AUTH = {HEADER: TOKEN}
+SMALL = {"shape": [32, 32, 32], "spacing": [8.0, 8.0, 8.0]}  # the tiny model's cheapest mask
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny-preset model folder with random weights (non-zero output layers, so outputs vary)."""
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    vae, unet, controlnet = nets.build_vae(cfg), nets.build_unet(cfg), nets.build_controlnet(cfg)
+    with torch.no_grad():
+        for net in (unet, controlnet):
+            for p in net.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.05)
+    fov = {"fov_mm": {"min": [128.0] * 3, "max": [320.0] * 3}}
+    return str(models.save_model_folder(tmp_path_factory.mktemp("model"), cfg, vae, unet, controlnet, 0.8, fov))
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model):
+    ws = Workspace(tmp_path / "out", {"tiny": tiny_model}, max_upload_bytes=2**20)
+    yield ws
+    ws.close()
+
+
+@pytest.fixture
+def client(workspace):
+    with TestClient(create_app(workspace, TOKEN), headers=AUTH) as c:
+        yield c
+
+
+def nifti_bytes(volume: io.Volume, tmp_path, name="mask.nii.gz") -> bytes:
+    path = tmp_path / name
+    io.save_label_map(path, volume)
+    return path.read_bytes()
+
+
+def phantom(client, **extra) -> dict:
+    response = client.post("/api/masks/phantom", json={**SMALL, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(client, job_id, states=("done", "failed", "cancelled"), timeout=120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = next(j for j in client.get("/api/jobs").json() if j["id"] == job_id)
+        if job["state"] in states:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s: {job}")
+
+
+def leftovers(workspace) -> list[str]:
+    """Staging folders or uploads still on disk (there must be none once a request has finished)."""
+    return [p.name for area in ("masks", "results", "uploads") for p in (workspace.root / area).iterdir()
+            if p.name.startswith(".") or area == "uploads"]
+
+
+# -- access -----------------------------------------------------------------------------------------
+
+def test_every_api_route_and_the_page_need_the_token(workspace):
+    with TestClient(create_app(workspace, TOKEN)) as anonymous:
+        for path in ("/api/options", "/api/masks", "/api/jobs", "/api/results", "/"):
+            response = anonymous.get(path)
+            assert response.status_code == 401 and "token" in response.json()["error"]
+        assert anonymous.get("/api/options", headers={HEADER: "wrong"}).status_code == 401
+        assert anonymous.get("/api/options?token=wrong").status_code == 401
+        assert anonymous.post("/api/masks/phantom", json=SMALL).status_code == 401
+        assert anonymous.get("/static/app.js").status_code == 200  # the page's own code is public
+        # The printed URL: its token becomes a strict same-site cookie and leaves the address bar.
+        opened = anonymous.get(f"/?token={TOKEN}", follow_redirects=False)
+        assert opened.status_code == 303 and opened.headers["location"] == "/"
+        cookie = opened.headers["set-cookie"]
+        assert f"{COOKIE}={TOKEN}" in cookie and "samesite=strict" in cookie.lower() and "httponly" in cookie.lower()
+        assert anonymous.get("/api/options", cookies={COOKIE: TOKEN}).status_code == 200
+        assert "<canvas" in anonymous.get("/", cookies={COOKIE: TOKEN}).text
+    assert list((workspace.root / "masks").iterdir()) == []  # the refused phantom was never made
+
+
+# -- masks in ---------------------------------------------------------------------------------------
+
+def test_an_uploaded_label_map_becomes_a_mask_and_its_slices_are_its_voxels(client, workspace, tmp_path):
+    volume = phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=3)
+    upload = client.post("/api/uploads?name=my%20scan.nii.gz", content=nifti_bytes(volume, tmp_path))
+    assert upload.status_code == 200, upload.text
+    mask = client.post("/api/masks/import", json={"label_map": upload.json()["upload"]}).json()
+    assert mask["source"] == "upload" and mask["name"] == "my_scan.nii.gz"
+    assert [m["id"] for m in client.get("/api/masks").json()] == [mask["id"]]
+    info = client.get(f"/api/view/mask/{mask['id']}").json()
+    assert info["shape"] == [32, 32, 32] and info["spacing"] == [8.0, 8.0, 8.0] and not info["has_ct"]
+    legend = {entry["name"]: entry for entry in info["legend"]}
+    assert legend["liver"]["id"] == label_id("liver")
+    assert legend["liver"]["voxels"] == int((volume.array == label_id("liver")).sum())
+    for axis, index in ((0, 10), (1, 16), (2, 20)):
+        response = client.get(f"/api/view/mask/{mask['id']}/slice?layer=labels&axis={axis}&index={index}")
+        shape = tuple(int(n) for n in response.headers["x-shape"].split(","))
+        got = np.frombuffer(response.content, dtype=np.uint8).reshape(shape)
+        np.testing.assert_array_equal(got, np.take(volume.array, index, axis=axis))
+    download = client.get(f"/api/masks/{mask['id']}/download")
+    assert np.array_equal(np.asarray(nib.Nifti1Image.from_bytes(_gunzip(download.content)).dataobj), volume.array)
+    assert leftovers(workspace) == []  # the upload was consumed
+
+
+def test_upload_refusals_are_one_clear_line_and_leave_nothing(client, workspace, tmp_path):
+    refusals = [
+        ("/api/uploads?name=notes.txt", b"hello", 400, "not a NIfTI file"),
+        ("/api/uploads?name=big.nii.gz", b"x" * (2**20 + 1), 413, "upload limit of 1 MiB"),
+        ("/api/uploads?name=empty.nii.gz", b"", 400, "empty"),
+    ]
+    for path, content, status, message in refusals:
+        response = client.post(path, content=content)
+        assert response.status_code == status and message in response.json()["error"], response.text
+    # A file that is not a label map, and one with ids that are not MAISI's: refused at the import,
+    # named as the user named it (not by our copy's path).
+    garbage = client.post("/api/uploads?name=broken.nii.gz", content=b"\x1f\x8b not really gzip").json()["upload"]
+    response = client.post("/api/masks/import", json={"label_map": garbage})
+    assert response.status_code == 400 and "broken.nii.gz" in response.json()["error"]
+    assert str(workspace.root) not in response.json()["error"]
+    foreign = io.Volume(np.full((8, 8, 8), 250, dtype=np.int16), io.ras_affine((1, 1, 1)))
+    upload = client.post("/api/uploads?name=foreign.nii.gz", content=nifti_bytes(foreign, tmp_path)).json()["upload"]
+    response = client.post("/api/masks/import", json={"label_map": upload})
+    assert response.status_code == 400 and "not MAISI ids: 250" in response.json()["error"]
+    assert client.post("/api/masks/import", json={"label_map": upload}).status_code == 404  # used once
+    assert client.post("/api/masks/import", json={}).status_code == 400
+    assert client.get("/api/masks").json() == [] and leftovers(workspace) == []
+
+
+def test_a_totalsegmentator_map_is_imported_with_maisi_ids(client, tmp_path):
+    from maisi2.totalseg import TOTALSEG_CLASSES
+
+    ts = {name: idx for idx, name in TOTALSEG_CLASSES.items()}
+    seg = np.zeros((40, 40, 30), dtype=np.int16)
+    seg[5:20, 8:30, 5:25] = ts["liver"]
+    seg[22:35, 10:20, 8:20] = ts["spleen"]
+    body = io.Volume(seg, io.ras_affine((4.0, 4.0, 4.0)))
+    upload = client.post("/api/uploads?name=seg.nii.gz", content=nifti_bytes(body, tmp_path)).json()["upload"]
+    mask = client.post("/api/masks/import", json={"totalseg": upload})
+    assert mask.status_code == 200, mask.text
+    assert mask.json()["source"] == "totalseg" and "import" in mask.json()["change"]
+    names = {entry["name"] for entry in client.get(f"/api/view/mask/{mask.json()['id']}").json()["legend"]}
+    assert {"liver", "spleen", "body"} <= names
+
+
+def test_phantoms_with_tumours_and_their_refusals(client):
+    mask = phantom(client, tumours=["hepatic:1"], seed=2)
+    tumours = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
+    assert [t["name"] for t in tumours] == ["hepatic tumor"] and tumours[0]["volume_ml"] > 0
+    for body, message in (({**SMALL, "tumours": ["spleen:1"]}, "unknown tumour kind 'spleen'"),
+                          ({"shape": [512, 512, 512], "spacing": [1, 1, 1]}, "at most"),
+                          ({"shape": [32, 32, 32], "spacing": [0, 8, 8]}, "spacing"),
+                          ({"shape": [32, 32], "spacing": [8, 8, 8]}, None)):
+        response = client.post("/api/masks/phantom", json=body)
+        assert response.status_code in (400, 422)
+        assert message is None or message in response.json()["error"], response.text
+
+
+def test_ids_that_are_not_ours_are_not_found(client, workspace):
+    mask = phantom(client)
+    secret = workspace.root.parent / "secret.txt"
+    secret.write_text("not yours")
+    for path in ("/api/results/..%2F..%2Fsecret.txt/files/ct", "/api/results/../../secret.txt/files/ct",
+                 f"/api/masks/{'0' * 12}/download", "/api/masks/..%2Fsecret.txt/download",
+                 f"/api/view/mask/{mask['id']}x/slice?layer=labels&axis=0&index=0",
+                 f"/api/results/{mask['id']}/files/ct", "/api/jobs/nope/cancel"):
+        response = client.request("POST" if path.endswith("cancel") else "GET", path)
+        assert response.status_code == 404, (path, response.status_code)
+        assert b"not yours" not in response.content
+    bad_slice = client.get(f"/api/view/mask/{mask['id']}/slice?layer=labels&axis=2&index=99")
+    assert bad_slice.status_code == 400 and "outside 0..31" in bad_slice.json()["error"]
+    assert client.get(f"/api/view/mask/{mask['id']}/slice?layer=ct&axis=2&index=0").status_code == 400
+
+
+# -- generation -------------------------------------------------------------------------------------
+
+def test_a_job_runs_reports_progress_and_its_result_downloads(client, workspace):
+    mask = phantom(client, tumours=["hepatic:1"])
+    seen = []
+    job = client.post("/api/jobs", json={"mask": mask["id"], "steps": 30, "seed": 4, "model": "tiny"}).json()
+    assert job["state"] in ("queued", "running") and job["details"]["settings"]["steps"] == 30
+    while (job := next(j for j in client.get("/api/jobs").json() if j["id"] == job["id"]))["state"] != "done":
+        assert job["state"] in ("queued", "running"), job
+        seen.append(job["progress"])
+        time.sleep(0.01)
+    steps = [p["step"] for p in seen if p.get("phase") == "sampling"]
+    assert steps and steps == sorted(steps) and all(p["steps"] == 30 for p in seen if "steps" in p)
+    result = client.get(f"/api/results/{job['result']}").json()
+    assert [r["id"] for r in client.get("/api/results").json()] == [result["id"]]
+    assert result["mask"]["id"] == mask["id"] and result["seed"] == 4 and result["settings"]["model"] == "tiny"
+    assert set(result["files"]) == {"ct", "label", "report", "preview"}
+    assert isinstance(result["quality"]["passed"], bool) and "liver" in result["quality"]["organs"]
+    ct = client.get(f"/api/results/{result['id']}/files/ct")
+    assert ct.status_code == 200 and "attachment" in ct.headers["content-disposition"]
+    image = nib.Nifti1Image.from_bytes(_gunzip(ct.content))
+    assert image.shape == (32, 32, 32) and image.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asarray(image.dataobj), np.asarray(nib.load(workspace.result_file(result["id"], "ct")).dataobj))
+    report = client.get(f"/api/results/{result['id']}/files/report").json()
+    assert report["settings"]["steps"] == 30 and report["quality"]["passed"] == result["quality"]["passed"]
+    # The viewer reads the CT's HU and the label map of the result.
+    axial = client.get(f"/api/view/result/{result['id']}/slice?layer=ct&axis=2&index=16")
+    hu = np.frombuffer(axial.content, dtype="<i2").reshape(32, 32)
+    np.testing.assert_array_equal(hu, np.asarray(image.dataobj)[:, :, 16])
+    assert client.get(f"/api/view/result/{result['id']}").json()["has_ct"] is True
+    assert leftovers(workspace) == []
+
+
+def test_results_survive_a_restart_and_staging_left_by_a_killed_server_is_removed(client, workspace, tiny_model):
+    mask = phantom(client)
+    job = wait_for(client, client.post("/api/jobs", json={"mask": mask["id"], "steps": 1, "model": "tiny"}).json()["id"])
+    (workspace.root / "results" / ".new-0123456789ab").mkdir()  # as a killed server leaves it
+    again = Workspace(workspace.root, {"tiny": tiny_model})
+    try:
+        assert [r["id"] for r in again.results()] == [job["result"]] and [m.id for m in again.masks()] == [mask["id"]]
+        assert not (workspace.root / "results" / ".new-0123456789ab").exists()
+    finally:
+        again.close()
+
+
+def test_generation_refusals_come_back_as_the_clis_messages(client):
+    mask = phantom(client)
+    for body, status, message in (
+        ({"steps": 0}, 400, "steps must be between 1 and 1000"),
+        ({"seed": -1}, 400, "seed and qc_retries must be >= 0"),
+        ({"precision": "fp8"}, 400, "precision must be one of auto, fp32, fp16"),
+        ({"model": "huge"}, 400, "unknown model 'huge'; this server offers tiny"),
+        ({"spacing": [1, 1, -1]}, 400, "spacing must be three positive numbers"),
+    ):
+        response = client.post("/api/jobs", json={"mask": mask["id"], "model": "tiny", **body})
+        assert response.status_code == status and message in response.json()["error"], (body, response.text)
+    assert client.post("/api/jobs", json={"mask": "0" * 12}).status_code == 404
+    assert client.get("/api/jobs").json() == []  # nothing was queued
+    # What only the mask can tell (here a field of view the model was not trained on) fails the job
+    # at its start, with generate's message, before any weights are read.
+    far = phantom(client, shape=[32, 32, 32], spacing=[40.0, 40.0, 40.0])
+    job = client.post("/api/jobs", json={"mask": far["id"], "model": "tiny"}).json()
+    job = wait_for(client, job["id"])
+    assert job["state"] == "failed" and "field of view" in job["error"] and "trained on" in job["error"]
+    assert client.get("/api/results").json() == []
+
+
+def test_cancel_stops_a_running_job_and_drops_a_queued_one_leaving_nothing(client, workspace):
+    mask = phantom(client)
+    running = client.post("/api/jobs", json={"mask": mask["id"], "steps": 1000, "model": "tiny"}).json()
+    queued = client.post("/api/jobs", json={"mask": mask["id"], "steps": 1, "model": "tiny"}).json()
+    wait_for(client, running["id"], states=("running",))
+    listed = {j["id"]: j for j in client.get("/api/jobs").json()}
+    assert listed[queued["id"]]["state"] == "queued" and listed[queued["id"]]["position"] == 1
+    assert client.post(f"/api/jobs/{queued['id']}/cancel").json()["state"] == "cancelled"
+    deadline = time.monotonic() + 60
+    while client.get("/api/jobs").json()[-1]["progress"].get("step", 0) < 2:  # it is sampling
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client.post(f"/api/jobs/{running['id']}/cancel")
+    job = wait_for(client, running["id"])
+    assert job["state"] == "cancelled" and job["progress"]["step"] < 1000 and job["result"] is None
+    assert wait_for(client, queued["id"])["started"] is None  # it never ran
+    assert client.get("/api/results").json() == [] and leftovers(workspace) == []
+    assert list((workspace.root / "results").iterdir()) == []
+
+
+def test_stopping_the_server_cancels_its_jobs_and_leaves_nothing_half_written(workspace):
+    mask = workspace.add_phantom(SMALL["shape"], SMALL["spacing"])
+    jobs = [workspace.submit(mask.id, GenerationSettings(steps=1000, model="tiny")) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while jobs[0].progress.get("step", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    workspace.close()  # what the server's shutdown runs
+    assert [job.state for job in jobs] == ["cancelled", "cancelled"]
+    assert list((workspace.root / "results").iterdir()) == []
+
+
+def _gunzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.decompress(data)
