@@ -182,6 +182,46 @@ def test_phantoms_with_tumours_and_their_refusals(client):
         assert message is None or message in response.json()["error"], response.text
 
 
+def test_tumour_edits_make_new_masks_with_the_tumour_inside_its_organ(client, workspace):
+    from scipy import ndimage
+
+    pytest.importorskip("maisi2.masks.tumors", reason="tumour editing lands with maisi2.masks (issue #22)")
+
+    mask = phantom(client)
+    labels = io.load_label_map(workspace.mask_path(mask["id"])).array
+    depth = ndimage.distance_transform_edt(labels == label_id("liver"))
+    at = [int(i) for i in np.unravel_index(np.argmax(depth), depth.shape)]
+    response = client.post(f"/api/masks/{mask['id']}/edit", json={"op": "add", "kind": "hepatic", "radius_mm": 12, "at": at})
+    assert response.status_code == 200, response.text
+    added = response.json()
+    assert added["source"] == "edit" and added["parent"] == mask["id"] and "hepatic 12 mm" in added["name"]
+    change = added["change"]["changes"][0]
+    edited = io.load_label_map(workspace.mask_path(added["id"])).array
+    tumour = edited == label_id("hepatic tumor")
+    assert tumour[tuple(at)] and change["action"] == "added" and change["parent_organ"] == "liver"
+    assert change["voxels"] == tumour.sum() and np.all(labels[tumour] == label_id("liver"))
+    np.testing.assert_array_equal(io.load_label_map(workspace.mask_path(mask["id"])).array, labels)  # kept
+    listed = client.get(f"/api/view/mask/{added['id']}").json()["tumours"]
+    assert [(t["kind"], t["voxels"]) for t in listed] == [("hepatic", int(tumour.sum()))]
+
+    grown = client.post(f"/api/masks/{added['id']}/edit", json={"op": "scale", "kind": "hepatic", "factor": 1.5}).json()
+    bigger = io.load_label_map(workspace.mask_path(grown["id"])).array == label_id("hepatic tumor")
+    assert bigger.sum() > tumour.sum() and grown["parent"] == added["id"]
+    removed = client.post(f"/api/masks/{grown['id']}/edit", json={"op": "remove", "kind": "hepatic"}).json()
+    np.testing.assert_array_equal(io.load_label_map(workspace.mask_path(removed["id"])).array, labels)
+    assert client.get(f"/api/view/mask/{removed['id']}").json()["tumours"] == []
+
+    before = len(client.get("/api/masks").json())
+    for body, message in (({"op": "add", "kind": "hepatic", "radius_mm": 8, "at": [0, 0, 0]}, "liver"),
+                          ({"op": "add", "kind": "hepatic", "radius_mm": 8}, "position"),
+                          ({"op": "add", "kind": "gallbladder", "radius_mm": 8, "at": at}, "unknown tumour kind"),
+                          ({"op": "scale", "kind": "hepatic", "factor": 10}, "between 0.1 and 4"),
+                          ({"op": "twist", "kind": "hepatic"}, "unknown tumour edit 'twist'")):
+        response = client.post(f"/api/masks/{added['id']}/edit", json=body)
+        assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
+    assert len(client.get("/api/masks").json()) == before and leftovers(workspace) == []
+
+
 def test_ids_that_are_not_ours_are_not_found(client, workspace):
     mask = phantom(client)
     secret = workspace.root.parent / "secret.txt"

@@ -50,8 +50,8 @@ class PhantomRequest(BaseModel):
 
 class EditRequest(BaseModel):
     op: str  # add, remove, scale
-    at: list[int] = Field(min_length=3, max_length=3)
-    kind: Optional[str] = None
+    kind: str
+    at: Optional[list[int]] = Field(default=None, min_length=3, max_length=3)  # add: the clicked voxel
     radius_mm: Optional[float] = None
     factor: Optional[float] = None
 

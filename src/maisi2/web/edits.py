@@ -1,6 +1,7 @@
-"""The page's tumour edits, as calls to `maisi2.masks` (the one implementation of tumour editing).
+"""The page's tumour edits as `maisi2.masks.tumors.edit_tumors` requests (the one implementation).
 
-An edit is a small dict from the page; `apply_edit` checks it and calls the matching function.
+An edit from the page names one operation: add a tumour of a kind and radius at a clicked voxel,
+or remove / resize the tumours of a kind (as `maisi2 masks edit --remove KIND --scale KIND=F`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,34 @@ __all__ = ["apply_edit"]
 
 
 def apply_edit(labels: np.ndarray, spacing: Sequence[float], edit: dict) -> tuple[np.ndarray, dict]:
-    """(new labels, record of the change with a one-line "summary") for one edit of the page."""
+    """(edited labels, record) for {"op": "add", "kind", "radius_mm", "at"[, "seed"]},
+    {"op": "remove", "kind"} or {"op": "scale", "kind", "factor"}; the record holds the request,
+    `edit_tumors`' change list and a one-line summary for the mask's name."""
     try:
-        from maisi2 import masks  # noqa: F401
-    except ImportError:
-        raise RuntimeError("tumour editing needs maisi2.masks (the mask tools), which this installation "
-                           "does not have yet") from None
-    raise RuntimeError("tumour editing is not wired to maisi2.masks yet")
+        from maisi2.masks.tumors import edit_tumors
+    except ImportError:  # tumour editing lands with the mask tools (issue #22)
+        raise RuntimeError("tumour editing needs maisi2.masks.tumors, which this version of maisi2 lacks") from None
+    edits, summary = _request(edit)
+    edited, changes = edit_tumors(labels, spacing, edits)
+    return edited, {"edit": edit, "changes": [c.to_dict() for c in changes], "summary": summary}
+
+
+def _request(edit: dict):
+    from maisi2.masks.tumors import AddTumor, TumorEdits
+
+    op, kind = edit.get("op"), edit.get("kind")
+    if not kind:
+        raise ValueError("a tumour edit names the tumour kind (e.g. hepatic)")
+    if op == "add":
+        at = edit.get("at")
+        if edit.get("radius_mm") is None or at is None:
+            raise ValueError("adding a tumour needs a radius (mm) and a position (click on the organ)")
+        add = AddTumor(kind, float(edit["radius_mm"]), tuple(int(v) for v in at))
+        return TumorEdits(add=(add,), seed=int(edit.get("seed", 0))), f"{kind} {add.radius_mm:g} mm at {list(add.at)}"
+    if op == "remove":
+        return TumorEdits(remove=(kind,)), f"{kind} removed"
+    if op == "scale":
+        if edit.get("factor") is None:
+            raise ValueError("resizing tumours needs a factor (a length ratio, e.g. 0.8)")
+        return TumorEdits(scale=((kind, float(edit["factor"])),)), f"{kind} x{float(edit['factor']):g}"
+    raise ValueError(f"unknown tumour edit {op!r}; the page offers add, remove and scale")

@@ -204,8 +204,8 @@ class Workspace:
         """Apply one tumour edit to a mask; the edited mask is a new mask whose parent is `mask_id`.
 
         edit: {"op": "add", "kind": "hepatic", "radius_mm": 12, "at": [x, y, z]} (a voxel inside the
-        tumour's organ), {"op": "remove", "at": [x, y, z]} (a voxel of the tumour), or
-        {"op": "scale", "at": [x, y, z], "factor": 0.8}.
+        tumour's organ), {"op": "remove", "kind": "hepatic"} or {"op": "scale", "kind": "hepatic",
+        "factor": 0.8} (every tumour of that kind, as `maisi2 masks edit` does); see `web.edits`.
         """
         from maisi2.web.edits import apply_edit
 
@@ -383,10 +383,8 @@ def _remove_staging(parent: Path) -> None:
 # -- helpers ----------------------------------------------------------------------------------
 
 def tumour_list(labels: np.ndarray, spacing: Sequence[float]) -> list[dict]:
-    """Each connected tumour (lesion label component): label, a voxel of it nearest its centre, size.
-
-    The voxel ("at") is where the page points an edit (remove, resize) at this tumour.
-    """
+    """Each connected tumour (lesion label component): label, kind, the voxel of it nearest its
+    centre ("at", where the page's "show" button moves the crosshair), size in voxels and mL."""
     found = []
     voxel_ml = float(np.prod(spacing)) / 1000.0
     for tumour_id in L.TUMOR_IDS:
@@ -394,9 +392,18 @@ def tumour_list(labels: np.ndarray, spacing: Sequence[float]) -> list[dict]:
         for k, box in enumerate(ndimage.find_objects(components), start=1):
             inside = np.argwhere(components[box] == k) + [s.start for s in box]
             nearest = inside[np.argmin(((inside - inside.mean(axis=0)) ** 2).sum(axis=1))]
-            found.append({"label": tumour_id, "name": L.label_name(tumour_id), "at": nearest.tolist(),
+            found.append({"label": tumour_id, "name": L.label_name(tumour_id),
+                          "kind": _tumour_kinds()[L.label_name(tumour_id)], "at": nearest.tolist(),
                           "voxels": len(inside), "volume_ml": round(len(inside) * voxel_ml, 2)})
     return found
+
+
+@lru_cache(maxsize=1)
+def _tumour_kinds() -> dict[str, str]:
+    """MAISI tumour label name -> the kind users name it by (hepatic, lung, ...)."""
+    from maisi2.phantom import TUMOR_KINDS
+
+    return {name: kind for kind, names in TUMOR_KINDS.items() for name in names}
 
 
 @lru_cache(maxsize=1)

@@ -81,16 +81,19 @@ function renderLegend(legend) {
   }));
 }
 
+// Tumours of the mask shown, and per kind the edits `maisi2 masks edit` offers (remove, resize).
 function renderTumours(tumours) {
   const rows = tumours.map((t) => {
     const tr = document.createElement("tr");
+    tr.dataset.kind = t.kind;
     tr.innerHTML = `<td>${t.name}</td><td>${t.volume_ml} mL</td><td>at (${t.at.join(", ")})</td>
-      <td><button data-act="goto">show</button> <button data-act="remove">remove</button>
-      <input type="number" value="0.8" step="0.1" min="0.1" class="factor"> <button data-act="scale">resize</button></td>`;
+      <td><button data-act="goto">show</button> <button data-act="remove" title="remove every ${t.kind} tumour">remove ${t.kind}</button>
+      <input type="number" value="0.8" step="0.1" min="0.1" max="4" class="factor"> <button data-act="scale"
+      title="resize every ${t.kind} tumour (length ratio)">resize ${t.kind}</button></td>`;
     tr.querySelector('[data-act="goto"]').onclick = () => viewer.moveTo(t.at);
-    tr.querySelector('[data-act="remove"]').onclick = () => edit({ op: "remove", at: t.at });
+    tr.querySelector('[data-act="remove"]').onclick = () => edit({ op: "remove", kind: t.kind });
     tr.querySelector('[data-act="scale"]').onclick = () =>
-      edit({ op: "scale", at: t.at, factor: Number(tr.querySelector(".factor").value) });
+      edit({ op: "scale", kind: t.kind, factor: Number(tr.querySelector(".factor").value) });
     return tr;
   });
   $("#tumours tbody").replaceChildren(...rows);

@@ -20,7 +20,7 @@ export class Viewer {
     this.onCursor = onCursor; // (voxel, values) after the crosshair moves
     this.onPick = onPick; // (voxel) when a click should act (e.g. add a tumour); null: navigate
     this.window = { width: 400, level: 40 };
-    this.overlay = 0.45;
+    this.overlay = 0.35;
     this.info = null;
     this.slices = {};
     this.transforms = {};

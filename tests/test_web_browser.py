@@ -1,0 +1,188 @@
+"""The real page of `maisi2 serve`, driven in headless Chromium as a user clicks: load a mask, add a
+tumour by clicking on it, generate with the bundled model at a small size, look at the result's
+slices, download the CT and check the file.
+
+Needs Chromium from the system (Debian: `apt-get install -y chromium`) and the `playwright` package;
+playwright's own browser download is never used. Skips, naming what is missing, without them.
+
+Screenshots: `MAISI2_WEB_SCREENSHOTS=docs/img python -m pytest tests/test_web_browser.py` writes the
+README's pictures of the page (docs/img/web_*.png); otherwise they go to the test's temporary folder.
+"""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e .)")
+
+from maisi2 import io  # noqa: E402
+from maisi2.generate import phantom_mask  # noqa: E402
+from maisi2.labels import label_id  # noqa: E402
+from maisi2.web.app import create_app  # noqa: E402
+from maisi2.web.workspace import Workspace  # noqa: E402
+
+SHAPE, SPACING = (96, 96, 64), (4.0, 4.0, 4.0)  # 384 x 384 x 256 mm: inside the bundled model's range
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real uvicorn server with the bundled model on a free port; yields (url with token, workspace)."""
+    workspace = Workspace(tmp_path_factory.mktemp("web") / "out")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = "browser-test-token"
+    config = uvicorn.Config(create_app(workspace, token), host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/?token={token}", workspace
+    instance.should_exit = True  # runs the app's shutdown: jobs cancelled, workspace closed
+    thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        context = browser.new_context(viewport={"width": 1500, "height": 980}, accept_downloads=True)
+        page = context.new_page()
+        page.goto(server[0])
+        page.wait_for_selector("body[data-ready='1']")
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def mask_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mask") / "torso.nii.gz"
+    io.save_label_map(path, phantom_mask(SHAPE, SPACING, seed=0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = os.environ.get("MAISI2_WEB_SCREENSHOTS")
+    return Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+
+
+def click_voxel(page, view: str, voxel) -> None:
+    """Click where `voxel` is drawn in one of the three views (the viewer says where that is)."""
+    point = page.evaluate("([v, x]) => window.maisi2Viewer.canvasPoint(v, x)", [view, list(map(int, voxel))])
+    box = page.locator(f"canvas[data-view='{view}']").bounding_box()
+    page.mouse.click(box["x"] + point["x"], box["y"] + point["y"])
+
+
+def deep_liver_voxel(labels: np.ndarray) -> tuple[int, int, int]:
+    depth = ndimage.distance_transform_edt(labels == label_id("liver"))
+    return tuple(int(i) for i in np.unravel_index(np.argmax(depth), depth.shape))
+
+
+def test_a_refusal_is_shown_in_the_page(page, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    page.locator("#upload-panel summary").click()
+    page.set_input_files("#upload-file", str(notes))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not a NIfTI file" in page.inner_text("#error-text")
+    page.click("#error-close")
+
+
+def test_load_a_mask_add_a_tumour_by_clicking_generate_view_and_download(page, server, mask_file, screenshots, tmp_path):
+    pytest.importorskip("maisi2.masks.tumors", reason="tumour editing lands with maisi2.masks (issue #22)")
+    url, workspace = server
+    # 1. load a mask: upload a label map file
+    page.set_input_files("#upload-file", str(mask_file))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector("body[data-showing^='mask:']")
+    assert page.is_hidden("#error")
+    assert "liver" in page.inner_text("#legend") and "none" in page.inner_text("#tumours")
+
+    # 2. a tumour where the user clicks: bring the liver's slice up (click the coronal view), then
+    #    click the liver in the axial view with the "add tumour" tool
+    labels = io.load_label_map(mask_file).array
+    target = deep_liver_voxel(labels)
+    click_voxel(page, "coronal", target)
+    page.check("input[name=tool][value=add]")
+    page.select_option("#tumour-kind", "hepatic")
+    page.fill("#tumour-radius", "14")
+    before = page.get_attribute("body", "data-showing")
+    click_voxel(page, "axial", target)
+    page.wait_for_function(f"document.body.dataset.showing !== '{before}'")
+    assert page.is_hidden("#error"), page.inner_text("#error-text")
+    assert "hepatic tumor" in page.inner_text("#tumours")
+    edited_id = page.get_attribute("body", "data-showing").split(":")[1]
+    edited = io.load_label_map(workspace.mask_path(edited_id)).array
+    tumour = edited == label_id("hepatic tumor")
+    assert tumour[target] and tumour.sum() > 20  # centred where the user clicked
+    assert np.all(labels[tumour] == label_id("liver"))  # inside its organ
+    page.check("input[name=tool][value=navigate]")
+    page.screenshot(path=str(screenshots / "web_mask.png"))
+
+    # 3. generate with the bundled model, 2 steps
+    page.fill("#generate-form input[name=steps]", "2")
+    page.click("#generate")
+    page.wait_for_selector("#job-list li.state-running, #job-list li.state-done")
+    page.wait_for_selector("body[data-showing^='result:']", timeout=600_000)
+    result_id = page.get_attribute("body", "data-showing").split(":")[1]
+    item = page.locator(f"li[data-result='{result_id}']")
+    qc = item.locator(".qc").inner_text()
+    report = workspace.result(result_id)
+    assert ("passed" in qc) == report["quality"]["passed"]
+    if not report["quality"]["passed"]:  # a failed check is shown, with the failing organs
+        assert "FAILED" in qc and all(organ in qc for organ in report["quality"]["failed"])
+
+    label_map = np.asarray(nib.load(workspace.result_file(result_id, "label")).dataobj)
+    np.testing.assert_array_equal(label_map, edited)  # the edited mask is what was generated
+
+    # 4. the result's slices: HU under the crosshair, and the view moves with the wheel
+    readout = page.inner_text("#readout")
+    ct_path = workspace.result_file(result_id, "ct")
+    ct = np.asarray(nib.load(ct_path).dataobj)
+    assert f"voxel ({target[0]}, {target[1]}, {target[2]})" in readout and f"{ct[target]} HU" in readout
+    axial = page.locator("canvas[data-view='axial']")
+    pixels = page.evaluate("""() => { const c = document.querySelector("canvas[data-view='axial']");
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const seen = new Set(); for (let i = 0; i < d.length; i += 4) seen.add(d[i]); return seen.size; }""")
+    assert pixels > 20  # a CT, not a blank canvas
+    page.click("button[data-window='lung']")
+    axial.hover()
+    page.mouse.wheel(0, 100)
+    page.wait_for_function(f"document.querySelector(\"canvas[data-view='axial']\").dataset.index === '{target[2] + 1}'")
+    page.mouse.wheel(0, -100)
+    page.wait_for_function(f"document.querySelector(\"canvas[data-view='axial']\").dataset.index === '{target[2]}'")
+    page.click("button[data-window='soft tissue']")
+    page.screenshot(path=str(screenshots / "web_result.png"))
+
+    # 5. download the CT and check the file
+    with page.expect_download() as download_info:
+        item.locator("a[data-file='ct']").click()
+    saved = tmp_path / download_info.value.suggested_filename
+    download_info.value.save_as(saved)
+    image = nib.load(saved)
+    assert saved.name.endswith("ct.nii.gz") and image.shape == SHAPE
+    assert image.get_data_dtype() == np.int16
+    np.testing.assert_allclose(np.linalg.norm(image.affine[:3, :3], axis=0), SPACING)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), ct)
+    assert np.all(ct[edited == 0] == -1000) and np.ptp(ct[edited > 0]) > 0
