@@ -162,7 +162,11 @@ def test_a_totalsegmentator_map_is_imported_with_maisi_ids(client, tmp_path):
     seg[22:35, 10:20, 8:20] = ts["spleen"]
     body = io.Volume(seg, io.ras_affine((4.0, 4.0, 4.0)))
     upload = client.post("/api/uploads?name=seg.nii.gz", content=nifti_bytes(body, tmp_path)).json()["upload"]
-    mask = client.post("/api/masks/import", json={"totalseg": upload})
+    undecided = client.post("/api/masks/import", json={"totalseg": upload})
+    assert undecided.status_code == 400 and "v1 from v2" in undecided.json()["error"]  # no sided organs here
+    content = (tmp_path / "mask.nii.gz").read_bytes()
+    upload = client.post("/api/uploads?name=seg.nii.gz", content=content).json()["upload"]
+    mask = client.post("/api/masks/import", json={"totalseg": upload, "version": "v2"})
     assert mask.status_code == 200, mask.text
     assert mask.json()["source"] == "totalseg" and "import" in mask.json()["change"]
     names = {entry["name"] for entry in client.get(f"/api/view/mask/{mask.json()['id']}").json()["legend"]}

@@ -39,6 +39,7 @@ class ImportRequest(BaseModel):
     label_map: Optional[str] = None  # an upload id: a MAISI label map
     totalseg: Optional[str] = None  # an upload id: a TotalSegmentator 'total' map
     ct: Optional[str] = None  # an upload id: the CT of that map (optional)
+    version: Optional[str] = None  # the TotalSegmentator numbering, v1 or v2 (None: detect it)
 
 
 class PhantomRequest(BaseModel):
@@ -138,7 +139,7 @@ def _api_routes(ws: Workspace):
             raise HTTPException(400, "give either a MAISI label map or a TotalSegmentator map to import")
         if body.label_map is not None:
             return _record(await _call(ws.import_label_map, body.label_map))
-        return _record(await _call(ws.import_totalseg, body.totalseg, body.ct))
+        return _record(await _call(ws.import_totalseg, body.totalseg, body.ct, body.version))
 
     @router.post("/masks/phantom")
     async def phantom(body: PhantomRequest):

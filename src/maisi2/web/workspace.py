@@ -143,15 +143,18 @@ class Workspace:
         finally:
             self._discard_uploads(upload_id)
 
-    def import_totalseg(self, seg_upload: str, ct_upload: str | None = None) -> MaskRecord:
-        """A TotalSegmentator 'total' map (and optionally its CT) -> MAISI mask (`maisi2.totalseg`)."""
-        from maisi2.totalseg import import_totalseg
+    def import_totalseg(self, seg_upload: str, ct_upload: str | None = None, version: str | None = None) -> MaskRecord:
+        """A TotalSegmentator map (and optionally its CT) -> MAISI mask (`maisi2.label_import`).
+
+        version: the map's numbering, "v1" or "v2"; None detects it (as `labels import-totalseg`).
+        """
+        from maisi2.label_import import import_totalseg
 
         try:
             seg = self._upload_path(seg_upload)
             ct = None if ct_upload is None else self._upload_path(ct_upload)
             with self._staging("masks") as (mask_id, folder):
-                report = _in_users_words(import_totalseg, seg, folder / "mask.nii.gz", ct_path=ct)
+                report = _in_users_words(import_totalseg, seg, folder / "mask.nii.gz", ct_path=ct, version=version)
                 record = MaskRecord(mask_id, f"{_stem(seg.name)} (TotalSegmentator)", "totalseg",
                                     change={"import": report.summary()})
                 _write_json(folder / "mask.json", asdict(record))

@@ -159,6 +159,7 @@ $("#totalseg-form").onsubmit = (e) => {
   act(async () => {
     const json = { totalseg: await upload(seg) };
     if (ct) json.ct = await upload(ct);
+    if ($("#totalseg-version").value) json.version = $("#totalseg-version").value;
     await addedMask(await api("/masks/import", { method: "POST", json }));
   });
 };
