@@ -345,3 +345,23 @@ def _gunzip(data: bytes) -> bytes:
     import gzip
 
     return gzip.decompress(data)
+
+
+def test_serve_command_refuses_bad_settings_before_starting(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from maisi2 import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["maisi2.cli.serve_cmd"])
+    out = str(tmp_path / "web")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port), "--out", out]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert cli.main(["serve", "--port", "70000", "--out", out]) == 1
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(tmp_path), "--out", out]) == 1
+    assert "is not a model folder" in capsys.readouterr().err
+    assert not (tmp_path / "web").exists()  # nothing was made

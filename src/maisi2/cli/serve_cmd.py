@@ -52,6 +52,8 @@ def _serve(args) -> int:
     workspace = Workspace(args.out, models, library=args.library, max_upload_bytes=int(args.max_upload_mb * 2**20))
     token = secrets.token_urlsafe(24)
     print(f"maisi2 serve: masks and results in {workspace.root}")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"maisi2 serve: listening on {args.host}: other machines can reach this server (the token still guards it)")
     print(f"Open in a browser (the token in it is your access key):\n\n    http://{_display(args.host)}:{args.port}/?token={token}\n",
           flush=True)
     uvicorn.run(create_app(workspace, token), host=args.host, port=args.port, log_level="warning")
