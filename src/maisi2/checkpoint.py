@@ -5,6 +5,7 @@ strings; no pickled code):
 
     {"format": "maisi2", "version": 1, "kind": "vae" | "unet" | "controlnet",
      "config": <Config as JSON text>, "state_dict": {...}, "ema_state_dict": {...} | None,
+     (kinds "mask_autoencoder" | "mask_unet": the mask generator's networks, config a MaskGenConfig)
      "scale_factor": float | None, "step": int, "extra": {...}}
 
 The released files (a folder the user points at):
@@ -42,7 +43,8 @@ __all__ = [
 
 FORMAT = "maisi2"
 VERSION = 1
-KINDS = ("vae", "unet", "controlnet")
+MASK_KINDS = ("mask_autoencoder", "mask_unet")  # the mask generator's (maisi2.maskgen)
+KINDS = ("vae", "unet", "controlnet") + MASK_KINDS
 RELEASED_FILES = {
     "vae": "autoencoder_v1.pt",
     "unet": "diff_unet_3d_rflow-ct.pt",
@@ -72,8 +74,14 @@ class Checkpoint:
 
 
 def build_network(kind: str, cfg: Config, device=None) -> nn.Module:
+    """The network of `kind` for `cfg` (a `Config`; a `MaskGenConfig` for the mask kinds)."""
     from maisi2 import nets
 
+    if kind in MASK_KINDS:
+        from maisi2.maskgen import networks
+
+        builder = networks.build_mask_autoencoder if kind == "mask_autoencoder" else networks.build_mask_unet
+        return builder(cfg, device=device)
     builders = {"vae": nets.build_vae, "unet": nets.build_unet, "controlnet": nets.build_controlnet}
     if kind not in builders:
         raise ValueError(f"unknown network kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -131,13 +139,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if data.get("version", 0) > VERSION:
         raise ValueError(f"{path} was written by a newer maisi2 (format version {data['version']}); upgrade maisi2")
     try:
-        cfg = Config.from_json(data["config"])
+        cfg = _config_class(data.get("kind")).from_json(data["config"])
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{path} carries an invalid config: {err}") from None
     return Checkpoint(
         kind=data["kind"], config=cfg, state_dict=data["state_dict"], ema_state_dict=data.get("ema_state_dict"),
         scale_factor=data.get("scale_factor"), step=int(data.get("step", 0)), extra=data.get("extra") or {},
     )
+
+
+def _config_class(kind: str | None):
+    if kind in MASK_KINDS:
+        from maisi2.maskgen.config import MaskGenConfig
+
+        return MaskGenConfig
+    return Config
+
+
+def _preset_config(kind: str, name: str):
+    if kind in MASK_KINDS:
+        from maisi2.maskgen.config import get_mask_config
+
+        return get_mask_config(name)
+    return get_config(name)
 
 
 # -- strict loading with explanations ------------------------------------------------------
@@ -151,7 +175,7 @@ def _fitting_presets(kind: str, shapes: dict[str, tuple[int, ...]]) -> list[str]
     fits = []
     for name in PRESETS:
         with torch.device("meta"):
-            model = build_network(kind, get_config(name))
+            model = build_network(kind, _preset_config(kind, name))
         if _shapes(model.state_dict()) == shapes:
             fits.append(name)
     return fits

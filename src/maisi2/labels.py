@@ -33,6 +33,11 @@ __all__ = [
     "QC_ORGAN_GROUPS",
     "remove_tumors",
     "load_resource_json",
+    "MASK_GENERATOR_CHANNEL_IDS",
+    "KIDNEY_MASS",
+    "KIDNEY_IDS",
+    "channels_to_ids",
+    "ids_to_channels",
 ]
 
 
@@ -145,21 +150,30 @@ def remove_tumors(labels: np.ndarray, ring_radius: int = 2, max_ring_radius: int
     for tumor, parent in TUMOR_PARENT.items():
         out[labels == tumor] = parent
     for tumor, candidates in RING_MAJORITY_CANDIDATES.items():
-        lesion = labels == tumor
-        if not lesion.any():
-            continue
-        components, count = ndimage.label(lesion)
-        for idx, box in enumerate(ndimage.find_objects(components), start=1):
-            out[components == idx] = _ring_majority(labels, components == idx, box, candidates, ring_radius, max_ring_radius)
+        _ring_majority_fill(out, labels, tumor, candidates, ring_radius, max_ring_radius)
     return out
 
 
-def _ring_majority(labels, component, box, candidates, radius, max_radius) -> int:
+def _ring_majority_fill(out, labels, lesion_id, candidates, ring_radius, max_ring_radius) -> None:
+    """Each connected component of `lesion_id` in `labels` -> the ring-majority candidate, in `out`."""
+    lesion = labels == lesion_id
+    if not lesion.any():
+        return
+    components, _ = ndimage.label(lesion)
+    fallback = []  # the most common candidate anywhere, computed once if a ring finds none
+    for idx, box in enumerate(ndimage.find_objects(components), start=1):
+        parent = _ring_majority(labels, components, idx, box, candidates, ring_radius, max_ring_radius, fallback)
+        out[box][components[box] == idx] = parent
+
+
+def _ring_majority(labels, components, idx, box, candidates, radius, max_radius, fallback) -> int:
+    """Most common candidate label in a ring around component `idx` of `components` (found in
+    `box`); widening rings, then the most common candidate anywhere (cached in `fallback`), then body."""
     cand = np.asarray(candidates)
     while radius <= max_radius:
         # Work inside the component's bounding box grown by the ring radius: cheap on big volumes.
         sl = tuple(slice(max(s.start - radius, 0), s.stop + radius) for s in box)
-        local = component[sl]
+        local = components[sl] == idx
         struct = _ball(radius) if local.ndim == 3 else ndimage.generate_binary_structure(local.ndim, 1)
         iterations = 1 if local.ndim == 3 else radius
         ring = ndimage.binary_dilation(local, structure=struct, iterations=iterations) & ~local
@@ -169,8 +183,54 @@ def _ring_majority(labels, component, box, candidates, radius, max_radius) -> in
             ids, counts = np.unique(values, return_counts=True)
             return int(ids[np.argmax(counts)])
         radius *= 2
-    anywhere = labels[np.isin(labels, cand)]
-    if anywhere.size:
-        ids, counts = np.unique(anywhere, return_counts=True)
-        return int(ids[np.argmax(counts)])
-    return BODY
+    if not fallback:
+        anywhere = labels[np.isin(labels, cand)]
+        if anywhere.size:
+            ids, counts = np.unique(anywhere, return_counts=True)
+            fallback.append(int(ids[np.argmax(counts)]))
+        else:
+            fallback.append(BODY)
+    return fallback[0]
+
+
+# -- the release's mask generator numbering -------------------------------------------------
+# Its networks output 125 classes. resources/label_dict_124_to_132.json (from the release) gives
+# name -> [channel, MAISI id]; the two numberings agree only for background (0) and liver (1),
+# and channel 124 is the body (200). Channel 122, "kidney mass", is MAISI id 129, a slot the label
+# dictionary leaves unused: generated kidney masses go to their kidney (`KIDNEY_IDS`). The
+# kidney cysts (116, 117) have no channel; a mask holding them is encoded with their kidneys.
+
+KIDNEY_MASS = 129
+KIDNEY_IDS = _ids("left kidney", "right kidney")
+
+
+def _channel_table() -> tuple[int, ...]:
+    table = load_resource_json("label_dict_124_to_132.json")
+    ids = [0] * len(table)
+    for channel, maisi_id in table.values():
+        ids[int(channel)] = int(maisi_id)
+    return tuple(ids)
+
+
+MASK_GENERATOR_CHANNEL_IDS: tuple[int, ...] = _channel_table()
+
+
+def channels_to_ids(channels: np.ndarray) -> np.ndarray:
+    """Mask-generator class indices (0..124) -> MAISI ids (int16), through the release's table."""
+    lookup = np.asarray(MASK_GENERATOR_CHANNEL_IDS, dtype=np.int16)
+    channels = np.asarray(channels)
+    if channels.size and (channels.min() < 0 or channels.max() >= len(lookup)):
+        raise ValueError(f"mask-generator classes must lie in 0..{len(lookup) - 1}")
+    return lookup[channels]
+
+
+def ids_to_channels(labels: np.ndarray) -> np.ndarray:
+    """MAISI ids -> mask-generator class indices (int64); kidney cysts count as their kidney."""
+    labels = np.asarray(labels)
+    check_label_ids(labels)
+    lookup = np.zeros(256, dtype=np.int64)
+    for channel, maisi_id in enumerate(MASK_GENERATOR_CHANNEL_IDS):
+        lookup[maisi_id] = channel
+    for cyst in (label_id("left kidney cyst"), label_id("right kidney cyst")):
+        lookup[cyst] = lookup[TUMOR_PARENT[cyst]]
+    return lookup[labels.astype(np.int64)]
