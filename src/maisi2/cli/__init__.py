@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "maisi2.cli.vae_cmd",
     "maisi2.cli.train_flow_cmd",
     "maisi2.cli.controlnet_cmd",
+    "maisi2.cli.maskgen_cmd",
     "maisi2.cli.generate_cmd",
     "maisi2.cli.export_cmd",
     "maisi2.cli.evaluate_cmd",
