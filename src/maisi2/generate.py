@@ -67,6 +67,7 @@ __all__ = [
     "batch_from_dir",
     "batch_from_datalist",
     "phantom_mask",
+    "mask_from_anatomy_sizes",
     "prepare_mask",
     "network_divisor",
     "memory_budget_bytes",
@@ -311,6 +312,29 @@ def _model_info(model):
 def network_divisor(cfg) -> int:
     """Every image axis must be a multiple of this: VAE factor x the UNet's total downsampling."""
     return cfg.vae.downsample_factor * 2 ** (len(cfg.unet.num_channels) - 1)
+
+
+def mask_from_anatomy_sizes(sizes, out: PathLike, model=None, mask_generator: str | None = None,
+                            options: GenerateOptions = GenerateOptions(), mask_steps: int | None = None):
+    """A label map from the mask generator for requested anatomy sizes, to pass to `generate`.
+
+    sizes: {slot name: size in [0, 1] or -1}, or a ``'liver=0.6,"hepatic tumor"=0.2'`` string
+    (`maisi2.maskgen.sizes`). mask_generator: "released" (the release's files in the `model`
+    folder), "bundled" (ours, shipped with the package), a folder, or None: "released" when the
+    `model` folder holds the release's mask files, else "bundled". The request (sizes, settings,
+    outputs beside `out`) is checked before any network is read. Seeded with ``options.seed``.
+    Returns (the mask as an `io.Volume` on the generator's grid, a dict describing how it was made).
+    """
+    from maisi2.maskgen import files, generate_mask, sampling
+    from maisi2.maskgen.sizes import parse_anatomy_sizes
+
+    sizes = parse_anatomy_sizes(sizes) if isinstance(sizes, str) else dict(sizes)
+    _check_request(out, options)
+    folder = files.mask_generator_dir(mask_generator, model)
+    generator = files.load_mask_generator(folder, device=options.device)
+    sampling.size_vector(generator, sizes)  # a request the generator cannot complete fails here
+    sample = generate_mask(generator, sizes, seed=options.seed, steps=mask_steps, progress=options.progress)
+    return sample.native, {"generator": str(folder), "kind": generator.source, **sample.describe()}
 
 
 def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> io.Volume:

@@ -32,6 +32,10 @@ def _register_generate(sub) -> None:
     source.add_argument("--mask-dir", help="batch: every *.nii.gz mask in this folder")
     source.add_argument("--datalist", help="batch: .txt (a mask path per line), .jsonl ({\"mask\", \"spacing\", \"seed\", "
                         "\"out\"}) or decathlon-style .json (the \"label\" of each entry is the mask)")
+    source.add_argument("--anatomy-size", metavar="NAME=SIZE,...",
+                        help="make the mask with the mask generator for these anatomy sizes (0..1, -1 = absent), e.g. "
+                             "liver=0.6,\"hepatic tumor\"=0.2; slots: gallbladder, liver, stomach, pancreas, colon, "
+                             "lung tumor, pancreatic tumor, hepatic tumor, colon cancer primaries, bone lesion")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output CT (.nii.gz) for --mask / --phantom")
     target.add_argument("--out-dir", help="output folder for --mask-dir / --datalist (<mask>_ct.nii.gz each)")
@@ -69,6 +73,13 @@ def _register_generate(sub) -> None:
                    help="centre the preview's slices on this label (a MAISI name, e.g. 'hepatic tumor'); "
                         "default: the largest tumour, else the middle of the volume")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mg = p.add_argument_group("mask generator (with --anatomy-size)")
+    mg.add_argument("--mask-generator", default=None, metavar="released|bundled|DIR",
+                    help="released: the release's mask generation files in --model; bundled: ours; or a folder. "
+                         "Default: released when --model holds them, else bundled")
+    mg.add_argument("--mask-steps", type=int, default=None, metavar="N",
+                    help="sampling steps of a rectified-flow mask generator (default its own, 30); the release's "
+                         "DDPM one always takes 1000")
     ph = p.add_argument_group("phantom mask (with --phantom)")
     # Defaults: a field of view the bundled model was trained on (384 x 384 x 288 mm).
     ph.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
@@ -120,7 +131,7 @@ def _generate(args) -> int:
     options = _options(args)
     batch = args.mask_dir or args.datalist
     if bool(batch) != bool(args.out_dir):
-        raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom write to --out")
+        raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom / --anatomy-size write to --out")
     if batch:
         items = (G.batch_from_dir(args.mask_dir, args.out_dir) if args.mask_dir
                  else G.batch_from_datalist(datalist_source(args.datalist, args), args.out_dir))
@@ -132,6 +143,12 @@ def _generate(args) -> int:
 
         tumors = parse_tumor_specs(args.tumors, args.tumor_radius_mm)
         mask = G.phantom_mask(args.shape, args.phantom_spacing, tumors, args.phantom_seed)
+    if args.anatomy_size:
+        mask, made = G.mask_from_anatomy_sizes(args.anatomy_size, args.out, args.model, args.mask_generator, options,
+                                               args.mask_steps)
+        sizes = ", ".join(f"{k}={v:g}" for k, v in made["size_vector"].items())
+        print(f"mask from the {made['kind']} mask generator ({made['sampler']}, {made['steps']} steps, "
+              f"{made['seconds']['total']:.1f} s): {sizes}")
     _print_result(G.generate(mask, args.out, model=args.model, options=options))
     return 0
 

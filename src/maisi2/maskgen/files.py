@@ -36,6 +36,8 @@ __all__ = [
     "RELEASED_MASK_FILES",
     "MASKGEN_JSON",
     "MaskGenerator",
+    "bundled_mask_generator_dir",
+    "mask_generator_dir",
     "is_released_mask_folder",
     "is_our_mask_folder",
     "load_mask_generator",
@@ -66,6 +68,45 @@ class MaskGenerator:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+
+def bundled_mask_generator_dir() -> Path:
+    """Where the package keeps its own mask generator (beside the bundled CT model)."""
+    from maisi2.models import default_model_dir
+
+    return default_model_dir() / "maskgen"
+
+
+def mask_generator_dir(choice: str | Path | None, model_dir: str | Path | None = None) -> Path:
+    """The folder of the mask generator a request names (checked to exist, nothing loaded).
+
+    choice: "released" (the release's files in `model_dir`), "bundled" (ours, in the package), a
+    folder, or None: "released" when `model_dir` holds the release's mask files, else "bundled".
+    """
+    if choice is None:
+        choice = "released" if model_dir is not None and is_released_mask_folder(model_dir) else "bundled"
+    if choice == "released":
+        if model_dir is None or not is_released_mask_folder(model_dir):
+            raise FileNotFoundError(
+                f"--mask-generator released reads the release's {RELEASED_MASK_FILES['mask_autoencoder']} and "
+                f"{RELEASED_MASK_FILES['mask_unet']} from the --model folder"
+                + ("" if model_dir is None else f"; {model_dir} lacks them")
+            )
+        return Path(model_dir)
+    if choice == "bundled":
+        folder = bundled_mask_generator_dir()
+        if not is_our_mask_folder(folder):
+            raise FileNotFoundError(
+                "maisi2 bundles no mask generator yet (none trained here has passed the bar in "
+                "docs/mask_generator.md); pass --mask-generator DIR with one from `maisi2 train-maskgen`, or "
+                "--mask-generator released with --model holding the release's mask generation files"
+            )
+        return folder
+    folder = Path(choice).expanduser()
+    if not (is_released_mask_folder(folder) or is_our_mask_folder(folder)):
+        raise FileNotFoundError(f"--mask-generator {folder}: no mask generator there ({MASKGEN_JSON} or the "
+                                f"release's {RELEASED_MASK_FILES['mask_unet']})")
+    return folder
 
 
 def is_released_mask_folder(model_dir: str | Path) -> bool:
