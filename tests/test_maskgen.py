@@ -238,3 +238,30 @@ def test_slab_decode_equals_the_whole_decode_where_slabs_see_everything():
         whole = networks.decode_logits(ae, latent)[0].argmax(dim=0)
     assert torch.equal(networks.decode_to_classes(ae, latent, slab=3, halo=8), whole)
     assert networks.decode_to_classes(ae, latent, slab=2, halo=1).shape == whole.shape
+
+
+def test_measures_on_a_hand_made_mask():
+    from maisi2.maskgen import measure
+
+    liver, tumour = L.label_id("liver"), L.label_id("hepatic tumor")
+    ids = np.zeros((20, 20, 20), np.int16)
+    ids[2:18, 2:18, 2:18] = L.BODY
+    ids[4:10, 4:10, 4:10] = liver
+    ids[6:8, 6:8, 6:8] = tumour  # inside the liver
+    ids[14:16, 14:16, 14:16] = tumour  # in the body, outside the liver
+    ids[12, 4, 4] = liver  # a second liver piece
+    assert measure.components(ids)["liver"] == 2 and measure.components(ids)["body (all labels)"] == 1
+    assert sorted(measure.tumour_inside_parent(ids, "hepatic tumor")) == [0.0, 1.0]
+    assert measure.organ_volumes_ml(ids, (10.0, 10.0, 10.0))["liver"] == pytest.approx((216 - 8 + 1) * 1.0)
+    assert measure.body_closed(ids)
+    ids[9, 9, 9] = 0
+    assert not measure.body_closed(ids)  # an enclosed hole
+    d = measure.volume_distribution([1, 2, 3, 4], [1, 2, 3, 4])
+    assert d["ks_distance"] == 0 and d["generated_mean"] == 2.5
+    assert measure.volume_distribution([10, 11, 12], [1, 2, 3])["ks_distance"] == 1
+    req = np.full((4, 10), -1.0)
+    req[:, 1] = [0.2, 0.4, 0.6, 0.8]
+    got = req.copy()
+    got[:, 1] = [0.25, 0.35, 0.7, 0.75]
+    corr = measure.size_correlation(req, got)
+    assert corr["liver"]["n"] == 4 and corr["liver"]["pearson_r"] > 0.9 and corr["gallbladder"]["n"] == 0

@@ -34,7 +34,7 @@ def test_train_resume_export_and_sample(tmp_path):
     datalist = _blob_masks(tmp_path)
     cfg = get_mask_config("tiny")
     recipe = train.MaskRecipe.from_overrides(["autoencoder_steps=2", "unet_steps=2", "ckpt_every=1", "log_every=1",
-                                              "autoencoder_batch=2", "unet_batch=2"])
+                                              "autoencoder_crop=16", "autoencoder_batch=2", "unet_batch=2"])
     out = tmp_path / "run"
     train.train_mask_generator(datalist, out, cfg, recipe, stages=("autoencoder",), device="cpu", progress=False)
     more = train.MaskRecipe.from_overrides(["autoencoder_steps=3", "unet_steps=2", "log_every=1"])

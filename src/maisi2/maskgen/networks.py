@@ -9,7 +9,8 @@
 
 For the ``maisi-v2`` preset the state dicts have exactly the keys and shapes of MONAI's classes
 built with the release's arguments (reference/maisi/config_network_rflow.json), so the released
-files load strictly. Settings that change no parameter and cannot run on a CPU (flash attention,
+files load strictly. Both builders swap in `maisi2.fastops`' numerically equivalent faster layers
+(same parameters and keys), as the CT networks' builders do. Settings that change no parameter and cannot run on a CPU (flash attention,
 the fp16 group norm) are switched off there.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from maisi2.fastops import accelerate
 from maisi2.maskgen.config import MaskGenConfig
 from maisi2.nets import mask_to_bitplanes
 
@@ -44,6 +46,7 @@ def build_mask_autoencoder(cfg: MaskGenConfig, device: str | torch.device | None
         use_convtranspose=a.use_convtranspose, norm_float16=bool(a.norm_float16 and fp16_norm),
         num_splits=a.num_splits, dim_split=a.dim_split,
     )
+    accelerate(model)
     return model.to(device) if device is not None else model
 
 
@@ -59,6 +62,7 @@ def build_mask_unet(cfg: MaskGenConfig, device: str | torch.device | None = None
         upcast_attention=u.upcast_attention, cross_attention_dim=u.cross_attention_dim,
         use_flash_attention=bool(u.use_flash_attention and device is not None and device.type == "cuda"),
     )
+    accelerate(model)
     return model.to(device) if device is not None else model
 
 

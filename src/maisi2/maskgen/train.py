@@ -63,6 +63,7 @@ class MaskRecipe:
     autoencoder_steps: int = 2000
     autoencoder_lr: float = 2e-4
     autoencoder_batch: int = 2
+    autoencoder_crop: int = 0  # >0: train on random cubes of this side (the network is convolutional; CPU-sized steps)
     kl_weight: float = 1e-6
     dice_weight: float = 1.0
     unet_steps: int = 4000
@@ -176,6 +177,15 @@ def autoencoder_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: fl
     return loss, {"ce": float(ce.detach()), "dice": float(dice.mean().detach())}
 
 
+def _random_crop(labels: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tensor:
+    """One random cube of `side` voxels (the same for the batch; offsets from `generator`), or all."""
+    if side <= 0 or all(n <= side for n in labels.shape[2:]):
+        return labels
+    starts = [int(torch.randint(0, max(n - side, 0) + 1, (1,), generator=generator, device=generator.device))
+              for n in labels.shape[2:]]
+    return labels[(slice(None), slice(None), *(slice(s, s + side) for s in starts))]
+
+
 class _AutoencoderStep:
     def __init__(self, recipe: MaskRecipe):
         self.recipe = recipe
@@ -184,7 +194,7 @@ class _AutoencoderStep:
         from maisi2.vae import kl_loss
 
         device = next(model.parameters()).device
-        labels = labels.to(device)
+        labels = _random_crop(labels, self.recipe.autoencoder_crop, generator).to(device)
         z_mu, z_sigma = model.encode(mask_to_bitplanes(labels))
         eps = torch.randn(z_mu.shape, generator=generator, device=generator.device).to(device)
         logits = model.decode(z_mu + z_sigma * eps)

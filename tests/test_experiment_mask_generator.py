@@ -1,0 +1,37 @@
+"""experiments/mask_generator.py end to end on label maps of boxes and a tiny, barely trained generator."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import mask_generator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_maskgen_train import _blob_masks  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+# One UNet level on a 4^3 latent: DDPM-1000 in ~15 s on a busy 2-core machine.
+SMALLEST = ["unet.channels=[8]", "unet.attention_levels=[true]", "unet.num_head_channels=[8]", "latent_shape=[4,4,4,4]"]
+
+
+def test_experiment_runs_and_reports_every_measure(tmp_path, capsys):
+    datalist = _blob_masks(tmp_path, count=5)  # fold = index: mask 0 is held out
+    argv = ["--work", str(tmp_path / "w"), "--datalist", str(datalist), "--preset", "tiny", "--ae-steps", "2",
+            "--ae-crop", "8", "--unet-steps", "2", "--per-vector", "2", "--rf-steps", "3"]
+    for item in SMALLEST:
+        argv += ["--set", item]
+    results = mask_generator.main(argv)
+    assert results["training_masks"] == 4 and results["heldout_masks"] == 1 and results["samples"] == 2
+    plaus = results["plausibility"]
+    assert set(plaus["volumes_ml"]) == {"gallbladder", "liver", "stomach", "pancreas", "colon", "body (all labels)"}
+    assert plaus["components"]["training"]["liver"]["share_one"] == 1.0
+    assert 0 <= plaus["body_closed"]["generated"] <= 1 and plaus["body_closed"]["training"] == 1.0
+    liver = results["controllability"]["liver"]
+    assert liver["n"] == 2 and (math.isnan(liver["pearson_r"]) or -1 <= liver["pearson_r"] <= 1)
+    timing = results["timing"]
+    assert timing["ddpm_steps"] == 1000 and timing["ddpm_seconds"]["sample"] > timing["rf_seconds"]["sample"]
+    assert (tmp_path / "w" / "results.json").is_file() and (tmp_path / "w" / "mask_generator.png").is_file()
+    assert "time per mask" in capsys.readouterr().out
