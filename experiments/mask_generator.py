@@ -6,7 +6,8 @@
 2. training: `maisi2.maskgen.train.train_mask_generator` (autoencoder, then the rectified-flow
    UNet, then the generator folder), resumable;
 3. samples: for every held-out mask, its own size vector (computed on the generator's grid with
-   the generator's size scale) is requested ``--per-vector`` times (seeds 0, 1, ...), RF-30;
+   the generator's size scale; of several tumour kinds only the first is kept, as a request holds
+   one) is requested ``--per-vector`` times (seeds 0, 1, ...), RF-30;
 4. plausibility of the samples against the training masks: structure volumes (mean, sd, 5-95th
    percentiles, two-sample KS distance), connected components per structure, each generated
    tumour's ring inside its parent organ, body envelope closed; controllability: per slot, Pearson
@@ -89,9 +90,20 @@ def make_data(work: Path, count: int, seed: int) -> Path:
 
 # -- 3-4. samples and measures ------------------------------------------------------------------
 
+def one_tumour(vector: np.ndarray) -> np.ndarray:
+    """The vector with only its first present tumour slot kept (a request holds one tumour kind;
+    a phantom may hold several)."""
+    out = vector.copy()
+    present = [SLOTS.index(s) for s in TUMOR_SLOTS if out[SLOTS.index(s)] >= 0]
+    out[present[1:]] = -1.0
+    return out
+
+
 def sample_heldout(generator, heldout, per_vector: int, steps: int) -> tuple[list, np.ndarray, np.ndarray, list]:
+    """RF samples for each held-out mask's own size vector (one tumour kind kept), `per_vector`
+    seeds each; returns (masks, requested vectors, obtained vectors, seconds)."""
     scale = generator.size_scale
-    requested = scale.sizes(heldout.volumes_ml)
+    requested = [one_tumour(v) for v in scale.sizes(heldout.volumes_ml)]
     masks, asked, got, seconds = [], [], [], []
     for vector in requested:
         for seed in range(per_vector):

@@ -12,11 +12,12 @@ import mask_generator  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_maskgen_train import _blob_masks  # noqa: E402
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 # One UNet level on a 4^3 latent: DDPM-1000 in ~15 s on a busy 2-core machine.
 SMALLEST = ["unet.channels=[8]", "unet.attention_levels=[true]", "unet.num_head_channels=[8]", "latent_shape=[4,4,4,4]"]
 
 
+@pytest.mark.slow
 def test_experiment_runs_and_reports_every_measure(tmp_path, capsys):
     datalist = _blob_masks(tmp_path, count=5)  # fold = index: mask 0 is held out
     argv = ["--work", str(tmp_path / "w"), "--datalist", str(datalist), "--preset", "tiny", "--ae-steps", "2",
@@ -35,3 +36,11 @@ def test_experiment_runs_and_reports_every_measure(tmp_path, capsys):
     assert timing["ddpm_steps"] == 1000 and timing["ddpm_seconds"]["sample"] > timing["rf_seconds"]["sample"]
     assert (tmp_path / "w" / "results.json").is_file() and (tmp_path / "w" / "mask_generator.png").is_file()
     assert "time per mask" in capsys.readouterr().out
+
+
+def test_a_request_keeps_one_tumour_kind():
+    import numpy as np
+
+    vector = np.array([0.1, 0.5, 0.5, 0.5, 0.5, 0.2, -1, 0.3, -1, 0.1], dtype=np.float32)
+    assert mask_generator.one_tumour(vector).tolist()[5:] == pytest.approx([0.2, -1, -1, -1, -1])
+    assert mask_generator.one_tumour(vector)[:5].tolist() == pytest.approx(vector[:5].tolist())
