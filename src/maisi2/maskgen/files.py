@@ -6,6 +6,7 @@ built with the ``maisi-v2`` mask preset and loaded strictly; a mismatch names th
     mask_generation_autoencoder.pt      plain state dict of the mask autoencoder
     mask_generation_diffusion_unet.pt   {"unet_state_dict": ..., "scale_factor": tensor, ...}
     all_anatomy_size_conditions.json    optional: the release's candidate size vectors
+                                        (or the tutorials' all_anatomy_size_condtions.json)
 
 Ours (what `maisi2 train-maskgen` exports; the bundled generator when there is one)::
 
@@ -30,7 +31,7 @@ from torch import nn
 from maisi2 import checkpoint as ckpt
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.maskgen.config import MaskGenConfig, get_mask_config
-from maisi2.maskgen.sizes import RELEASE_TABLE_FILE, SizeScale, SizeTable
+from maisi2.maskgen.sizes import RELEASE_TABLE_FILES, SizeScale, SizeTable
 
 __all__ = [
     "RELEASED_MASK_FILES",
@@ -157,8 +158,8 @@ def _load_released(model_dir: Path, device) -> MaskGenerator:
     cfg = get_mask_config("maisi-v2")
     weights = {"mask_autoencoder": autoencoder, "mask_unet": unet_file["unet_state_dict"]}
     ae, unet = _built(cfg, weights, device, {k: str(p) for k, p in paths.items()})
-    table_path = model_dir / RELEASE_TABLE_FILE
-    table = SizeTable.read(table_path) if table_path.is_file() else None
+    tables = [model_dir / name for name in RELEASE_TABLE_FILES if (model_dir / name).is_file()]
+    table = SizeTable.read(tables[0]) if tables else None
     scale = float(torch.as_tensor(unet_file["scale_factor"]).reshape(-1)[0])
     return MaskGenerator(cfg, ae, unet, scale, "released", model_dir, None, table)
 

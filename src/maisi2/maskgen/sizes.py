@@ -39,6 +39,7 @@ __all__ = [
     "slot_volumes_ml",
     "requested_tumor",
     "RELEASE_TABLE_FILE",
+    "RELEASE_TABLE_FILES",
 ]
 
 ORGAN_SLOTS = ("gallbladder", "liver", "stomach", "pancreas", "colon")
@@ -46,6 +47,8 @@ TUMOR_SLOTS = ("lung tumor", "pancreatic tumor", "hepatic tumor", "colon cancer 
 SLOTS = ORGAN_SLOTS + TUMOR_SLOTS
 ABSENT = -1.0
 RELEASE_TABLE_FILE = "all_anatomy_size_conditions.json"
+# The MONAI tutorials' copy of the same list carries a typo in its name; either is read.
+RELEASE_TABLE_FILES = (RELEASE_TABLE_FILE, "all_anatomy_size_condtions.json")
 
 
 def parse_anatomy_sizes(text: str) -> dict[str, float]:
