@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from maisi2 import io, latents
 from maisi2.atomic import atomic_output
 from maisi2.data import center_pad_or_crop, hu_to_unit, unit_to_hu
 from maisi2.labels import BACKGROUND, LUNG_IDS, label_id, remove_tumors
 from maisi2.latents import LatentRecord
+from maisi2.masks.tumors import implant_random_balls
 from maisi2.models import load_model
 from maisi2.phantom import TumorSpec, make_phantom, random_tumors
 from maisi2.label_import import convert_totalseg
@@ -105,24 +105,9 @@ LUNG_IMPLANT_RADIUS_MM = (14.0, 20.0)
 
 def edit_mask(labels: np.ndarray, rng: np.random.Generator, radius_mm=(8.0, 16.0), spacing=GRID_SPACING,
               kind: str = "hepatic") -> np.ndarray:
-    """Tumours out (each becomes its parent organ), then 1-2 tumours of `kind` (IMPLANTS) painted
-    inside their organ, each a ball whose centre lies at least its radius deep in that organ (for
-    the lung: in the lungs, whichever lobes the ball then covers)."""
-    if kind not in IMPLANTS:
-        raise ValueError(f"unknown tumour kind {kind!r}; choose from {sorted(IMPLANTS)}")
-    organ_ids, tumour_id = IMPLANTS[kind]
-    edited = remove_tumors(labels)
-    depth = ndimage.distance_transform_edt(np.isin(edited, organ_ids), sampling=spacing)
-    grid = np.indices(labels.shape, dtype=np.float32)
-    for _ in range(int(rng.integers(1, 3))):
-        radius = float(rng.uniform(*radius_mm))
-        candidates = np.argwhere(depth >= radius)
-        if len(candidates) == 0:
-            break
-        centre = candidates[rng.integers(len(candidates))]
-        dist2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
-        edited[(dist2 <= radius**2) & np.isin(edited, organ_ids)] = tumour_id
-    return edited
+    """Tumours out, then 1-2 balls of `kind` (IMPLANTS) inside their organ, on the experiments' grid
+    (`maisi2.masks.tumors.implant_random_balls`)."""
+    return implant_random_balls(labels, rng, radius_mm, spacing, kind)
 
 
 REAL_SCANS = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"

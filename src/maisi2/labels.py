@@ -28,6 +28,9 @@ __all__ = [
     "TUMOR_PARENT",
     "RING_MAJORITY_CANDIDATES",
     "TUMOR_IDS",
+    "TUMOR_KINDS",
+    "tumor_kind",
+    "tumor_parent_ids",
     "LUNG_IDS",
     "BONE_IDS",
     "QC_ORGAN_GROUPS",
@@ -104,6 +107,39 @@ RING_MAJORITY_CANDIDATES: dict[int, tuple[int, ...]] = {
 }
 TUMOR_IDS: tuple[int, ...] = tuple(sorted({*TUMOR_PARENT, *RING_MAJORITY_CANDIDATES}))
 
+# Tumour kinds as users name them -> the MAISI tumour labels of that kind (the phantom draws one
+# per lesion; mask editing picks the one whose parent organ holds the tumour).
+TUMOR_KINDS: dict[str, tuple[str, ...]] = {
+    "hepatic": ("hepatic tumor",),
+    "pancreatic": ("pancreatic tumor",),
+    "lung": ("lung tumor",),
+    "colon": ("colon cancer primaries",),
+    "bone": ("bone lesion",),
+    "kidney-cyst": ("left kidney cyst", "right kidney cyst"),
+}
+
+
+def tumor_kind(name: str) -> str:
+    """The kind (a key of TUMOR_KINDS) for a kind or a MAISI tumour label name, e.g. "hepatic tumor"."""
+    text = str(name).strip().lower().replace("_", "-")
+    if text in TUMOR_KINDS:
+        return text
+    spaced = text.replace("-", " ")
+    for kind, names in TUMOR_KINDS.items():
+        if spaced in names or spaced == kind.replace("-", " "):
+            return kind
+    choices = [*TUMOR_KINDS, *(n for names in TUMOR_KINDS.values() for n in names)]
+    close = difflib.get_close_matches(text, choices, n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    raise ValueError(f"unknown tumour kind {name!r}{hint}; kinds: {', '.join(TUMOR_KINDS)}")
+
+
+def tumor_parent_ids(tumor: int) -> tuple[int, ...]:
+    """The labels a tumour of id `tumor` lives in: its fixed parent organ, or the lung lobes / bones."""
+    if tumor in TUMOR_PARENT:
+        return (TUMOR_PARENT[tumor],)
+    return RING_MAJORITY_CANDIDATES[tumor]
+
 # Organ groups whose median HU the quality check tests (names match image_median_statistics_ct.json).
 QC_ORGAN_GROUPS: dict[str, tuple[int, ...]] = {
     "liver": _ids("liver"),
@@ -136,7 +172,8 @@ def _ball(radius: int) -> np.ndarray:
     return (zz**2 + yy**2 + xx**2) <= radius**2
 
 
-def remove_tumors(labels: np.ndarray, ring_radius: int = 2, max_ring_radius: int = 8) -> np.ndarray:
+def remove_tumors(labels: np.ndarray, ring_radius: int = 2, max_ring_radius: int = 8,
+                  only: tuple[int, ...] | None = None) -> np.ndarray:
     """The perturbed mask of the contrastive loss: every tumour replaced by its parent organ.
 
     Fixed-parent tumours take their organ's id. Lung tumours and bone lesions take, per connected
@@ -145,12 +182,15 @@ def remove_tumors(labels: np.ndarray, ring_radius: int = 2, max_ring_radius: int
     candidate, then falls back to the most common candidate anywhere, then to the body label.
 
     labels: integer array (any number of dims); returns a new array, input untouched.
+    only: the tumour ids to replace (default: every tumour id).
     """
     out = labels.copy()
     for tumor, parent in TUMOR_PARENT.items():
-        out[labels == tumor] = parent
+        if only is None or tumor in only:
+            out[labels == tumor] = parent
     for tumor, candidates in RING_MAJORITY_CANDIDATES.items():
-        _ring_majority_fill(out, labels, tumor, candidates, ring_radius, max_ring_radius)
+        if only is None or tumor in only:
+            _ring_majority_fill(out, labels, tumor, candidates, ring_radius, max_ring_radius)
     return out
 
 

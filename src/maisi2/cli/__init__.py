@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "maisi2.cli.controlnet_cmd",
     "maisi2.cli.maskgen_cmd",
     "maisi2.cli.generate_cmd",
+    "maisi2.cli.masks_cmd",
     "maisi2.cli.export_cmd",
     "maisi2.cli.evaluate_cmd",
     "maisi2.cli.serve_cmd",

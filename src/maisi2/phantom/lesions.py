@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from maisi2.labels import label_id
+from maisi2.labels import TUMOR_KINDS, label_id
 from maisi2.phantom.anatomy import _Anatomy
 from maisi2.phantom.fields import _DISP_MAX_MM, _Fields, _Points, _STREAM_LESIONS
 from maisi2.phantom.shapes import _LOBULATION, _Layer, _Lesion, _Tissue, _paint
 
 
-# CLI name -> MAISI label names a lesion of that kind may take (one is drawn per lesion).
-TUMOR_KINDS: dict[str, tuple[str, ...]] = {
-    "hepatic": ("hepatic tumor",),
-    "pancreatic": ("pancreatic tumor",),
-    "lung": ("lung tumor",),
-    "colon": ("colon cancer primaries",),
-    "bone": ("bone lesion",),
-    "kidney-cyst": ("left kidney cyst", "right kidney cyst"),
-}
 
 
 _LESION_TISSUES = {

@@ -1,0 +1,58 @@
+"""`maisi2 masks`: edit tumours in a label map; index a folder of label maps.
+
+    maisi2 masks edit IN.nii.gz OUT.nii.gz --add hepatic:radius=12mm[:at=x,y,z] --remove lung \
+        --scale hepatic=0.8 --augment --seed 0
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("masks", help="edit tumours in MAISI label maps; index a mask library")
+    msub = p.add_subparsers(dest="masks_command", metavar="ACTION", required=True)
+    _register_edit(msub)
+
+
+def _register_edit(msub) -> None:
+    from maisi2.labels import TUMOR_KINDS
+
+    kinds = ", ".join(TUMOR_KINDS)
+    e = msub.add_parser(
+        "edit", help="add, remove, scale or augment tumours inside their organs",
+        description=(
+            f"Tumour kinds: {kinds}. Edits run in the order remove, scale, augment, add. An added tumour "
+            "is an irregular (seeded) blob clipped to its parent organ; without at= its centre lies at least "
+            "the radius deep in the organ. Writes OUT and OUT_edits.json (kind, centre, volume in mL, parent "
+            "organ of each changed tumour), both or neither."),
+    )
+    e.add_argument("mask", help="MAISI label map (NIfTI)")
+    e.add_argument("out", help="edited label map (.nii.gz)")
+    e.add_argument("--add", action="append", default=[], metavar="KIND[:radius=12mm][:at=x,y,z]",
+                   help="add a tumour (radius default 10 mm; at: centre voxel index); repeatable")
+    e.add_argument("--remove", action="append", default=[], metavar="KIND",
+                   help="give every tumour of KIND back to its organ; repeatable")
+    e.add_argument("--scale", action="append", default=[], metavar="KIND=FACTOR",
+                   help="scale every tumour of KIND about its centre (length ratio); repeatable")
+    e.add_argument("--augment", action="store_true",
+                   help="deform existing tumours at random as the release's augmentation does")
+    e.add_argument("--seed", type=int, default=0, help="seed for placement, shape and augmentation (default 0)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.set_defaults(func=_edit)
+
+
+def _edit(args) -> int:
+    from maisi2.labels import tumor_kind
+    from maisi2.masks.edit import changes_path, edit_file
+    from maisi2.masks.tumors import TumorEdits, parse_add, parse_scale
+
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    edits = TumorEdits(add=tuple(parse_add(a) for a in args.add), remove=tuple(tumor_kind(k) for k in args.remove),
+                       scale=tuple(parse_scale(s) for s in args.scale), augment=args.augment, seed=args.seed)
+    changes = edit_file(args.mask, args.out, edits, overwrite=args.overwrite)
+    for c in changes:
+        centre = ", ".join(f"{v:g}" for v in c.centre_voxel)
+        print(f"{c.action:9s} {c.label} in {c.parent_organ}: {c.volume_ml:.2f} mL at voxel ({centre})"
+              + (f" [{c.note}]" if c.note else ""))
+    print(f"wrote {args.out}\n  {changes_path(args.out)}")
+    return 0

@@ -1,0 +1,48 @@
+"""Tumour edits on a label-map file: read, `tumors.edit_tumors`, write the map and its change list.
+
+    changes = edit_file("mask.nii.gz", "edited.nii.gz", TumorEdits(add=(AddTumor("hepatic", 12),)))
+
+writes ``edited.nii.gz`` (same grid and stored orientation) and ``edited_edits.json`` (what changed:
+one record per tumour, see `tumors.TumorChange`), both or neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from maisi2 import io
+from maisi2.atomic import atomic_output, check_writable
+from maisi2.masks.tumors import TumorChange, TumorEdits, edit_tumors
+
+__all__ = ["edit_file", "changes_path"]
+
+
+def changes_path(out: str | os.PathLike) -> Path:
+    """edited.nii.gz -> edited_edits.json beside it."""
+    out = Path(out)
+    stem = out.name.split(".nii")[0]
+    return out.with_name(f"{stem}_edits.json")
+
+
+def edit_file(mask: str | os.PathLike, out: str | os.PathLike, edits: TumorEdits,
+              overwrite: bool = False) -> list[TumorChange]:
+    """Apply `edits` to the MAISI label map `mask` and write `out` plus its `_edits.json`."""
+    out = Path(out).expanduser()
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{out}: the edited mask is NIfTI; name it *.nii.gz")
+    if edits.is_empty():
+        raise ValueError("no edit asked for; give --add, --remove, --scale or --augment")
+    report_path = changes_path(out)
+    for path in (out, report_path):
+        check_writable(path, overwrite)
+    volume = io.load_label_map(mask)
+    edited, changes = edit_tumors(volume.array, volume.spacing, edits)
+    report = {"input": str(mask), "output": str(out), "spacing_mm": list(volume.spacing),
+              "seed": edits.seed, "changes": [c.to_dict() for c in changes]}
+    # Both files are staged beside their targets and renamed in together.
+    with atomic_output(out, overwrite) as map_tmp, atomic_output(report_path, overwrite) as json_tmp:
+        io.save_label_map(map_tmp, volume.with_array(edited), overwrite=True)
+        json_tmp.write_text(json.dumps(report, indent=2))
+    return changes
