@@ -160,7 +160,7 @@ def _mask_file(tmp_path):
     from maisi2 import io
 
     path = tmp_path / "mask.nii.gz"
-    io.save_label_map(path, io.Volume(_labels(), io.ras_affine(SPACING)))
+    io.save_label_map(path, io.Volume(_labels(), io.ras_affine(SPACING)), tables=False)
     return path
 
 
@@ -182,6 +182,8 @@ def test_masks_edit_cli_writes_the_map_and_its_changes(tmp_path, capsys):
     assert (edited == HEPATIC).sum() == added["voxels"]
     assert added["volume_ml"] == pytest.approx(added["voxels"] * np.prod(SPACING) / 1000)
     assert "added     hepatic tumor in liver" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.ctbl", "edited.itksnap.txt", "edited.nii.gz",
+                                                         "edited_edits.json", "mask.nii.gz"]
 
 
 @pytest.mark.parametrize("args, message", [

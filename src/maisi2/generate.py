@@ -103,6 +103,7 @@ class GenerateOptions:
     write_preview: bool = True
     out_format: str = "nifti"  # "dicom": the CT as a DICOM series (one file per slice) in a folder
     preview_focus: str | None = None  # label name the preview is centred on; None: the largest tumour, else mid-volume
+    request: dict | None = None  # what the caller asked for (mask selection, tumour edits): copied into the report
     overwrite: bool = False
     progress: bool = False
     modality: str = "ct"
@@ -634,7 +635,8 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
         "model": {"dir": None if info is None else str(info.model_dir),
                   "layout": None if info is None else info.layout, "preset": models.cfg.preset,
                   "scale_factor": models.scale_factor, "metadata": models.metadata},
-        "settings": dataclasses.asdict(options),
+        "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "request"},
+        **({"request": options.request} if options.request is not None else {}),
         "device": fit["device"],
         "precision": "fp16 autocast" if _half(options, models.device) else "fp32",
         "guidance": {"scale": options.cfg_scale, "applied": conditioning["uncond"] is not None,

@@ -3,6 +3,9 @@
     maisi2 generate --mask MASK.nii.gz --out CT.nii.gz [--spacing SX SY SZ] [--steps 30] [--seed N]
     maisi2 generate --phantom --shape 128 128 128 --phantom-spacing 2 2 2 --tumors hepatic:2 --out CT.nii.gz
     maisi2 generate --mask-dir MASKS/ --out-dir CTS/          (or --datalist masks.jsonl --out-dir CTS/)
+    maisi2 generate --region chest --anatomy "liver,hepatic tumor" --size 128 128 96 --spacing 3 3 3 --out CT.nii.gz
+    maisi2 generate --mask MASK.nii.gz --tumors hepatic:2 --out CT.nii.gz
+    torchrun --nproc_per_node 2 -m maisi2 generate --requests requests.jsonl --out-dir CTS/   (sharded, resumable)
     maisi2 qc CT.nii.gz --mask CT_label.nii.gz [--out qc.json]
 """
 
@@ -26,7 +29,7 @@ def _register_generate(sub) -> None:
             "(and recorded in the JSON report) but is not an error: the outputs are written, exit status 0."
         ),
     )
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--mask", help="MAISI label map (NIfTI)")
     source.add_argument("--phantom", action="store_true", help="generate from a procedural phantom mask made now")
     source.add_argument("--mask-dir", help="batch: every *.nii.gz mask in this folder")
@@ -36,7 +39,11 @@ def _register_generate(sub) -> None:
                         help="make the mask with the mask generator for these anatomy sizes (0..1, -1 = absent), e.g. "
                              "liver=0.6,\"hepatic tumor\"=0.2; slots: gallbladder, liver, stomach, pancreas, colon, "
                              "lung tumor, pancreatic tumor, hepatic tumor, colon cancer primaries, bone lesion")
-    target = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--requests", metavar="JSONL",
+                        help="dataset scale: one request per line ({\"region\", \"anatomy\", \"size\", \"spacing\", "
+                             "\"tumors\", \"seed\", \"out\"} or {\"mask\", ...}); sharded over torchrun's processes, "
+                             "finished outputs skipped, failures recorded per line (see maisi2.masks.shards)")
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--out", help="output CT (.nii.gz) for --mask / --phantom")
     target.add_argument("--out-dir", help="output folder for --mask-dir / --datalist (<mask>_ct.nii.gz each)")
     add_datalist_options(p)
@@ -80,6 +87,7 @@ def _register_generate(sub) -> None:
     mg.add_argument("--mask-steps", type=int, default=None, metavar="N",
                     help="sampling steps of a rectified-flow mask generator (default its own, 30); the release's "
                          "DDPM one always takes 1000")
+    _register_intent(p)
     ph = p.add_argument_group("phantom mask (with --phantom)")
     # Defaults: a field of view the bundled model was trained on (384 x 384 x 288 mm).
     ph.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
@@ -87,11 +95,27 @@ def _register_generate(sub) -> None:
     ph.add_argument("--phantom-spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0), metavar=("SX", "SY", "SZ"),
                     help="phantom voxel size in mm (default 3 3 3)")
     ph.add_argument("--phantom-seed", type=int, default=0, help="phantom anatomy seed (default 0)")
-    ph.add_argument("--tumors", nargs="*", default=[], metavar="KIND[:COUNT]",
-                    help="lesions to add, as for `maisi2 phantom`: hepatic, pancreatic, lung, colon, bone, kidney-cyst")
-    ph.add_argument("--tumor-radius-mm", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                    help="lesion radius range in mm")
     p.set_defaults(func=_generate)
+
+
+def _register_intent(p) -> None:
+    it = p.add_argument_group(
+        "from intent (no --mask: a library mask is selected, fitted and edited; see `maisi2 masks --help`)")
+    it.add_argument("--region", default=None, help="body region(s) the mask must cover: head, chest, abdomen, pelvis "
+                    "(comma-separated)")
+    it.add_argument("--anatomy", default=None, help='MAISI label names the mask must hold, comma-separated, e.g. '
+                    '"liver,hepatic tumor" (a tumour it lacks is added to its organ)')
+    it.add_argument("--size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="output voxels (multiples of the networks' divisor, 16 for the bundled model); "
+                         "default: the selected mask's, resampled")
+    it.add_argument("--library", default=None, metavar="DIR", help="mask library folder (default: the bundled one)")
+    it.add_argument("--num-samples", type=int, default=1, metavar="N",
+                    help="N outputs OUT_000 ... (different masks among the best, or different seeds)")
+    it.add_argument("--tumors", nargs="*", default=[], metavar="KIND[:COUNT]",
+                    help="tumours to add: hepatic, pancreatic, lung, colon, bone, kidney-cyst; with --phantom drawn "
+                         "into the phantom, with --mask or a library mask added inside the parent organ")
+    it.add_argument("--tumor-radius-mm", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="tumour radius range in mm (default 5 20 for phantoms, 8 15 for masks)")
 
 
 def _register_qc(sub) -> None:
@@ -129,27 +153,105 @@ def _generate(args) -> int:
     from maisi2 import generate as G
 
     options = _options(args)
+    intent = args.region is not None or args.anatomy is not None
+    sources = [bool(args.mask), args.phantom, bool(args.mask_dir), bool(args.datalist), bool(args.requests),
+               bool(args.anatomy_size), intent]
+    if sum(sources) != 1:
+        raise ValueError("give one mask source: --mask, --phantom, --mask-dir, --datalist, --requests, --anatomy-size, "
+                         "or --region/--anatomy (a mask chosen from the library)")
+    if args.requests:
+        return _run_requests(args, options)
     batch = args.mask_dir or args.datalist
-    if bool(batch) != bool(args.out_dir):
-        raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom / --anatomy-size write to --out")
+    if bool(batch) != bool(args.out_dir) or not (args.out or args.out_dir):
+        raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom / --anatomy-size / --region "
+                         "write to --out")
     if batch:
         items = (G.batch_from_dir(args.mask_dir, args.out_dir) if args.mask_dir
                  else G.batch_from_datalist(datalist_source(args.datalist, args), args.out_dir))
         G.generate_batch(items, model=args.model, options=options, on_done=_print_result)
         return 0
+    if intent:
+        return _generate_from_intent(args, options)
     mask = args.mask
     if args.phantom:
         from maisi2.phantom import parse_tumor_specs
 
         tumors = parse_tumor_specs(args.tumors, args.tumor_radius_mm)
         mask = G.phantom_mask(args.shape, args.phantom_spacing, tumors, args.phantom_seed)
-    if args.anatomy_size:
+    elif args.anatomy_size:
         mask, made = G.mask_from_anatomy_sizes(args.anatomy_size, args.out, args.model, args.mask_generator, options,
                                                args.mask_steps)
         sizes = ", ".join(f"{k}={v:g}" for k, v in made["size_vector"].items())
         print(f"mask from the {made['kind']} mask generator ({made['sampler']}, {made['steps']} steps, "
               f"{made['seconds']['total']:.1f} s): {sizes}")
+    elif args.tumors:
+        mask, options = _mask_with_tumors(args, options)
     _print_result(G.generate(mask, args.out, model=args.model, options=options))
+    return 0
+
+
+def _mask_with_tumors(args, options):
+    """--mask M --tumors KIND[:N]: the tumours added to the mask (at the output spacing), preview on them."""
+    import dataclasses
+
+    from maisi2 import io
+    from maisi2.masks import intent
+    from maisi2.masks.select import MaskRequest, fit_mask
+
+    counts = intent.parse_tumor_counts(args.tumors)
+    _check_outputs(args.out, options)
+    volume, _ = fit_mask(io.load_label_map(args.mask), MaskRequest(spacing=options.spacing))
+    edited, changes = intent.mask_with_tumors(volume, counts, tuple(args.tumor_radius_mm or (8.0, 15.0)),
+                                              seed=options.seed)
+    for c in changes:
+        print(f"added {c.label} in {c.parent_organ}: {c.volume_ml:.2f} mL at voxel "
+              f"({', '.join(f'{v:g}' for v in c.centre_voxel)})")
+    return edited, dataclasses.replace(options, spacing=None,
+                                       preview_focus=options.preview_focus or intent.preview_label(changes),
+                                       request={"mask": args.mask, "tumour_edits": [c.to_dict() for c in changes]})
+
+
+def _run_requests(args, options) -> int:
+    from maisi2.masks.shards import run_requests_distributed
+
+    if not args.out_dir:
+        raise ValueError("--requests writes into --out-dir")
+    summary = run_requests_distributed(args.requests, args.out_dir, model=args.model, options=options,
+                                       library=args.library)
+    import os
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{summary['lines']} requests: {summary['done']} done, {summary['failed']} failed, "
+              f"{summary['skipped']} skipped (already there); details in {args.out_dir}/summary.json"
+              + (f" and failures.rank*.jsonl" if summary["failed"] else ""))
+    return 1 if summary["failed"] else 0
+
+
+def _check_outputs(out, options) -> None:
+    from maisi2.atomic import check_writable
+    from maisi2.generate import OutputPaths
+
+    for path in OutputPaths.beside(out, options).all():
+        check_writable(path, options.overwrite)
+
+
+def _generate_from_intent(args, options) -> int:
+    from maisi2.generate import network_divisor
+    from maisi2.masks import intent
+    from maisi2.masks.select import make_request
+    from maisi2.models import read_model_info
+
+    divisor = network_divisor(read_model_info(args.model).cfg)  # the config only: no weights read
+    request = make_request(args.region, args.anatomy, args.size, options.spacing, divisor=divisor)
+    samples = intent.generate_from_intent(
+        request, args.out, library=args.library, model=args.model, options=options, num_samples=args.num_samples,
+        tumors=intent.parse_tumor_counts(args.tumors), tumor_radius_mm=tuple(args.tumor_radius_mm or (8.0, 15.0)))
+    for sample in samples:
+        req = sample.report["request"]
+        print(f"{req['selected']['file']} (from {req['library']}) -> {sample.ct_path}; "
+              f"quality check {'passed' if sample.report['quality']['passed'] else 'FAILED'}")
+        for edit in req["tumour_edits"]:
+            print(f"  added {edit['label']} in {edit['parent_organ']}: {edit['volume_ml']:.2f} mL")
     return 0
 
 

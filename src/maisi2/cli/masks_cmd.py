@@ -1,4 +1,8 @@
-"""`maisi2 masks`: edit tumours in a label map; index a folder of label maps.
+"""`maisi2 masks`: edit tumours in a label map; index a folder of label maps; show the bundled library.
+
+    maisi2 masks index DIR                      (writes DIR/index.json; again: reads only new/changed files)
+    maisi2 masks list [--library DIR]
+    maisi2 masks make-default-library DIR       (how maisi2/resources/masks was made)
 
     maisi2 masks edit IN.nii.gz OUT.nii.gz --add hepatic:radius=12mm[:at=x,y,z] --remove lung \
         --scale hepatic=0.8 --augment --seed 0
@@ -11,6 +15,20 @@ def register(sub) -> None:
     p = sub.add_parser("masks", help="edit tumours in MAISI label maps; index a mask library")
     msub = p.add_subparsers(dest="masks_command", metavar="ACTION", required=True)
     _register_edit(msub)
+    ix = msub.add_parser("index", help="index a folder of MAISI label maps (shape, spacing, regions, labels, volumes)",
+                         description="Writes DIR/index.json. Unreadable or non-MAISI files are skipped with a reason; "
+                                     "indexing again reads only new or changed files.")
+    ix.add_argument("folder", help="folder of MAISI label maps (*.nii.gz, searched recursively)")
+    ix.set_defaults(func=_index)
+    ls = msub.add_parser("list", help="list a mask library (default: the bundled one)")
+    ls.add_argument("--library", default=None, metavar="DIR")
+    ls.set_defaults(func=_list)
+    mk = msub.add_parser("make-default-library", help="write the bundled library's masks into DIR")
+    mk.add_argument("folder")
+    mk.add_argument("--real", default=None, metavar="DIR",
+                    help="folder of the TotalSegmentator reference files to import (../shared/data/totalsegmentator)")
+    mk.add_argument("--overwrite", action="store_true")
+    mk.set_defaults(func=_make_default)
 
 
 def _register_edit(msub) -> None:
@@ -55,4 +73,32 @@ def _edit(args) -> int:
         print(f"{c.action:9s} {c.label} in {c.parent_organ}: {c.volume_ml:.2f} mL at voxel ({centre})"
               + (f" [{c.note}]" if c.note else ""))
     print(f"wrote {args.out}\n  {changes_path(args.out)}")
+    return 0
+
+
+def _index(args) -> int:
+    from maisi2.masks.library import INDEX_NAME, index_library
+
+    index = index_library(args.folder)
+    print(index.summary())
+    print(f"wrote {index.folder / INDEX_NAME}")
+    return 0
+
+
+def _list(args) -> int:
+    from maisi2.masks.library import load_library
+
+    index = load_library(args.library)
+    print(f"{index.folder}: {len(index.entries)} masks")
+    for e in index.entries:
+        print(f"  {e.file}: {' x '.join(map(str, e.shape))} at {' x '.join(f'{s:g}' for s in e.spacing)} mm; "
+              f"regions {', '.join(e.regions) or '-'}; tumours {', '.join(e.tumors) or '-'}; {len(e.labels)} labels")
+    return 0
+
+
+def _make_default(args) -> int:
+    from maisi2.masks.bundled import make_default_library
+
+    for path in make_default_library(args.folder, args.real, overwrite=args.overwrite):
+        print(f"wrote {path}")
     return 0

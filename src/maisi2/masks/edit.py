@@ -2,8 +2,9 @@
 
     changes = edit_file("mask.nii.gz", "edited.nii.gz", TumorEdits(add=(AddTumor("hepatic", 12),)))
 
-writes ``edited.nii.gz`` (same grid and stored orientation) and ``edited_edits.json`` (what changed:
-one record per tumour, see `tumors.TumorChange`), both or neither.
+writes ``edited.nii.gz`` (same grid and stored orientation), its viewer tables (as every label map
+maisi2 writes: `maisi2.label_tables`) and ``edited_edits.json`` (what changed: one record per
+tumour, see `tumors.TumorChange`), all or none.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from maisi2 import io
+from maisi2 import io, label_tables
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.masks.tumors import TumorChange, TumorEdits, edit_tumors
 
@@ -35,14 +36,18 @@ def edit_file(mask: str | os.PathLike, out: str | os.PathLike, edits: TumorEdits
     if edits.is_empty():
         raise ValueError("no edit asked for; give --add, --remove, --scale or --augment")
     report_path = changes_path(out)
-    for path in (out, report_path):
+    slicer, itksnap = label_tables.table_paths(out)
+    for path in (out, report_path, slicer, itksnap):
         check_writable(path, overwrite)
     volume = io.load_label_map(mask)
     edited, changes = edit_tumors(volume.array, volume.spacing, edits)
     report = {"input": str(mask), "output": str(out), "spacing_mm": list(volume.spacing),
               "seed": edits.seed, "changes": [c.to_dict() for c in changes]}
-    # Both files are staged beside their targets and renamed in together.
-    with atomic_output(out, overwrite) as map_tmp, atomic_output(report_path, overwrite) as json_tmp:
-        io.save_label_map(map_tmp, volume.with_array(edited), overwrite=True)
+    # Every file is staged beside its target and renamed in at the end of the block, together.
+    with atomic_output(out, overwrite) as map_tmp, atomic_output(report_path, overwrite) as json_tmp, \
+            atomic_output(slicer, overwrite) as slicer_tmp, atomic_output(itksnap, overwrite) as itksnap_tmp:
+        io.save_label_map(map_tmp, volume.with_array(edited), overwrite=True, tables=False)
+        slicer_tmp.write_text(label_tables.slicer_colour_table())
+        itksnap_tmp.write_text(label_tables.itksnap_label_description())
         json_tmp.write_text(json.dumps(report, indent=2))
     return changes

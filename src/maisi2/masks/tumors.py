@@ -27,7 +27,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -92,7 +92,6 @@ class TumorEdits:
     scale: tuple[tuple[str, float], ...] = ()
     augment: bool = False
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (self.add or self.remove or self.scale or self.augment)
@@ -133,12 +132,12 @@ def _change(action, kind, tumour_id, parent_id, mask, spacing, before=None, note
     centre = tumor_centre(mask)
     voxels = int(np.count_nonzero(mask))
     return TumorChange(action, kind, L.label_name(tumour_id), L.label_name(parent_id), centre,
-                       tuple(round(c * s, 2) for c, s in zip(centre, spacing)), voxels,
+                       tuple(round(float(c * s), 2) for c, s in zip(centre, spacing)), voxels,
                        round(_ml(voxels, spacing), 4), None if before is None else round(before, 4), note)
 
 
 def _ml(voxels: int, spacing) -> float:
-    return voxels * float(np.prod(spacing)) / 1000.0
+    return float(voxels) * float(np.prod(spacing)) / 1000.0
 
 
 def tumor_centre(mask: np.ndarray) -> tuple[float, float, float]:
