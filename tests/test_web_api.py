@@ -189,7 +189,6 @@ def test_phantoms_with_tumours_and_their_refusals(client):
 def test_tumour_edits_make_new_masks_with_the_tumour_inside_its_organ(client, workspace):
     from scipy import ndimage
 
-    pytest.importorskip("maisi2.masks.tumors", reason="tumour editing lands with maisi2.masks (issue #22)")
 
     mask = phantom(client)
     labels = io.load_label_map(workspace.mask_path(mask["id"])).array
@@ -224,6 +223,41 @@ def test_tumour_edits_make_new_masks_with_the_tumour_inside_its_organ(client, wo
         response = client.post(f"/api/masks/{added['id']}/edit", json=body)
         assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
     assert len(client.get("/api/masks").json()) == before and leftovers(workspace) == []
+
+
+def test_masks_from_the_library_and_by_request(client, workspace):
+    entries = client.get("/api/library").json()
+    files = [e["file"] for e in entries]
+    assert len(files) >= 3 and all(e["summary"] for e in entries)
+    picked = client.post("/api/masks/library", json={"file": files[0]}).json()
+    assert picked["source"] == "library" and files[0] in picked["name"]
+    assert client.get(f"/api/view/mask/{picked['id']}").json()["legend"]
+    assert client.post("/api/masks/library", json={"file": "../../secret.nii.gz"}).status_code == 404
+
+    wanted = {"region": "abdomen", "anatomy": ["liver", "hepatic tumor"], "size": [96, 96, 64], "spacing": [4, 4, 4]}
+    response = client.post("/api/masks/request", json=wanted)
+    assert response.status_code == 200, response.text
+    made = response.json()
+    volume = io.load_label_map(workspace.mask_path(made["id"]))
+    assert made["source"] == "request" and volume.shape == (96, 96, 64) and np.allclose(volume.spacing, 4)
+    assert (volume.array == label_id("hepatic tumor")).any() and (volume.array == label_id("liver")).any()
+    assert made["change"]["selected"]["kept"] is True
+    for body, message in (({**wanted, "anatomy": ["livr"]}, "did you mean 'liver'"),
+                          ({**wanted, "size": [100, 96, 64]}, "multiples of 16"),
+                          ({**wanted, "region": "head", "anatomy": ["liver"]}, "no mask in")):
+        response = client.post("/api/masks/request", json=body)
+        assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
+
+
+def test_a_library_of_ones_own(tmp_path, tiny_model):
+    folder = tmp_path / "library"
+    io.save_label_map(folder / "mine.nii.gz", phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=5))
+    ws = Workspace(tmp_path / "out", {"tiny": tiny_model}, library=folder)
+    try:
+        assert [e["file"] for e in ws.library_entries()] == ["mine.nii.gz"]
+        assert ws.add_from_library("mine.nii.gz").source == "library"
+    finally:
+        ws.close()
 
 
 def test_ids_that_are_not_ours_are_not_found(client, workspace):

@@ -110,7 +110,6 @@ def test_a_refusal_is_shown_in_the_page(page, tmp_path):
 
 
 def test_load_a_mask_add_a_tumour_by_clicking_generate_view_and_download(page, server, mask_file, screenshots, tmp_path):
-    pytest.importorskip("maisi2.masks.tumors", reason="tumour editing lands with maisi2.masks (issue #22)")
     url, workspace = server
     # 1. load a mask: upload a label map file
     page.set_input_files("#upload-file", str(mask_file))

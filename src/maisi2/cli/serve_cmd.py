@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--model", action="append", default=None, metavar="DIR",
                    help="a model folder to offer (repeat for several; the first is the default); "
                         "default: the bundled model")
-    p.add_argument("--library", default=None, metavar="DIR", help="a mask library folder to choose masks from")
+    p.add_argument("--library", default=None, metavar="DIR", help="a folder of MAISI label maps to choose masks from (indexed as by `maisi2 masks index`); "
+                        "default: the bundled library")
     p.add_argument("--out", default="maisi2_web", metavar="DIR",
                    help="folder for masks, results and reports (default ./maisi2_web)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -44,6 +45,10 @@ def _serve(args) -> int:
     if not args.max_upload_mb > 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     models = _models(args.model)
+    if args.library is not None:
+        from maisi2.masks.library import load_library
+
+        print(load_library(args.library).summary())  # refuses an empty or unreadable library now
     with socket.socket() as probe:  # a busy port: say so before anything starts
         try:
             probe.bind((args.host, args.port))

@@ -49,6 +49,18 @@ class PhantomRequest(BaseModel):
     tumours: list[str] = []
 
 
+class LibraryRequest(BaseModel):
+    file: str  # an entry of the library's index
+
+
+class MaskIntent(BaseModel):
+    region: Optional[str] = None
+    anatomy: list[str] = []
+    size: Optional[list[int]] = Field(default=None, min_length=3, max_length=3)
+    spacing: Optional[list[float]] = Field(default=None, min_length=3, max_length=3)
+    seed: int = 0
+
+
 class EditRequest(BaseModel):
     op: str  # add, remove, scale
     kind: str
@@ -113,12 +125,12 @@ def _api_routes(ws: Workspace):
 
     @router.get("/options")
     def options():
-        from maisi2.phantom import TUMOR_KINDS
+        from maisi2.labels import TUMOR_KINDS
 
         return {"models": list(ws.models), "tumour_kinds": list(TUMOR_KINDS), "windows": WINDOW_PRESETS,
                 "precisions": ["auto", "fp32", "fp16"], "defaults": GenerationSettings().__dict__,
                 "max_upload_bytes": ws.max_upload_bytes, "result_files": list(RESULT_FILES),
-                "library": ws.library is not None}
+                "library": str(ws.library) if ws.library is not None else "bundled"}
 
     @router.post("/uploads")
     async def upload(request: Request, name: str):
@@ -144,6 +156,18 @@ def _api_routes(ws: Workspace):
     @router.post("/masks/phantom")
     async def phantom(body: PhantomRequest):
         return _record(await _call(ws.add_phantom, body.shape, body.spacing, body.seed, body.tumours))
+
+    @router.get("/library")
+    async def library():
+        return await _call(ws.library_entries)
+
+    @router.post("/masks/library")
+    async def from_library(body: LibraryRequest):
+        return _record(await _call(ws.add_from_library, body.file))
+
+    @router.post("/masks/request")
+    async def from_request(body: MaskIntent):
+        return _record(await _call(ws.request_mask, body.region, body.anatomy, body.size, body.spacing, body.seed))
 
     @router.get("/masks")
     def masks():

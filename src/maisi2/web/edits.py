@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from maisi2.masks.tumors import AddTumor, TumorEdits, edit_tumors
+
 __all__ = ["apply_edit"]
 
 
@@ -17,18 +19,12 @@ def apply_edit(labels: np.ndarray, spacing: Sequence[float], edit: dict) -> tupl
     """(edited labels, record) for {"op": "add", "kind", "radius_mm", "at"[, "seed"]},
     {"op": "remove", "kind"} or {"op": "scale", "kind", "factor"}; the record holds the request,
     `edit_tumors`' change list and a one-line summary for the mask's name."""
-    try:
-        from maisi2.masks.tumors import edit_tumors
-    except ImportError:  # tumour editing lands with the mask tools (issue #22)
-        raise RuntimeError("tumour editing needs maisi2.masks.tumors, which this version of maisi2 lacks") from None
     edits, summary = _request(edit)
     edited, changes = edit_tumors(labels, spacing, edits)
     return edited, {"edit": edit, "changes": [c.to_dict() for c in changes], "summary": summary}
 
 
-def _request(edit: dict):
-    from maisi2.masks.tumors import AddTumor, TumorEdits
-
+def _request(edit: dict) -> tuple[TumorEdits, str]:
     op, kind = edit.get("op"), edit.get("kind")
     if not kind:
         raise ValueError("a tumour edit names the tumour kind (e.g. hepatic)")

@@ -90,7 +90,7 @@ class Workspace:
                  library: str | os.PathLike | None = None, max_upload_bytes: int = 512 * 2**20):
         self.root = Path(out_dir).expanduser().resolve()
         self.models = dict(models or {"bundled": None})  # page name -> model folder (None: bundled)
-        self.library = None if library is None else Path(library).expanduser()
+        self.library = None if library is None else Path(library).expanduser()  # None: the bundled library
         self.max_upload_bytes = int(max_upload_bytes)
         for sub in ("uploads", "masks", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -174,6 +174,46 @@ class Workspace:
         volume = phantom_mask(shape, spacing, parse_tumor_specs(tumours), seed)
         name = f"phantom {'x'.join(map(str, shape))} @ {'x'.join(f'{s:g}' for s in spacing)} mm, seed {seed}"
         return self._add_mask(volume, name + (f", {' '.join(tumours)}" if tumours else ""), "phantom")
+
+    def library_entries(self) -> list[dict]:
+        """The masks of the library (`--library DIR`, else the bundled one), as the page lists them."""
+        index = self._library()
+        return [{"file": e.file, "shape": list(e.shape), "spacing": list(e.spacing), "regions": sorted(e.regions),
+                 "tumours": list(e.tumors),
+                 "summary": f"{'x'.join(map(str, e.shape))} @ {'x'.join(f'{s:g}' for s in e.spacing)} mm; "
+                            f"{', '.join(sorted(e.regions)) or 'no region'}"
+                            + (f"; {', '.join(e.tumors)}" if e.tumors else "")}
+                for e in index.entries]
+
+    def add_from_library(self, file: str) -> MaskRecord:
+        """A library mask, named by its index entry (never by a path from the request)."""
+        index = self._library()
+        entry = next((e for e in index.entries if e.file == file), None)
+        if entry is None:
+            raise KeyError(f"no mask {file!r} in the library {index.folder}")
+        volume = io.load_label_map(index.folder / entry.file)
+        return self._add_mask(volume, f"{entry.file} (library)", "library")
+
+    def request_mask(self, region=None, anatomy=(), size=None, spacing=None, seed: int = 0) -> MaskRecord:
+        """A mask for a request by region, anatomy, size and spacing (`maisi2 generate --region ...`):
+        the library's best mask, fitted to the grid, with the requested tumours it lacks added."""
+        from maisi2.masks.intent import TumorCount, mask_with_tumors
+        from maisi2.masks.select import fit_mask, make_request, select_masks
+
+        request = make_request(region, anatomy, size, spacing)
+        index = self._library()
+        (chosen,), _, _ = select_masks(index, request, seed=seed)
+        fitted, fit = fit_mask(io.load_label_map(index.folder / chosen.entry.file), request)
+        edited, changes = mask_with_tumors(fitted, [TumorCount(L.tumor_kind(n)) for n in chosen.to_add], seed=seed)
+        asked = ", ".join([*request.regions, *request.anatomy]) or "any mask"
+        return self._add_mask(edited, f"{asked} -> {chosen.entry.file}", "request",
+                              change={"selected": chosen.to_dict(), "fit": fit,
+                                      "tumour_edits": [c.to_dict() for c in changes]})
+
+    def _library(self):
+        from maisi2.masks.library import load_library
+
+        return load_library(self.library)
 
     def _add_mask(self, volume: io.Volume, name: str, source: str, parent: str | None = None,
                   change: dict | None = None) -> MaskRecord:
@@ -396,17 +436,9 @@ def tumour_list(labels: np.ndarray, spacing: Sequence[float]) -> list[dict]:
             inside = np.argwhere(components[box] == k) + [s.start for s in box]
             nearest = inside[np.argmin(((inside - inside.mean(axis=0)) ** 2).sum(axis=1))]
             found.append({"label": tumour_id, "name": L.label_name(tumour_id),
-                          "kind": _tumour_kinds()[L.label_name(tumour_id)], "at": nearest.tolist(),
+                          "kind": L.tumor_kind(L.label_name(tumour_id)), "at": nearest.tolist(),
                           "voxels": len(inside), "volume_ml": round(len(inside) * voxel_ml, 2)})
     return found
-
-
-@lru_cache(maxsize=1)
-def _tumour_kinds() -> dict[str, str]:
-    """MAISI tumour label name -> the kind users name it by (hepatic, lung, ...)."""
-    from maisi2.phantom import TUMOR_KINDS
-
-    return {name: kind for kind, names in TUMOR_KINDS.items() for name in names}
 
 
 @lru_cache(maxsize=1)

@@ -168,22 +168,20 @@ $("#request-form").onsubmit = (e) => {
   e.preventDefault();
   const f = e.target;
   act(async () => addedMask(await api("/masks/request", { method: "POST", json: {
-    region: f.elements.region.value, anatomy: f.elements.anatomy.value.split(",").map((s) => s.trim()).filter(Boolean),
-    size: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]) } })));
+    region: f.elements.region.value || null, anatomy: f.elements.anatomy.value.split(",").map((s) => s.trim()).filter(Boolean),
+    size: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]), seed: Number(f.elements.seed.value) } })));
 };
 
 async function refreshLibrary() {
-  if (!state.options.library) {
-    $("#library-state").textContent = "No mask library: start `maisi2 serve --library DIR` to choose from one.";
-    return;
-  }
+  $("#library-state").textContent = `Library: ${state.options.library === "bundled" ? "the bundled masks" : state.options.library}`;
   const entries = await api("/library");
   $("#library-list").replaceChildren(...entries.map((entry) => {
     const li = document.createElement("li");
+    li.dataset.library = entry.file;
     li.innerHTML = `<span class="name"></span><span class="meta"></span><button>use</button>`;
-    $(".name", li).textContent = entry.name;
-    $(".meta", li).textContent = entry.summary || "";
-    $("button", li).onclick = () => act(async () => addedMask(await api("/masks/library", { method: "POST", json: { entry: entry.id } })));
+    $(".name", li).textContent = entry.file;
+    $(".meta", li).textContent = entry.summary;
+    $("button", li).onclick = () => act(async () => addedMask(await api("/masks/library", { method: "POST", json: { file: entry.file } })));
     return li;
   }));
 }
