@@ -334,8 +334,9 @@ def test_progress_reports_each_step_and_phase_and_raising_from_it_writes_nothing
                         on_progress=events.append)
     attempts = len(result.report["attempts"])
     one = [{"phase": "sampling", "attempt": 1, "step": i, "steps": 3} for i in (1, 2, 3)]
-    assert events[:5] == one + [{"phase": "decoding", "attempt": 1}, {"phase": "checking", "attempt": 1}]
-    assert len(events) == 5 * attempts + 1 and events[-1] == {"phase": "writing"}
+    assert events[:6] == [{"phase": "loading"}] + one + [{"phase": "decoding", "attempt": 1},
+                                                         {"phase": "checking", "attempt": 1}]
+    assert len(events) == 5 * attempts + 2 and events[-1] == {"phase": "writing"}
 
     class Stop(Exception):
         pass

@@ -76,6 +76,7 @@ __all__ = [
 
 PathLike = str | os.PathLike
 # `on_progress(event)` is called in the generating thread as the work advances, with one of
+#   {"phase": "loading"} once the request has passed every check, before the weights are read,
 #   {"phase": "sampling", "attempt": k, "step": i, "steps": n}  after each Euler step (i = 1..n),
 #   {"phase": "decoding", "attempt": k}, {"phase": "checking", "attempt": k}, {"phase": "writing"}.
 # An exception raised by it stops the generation there; nothing is written (a way to cancel).
@@ -202,6 +203,8 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
     release = models is None
     fit = _check_fits(prepared, info, models, options, release)
     # 5. load the networks
+    if on_progress is not None:
+        on_progress({"phase": "loading"})
     models, load_seconds = _load_networks(info, models, options)
     return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds, on_progress)
 

@@ -222,7 +222,8 @@ function describeProgress(job) {
   if (job.state === "queued") return job.position ? `queued, ${job.position} ahead` : "queued";
   if (job.state !== "running") return "";
   if (p.phase === "sampling") return `sampling: step ${p.step} of ${p.steps}${p.attempt > 1 ? ` (attempt ${p.attempt})` : ""}`;
-  return p.phase || "starting";
+  return { loading: "loading the model", decoding: "decoding the latent to HU", checking: "quality check",
+    writing: "writing the files" }[p.phase] || p.phase || "starting";
 }
 
 async function refreshJobs() {
