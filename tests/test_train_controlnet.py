@@ -369,3 +369,22 @@ def test_init_controlnet_of_other_shapes_or_kind_is_explained(workspace, tmp_pat
     assert "preset" in capsys.readouterr().err  # strict loading names the preset the weights fit
     assert cli.main(argv + ["--out", str(tmp_path / "b"), "--init-controlnet", str(workspace["unet"])]) == 1
     assert "holds a unet checkpoint, not a ControlNet" in capsys.readouterr().err
+
+
+def test_flow_loss_form_reaches_the_controlnet_loss_and_its_checkpoint(workspace, tmp_path, monkeypatch):
+    """--set flow.loss=l2 on the ControlNet run: its flow term is the squared error, and saved."""
+    from maisi2 import losses
+
+    forms = []
+    original = losses.flow_loss
+
+    def spy(*args, **kwargs):
+        forms.append(kwargs.get("form", "l1"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "flow_loss", spy)
+    out = tmp_path / "l2"
+    result = train_controlnet(workspace["cache"], workspace["unet"], out, _recipe(steps=1), overrides=["flow.loss=l2"],
+                              device="cpu", progress=False)
+    assert forms and set(forms) == {"l2"}
+    assert load_checkpoint(result.checkpoint).config.flow.loss == "l2"

@@ -110,6 +110,9 @@ class FlowConfig:
     scale: float = 1.4  # only used by logit-normal sampling
     base_img_size_numel: int = 32**3  # latent voxels at which the resolution shift is 1
     num_inference_steps: int = 30
+    # Training loss of the UNet and the ControlNet: "l1" as the official code (default), "l2" the
+    # squared error the paper writes (`maisi2.losses.flow_loss`).
+    loss: str = "l1"
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.flow.sample_method not in ("uniform", "logit-normal"):
         raise ValueError(f"flow.sample_method must be 'uniform' or 'logit-normal', got {cfg.flow.sample_method!r}")
+    if cfg.flow.loss not in ("l1", "l2"):  # the forms of maisi2.losses.flow_loss
+        raise ValueError(f"flow.loss must be 'l1' (the official code) or 'l2' (the paper's squared error), got {cfg.flow.loss!r}")
 
 
 def dataclass_from_dict(cls: type, data: Any, path: str = "") -> Any:

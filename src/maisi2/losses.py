@@ -1,7 +1,8 @@
 """Training losses, each a pure function of tensors.
 
-* `flow_loss`: L1 between predicted and target velocity (MAISI trains with L1), optionally with
-  per-voxel region weights (tumour voxels weigh more for the ControlNet).
+* `flow_loss`: L1 between predicted and target velocity (the official MAISI code trains with L1;
+  the paper writes a squared error, available as ``form="l2"``), optionally with per-voxel region
+  weights (tumour voxels weigh more for the ControlNet).
 * the region-specific contrastive loss of MAISI-v2 lives below it (see `region_contrastive_loss`).
 """
 
@@ -9,7 +10,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["flow_loss"]
+__all__ = ["FLOW_LOSS_FORMS", "check_flow_loss_form", "flow_loss"]
+
+# "l1": mean absolute error, as the official MAISI code trains; "l2": mean squared error, as the
+# paper writes the rectified-flow objective.
+FLOW_LOSS_FORMS = ("l1", "l2")
+
+
+def check_flow_loss_form(form: str) -> str:
+    if form not in FLOW_LOSS_FORMS:
+        raise ValueError(f"flow.loss must be one of {', '.join(FLOW_LOSS_FORMS)} (l1: the official code, "
+                         f"l2: the paper's squared error); got {form!r}")
+    return form
 
 
 def flow_loss(
@@ -17,15 +29,17 @@ def flow_loss(
     v_target: torch.Tensor,
     weight: torch.Tensor | None = None,
     normalise: bool = True,
+    form: str = "l1",
 ) -> torch.Tensor:
-    """Mean absolute velocity error.
+    """Mean velocity error: absolute (``form="l1"``, the release) or squared (``"l2"``, the paper).
 
     v_pred, v_target: (B, C, x, y, z). weight: broadcastable to them (e.g. (B, 1, x, y, z)), or None.
     With `normalise` the weighted error is divided by the summed weight (a weighted mean, so the
     loss scale does not depend on how many voxels are up-weighted); without it, it is divided by
     the voxel count as in the official code (tumour-heavy batches then have larger losses).
     """
-    err = (v_pred.float() - v_target.float()).abs()
+    diff = v_pred.float() - v_target.float()
+    err = diff.abs() if check_flow_loss_form(form) == "l1" else diff.square()
     if weight is None:
         return err.mean()
     weight = weight.float().expand_as(err)

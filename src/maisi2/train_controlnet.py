@@ -189,7 +189,7 @@ def controlnet_loss(
     weight = None
     if settings.label_weight != 1.0:
         weight = losses.region_weight_map(labels, settings.weighted_labels, grid, settings.label_weight)
-    l_flow = losses.flow_loss(v_orig, v_target, weight, normalise=settings.normalise_weight)
+    l_flow = losses.flow_loss(v_orig, v_target, weight, normalise=settings.normalise_weight, form=flow_cfg.loss)
     l_roi = l_bg = torch.zeros((), device=x0.device)
     d_roi, n_roi = 0.0, 0
     # 3. perturbed-mask pass, only for the samples that hold a tumour

@@ -3,7 +3,7 @@
 One step, for a batch of cached latents ``x0`` (already times the cache's scale factor):
 draw ``t`` (`flow.sample_training_t`, shifted by the latent size) and ``noise``, form
 ``x_t = add_noise(x0, noise, t)``, predict ``v`` with `nets.predict_velocity` (conditioned on the
-image spacing and the modality id) and take the L1 `losses.flow_loss` against ``x0 - noise``.
+image spacing and the modality id) and take `losses.flow_loss` (L1 unless ``flow.loss=l2``) against ``x0 - noise``.
 With ``modality_dropout = p`` the modality is replaced by class 0 ("unknown") with probability p,
 which trains the unconditional branch classifier-free guidance needs. ``objective = "ddpm"`` trains
 the same network as MAISI v1 did instead (`ddpm_loss`: noise prediction on MAISI's DDPM schedule,
@@ -265,12 +265,12 @@ def prepare_batch(items: list[dict], generator: torch.Generator, device: torch.d
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioning, flow_cfg: FlowConfig,
                        generator: torch.Generator) -> torch.Tensor:
-    """L1 rectified-flow loss of one batch: |model(x_t, t | cond) - (x0 - noise)|."""
+    """Rectified-flow loss of one batch: |model(x_t, t | cond) - (x0 - noise)| (``flow_cfg.loss``: L1 or squared)."""
     noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
     t = flow.sample_training_t(x0.shape[0], x0.shape[2:], flow_cfg, generator=generator, device=generator.device)
     x_t = flow.add_noise(x0, noise, t.to(x0.device), flow_cfg.num_train_timesteps)
     v = nets.predict_velocity(model, x_t, t, cond)
-    return losses.flow_loss(v, flow.velocity_target(x0, noise))
+    return losses.flow_loss(v, flow.velocity_target(x0, noise), form=flow_cfg.loss)
 
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioning, flow_cfg: FlowConfig,
@@ -281,7 +281,7 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioning, flow_
     t = ddpm.sample_ddpm_training_t(x0.shape[0], flow_cfg.num_train_timesteps, generator=generator)
     x_t = ddpm.ddpm_add_noise(x0, noise, t.to(x0.device))
     eps = nets.predict_velocity(model, x_t, t.float(), cond)  # the network's output is epsilon here
-    return losses.flow_loss(eps, ddpm.ddpm_training_target(x0, noise, t))
+    return losses.flow_loss(eps, ddpm.ddpm_training_target(x0, noise, t), form=flow_cfg.loss)
 
 
 OBJECTIVE_LOSSES = {"rflow": flow_matching_loss, "ddpm": ddpm_loss}
