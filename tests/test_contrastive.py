@@ -314,3 +314,20 @@ def test_auto_placement_rule():
     assert resolve_placement(ControlNetLossSettings(placement="encoder"), 1, (8, 8, 8)) == "encoder"
     official = ControlNetLossSettings(placement="auto", background_form="official", auto_output_max_voxels=1)
     assert resolve_placement(official, 4, (64, 64, 64)) == "output"  # needs the final prediction
+
+
+def test_normalised_lambda_mode_scales_the_contrastive_term(tiny_nets):
+    """lambda_mode=normalised: the tumour sample's lambda is the derived one, logged, and in the loss."""
+    from maisi2.losses import normalised_lambdas, pool_any, mask_weights
+    from maisi2.train_controlnet import ControlNetLossSettings, controlnet_loss
+
+    cfg, unet, controlnet = tiny_nets
+    x0, cond, labels = _batch()
+    out = controlnet_loss(unet, controlnet, x0, cond, labels,
+                          ControlNetLossSettings(placement="output", lambda_mode="normalised"), cfg.flow, lam=0.01,
+                          generator=torch.Generator().manual_seed(3))
+    roi = pool_any(labels == TUMOUR, (8, 8, 8))
+    expected = normalised_lambdas(0.01, roi[:1].sum().reshape(1), mask_weights(roi, 100.0).sum(), 2, 100.0, True)
+    logs = out.logs
+    assert logs["lambda"] == pytest.approx(float(expected))
+    assert out.loss.item() == pytest.approx(logs["flow_loss"] + logs["lambda"] * (logs["roi_loss"] + logs["bg_loss"]))

@@ -319,3 +319,58 @@ def lambda_at(schedule: LambdaSchedule, step: int, total_steps: int) -> float:
         if fraction >= start:
             value = v
     return value
+
+
+# -- the contrastive term's strength relative to the flow loss -----------------------------
+# lambda means different things at different latent sizes. Take the output placement, batch B,
+# C channels, N latent voxels per sample, n_b ROI voxels in sample b, flow-loss weight w on tumour
+# voxels (`region_weight_map`, w = 100) and 1 elsewhere. With the L1 flow loss, the gradient of
+# each loss with respect to one ROI element of v_orig has the magnitude
+#
+#     flow:         w / (C S)            S = sum of the flow weights over the batch, per channel:
+#                                          sum_b (N + (w - 1) n_b) for the weighted mean (paper),
+#                                          B N for the unnormalised official form (or no weighting)
+#     contrastive:  lambda / (B C n_b)    (L_roi = -mean over the C n_b ROI elements, / B per batch)
+#
+# so the contrastive gradient per ROI element, relative to the tumour-weighted flow gradient, is
+#
+#     r_b = lambda S / (B w n_b)          (one sample, weighted mean: lambda (N + 99 n) / (100 n)).
+#
+# (While D_roi < delta; past it the ROI gradient is zero. For the squared-error flow loss the flow
+# gradient also scales with the error, so r_b holds only for L1.) A tumour of fixed size in a larger
+# latent gets a larger r: about 0.02-0.06 with lambda = 0.01 for a 16^3 window holding n = 8-30, and
+# 0.83 for a 128 x 128 x 32 latent holding n = 64. The "normalised" lambda mode keeps r_b at the
+# value lambda gives at a reference geometry (by default that 128 x 128 x 32 latent with a 64-voxel
+# tumour region), so a lambda schedule means the same strength on small training windows.
+
+LAMBDA_MODES = ("paper", "normalised")
+REFERENCE_GEOMETRY = (128 * 128 * 32, 64)  # (latent voxels N, ROI voxels n) of the normalised mode
+
+__all__ += ["LAMBDA_MODES", "REFERENCE_GEOMETRY", "flow_weight_sum", "contrastive_relative_strength",
+            "normalised_lambdas"]
+
+
+def flow_weight_sum(latent_voxels: int, roi_voxels: torch.Tensor | float, label_weight: float, normalise: bool) -> torch.Tensor | float:
+    """S of one sample (sum these over a batch): N + (w - 1) n for the weighted mean, N otherwise."""
+    if normalise:
+        return latent_voxels + (float(label_weight) - 1.0) * roi_voxels
+    return float(latent_voxels)
+
+
+def contrastive_relative_strength(lam, roi_voxels, weight_sum, label_weight: float, batch_size: int = 1):
+    """r = lambda S / (B w n): the contrastive gradient per ROI element over the flow loss's (L1,
+    output placement; see the derivation above). Works on floats and tensors alike."""
+    return lam * weight_sum / (batch_size * float(label_weight) * roi_voxels)
+
+
+def normalised_lambdas(lam: float, roi_voxels: torch.Tensor, weight_sum: float | torch.Tensor, batch_size: int,
+                       label_weight: float, normalise: bool,
+                       reference: Sequence[int] = REFERENCE_GEOMETRY) -> torch.Tensor:
+    """Per-sample lambda_b that give every sample of this batch the relative strength `lam` has at
+    the `reference` (N, n) geometry in a batch of one. roi_voxels: (n,) ROI voxel counts on the
+    latent grid; weight_sum: the batch's S (`flow_weight_sum` summed over the batch)."""
+    ref_n, ref_roi = int(reference[0]), int(reference[1])
+    if not 0 < ref_roi <= ref_n:
+        raise ValueError(f"the reference geometry needs 0 < ROI voxels <= latent voxels; got {tuple(reference)}")
+    target = contrastive_relative_strength(lam, ref_roi, flow_weight_sum(ref_n, ref_roi, label_weight, normalise), label_weight)
+    return target * batch_size * float(label_weight) * roi_voxels.float() / weight_sum

@@ -89,6 +89,11 @@ class ControlNetLossSettings:
     weighted_labels: tuple[int, ...] = TUMOR_IDS  # flow-loss voxels that weigh more
     label_weight: float = 100.0  # 1.0 turns the region weighting off
     normalise_weight: bool = True  # weighted mean (paper); False: the official unnormalised form
+    # "paper": lambda as given; "normalised": per-sample lambda giving the contrastive gradient the
+    # strength relative to the flow loss that lambda has at `lambda_reference` (latent voxels, ROI
+    # voxels) (`losses.normalised_lambdas`, derived in maisi2.losses)
+    lambda_mode: str = "paper"
+    lambda_reference: tuple[int, ...] = losses.REFERENCE_GEOMETRY
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -98,6 +103,11 @@ class ControlNetLossSettings:
         if self.background_form == "official" and self.placement == "encoder":
             raise ValueError("background_form='official' compares with the flow target, which only exists at "
                              "the output: use placement 'output' (or 'auto') with it, or background_form='paper'")
+        if self.lambda_mode not in losses.LAMBDA_MODES:
+            raise ValueError(f"lambda_mode must be one of {', '.join(losses.LAMBDA_MODES)}; got {self.lambda_mode!r}")
+        if len(self.lambda_reference) != 2 or not 0 < self.lambda_reference[1] <= self.lambda_reference[0]:
+            raise ValueError("lambda_reference is (latent voxels, ROI voxels) with 0 < ROI voxels <= latent voxels; "
+                             f"got {self.lambda_reference!r}")
         if self.delta <= 0 or self.dilation < 0 or self.label_weight <= 0 or self.auto_output_max_voxels < 1:
             raise ValueError("delta and label_weight must be > 0, dilation >= 0, auto_output_max_voxels >= 1")
         object.__setattr__(self, "lambda_schedule", losses.check_lambda_schedule(self.lambda_schedule))
@@ -190,8 +200,8 @@ def controlnet_loss(
     if settings.label_weight != 1.0:
         weight = losses.region_weight_map(labels, settings.weighted_labels, grid, settings.label_weight)
     l_flow = losses.flow_loss(v_orig, v_target, weight, normalise=settings.normalise_weight, form=flow_cfg.loss)
-    l_roi = l_bg = torch.zeros((), device=x0.device)
-    d_roi, n_roi = 0.0, 0
+    l_roi = l_bg = l_contrast = torch.zeros((), device=x0.device)
+    d_roi, n_roi, lam_logged = 0.0, 0, float(lam)
     # 3. perturbed-mask pass, only for the samples that hold a tumour
     if contrast:
         perturbed = perturb_labels(labels) if perturbed is None else perturbed
@@ -211,12 +221,32 @@ def controlnet_loss(
                 terms = losses.feature_contrastive_loss(feats_orig, feats_pert, regions.select(index), settings.delta)
             l_roi, l_bg = terms.batch_mean(B)
             d_roi = float(terms.distance.mean())
+            if settings.lambda_mode == "paper":
+                l_contrast = lam * (l_roi + l_bg)
+            else:
+                lam_b = _sample_lambdas(lam, settings, regions.roi[index], weight, B, grid)
+                l_contrast = (lam_b * (terms.roi + terms.background)).sum() / B
+                lam_logged = float(lam_b.mean())
     # 4. the total ("loss" itself is logged by the engine, averaged over ranks)
-    loss = l_flow + lam * (l_roi + l_bg) if contrast else l_flow
+    loss = l_flow + l_contrast if contrast else l_flow
     logs = {"flow_loss": float(l_flow.detach()), "roi_loss": float(l_roi.detach()), "bg_loss": float(l_bg.detach()),
-            "lambda": float(lam) if contrast else 0.0, "d_roi": d_roi, "roi_samples": float(n_roi),
+            "lambda": lam_logged if contrast else 0.0, "d_roi": d_roi, "roi_samples": float(n_roi),
             "encoder_placement": float(placement == "encoder")}
     return StepOutput(loss, logs)
+
+
+def _sample_lambdas(lam: float, settings: ControlNetLossSettings, roi: torch.Tensor, weight: torch.Tensor | None,
+                    batch_size: int, grid: Sequence[int]) -> torch.Tensor:
+    """(n,) lambda of each tumour-holding sample in the "normalised" mode: `lam` rescaled so that the
+    contrastive gradient has the reference strength relative to this batch's flow loss."""
+    n_roi = roi.flatten(1).sum(dim=1)
+    if weight is not None and settings.normalise_weight:
+        weight_sum = weight.float().sum()  # (B, 1, x, y, z): S summed over the batch, per channel
+    else:
+        weight_sum = float(batch_size * math.prod(grid))
+    w = settings.label_weight if weight is not None else 1.0
+    return losses.normalised_lambdas(lam, n_roi, weight_sum, batch_size, w, settings.normalise_weight and weight is not None,
+                                     settings.lambda_reference)
 
 
 # -- the recipe -----------------------------------------------------------------------------
