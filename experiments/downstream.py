@@ -151,7 +151,7 @@ def plot(results: dict, path: Path, size=(420, 260)) -> None:
 
 def table(results: dict) -> str:
     kinds = list(results["rows"][0].get("found_mean", {}))
-    lines = ["| training data | volumes | test Dice, mean +- std over seeds | per seed |"
+    lines = ["| training data | volumes | test Dice, mean +- population SD (numpy std, ddof 0) over seeds | per seed |"
              + "".join(f" {k} tumour voxels found |" for k in kinds),
              "| --- | ---: | ---: | --- |" + " ---: |" * len(kinds)]
     for r in results["rows"]:
