@@ -26,6 +26,7 @@ __all__ = [
     "alphas_cumprod",
     "ddpm_add_noise",
     "ddpm_training_target",
+    "predicted_x0_from_eps",
     "sample_ddpm_training_t",
     "ddim_timesteps",
     "sample_ddpm",
@@ -103,6 +104,15 @@ def ddpm_training_target(
         signal, sigma = _signal_noise_scales(t, x0, schedule)
         return signal * noise - sigma * x0
     raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+
+
+def predicted_x0_from_eps(
+    x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, schedule: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """One jump to data from a noise prediction: ``(x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``; an
+    epsilon error reaches x0 multiplied by ``sqrt((1 - a_t) / a_t)`` (84 at t = 999 on MAISI's schedule)."""
+    signal, sigma = _signal_noise_scales(t, x_t, schedule)
+    return (x_t - sigma * eps) / signal
 
 
 def sample_ddpm_training_t(

@@ -1,0 +1,94 @@
+"""x0-prediction error of flow-UNet checkpoints on cached latents, per noise level (issue #26).
+
+For each checkpoint (EMA weights) and each t, every cached latent x0 (times the checkpoint's scale
+factor) is noised with a fixed seed per latent, the network predicts, and x0 is recovered in one jump
+(`flow.predicted_x0` for the rectified-flow objective, `ddpm.predicted_x0_from_eps` for the DDPM
+one; the objective is read from the checkpoint's recipe). Printed: the relative error
+||x0_hat - x0|| / ||x0|| averaged over latents, one row per checkpoint, so a series of checkpoints of
+one run shows whether the error falls with training, and the two objectives can be set side by side
+(same t, same noise). The same t means different noise levels for the two objectives: RF's x_t keeps
+(1 - t/T) of the signal, DDPM's sqrt(a_t).
+
+    python experiments/x0_error.py CACHE --checkpoint NAME=PATH [--checkpoint ...] \\
+        [--t 50 400 800 950] [--max-latents 16] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from maisi2 import ddpm, flow, nets
+from maisi2.checkpoint import load_checkpoint
+from maisi2.latents import LatentDataset
+
+
+def objective_of(ckpt) -> str:
+    recipe = ckpt.extra.get("recipe")
+    return json.loads(recipe).get("objective", "rflow") if recipe else "rflow"
+
+
+@torch.no_grad()
+def x0_errors(ckpt, cache: Path, times: list[int], max_latents: int) -> list[float]:
+    """Mean relative x0 error at each t in `times`, over the first `max_latents` cached latents."""
+    unet = nets.build_unet(ckpt.config)
+    unet.load_state_dict(ckpt.weights(prefer_ema=True))
+    unet.eval()
+    objective = objective_of(ckpt)
+    data = LatentDataset(cache, scale_factor=ckpt.scale_factor)
+    T = ckpt.config.flow.num_train_timesteps
+    sums = [0.0] * len(times)
+    count = min(len(data), max_latents)
+    for i in range(count):
+        item = data[i]
+        x0 = item["latent"][None].float()
+        cond = nets.Conditioning(spacing=torch.as_tensor(item["spacing"], dtype=torch.float32)[None],
+                                 modality=torch.tensor([int(item["modality"])]))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
+        for k, t in enumerate(times):
+            tt = torch.tensor([t])
+            if objective == "ddpm":
+                x_t = ddpm.ddpm_add_noise(x0, noise, tt)
+                x0_hat = ddpm.predicted_x0_from_eps(x_t, nets.predict_velocity(unet, x_t, tt.float(), cond), tt)
+            else:
+                x_t = flow.add_noise(x0, noise, tt.float(), T)
+                x0_hat = flow.predicted_x0(x_t, nets.predict_velocity(unet, x_t, tt.float(), cond), tt.float(), T)
+            sums[k] += float((x0_hat - x0).norm() / x0.norm().clamp_min(1e-12))
+    return [s / max(count, 1) for s in sums]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cache", type=Path)
+    ap.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
+    ap.add_argument("--t", type=int, nargs="+", default=[50, 400, 800, 950])
+    ap.add_argument("--max-latents", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    if any(not 0 <= t < 1000 for t in args.t) or args.max_latents < 1:
+        sys.exit("--t values must lie in [0, 1000) and --max-latents must be >= 1")
+    named = [c.split("=", 1) if "=" in c else (c, c) for c in args.checkpoint]
+    for _, path in named:
+        if not Path(path).is_file():
+            sys.exit(f"no checkpoint at {path}")
+    torch.set_num_threads(1)
+    rows = []
+    print("| checkpoint | objective | steps | " + " | ".join(f"t = {t}" for t in args.t) + " |")
+    print("| --- | --- | ---: |" + " ---: |" * len(args.t))
+    for name, path in named:
+        ckpt = load_checkpoint(path)
+        errors = x0_errors(ckpt, args.cache, args.t, args.max_latents)
+        rows.append({"checkpoint": name, "path": path, "objective": objective_of(ckpt), "steps": ckpt.steps_in_all,
+                     "t": args.t, "relative_x0_error": errors})
+        print(f"| {name} | {objective_of(ckpt)} | {ckpt.steps_in_all} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
