@@ -51,6 +51,8 @@ __all__ = [
     "volume_set_stats",
     "fid_from_stats",
     "fid",
+    "merge_set_stats",
+    "bootstrap_fid",
 ]
 
 # Plane name -> the array axis (x=0, y=1, z=2) the slices are taken along, as MAISI's script does.
@@ -127,6 +129,17 @@ class FeatureStats:
         self.scatter += centred.T @ centred + np.outer(delta, delta) * (self.n * m / total)
         self.mean += delta * (m / total)
         self.n = total
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """The statistics of both sets of vectors together (Chan et al.'s pairwise merge); new object."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge features of dimension {self.dim} and {other.dim}")
+        total = self.n + other.n
+        if total == 0:
+            return FeatureStats(self.dim)
+        delta = other.mean - self.mean
+        return FeatureStats(self.dim, total, self.mean + delta * (other.n / total),
+                            self.scatter + other.scatter + np.outer(delta, delta) * (self.n * other.n / total))
 
     @property
     def cov(self) -> np.ndarray:
@@ -304,3 +317,36 @@ def fid(real: Sequence[VolumeLike] | SetStats, generated: Sequence[VolumeLike] |
         raise ValueError(f"precomputed statistics use {real_stats.extractor!r}/{gen_stats.extractor!r} features, "
                          f"not {extractor.name!r}")
     return fid_from_stats(real_stats, gen_stats, comparable_to_paper=extractor.comparable_to_paper)
+
+
+def merge_set_stats(parts: Sequence[SetStats]) -> SetStats:
+    """One `SetStats` for the union of several sets featurised with the same settings (e.g. per-volume
+    statistics from `volume_set_stats([v])`, which a bootstrap recombines without re-featurising)."""
+    if not parts:
+        raise ValueError("nothing to merge: give at least one SetStats")
+    first = parts[0]
+    if any(p.settings() != first.settings() for p in parts):
+        raise ValueError("the sets were featurised with different settings; they cannot be merged")
+    planes = {}
+    for name in PLANES:
+        merged = FeatureStats(first.planes[name].dim)
+        for p in parts:
+            merged = merged.merge(p.planes[name])
+        planes[name] = merged
+    return SetStats(planes, first.extractor, first.spacing, first.shape, sum(p.volumes for p in parts))
+
+
+def bootstrap_fid(real: SetStats, generated_per_volume: Sequence[SetStats], resamples: int = 1000,
+                  level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(FID of all generated volumes, lower, upper): a percentile bootstrap interval over generated
+    volumes (drawn with replacement, `resamples` times; the reference set stays fixed), so the
+    interval reflects how many volumes were generated, not the reference set's own variability."""
+    if not 0 < level < 1 or resamples < 1 or len(generated_per_volume) < 2:
+        raise ValueError("bootstrap_fid needs 0 < level < 1, resamples >= 1 and at least 2 generated volumes")
+    point = fid_from_stats(real, merge_set_stats(generated_per_volume)).average
+    rng = np.random.default_rng(seed)
+    n = len(generated_per_volume)
+    values = [fid_from_stats(real, merge_set_stats([generated_per_volume[i] for i in rng.integers(0, n, n)])).average
+              for _ in range(resamples)]
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(point), float(lo), float(hi)
