@@ -4,6 +4,7 @@ The released-weights path (`test_released_files_generate_through_the_same_path`)
 maisi-v2 networks with random weights and writes them in the released layout (~1 GB): slow.
 """
 
+import errno
 import json
 
 import nibabel as nib
@@ -555,3 +556,260 @@ def test_batch_with_a_bad_mask_generates_nothing(model_dir, small_mask_file, tmp
     with pytest.raises(ValueError, match="holds no labels"):
         G.generate_batch(G.batch_from_dir(masks, tmp_path / "out"), model=model_dir)
     assert not (tmp_path / "out").exists()
+
+
+# -- the model's domain --------------------------------------------------------------------------
+
+LIVER = label_id("liver")
+
+
+@pytest.fixture(scope="module")
+def domain_model(tmp_path_factory, tiny_nets, small_mask_file):
+    """The tiny networks, said to be trained at 6-8 mm on the small phantom's labels except the liver."""
+    cfg, vae, unet, controlnet = tiny_nets
+    seen = set(np.unique(np.asarray(nib.load(small_mask_file).dataobj)).tolist()) - {0, LIVER}
+    domain = {"spacing_mm": {"min": [6.0] * 3, "max": [8.0] * 3}, "labels_seen": sorted(seen),
+              "body_regions": ["phantom"], "sources": {"spacing_mm": "this test"}}
+    return models.save_model_folder(tmp_path_factory.mktemp("domain"), cfg, vae, unet, controlnet, 0.8,
+                                    {**TINY_FOV, "domain": domain})
+
+
+@pytest.fixture
+def no_voxels_read(monkeypatch, nothing_runs):
+    """Refusals from the header: reading or resampling the mask's voxels fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("voxels were read before the request was refused")
+
+    monkeypatch.setattr(io, "load_label_map", forbidden)
+    monkeypatch.setattr(io, "resample_to_spacing", forbidden)
+
+
+def test_a_spacing_outside_the_domain_is_refused_from_the_header_with_the_nearest_request(
+        domain_model, small_mask_file, tmp_path, no_voxels_read):
+    with pytest.raises(ValueError) as err:
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=domain_model,
+                   options=G.GenerateOptions(steps=1, spacing=(4.0, 4.0, 9.0)))
+    message = str(err.value)
+    assert "\n" not in message and "trained on voxels of 6-8 x 6-8 x 6-8 mm" in message
+    assert "voxels of 4 x 4 x 9 mm are outside" in message
+    assert "Nearest valid request: --spacing 6 6 8" in message and "--fit-to-model" in message and "--force" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_to_model_resamples_and_replaces_labels_the_model_never_saw(domain_model, small_mask_file, tmp_path):
+    result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=domain_model,
+                        options=G.GenerateOptions(steps=1, spacing=(4.0, 4.0, 4.0), fit_to_model=True,
+                                                  write_preview=False))
+    domain = result.report["domain"]
+    assert result.out_of_domain == [] and domain["fitted"] == ["voxels of 4 x 4 x 4 mm resampled to 6 x 6 x 6 mm"]
+    assert domain["replaced_labels"][str(LIVER)]["by"] == BODY  # an organ it never saw: generic body
+    assert nib.load(result.paths.ct).header.get_zooms() == (6.0, 6.0, 6.0)
+    assert LIVER not in np.asarray(nib.load(result.paths.label).dataobj)
+
+
+def test_force_runs_outside_the_domain_and_the_report_says_why(domain_model, small_mask_file, tmp_path):
+    result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=domain_model,
+                        options=G.GenerateOptions(steps=1, spacing=(10.0, 10.0, 10.0), force=True, write_preview=False))
+    reasons = json.loads(result.paths.report.read_text())["domain"]["out_of_domain"]
+    assert reasons == result.out_of_domain and len(reasons) == 2
+    assert "voxels of 10 x 10 x 10 mm are outside the trained 6-8 x 6-8 x 6-8 mm" in reasons[0]
+    assert "labels the model never saw in training: liver (1)" in reasons[1]
+
+
+def test_labels_the_model_never_saw_are_refused_when_many_and_reported_when_few(domain_model, small_mask_file,
+                                                                              tmp_path, nothing_runs, monkeypatch):
+    with pytest.raises(ValueError, match=r"of its labelled voxels carry labels the model never saw in training "
+                                         r"\(liver \(1\)\).*--fit-to-model"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=domain_model, options=G.GenerateOptions(steps=1))
+    labels = np.asarray(nib.load(small_mask_file).dataobj).copy()
+    liver = np.argwhere(labels == LIVER)
+    labels[labels == LIVER] = BODY
+    labels[tuple(liver[:3].T)] = LIVER  # three voxels: a guess there costs little
+    few = tmp_path / "few.nii.gz"
+    io.save_label_map(few, io.Volume(labels, nib.load(small_mask_file).affine))
+    monkeypatch.undo()
+    result = G.generate(few, tmp_path / "ct.nii.gz", model=domain_model,
+                        options=G.GenerateOptions(steps=1, write_preview=False))
+    assert result.report["domain"]["unseen_labels"] == {str(LIVER): {"name": "liver", "voxels": 3}}
+    assert result.out_of_domain == ["3 voxels carry labels the model never saw in training: liver (1)"]
+
+
+def test_the_released_domain_is_the_release_s_own_limits(tmp_path):
+    for name in ("autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflow-ct.pt"):
+        (tmp_path / name).write_bytes(b"")
+    domain = models.read_model_info(tmp_path).domain
+    assert domain.spacing_mm == ((0.5, 0.5, 0.5), (3.0, 3.0, 5.0)) and domain.max_shape == (512, 512, 768)
+    assert domain.labels_seen is None and domain.unseen_labels([1, 200]) == []
+    assert domain.grid_problems((512, 512, 128), (0.7, 0.7, 2.5), 2.0) == []
+    assert domain.grid_problems((1024, 1024, 128), (0.5, 0.5, 2.5), 2.0) == [
+        "1024 x 1024 x 128 voxels exceed the largest trained volume (512 x 512 x 768)"]
+    assert domain.nearest_spacing((0.1, 0.1, 8.0)) == (0.5, 0.5, 5.0)
+
+
+def test_the_bundled_model_knows_its_domain():
+    domain = models.read_model_info(None).domain
+    assert domain.spacing_mm == ((3.0, 3.0, 3.0), (4.0, 4.0, 4.5))
+    assert domain.labels_seen and label_id("liver") in domain.labels_seen and BODY in domain.labels_seen
+    assert domain.sources["spacing_mm"] and domain.sources["labels_seen"]
+    assert domain.grid_problems((512, 512, 133), (0.7, 0.7, 2.5), 2.0)  # the chest CT of issue 19: refused
+
+
+# -- sizes planned from the header -------------------------------------------------------------
+
+def _header_only(path, shape, spacing=(1.0, 1.0, 1.0)):
+    """A NIfTI header claiming `shape` voxels, followed by none of them (a few hundred bytes)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header.set_zooms(spacing)
+    header.set_sform(np.diag([*spacing, 1.0]), code=1)
+    header["vox_offset"] = 352
+    path.write_bytes(header.binaryblock + b"\0" * 4)
+    return path
+
+
+def test_a_huge_header_is_refused_before_any_voxel_is_read(model_dir, tmp_path, no_voxels_read):
+    mask = _header_only(tmp_path / "huge.nii", (4096, 4096, 4096), (0.1, 0.1, 0.1))  # a 410 mm cube
+    with pytest.raises(ValueError, match=r"reading the 4096 x 4096 x 4096 mask .* needs about \d+\.\d GB, over the"):
+        G.generate(mask, tmp_path / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(steps=1))
+    with pytest.raises(ValueError, match=r"field of view .* outside the trained"):
+        G.generate(_header_only(tmp_path / "wide.nii", (4096, 4096, 4096)), tmp_path / "ct.nii.gz", model=model_dir)
+
+
+def test_a_fine_spacing_is_refused_before_the_mask_is_resampled(domain_model, small_mask_file, tmp_path,
+                                                                no_voxels_read):
+    with pytest.raises(ValueError, match="Nearest valid request: --spacing 6 6 6"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=domain_model,
+                   options=G.GenerateOptions(spacing=(0.1, 0.1, 0.1)))
+    with pytest.raises(ValueError, match=r"resampling it to 2560 x 2560 x 2560 voxels needs about [\d.]+ GB, over"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=domain_model,
+                   options=G.GenerateOptions(spacing=(0.1, 0.1, 0.1), force=True))
+
+
+# -- numeric options, non-finite output --------------------------------------------------------
+
+@pytest.mark.parametrize("option, value", [
+    ("control_scale", float("nan")), ("control_scale", float("inf")), ("control_scale", -1.0),
+    ("cfg_scale", 1e30), ("cfg_scale", float("nan")), ("max_memory_gb", float("inf")), ("max_memory_gb", 0.0),
+    ("max_memory_gb", -2.0), ("steps", 0), ("seed", -1), ("qc_retries", -1), ("fov_tolerance", 0.5),
+    ("spacing", (float("nan"), 1.0, 1.0)), ("spacing", (0.0, 1.0, 1.0)), ("spacing", (1e9, 1.0, 1.0)),
+])
+def test_absurd_numbers_are_refused_naming_the_option(option, value, small_mask_file, model_dir, tmp_path,
+                                                      no_voxels_read):
+    flag = "--" + option.replace("_", "-").replace("max-memory-gb", "max-memory")
+    with pytest.raises(ValueError, match=f"^{option} \\({flag}"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir,
+                   options=G.GenerateOptions(**{option: value}))
+
+
+def test_the_cli_names_the_option_of_an_absurd_number(run_cli, small_mask_file, model_dir, tmp_path, capsys):
+    for argv, flag in ((["--control-scale", "nan"], "--control-scale"), (["--max-memory", "inf"], "--max-memory"),
+                       (["--cfg-scale", "1e30"], "--cfg-scale")):
+        assert run_cli(["generate", "--mask", str(small_mask_file), "--out", str(tmp_path / "ct.nii.gz"),
+                        "--model", str(model_dir), *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err, err
+    with pytest.raises(SystemExit):
+        run_cli(["generate", "--mask", str(small_mask_file), "--out", "x.nii.gz", "--spacing", "abc", "1", "1"])
+    assert "argument --spacing: invalid float value: 'abc'" in capsys.readouterr().err
+
+
+def test_nan_from_the_sampler_is_an_error_never_written_as_tissue(small_mask_file, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("maisi2.sampling.sample_latent", lambda *a, **k: torch.full((1, 4, 8, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"the sampled latent holds 2048 NaN/inf values .*nothing was written"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(steps=1))
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+def test_an_output_that_is_the_mask_is_refused(small_mask_file, model_dir, tmp_path, nothing_runs):
+    mask = tmp_path / "case.nii.gz"
+    mask.write_bytes(small_mask_file.read_bytes())
+    with pytest.raises(ValueError, match="is the input mask"):
+        G.generate(mask, mask, model=model_dir, options=G.GenerateOptions(overwrite=True))
+    label_twin = tmp_path / "ct_label.nii.gz"  # --out ct.nii.gz writes its label map over this mask
+    label_twin.write_bytes(small_mask_file.read_bytes())
+    with pytest.raises(ValueError, match="ct_label.nii.gz is the input mask"):
+        G.generate(label_twin, tmp_path / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(overwrite=True))
+    assert mask.read_bytes() == label_twin.read_bytes() == small_mask_file.read_bytes()
+
+
+def test_output_problems_are_one_line_before_work(run_cli, small_mask_file, model_dir, tmp_path, capsys,
+                                                  monkeypatch, nothing_runs):
+    base = ["generate", "--mask", str(small_mask_file), "--model", str(model_dir)]
+    assert run_cli([*base, "--out", str(tmp_path), "--overwrite"]) == 1  # a folder
+    assert "is a folder; name the output file itself" in capsys.readouterr().err
+    monkeypatch.setattr("maisi2.atomic.shutil.disk_usage", lambda path: type("U", (), {"free": 2**20})())
+    assert run_cli([*base, "--out", str(tmp_path / "ct.nii.gz")]) == 1  # 1 MiB free: not enough
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MiB free but the outputs need about" in err
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(small_mask_file, model_dir, tmp_path, monkeypatch):
+    def full(path, volume, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "save_label_map", full)
+    with pytest.raises(OSError, match=r"ct_label.nii.gz failed \(No space left on device\); the disk is full"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir,
+                   options=G.GenerateOptions(steps=1, write_preview=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_set_finished_meanwhile_by_another_run_is_not_replaced(small_mask_file, model_dir, tmp_path, monkeypatch):
+    real_preview = G.render_preview
+
+    def other_run_finishes(*args, **kwargs):
+        (tmp_path / "ct_report.json").write_text("the other run's")
+        return real_preview(*args, **kwargs)
+
+    monkeypatch.setattr(G, "render_preview", other_run_finishes)
+    with pytest.raises(FileExistsError, match="appeared while this run was writing"):
+        G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, options=G.GenerateOptions(steps=1))
+    assert _names(tmp_path) == ["ct_report.json"] and (tmp_path / "ct_report.json").read_text() == "the other run's"
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row, message", [
+    ({"mask": "m.nii.gz", "out": "../x.nii.gz"}, "leads outside --out-dir"),
+    ({"mask": "m.nii.gz", "out": "/tmp/x.nii.gz"}, "leads outside --out-dir"),
+    ({"mask": "m.nii.gz", "spacing": ["abc", 1, 1]}, "\"spacing\" must be a list of three numbers"),
+    ({"mask": "m.nii.gz", "spacing": [1, 1]}, "\"spacing\" must be three finite voxel sizes"),
+    ({"mask": "m.nii.gz", "seed": "7"}, "\"seed\" must be a whole number"),
+])
+def test_datalist_rows_are_checked_and_errors_name_the_line(row, message, tmp_path):
+    datalist = tmp_path / "list.jsonl"
+    datalist.write_text(json.dumps({"mask": "m.nii.gz"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"list.jsonl, line 2: .*{message}"):
+        G.batch_from_datalist(datalist, tmp_path / "out")
+
+
+def test_a_rerun_skips_finished_items_and_a_failure_names_its_line(small_mask_file, model_dir, tmp_path, monkeypatch):
+    (tmp_path / "a.nii.gz").write_bytes(small_mask_file.read_bytes())
+    (tmp_path / "b.nii.gz").write_bytes(small_mask_file.read_bytes())
+    datalist = tmp_path / "list.jsonl"
+    datalist.write_text("".join(json.dumps({"mask": f"{n}.nii.gz"}) + "\n" for n in "ab"))
+    items = G.batch_from_datalist(datalist, tmp_path / "out")
+    options = G.GenerateOptions(steps=1, write_preview=False)
+    real = G._generate_prepared
+
+    def second_fails(prepared, paths, *args, **kwargs):
+        if paths.ct.name.startswith("b"):
+            raise ValueError("the sampler diverged")
+        return real(prepared, paths, *args, **kwargs)
+
+    monkeypatch.setattr(G, "_generate_prepared", second_fails)
+    with pytest.raises(ValueError, match=r"list.jsonl, line 2: the sampler diverged"):
+        G.generate_batch(items, model=model_dir, options=options)
+    assert {p.name[:5] for p in (tmp_path / "out").iterdir()} == {"a_ct.", "a_ct_"}  # item 1's set, whole
+    monkeypatch.undo()
+    skipped = []
+    results = G.generate_batch(items, model=model_dir, options=options, on_skip=skipped.append)
+    assert [i.where for i in skipped] == [f"{datalist}, line 1"] and [r.paths.ct.name for r in results] == ["b_ct.nii.gz"]
+    assert results[0].report["seed"] == 1  # the seed item 2 had in the first run

@@ -10,6 +10,7 @@ import torch
 
 from maisi2.cli import main
 from maisi2.io import load_ct, load_label_map
+from maisi2.labels import BODY, label_id
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         "--cache", cache, "--out", model)
     info = json.loads((model / "model.json").read_text())
     assert info["metadata"]["fov_mm"] == {"min": [384.0] * 3, "max": [384.0] * 3}
+    domain = info["metadata"]["domain"]  # what generation checks requests against
+    assert domain["spacing_mm"] == {"min": [6.0] * 3, "max": [6.0] * 3}
+    assert {label_id("hepatic tumor"), label_id("liver"), BODY} <= set(domain["labels_seen"])
     assert info["metadata"]["weights"] == {"vae": "ema", "unet": "ema", "controlnet": "ema"}
     # the UNet's count adds up its three stages (each resumed from the one before)
     assert info["metadata"]["trained_steps"] == {"vae": 2, "unet": 6, "controlnet": 2}

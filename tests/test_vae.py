@@ -359,3 +359,14 @@ def test_cli_train_vae_then_encode(tmp_path, scans, capsys):
     assert main(["encode", str(scans), "--vae", str(out / VAE_FILE), "--out", str(cache), "--no-progress"]) == 0
     assert "encoded 2" in capsys.readouterr().out
     assert (cache / "stats.json").is_file()
+
+
+def test_one_seed_fixes_the_weight_initialisation(tmp_path, scans):
+    """Two runs with one seed end with the same weights, whatever global RNG state the caller left."""
+    cfg, options = get_config("tiny"), VAETrainOptions(patch=(16, 16, 16))
+    runs = []
+    for name in "ab":
+        torch.manual_seed(len(runs))  # different global RNG states before each run
+        runs.append(load_checkpoint(train_vae(scans, tmp_path / name, cfg, options, fast_settings(1, seed=3)).vae))
+    a, b = (run.state_dict for run in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

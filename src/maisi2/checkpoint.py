@@ -100,32 +100,75 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint, overwrite: bool = True) 
         "step": int(ckpt.step), "extra": ckpt.extra,
     }
     with atomic_output(path, overwrite=overwrite) as tmp:
-        torch.save(payload, tmp)
+        save_torch_file(payload, tmp)
     return Path(path)
+
+
+def save_torch_file(payload: Any, path: str | Path) -> None:
+    """`torch.save`, with a failed write (which torch reports as an internal RuntimeError) as an OSError
+    naming the file, and a full disk said plainly."""
+    import errno
+    import os
+    import shutil
+
+    try:
+        torch.save(payload, path)
+    except RuntimeError as err:
+        if "write" not in str(err).lower():
+            raise
+        full = shutil.disk_usage(Path(path).parent).free < 64 * 2**20
+        code = errno.ENOSPC if full else errno.EIO
+        reason = os.strerror(code) if full else f"torch could not write it: {_first_line(err)}"
+        raise OSError(code, reason, str(path)) from err
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load` with weights_only=True and errors that say what went wrong."""
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu", what: str = "PyTorch checkpoint",
+                    remedy: str = "Re-save it as a plain state dict of tensors.") -> Any:
+    """`torch.load` with weights_only=True (a pickled payload is refused, never run) and errors that
+    say what went wrong: missing, unreadable (permissions), code inside, or damaged."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise PermissionError(f"cannot read {what} {path}: permission denied; check the file's permissions") from None
     except pickle.UnpicklingError as err:
         text = str(err)
         if "GLOBAL" in text or "global" in text:
             name = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln.lower()), "")
             raise ValueError(
-                f"{path} is not a weights-only checkpoint: loading it would run pickled code, which maisi2 "
-                f"refuses for safety ({name}). Re-save it as a plain state dict of tensors."
+                f"{path} is not a weights-only {what}: loading it would run pickled code, which maisi2 "
+                f"refuses for safety ({name}). {remedy}"
             ) from None
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
+        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated?). {remedy}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated?): {_first_line(err)}. {remedy}") from None
+
+
+def read_safetensors(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors, with the same kinds of errors as `read_torch_file`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return load_file(str(path))
+    except PermissionError:
+        raise PermissionError(f"cannot read {what} {path}: permission denied; check the file's permissions") from None
+    except Exception as err:  # safetensors raises its own error types for bad headers and short files
+        raise ValueError(f"{path} is not a readable safetensors {what} (corrupt or truncated?): {_first_line(err)}; "
+                         "re-export or re-download it") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -4,7 +4,7 @@ The VAE, flow UNet and ControlNet are trained separately (train-vae, train-flow,
 train-controlnet); `export_model` takes their EMA weights (or, for the networks named in `raw`,
 the raw ones: the EMA of a short run lags far behind it, see docs/model_card.md), checks they
 belong together (same VAE and trunk config, one scale factor), records the fields of view the
-model was trained on (from the latent cache) and writes the folder with `models.save_model_folder`.
+model was trained on (fields of view, spacings, label ids: from the latent cache) and writes the folder with `models.save_model_folder`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,32 @@ import numpy as np
 from maisi2.checkpoint import build_network, load_checkpoint, load_weights
 from maisi2.latents import read_index
 
-__all__ = ["export_model", "trained_fov_mm"]
+__all__ = ["export_model", "trained_fov_mm", "trained_domain"]
 
 
 def trained_fov_mm(cache: str | Path, downsample: int) -> dict:
     """Per-axis range of the fields of view (mm) of the volumes in a latent cache."""
     fovs = np.array([[n * downsample * s for n, s in zip(r.latent_shape[1:], r.spacing)] for r in read_index(cache)])
     return {"min": fovs.min(0).round(1).tolist(), "max": fovs.max(0).round(1).tolist()}
+
+
+def trained_domain(cache: str | Path) -> dict:
+    """model.json's ``domain`` block from a latent cache: the voxel spacings of its volumes and the
+    label ids of its labelled ones (what a ControlNet trained on it saw)."""
+    from maisi2.latents import _load
+
+    records = read_index(cache)
+    spacings = np.array([r.spacing for r in records])
+    seen: set[int] = set()
+    for record in records:
+        if record.label:
+            seen |= set(np.unique(_load(Path(cache) / record.file)["label"].numpy()).tolist())
+    seen.discard(0)
+    return {"spacing_mm": {"min": spacings.min(0).tolist(), "max": spacings.max(0).tolist()},
+            "labels_seen": sorted(int(i) for i in seen),
+            "sources": {"spacing_mm": f"the voxel sizes of the volumes in the latent cache {cache}",
+                        "fov_mm": f"the fields of view of the latent cache {cache}",
+                        "labels_seen": f"the label ids of the labelled volumes in the latent cache {cache}"}}
 
 
 def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | None, out_dir: str | Path,
@@ -60,5 +79,6 @@ def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | Non
                 **(notes or {})}
     if cache is not None:
         metadata["fov_mm"] = trained_fov_mm(cache, cfg.vae.downsample_factor)
+        metadata["domain"] = {**trained_domain(cache), **metadata.get("domain", {})}
     return save_model_folder(out_dir, cfg, networks["vae"], networks["unet"], networks.get("controlnet"),
                              scale, metadata=metadata, layout=layout, overwrite=overwrite)

@@ -2,22 +2,28 @@
 
 `generate()` reads as numbered steps, each a short function below it:
 
-1. check the settings and that no output would be overwritten unasked;
-2. read the model folder's config and metadata (no weights yet);
-3. prepare the mask: MAISI ids only, resampled (nearest) to the requested spacing, the body
-   envelope (label 200) added when missing, padded to a size the networks accept;
-4. check the request against the model (field of view) and the memory budget;
-   every refusal happens here, before any weights are read or any sampling is done;
-5. load the networks;
-6. conditioning: the mask as bit-planes, spacing, modality (and, for guidance, the mask with its
+1. check the settings (every number finite and in its range), that no output is the mask, and
+   the output folder (writable; no file replaced unasked);
+2. read the model folder's config, metadata and domain (what it was trained on; no weights yet);
+3. plan the output grid from the mask's header, before any voxel is read: the spacing asked for
+   (or the mask's; with `fit_to_model` the nearest the model knows), checked against the model's
+   domain: refused with the nearest valid request, or, with `force`, run and marked out of domain;
+4. check the plan against the memory budget and the free disk space (still no voxel read);
+5. prepare the mask: MAISI ids only, labels the model never saw (refused, replaced or reported),
+   resampled (nearest) to the planned spacing, the body envelope (label 200) added when missing,
+   padded to a size the networks accept. Every refusal happens by here, before any weights are
+   read or any sampling is done;
+6. load the networks;
+7. conditioning: the mask as bit-planes, spacing, modality (and, for guidance, the mask with its
    tumours replaced by their parent organs);
-7. denoising loop (`sampling.sample_latent`), tiled decoding (`decode.decode_tiled`) back to HU,
-   quality check; with `qc_retries`, again with seed+1, seed+2 ... while the check fails.
-   Networks that `generate` loaded itself are its alone: the UNet and ControlNet are let go
-   before decoding (read again for a retry), so the peak memory is the larger of sampling and
-   decoding, not their sum; `generate_batch` and callers passing `Models` keep theirs loaded;
-8. the report;
-9. write the CT, the prepared label map, a preview and the JSON report as one set.
+8. denoising loop (`sampling.sample_latent`), tiled decoding (`decode.decode_tiled`) back to HU
+   (a non-finite value is an error, never written as tissue), quality check; with `qc_retries`,
+   again with seed+1, seed+2 ... while the check fails. Networks that `generate` loaded itself
+   are its alone: the UNet and ControlNet are let go before decoding (read again for a retry), so
+   the peak memory is the larger of sampling and decoding, not their sum; `generate_batch` and
+   callers passing `Models` keep theirs loaded;
+9. the report;
+10. write the CT, the prepared label map, a preview and the JSON report as one set.
 
 Outputs, for ``--out CT.nii.gz``: ``CT.nii.gz`` (int16 HU in [-1000, 1000], -1000 outside the body,
 the mask's geometry and stored orientation), ``CT_label.nii.gz`` (the prepared label map, MAISI
@@ -25,8 +31,9 @@ ids, same grid, with its names and colours for 3D Slicer in ``CT_label.ctbl`` an
 ``CT_label.itksnap.txt``), ``CT_preview.png`` (axial/coronal/sagittal slices through the largest
 tumour, or the middle, with label contours, a legend and the HU window; `maisi2.preview`) and
 ``CT_report.json`` (settings, seeds, timings, memory plan, quality check of every attempt). They
-are staged beside their targets and renamed into place together at the end, so an error or
-Ctrl-C never leaves a partial set.
+are staged beside their targets and moved into place together at the end (`atomic.output_set`), so
+an error, Ctrl-C or SIGTERM never leaves a partial set, and a set that appeared meanwhile is not
+replaced.
 
 Usage::
 
@@ -39,9 +46,8 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,14 +56,16 @@ import numpy as np
 
 from maisi2 import io, label_tables
 from maisi2 import labels as L
+from maisi2.atomic import check_free_space, check_outputs, output_set
 from maisi2.dicom_series import write_ct_series
 from maisi2.preview import PREVIEW_WINDOW_HU, preview_centre, render_preview
-from maisi2.atomic import check_writable
 
 __all__ = [
     "GenerateOptions",
     "ProgressFn",
     "OutputPaths",
+    "MaskGrid",
+    "GridPlan",
     "PreparedMask",
     "GenerationResult",
     "BatchItem",
@@ -68,6 +76,8 @@ __all__ = [
     "batch_from_datalist",
     "phantom_mask",
     "mask_from_anatomy_sizes",
+    "plan_grid",
+    "preflight",
     "prepare_mask",
     "network_divisor",
     "memory_budget_bytes",
@@ -100,6 +110,9 @@ class GenerateOptions:
     decode_statistics: str = "volume"  # "tile": one-pass tiled decoding with per-tile group norms
     spill_dir: str | None = None  # CPU: a streamed decode may keep its layer tensors in files here
     fov_tolerance: float = 2.0  # refuse fields of view more than this factor outside the trained range
+    force: bool = False  # run a request outside the model's domain anyway (the report marks it out_of_domain)
+    fit_to_model: bool = False  # resample to the nearest trained spacing, pad to the trained field of view,
+                                # replace labels the model never saw (see `labels.substitute_unseen`)
     write_label: bool = True
     write_preview: bool = True
     out_format: str = "nifti"  # "dicom": the CT as a DICOM series (one file per slice) in a folder
@@ -129,6 +142,8 @@ class OutputPaths:
         stem = ct.name.removesuffix(".gz").removesuffix(".nii")
         if options.out_format == "dicom":
             ct = ct.with_name(stem)
+        elif ct.is_dir():
+            raise ValueError(f"{ct} is a folder; name the output file itself (e.g. {ct / 'ct.nii.gz'})")
         elif not ct.name.endswith((".nii.gz", ".nii")):
             raise ValueError(f"{ct}: the output CT is NIfTI; name it *.nii.gz (or pass --out-format dicom for a DICOM series)")
         label = ct.with_name(f"{stem}_label.nii.gz") if options.write_label else None
@@ -142,13 +157,44 @@ class OutputPaths:
                             self.report) if p is not None]
 
 
+@dataclass(frozen=True)
+class MaskGrid:
+    """A mask's grid without its voxels: what `plan_grid` needs (from a header, or a mask yet to be made)."""
+
+    shape: tuple[int, int, int]  # voxels per axis, RAS order
+    spacing: tuple[float, float, float]  # mm
+    itemsize: int = 2  # bytes per stored voxel (what reading the mask costs)
+    source: str = "mask"
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Step 3's result: the output grid, planned from the mask's header before any voxel is read.
+
+    shape/spacing: the output CT's grid (the mask resampled). network_shape: what the networks
+    see: `shape` padded with background to `network_divisor` multiples (and, with `fit_to_model`,
+    to the model's smallest trained field of view); the CT is cropped back to `shape`.
+    out_of_domain: why the request is outside the model's domain (non-empty only with `force`);
+    fitted: what `fit_to_model` changed.
+    """
+
+    mask: MaskGrid
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    network_shape: tuple[int, int, int]
+    out_of_domain: tuple[str, ...] = ()
+    fitted: tuple[str, ...] = ()
+
+
 @dataclass
 class PreparedMask:
     """A mask ready for the networks.
 
     volume: the label map on the output grid (resampled, body envelope added), MAISI ids.
-    padded: its labels padded with background to `network_divisor` multiples (what the
-        ControlNet sees); `data.center_pad_or_crop` back to `volume.shape` undoes it.
+    padded: its labels padded with background to the planned network shape (what the ControlNet
+        sees); `data.center_pad_or_crop` back to `volume.shape` undoes it.
+    unseen_labels: {id: voxels} of labels the model never saw in training (as given);
+    replaced_labels: {id: substitute} where `fit_to_model` replaced them.
     """
 
     volume: io.Volume
@@ -157,6 +203,8 @@ class PreparedMask:
     input_shape: tuple[int, int, int]
     input_spacing: tuple[float, float, float]
     body_voxels_added: int
+    unseen_labels: dict[int, int] = dataclasses.field(default_factory=dict)
+    replaced_labels: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> dict:
         present = sorted(int(v) for v in np.unique(self.volume.array) if v != L.BACKGROUND)
@@ -176,6 +224,11 @@ class GenerationResult:
     def passed_qc(self) -> bool:
         return bool(self.report["quality"]["passed"])
 
+    @property
+    def out_of_domain(self) -> list[str]:
+        """Why the output is outside what the model was trained on (empty when inside)."""
+        return list(self.report["domain"]["out_of_domain"])
+
 
 # -- the pipeline ----------------------------------------------------------------------------
 
@@ -191,33 +244,47 @@ def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
     32 MiB are kept for reuse) and gives the freed memory back to the system before returning.
     """
     started = time.perf_counter()
-    # 1. check inputs: settings, and outputs that may not be overwritten
-    paths = _check_request(out, options)
-    # 2. the model's config and metadata (weights later: refusals should cost nothing)
-    info, models = _model_info(model)
-    # 3. prepare the mask
-    prepared = prepare_mask(mask, info.cfg, options.spacing)
+    # 1.-4. settings, outputs, the model's domain, memory and disk: all from headers, no voxel read
+    paths, info, models, grid, fit = preflight(mask, out, model, options)
+    # 5. prepare the mask: ids, labels the model never saw, resampled, body envelope, padded
+    prepared = prepare_mask(mask, info.cfg, grid=grid, domain=info.domain, options=options)
     _check_preview_focus(prepared, options)
-    # 4. check the request against the model and the memory budget. Networks loaded here are
-    #    ours alone: the UNet and ControlNet are let go while the decoder runs.
-    release = models is None
-    fit = _check_fits(prepared, info, models, options, release)
-    # 5. load the networks
+    # 6. load the networks (those loaded here are ours alone: let go while the decoder runs)
     if on_progress is not None:
         on_progress({"phase": "loading"})
     models, load_seconds = _load_networks(info, models, options)
-    return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds, on_progress)
+    return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds, on_progress, grid)
+
+
+def preflight(mask, out: PathLike, model=None, options: GenerateOptions = GenerateOptions(),
+              release: bool | None = None):
+    """Steps 1-4, everything checked before a voxel is read: (paths, info, models, grid, fit).
+
+    `mask` may be a `MaskGrid` (e.g. a phantom not made yet), so a request is refused before
+    the mask itself costs anything. release: whether the UNet and ControlNet will be let go while
+    decoding (default: when `generate` loads them itself, i.e. `model` is not loaded `Models`).
+    """
+    # 1. check the settings, that no output is the mask, and the output folder
+    paths = _check_request(out, options, mask)
+    # 2. the model's config, metadata and domain (weights later: refusals should cost nothing)
+    info, models = _model_info(model)
+    # 3. plan the grid from the header, checked against the model's domain
+    grid = plan_grid(mask, info, options)
+    # 4. check the plan against the memory budget and the free disk space
+    fit = _check_fits(grid, info, models, options, release=models is None if release is None else release)
+    check_free_space(paths.all(), _output_bytes(grid, options))
+    return paths, info, models, grid, fit
 
 
 def _generate_prepared(prepared, paths, models, fit, options, started, load_seconds,
-                       on_progress: ProgressFn | None = None) -> GenerationResult:
-    """Steps 6-9 for a checked, prepared mask and loaded networks (shared with `generate_batch`)."""
+                       on_progress: ProgressFn | None = None, grid: GridPlan | None = None) -> GenerationResult:
+    """Steps 7-10 for a checked, prepared mask and loaded networks (shared with `generate_batch`)."""
     from maisi2 import allocator
 
     allocator.reuse_freed_memory()  # steps and decode slabs reuse freed blocks: no page-fault churn
     try:
         return _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds,
-                                    on_progress or _no_progress)
+                                    on_progress or _no_progress, grid)
     finally:
         allocator.give_back_freed_memory()
 
@@ -227,15 +294,15 @@ def _no_progress(event: dict) -> None:
 
 
 def _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds,
-                         on_progress: ProgressFn) -> GenerationResult:
-    # 6. conditioning: mask bit-planes, spacing, modality (and the tumour-free mask for guidance)
+                         on_progress: ProgressFn, grid: GridPlan | None) -> GenerationResult:
+    # 7. conditioning: mask bit-planes, spacing, modality (and the tumour-free mask for guidance)
     conditioning = _conditioning(prepared, models, options)
-    # 7. denoising loop, tiled decoding, quality check; again with the next seed while it fails
+    # 8. denoising loop, tiled decoding, quality check; again with the next seed while it fails
     attempts, best = _attempts(prepared, models, conditioning, fit, options, on_progress)
-    # 8. the report
+    # 9. the report
     timings = {"load_model": load_seconds, "total": time.perf_counter() - started}
-    report = _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings)
-    # 9. write everything as one set
+    report = _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings, grid)
+    # 10. write everything as one set
     on_progress({"phase": "writing"})
     if paths.preview is not None:
         centre, what = preview_centre(prepared.volume.array, options.preview_focus)
@@ -246,39 +313,71 @@ def _sample_decode_write(prepared, paths, models, fit, options, started, load_se
 
 # -- 1. check inputs -------------------------------------------------------------------------
 
-def _check_request(out: PathLike, options: GenerateOptions) -> OutputPaths:
-    check_options(options)
-    paths = OutputPaths.beside(out, options)
-    _check_targets(paths, options)
-    return paths
+# (option, lowest, highest): beyond these a number is a typo or a misunderstanding, not a setting.
+# Guidance and ControlNet scales far above their usual 1-10 push every latent out of the range the
+# networks were trained on; a budget over a petabyte is not a budget.
+_NUMERIC_RANGES = {
+    "steps": (1, 1000), "seed": (0, 2**63 - 1), "qc_retries": (0, 100),
+    "cfg_scale": (0.0, 100.0), "control_scale": (0.0, 100.0), "max_memory_gb": (1e-3, 2**20),
+    "fov_tolerance": (1.0, 100.0),
+}
+# Voxel sizes outside this are not CT (a 1-micron voxel, a 10 cm voxel).
+_SPACING_RANGE_MM = (0.01, 100.0)
 
 
 def check_options(options: GenerateOptions) -> None:
-    """Refuse (ValueError) settings `generate` would refuse, whatever the mask: cheap, no files read."""
-    if not 1 <= options.steps <= 1000:
-        raise ValueError(f"steps must be between 1 and 1000, got {options.steps}")
-    if options.seed < 0 or options.qc_retries < 0:
-        raise ValueError("seed and qc_retries must be >= 0")
-    if options.cfg_scale is not None and not math.isfinite(options.cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number, got {options.cfg_scale}")
+    """Every numeric option finite and inside its range: a ValueError naming the option otherwise."""
+    for name, (low, high) in _NUMERIC_RANGES.items():
+        value = getattr(options, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number from {low:g} to "
+                             f"{high:g}, got {value!r}")
+    if not isinstance(options.steps, (int, np.integer)) or not isinstance(options.seed, (int, np.integer)):
+        raise ValueError(f"steps and seed must be whole numbers, got {options.steps!r} and {options.seed!r}")
+    if options.spacing is not None:
+        _check_spacing(options.spacing, "spacing (--spacing)")
     if options.decode_statistics not in ("volume", "tile"):
         raise ValueError(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
-    if options.max_memory_gb is not None and not options.max_memory_gb > 0:
-        raise ValueError(f"max_memory_gb must be positive, got {options.max_memory_gb}")
-    if options.spill_dir is not None and not Path(options.spill_dir).expanduser().is_dir():
-        raise ValueError(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
-    if options.spacing is not None:
-        io.ras_affine(options.spacing)  # validates: three positive numbers
     if options.out_format not in ("nifti", "dicom"):
         raise ValueError(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
+    if options.spill_dir is not None and not Path(options.spill_dir).expanduser().is_dir():
+        raise ValueError(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
 
 
-def _check_targets(paths: OutputPaths, options: GenerateOptions) -> None:
-    for path in paths.all():
-        if options.out_format == "dicom" and path == paths.ct:
-            _check_series_folder(path, options.overwrite)
-        else:
-            check_writable(path, options.overwrite)
+def _check_spacing(spacing, what: str) -> None:
+    low, high = _SPACING_RANGE_MM
+    values = list(spacing)
+    if len(values) != 3 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in values) \
+            or not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise ValueError(f"{what} must be three finite voxel sizes from {low:g} to {high:g} mm, got {values}")
+
+
+def _check_request(out: PathLike, options: GenerateOptions, mask=None) -> OutputPaths:
+    check_options(options)
+    paths = OutputPaths.beside(out, options)
+    if isinstance(mask, (str, os.PathLike)):
+        _check_not_the_mask(paths, Path(mask).expanduser())
+    if options.out_format == "dicom":
+        _check_series_folder(paths.ct, options.overwrite)
+    check_outputs(paths.all(), options.overwrite, folders=_folders(paths, options))
+    return paths
+
+
+def _folders(paths: OutputPaths, options: GenerateOptions) -> tuple[Path, ...]:
+    """The outputs that are folders: the CT of a DICOM series."""
+    return (paths.ct,) if options.out_format == "dicom" else ()
+
+
+def _check_not_the_mask(paths: OutputPaths, mask: Path) -> None:
+    """An output that is the input mask would replace it (with --overwrite) or be refused confusingly."""
+    for target in paths.all():
+        same = target.resolve() == mask.resolve() or (target.exists() and mask.exists() and os.path.samefile(target, mask))
+        if same:
+            raise ValueError(f"output {target} is the input mask {mask}; choose another --out")
 
 
 def _check_series_folder(folder: Path, overwrite: bool) -> None:
@@ -311,7 +410,7 @@ def _model_info(model):
     return info, None
 
 
-# -- 3. prepare the mask ---------------------------------------------------------------------
+# -- 3. plan the grid from the header ----------------------------------------------------------
 
 def network_divisor(cfg) -> int:
     """Every image axis must be a multiple of this: VAE factor x the UNet's total downsampling."""
@@ -341,64 +440,81 @@ def mask_from_anatomy_sizes(sizes, out: PathLike, model=None, mask_generator: st
     return sample.native, {"generator": str(folder), "kind": generator.source, **sample.describe()}
 
 
-def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> io.Volume:
-    """The label map of a procedural phantom (`maisi2.phantom`), as a mask to generate from."""
-    from maisi2.phantom import make_phantom
+def plan_grid(mask, info, options: GenerateOptions = GenerateOptions()) -> GridPlan:
+    """The output grid from the mask's header (or `MaskGrid`), checked against `info.domain`.
 
-    _, labels, affine = make_phantom(tuple(shape), tuple(spacing), tumors, seed)
-    return io.Volume(labels.astype(np.int16), affine)
-
-
-def prepare_mask(mask: PathLike | io.Volume, cfg, spacing=None) -> PreparedMask:
-    """Load/check a mask, resample it to `spacing` (nearest), add the body envelope, pad it."""
-    from maisi2.data import center_pad_or_crop
-
-    volume, source = _load_mask(mask)
-    input_shape, input_spacing = volume.shape, volume.spacing
-    if spacing is not None and not np.allclose(spacing, volume.spacing, rtol=1e-4):
-        volume = io.resample_to_spacing(volume, spacing, order=0)
-    volume, added = _with_body(volume, source)
-    divisor = network_divisor(cfg)
-    padded_shape = tuple(-(-n // divisor) * divisor for n in volume.shape)
-    padded = center_pad_or_crop(volume.array, padded_shape, fill=L.BACKGROUND)
-    return PreparedMask(volume, padded, source, input_shape, input_spacing, added)
-
-
-def _check_preview_focus(prepared: PreparedMask, options: GenerateOptions) -> None:
-    """A preview asked to centre on a label the mask lacks is refused before any work."""
-    if options.write_preview and options.preview_focus is not None:
-        preview_centre(prepared.volume.array, options.preview_focus)
+    Outside the domain: a ValueError that says what the model supports and the nearest valid
+    request, unless `options.force` (then the plan carries the reasons) or `options.fit_to_model`
+    (then the spacing is clipped into the trained range and the networks' input padded up to the
+    smallest trained field of view).
+    """
+    grid, domain = mask_grid(mask), info.domain
+    spacing = tuple(float(v) for v in (options.spacing or grid.spacing))
+    fitted = []
+    if options.fit_to_model and domain.nearest_spacing(spacing) != spacing:
+        nearest = domain.nearest_spacing(spacing)
+        fitted.append(f"voxels of {_mm(spacing)} mm resampled to {_mm(nearest)} mm")
+        spacing = nearest
+    shape = grid.shape if np.allclose(spacing, grid.spacing, rtol=1e-4) else \
+        tuple(int(n) for n in io.resampled_shape(grid.shape, grid.spacing, spacing))
+    network_shape = _network_shape(shape, spacing, info.cfg, domain if options.fit_to_model else None, fitted)
+    problems = domain.grid_problems(network_shape, spacing, options.fov_tolerance)
+    if problems and not options.force:
+        raise ValueError(_out_of_domain_message(info, domain, problems, grid, spacing, network_shape))
+    return GridPlan(grid, shape, spacing, network_shape, tuple(problems), tuple(fitted))
 
 
-def _load_mask(mask) -> tuple[io.Volume, str]:
+def mask_grid(mask) -> MaskGrid:
+    """The grid of a mask file (header only), an `io.Volume` or a `MaskGrid`."""
+    if isinstance(mask, MaskGrid):
+        return mask
     if isinstance(mask, io.Volume):
-        array = np.asarray(mask.array)
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError("the mask Volume must hold integer MAISI label ids")
-        L.check_label_ids(array, what="mask")
-        return mask.with_array(array.astype(np.int16)), "volume given in code"
-    return io.load_label_map(mask), str(mask)  # checks the ids
+        return MaskGrid(mask.shape, mask.spacing, np.asarray(mask.array).itemsize, "volume given in code")
+    shape, spacing, dtype = io.read_grid(mask)
+    return MaskGrid(shape, spacing, dtype.itemsize, str(mask))
 
 
-def _with_body(volume: io.Volume, source: str) -> tuple[io.Volume, int]:
-    """Add the body envelope (label 200) to unlabelled voxels inside the labels' filled hull."""
-    from maisi2.envelope import body_envelope_from_labels
-
-    labels = volume.array
-    if not np.any(labels != L.BACKGROUND):
-        raise ValueError(f"mask {source} holds no labels (every voxel is 0); pass a MAISI label map with the "
-                         "body (200) and organ labels")
-    if np.any(labels == L.BODY):
-        return volume, 0
-    envelope = body_envelope_from_labels(labels, spacing=volume.spacing)
-    fill = (labels == L.BACKGROUND) & envelope
-    out = labels.copy()
-    out[fill] = L.BODY
-    return volume.with_array(out), int(np.count_nonzero(fill))
+def _network_shape(shape, spacing, cfg, domain, fitted: list) -> tuple[int, int, int]:
+    """`shape` padded to divisor multiples; with a domain (fit_to_model), at least its smallest field of view."""
+    divisor = network_divisor(cfg)
+    want = list(shape)
+    if domain is not None and domain.fov_mm:
+        smallest = [math.ceil(lo / s - 1e-6) for lo, s in zip(domain.fov_mm[0], spacing)]
+        if any(m > n for m, n in zip(smallest, shape)):
+            want = [max(n, m) for n, m in zip(shape, smallest)]
+            fitted.append(f"field of view padded with background from {_mm(_fov_of(shape, spacing), 0)} to "
+                          f"{_mm(_fov_of(want, spacing), 0)} mm for the networks (the CT keeps the mask's extent)")
+    return tuple(-(-n // divisor) * divisor for n in want)
 
 
-def _fov(volume: io.Volume) -> tuple[float, float, float]:
-    return tuple(float(n * s) for n, s in zip(volume.shape, volume.spacing))
+def _out_of_domain_message(info, domain, problems, grid: MaskGrid, spacing, network_shape) -> str:
+    """One line: what the model was trained on, what is wrong, and the nearest valid request."""
+    nearest = domain.nearest_spacing(spacing)
+    hints = []
+    if nearest != tuple(spacing):
+        hints.append(f"--spacing {' '.join(f'{v:g}' for v in nearest)}")
+    fov = _fov_of(network_shape, spacing)
+    if domain.fov_mm and any(f > hi for f, hi in zip(fov, domain.fov_mm[1])):
+        hints.append(f"a mask cropped to at most {_mm(domain.fov_mm[1], 0)} mm")
+    fit = "--fit-to-model (fit_to_model=True) resamples and pads to the trained grid"
+    suggestion = f"{' and '.join(hints)}; or {fit}" if hints else fit
+    name = "the bundled model" if info.model_dir == _default_model_dir() else f"the model in {info.model_dir}"
+    return (f"{name} was trained on {domain.describe()}, but {'; '.join(problems)}. Nearest valid request: "
+            f"{suggestion}; --force (force=True) runs anyway and marks the output out of domain")
+
+
+def _default_model_dir() -> Path:
+    from maisi2.models import default_model_dir
+
+    return default_model_dir()
+
+
+def _mm(values, digits: int | None = None) -> str:
+    return " x ".join(f"{v:g}" if digits is None else f"{v:.{digits}f}" for v in values)
+
+
+def _fov_of(shape, spacing) -> tuple[float, ...]:
+    return tuple(float(n * s) for n, s in zip(shape, spacing))
 
 
 # -- 4. does the request fit? ----------------------------------------------------------------
@@ -439,8 +555,19 @@ def _weight_bytes(info, models) -> dict[str, int]:
                 for kind in NETWORK_KINDS}
 
 
-def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions, release: bool = False) -> dict:
-    """Refuse (ValueError) a field of view far off the model's or a size over the memory budget.
+def _prepare_bytes(grid: GridPlan) -> int:
+    """Peak host bytes of step 5: the stored voxels read and converted (twice their size, int16 twice,
+    a bool mask), then the resampled labels with the body envelope's masks (~16 bytes a voxel)."""
+    return math.prod(grid.mask.shape) * (2 * grid.mask.itemsize + 5) + math.prod(grid.network_shape) * 16
+
+
+def _output_bytes(grid: GridPlan, options: GenerateOptions) -> int:
+    """Disk the outputs may take: int16 CT and uint8 labels uncompressed (gzip's worst case), 4 MiB more."""
+    return math.prod(grid.shape) * (2 + (1 if options.write_label else 0)) + 4 * 2**20
+
+
+def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release: bool = False) -> dict:
+    """Refuse (ValueError) a request over the memory budget: preparing the mask, sampling, decoding.
 
     Returns the memory plan: budget, weights, sampling peak, host arrays, decode tiles, device, and
     `release` (the UNet and ControlNet are let go before decoding, so the decoder's budget counts
@@ -448,31 +575,36 @@ def _check_fits(prepared: PreparedMask, info, models, options: GenerateOptions, 
     """
     from maisi2.nets import resolve_device
 
-    _check_fov(prepared, info, options.fov_tolerance)
     device = resolve_device(options.device)
     weights = _weight_bytes(info, models)
     fit = {"device": str(device), "budget": memory_budget_bytes(options.max_memory_gb, device),
            "weights": sum(weights.values()), "release": release,
            "decode_weights": weights["vae"] if release else sum(weights.values()),
+           "prepare": _prepare_bytes(grid),
            # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
-           "host": math.prod(prepared.padded.shape) * 12 if device.type == "cpu" else 0}
-    fit["sampling"] = fit["weights"] + _sampling_bytes(prepared, info.cfg, options, device)
-    fit["plan"] = _decode_plan(prepared, info.cfg, fit, options.spill_dir if device.type == "cpu" else None)
+           "host": math.prod(grid.network_shape) * 12 if device.type == "cpu" else 0}
+    if fit["prepare"] > fit["budget"]:
+        raise ValueError(
+            f"reading the {_mm(grid.mask.shape)} mask and resampling it to {_mm(grid.network_shape)} voxels needs "
+            f"about {fit['prepare'] / 2**30:.1f} GB, over the {fit['budget'] / 2**30:.1f} GB budget. Raise "
+            "--max-memory, choose a coarser --spacing, or crop the mask")
+    fit["sampling"] = fit["weights"] + _sampling_bytes(grid, info.cfg, options, device)
+    fit["plan"] = _decode_plan(grid, info.cfg, fit, options.spill_dir if device.type == "cpu" else None)
     return fit
 
 
-def _sampling_bytes(prepared: PreparedMask, cfg, options: GenerateOptions, device) -> int:
+def _sampling_bytes(grid: GridPlan, cfg, options: GenerateOptions, device) -> int:
     from maisi2 import sampling
 
-    latent = tuple(n // cfg.vae.downsample_factor for n in prepared.padded.shape)
+    latent = tuple(n // cfg.vae.downsample_factor for n in grid.network_shape)
     flash = device.type == "cuda" and cfg.unet.use_flash_attention
     return sampling.estimate_sampling_bytes(cfg, latent, flash, options.cfg_scale is not None, _half(options, device))
 
 
-def _decode_plan(prepared: PreparedMask, cfg, fit: dict, spill_dir: str | None = None):
+def _decode_plan(grid: GridPlan, cfg, fit: dict, spill_dir: str | None = None):
     from maisi2 import decode
 
-    budget, size = fit["budget"], "x".join(map(str, prepared.padded.shape))
+    budget, size = fit["budget"], "x".join(map(str, grid.network_shape))
     if fit["sampling"] > budget:
         raise ValueError(
             f"sampling a {size} volume needs about {fit['sampling'] / 2**30:.1f} GB, over the "
@@ -484,27 +616,107 @@ def _decode_plan(prepared: PreparedMask, cfg, fit: dict, spill_dir: str | None =
             f"the networks ({held / 2**30:.2f} GB) and the output arrays ({fit['host'] / 2**30:.2f} GB) "
             f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
         )
-    latent = tuple(n // cfg.vae.downsample_factor for n in prepared.padded.shape)
+    latent = tuple(n // cfg.vae.downsample_factor for n in grid.network_shape)
     return decode.plan_tiles(latent, cfg.vae, budget - held - fit["host"], spill_dir=spill_dir)
 
 
-def _check_fov(prepared: PreparedMask, info, tolerance: float) -> None:
-    fov_range = info.fov_range_mm
-    if fov_range is None:
-        return
-    low, high = fov_range
-    fov = _fov(prepared.volume)
-    for axis, (have, lo, hi) in enumerate(zip(fov, low, high)):
-        if have < lo / tolerance or have > hi * tolerance:
-            raise ValueError(
-                f"the field of view {' x '.join(f'{v:.0f}' for v in fov)} mm (shape x spacing) is far outside what "
-                f"the model was trained on ({' x '.join(f'{v:.0f}' for v in low)} to "
-                f"{' x '.join(f'{v:.0f}' for v in high)} mm; axis {'xyz'[axis]} is off by more than {tolerance:g}x). "
-                "Choose --spacing so that shape x spacing lands in that range, or use a mask of a typical body region"
-            )
+# -- 5. prepare the mask -----------------------------------------------------------------------
+
+def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> io.Volume:
+    """The label map of a procedural phantom (`maisi2.phantom`), as a mask to generate from."""
+    from maisi2.phantom import make_phantom
+
+    _, labels, affine = make_phantom(tuple(shape), tuple(spacing), tumors, seed)
+    return io.Volume(labels.astype(np.int16), affine)
 
 
-# -- 5. load the networks --------------------------------------------------------------------
+def prepare_mask(mask: PathLike | io.Volume, cfg, spacing=None, grid: GridPlan | None = None, domain=None,
+                 options: GenerateOptions = GenerateOptions()) -> PreparedMask:
+    """Load/check a mask, resample it (nearest) to the planned grid, add the body envelope, pad it.
+
+    grid: step 3's plan (default: the mask at `spacing`, padded to divisor multiples). domain: the
+    model's `ModelDomain`; labels it never saw are refused when they cover more than
+    `UNSEEN_LABEL_SHARE` of the body, replaced with `options.fit_to_model`, and always reported.
+    """
+    from maisi2.data import center_pad_or_crop
+
+    volume, source = _load_mask(mask)
+    input_shape, input_spacing = volume.shape, volume.spacing
+    target = grid.spacing if grid is not None else spacing
+    if target is not None and not np.allclose(target, volume.spacing, rtol=1e-4):
+        volume = io.resample_to_spacing(volume, target, order=0)
+    unseen, replaced = {}, {}
+    if domain is not None:
+        volume, unseen, replaced = _unseen_labels(volume, domain, options, source)
+    volume, added = _with_body(volume, source)
+    divisor = network_divisor(cfg)
+    padded_shape = grid.network_shape if grid is not None else tuple(-(-n // divisor) * divisor for n in volume.shape)
+    padded = center_pad_or_crop(volume.array, padded_shape, fill=L.BACKGROUND)
+    return PreparedMask(volume, padded, source, input_shape, input_spacing, added, unseen, replaced)
+
+
+def _check_preview_focus(prepared: PreparedMask, options: GenerateOptions) -> None:
+    """A preview asked to centre on a label the mask lacks is refused before any work."""
+    if options.write_preview and options.preview_focus is not None:
+        preview_centre(prepared.volume.array, options.preview_focus)
+
+
+# Labels the ControlNet never saw get an output it was never taught; refused (without --force or
+# --fit-to-model) when they cover more than this share of the labelled voxels.
+UNSEEN_LABEL_SHARE = 0.05
+
+
+def _unseen_labels(volume: io.Volume, domain, options: GenerateOptions, source: str):
+    ids, counts = np.unique(volume.array, return_counts=True)
+    unseen = {int(i): int(c) for i, c in zip(ids, counts) if int(i) in set(domain.unseen_labels(ids))}
+    if not unseen:
+        return volume, {}, {}
+    if options.fit_to_model:
+        array, replaced = L.substitute_unseen(volume.array, domain.labels_seen)
+        return volume.with_array(array), unseen, replaced
+    labelled = int(counts[ids != L.BACKGROUND].sum())
+    share = sum(unseen.values()) / max(labelled, 1)
+    if share > UNSEEN_LABEL_SHARE and not options.force:
+        names = ", ".join(f"{L.label_name(i)} ({i})" for i in sorted(unseen, key=unseen.get, reverse=True)[:6])
+        raise ValueError(
+            f"mask {source}: {share:.0%} of its labelled voxels carry labels the model never saw in training "
+            f"({names}{' ...' if len(unseen) > 6 else ''}); its output there would be a guess. Pass --fit-to-model "
+            "(fit_to_model=True) to replace them with the nearest labels it knows, or --force to run anyway")
+    return volume, unseen, {}
+
+
+def _load_mask(mask) -> tuple[io.Volume, str]:
+    if isinstance(mask, io.Volume):
+        array = np.asarray(mask.array)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError("the mask Volume must hold integer MAISI label ids")
+        L.check_label_ids(array, what="mask")
+        return mask.with_array(array.astype(np.int16)), "volume given in code"
+    return io.load_label_map(mask), str(mask)  # checks the ids
+
+
+def _with_body(volume: io.Volume, source: str) -> tuple[io.Volume, int]:
+    """Add the body envelope (label 200) to unlabelled voxels inside the labels' filled hull."""
+    from maisi2.envelope import body_envelope_from_labels
+
+    labels = volume.array
+    if not np.any(labels != L.BACKGROUND):
+        raise ValueError(f"mask {source} holds no labels (every voxel is 0); pass a MAISI label map with the "
+                         "body (200) and organ labels")
+    if np.any(labels == L.BODY):
+        return volume, 0
+    envelope = body_envelope_from_labels(labels, spacing=volume.spacing)
+    fill = (labels == L.BACKGROUND) & envelope
+    out = labels.copy()
+    out[fill] = L.BODY
+    return volume.with_array(out), int(np.count_nonzero(fill))
+
+
+def _fov(volume: io.Volume) -> tuple[float, float, float]:
+    return tuple(float(n * s) for n, s in zip(volume.shape, volume.spacing))
+
+
+# -- 6. load the networks --------------------------------------------------------------------
 
 def _load_networks(info, models, options: GenerateOptions):
     from maisi2.models import load_model
@@ -516,7 +728,7 @@ def _load_networks(info, models, options: GenerateOptions):
     return models, time.perf_counter() - start
 
 
-# -- 6.-8. one attempt: sample, decode, check --------------------------------------------------
+# -- 7.-8. one attempt: sample, decode, check --------------------------------------------------
 
 def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> dict:
     """Conditioning on the networks' device; with guidance also the tumour-free mask's."""
@@ -588,11 +800,13 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
         uncond=uncond, cfg_scale=options.cfg_scale if uncond is not None else None, steps=options.steps,
         seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, autocast=half,
         progress=options.progress, callback=on_progress)
+    _check_finite(latent, "the sampled latent", seed, options)
     sampled = time.perf_counter()
     if fit["release"]:
         models.release_diffusion()  # the decode plan counted only the VAE's weights
     on_progress({"phase": "decoding"})
-    hu = _decode_to_hu(latent, prepared, models, fit["plan"], half, options.progress, options.decode_statistics)
+    hu = _decode_to_hu(latent, prepared, models, fit["plan"], half, options.progress, options.decode_statistics,
+                       lambda image: _check_finite(image, "the decoded CT", seed, options))
     decoded = time.perf_counter()
     on_progress({"phase": "checking"})
     qc = quality.quality_check(hu, prepared.volume.array)
@@ -602,14 +816,31 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
     return {"seed": seed, "hu": hu, "qc": qc, "timings": timings}
 
 
+def _check_finite(values, what: str, seed: int, options: GenerateOptions) -> None:
+    """NaN or inf must never reach the int16 cast, where they would be written as tissue."""
+    import torch
+
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise ValueError(
+            f"{what} holds {bad} NaN/inf values (seed {seed}, cfg scale {options.cfg_scale}, control scale "
+            f"{options.control_scale}); nothing was written. Lower --cfg-scale / --control-scale, or check the "
+            "model's weights")
+
+
 def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, progress: bool,
-                  statistics: str) -> np.ndarray:
-    """Latent -> int16 HU on the prepared grid: decode, clip to [0, 1], to HU, crop, air outside body."""
+                  statistics: str, check=None) -> np.ndarray:
+    """Latent -> int16 HU on the prepared grid: decode, clip to [0, 1], to HU, crop, air outside body.
+
+    `check(image)` sees the decoded image before its values are clipped and cast.
+    """
     from maisi2.data import center_pad_or_crop, unit_to_hu
     from maisi2.decode import decode_tiled
 
     image = decode_tiled(models.vae, latent / models.scale_factor, plan, autocast=half, progress=progress,
                          statistics=statistics)
+    if check is not None:
+        check(image)
     hu = unit_to_hu(image[0, 0]).numpy()  # clips to [0, 1] first
     hu = center_pad_or_crop(hu, prepared.volume.shape, fill=-1000.0)
     hu[prepared.volume.array == L.BACKGROUND] = -1000.0
@@ -624,9 +855,9 @@ def _best_attempt(attempts: list[dict]) -> int:
     return min(range(len(attempts)), key=lambda i: (len(attempts[i]["qc"].failed_organs()), i))
 
 
-# -- 9. outputs --------------------------------------------------------------------------------
+# -- 9.-10. the report and the outputs -------------------------------------------------------
 
-def _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings) -> dict:
+def _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings, grid=None) -> dict:
     from maisi2 import __version__
 
     info = models.info
@@ -640,11 +871,12 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
                   "scale_factor": models.scale_factor, "metadata": models.metadata},
         "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "request"},
         **({"request": options.request} if options.request is not None else {}),
+        "domain": _domain_report(prepared, info, grid),
         "device": fit["device"],
         "precision": "fp16 autocast" if _half(options, models.device) else "fp32",
         "guidance": {"scale": options.cfg_scale, "applied": conditioning["uncond"] is not None,
                      "unconditional_mask": "tumours replaced by their parent organs (labels.remove_tumors)"},
-        "memory": {"budget_bytes": fit["budget"], "weights_bytes": fit["weights"],
+        "memory": {"budget_bytes": fit["budget"], "weights_bytes": fit["weights"], "prepare_bytes": fit.get("prepare"),
                    "weights_while_decoding_bytes": fit["decode_weights"],
                    "sampling_bytes": fit["sampling"], "host_bytes": fit["host"], "decode": fit["plan"].to_dict()},
         "seed": attempts[best]["seed"],
@@ -655,49 +887,40 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
     }
 
 
+def _domain_report(prepared: PreparedMask, info, grid: GridPlan | None) -> dict:
+    """What of this request lies outside what the model was trained on, and what was fitted to it."""
+    reasons = list(grid.out_of_domain) if grid is not None else []
+    unseen = {i: n for i, n in prepared.unseen_labels.items() if i not in prepared.replaced_labels}
+    if unseen:
+        names = ", ".join(f"{L.label_name(i)} ({i})" for i in sorted(unseen))
+        reasons.append(f"{sum(unseen.values())} voxels carry labels the model never saw in training: {names}")
+    return {
+        "out_of_domain": reasons,
+        "fitted": list(grid.fitted) if grid is not None else [],
+        "unseen_labels": {str(i): {"name": L.label_name(i), "voxels": n} for i, n in prepared.unseen_labels.items()},
+        "replaced_labels": {str(i): {"name": L.label_name(i), "by": new, "by_name": L.label_name(new)}
+                            for i, new in prepared.replaced_labels.items()},
+        "model": None if info is None else info.domain.to_dict(),
+    }
+
+
 def _write_outputs(paths: OutputPaths, prepared: PreparedMask, hu: np.ndarray, report: dict,
                    options: GenerateOptions) -> None:
-    """Stage every file beside its target, then rename them all into place (all or nothing)."""
-    staged: dict[Path, Path] = {}
-
-    def stage(target: Path) -> Path:
-        staged[target] = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part{''.join(target.suffixes)}")
-        return staged[target]
-
-    try:
-        paths.ct.parent.mkdir(parents=True, exist_ok=True)
+    """Write every file (or series folder) to its staging name, then move them all into place
+    together (`atomic.output_set`)."""
+    with output_set(paths.all(), options.overwrite, folders=_folders(paths, options)) as staged:
         if options.out_format == "dicom":
-            write_ct_series(stage(paths.ct), prepared.volume.with_array(hu), window=PREVIEW_WINDOW_HU)
+            write_ct_series(staged[paths.ct], prepared.volume.with_array(hu), window=PREVIEW_WINDOW_HU)
         else:
-            io.save_ct(stage(paths.ct), prepared.volume.with_array(hu))
+            io.save_ct(staged[paths.ct], prepared.volume.with_array(hu))
         if paths.label is not None:
-            io.save_label_map(stage(paths.label), prepared.volume, tables=False)  # staged below
-            stage(paths.slicer_colour_table).write_text(label_tables.slicer_colour_table())
-            stage(paths.itksnap_labels).write_text(label_tables.itksnap_label_description())
+            io.save_label_map(staged[paths.label], prepared.volume, tables=False)  # its tables are in the set
+            staged[paths.slicer_colour_table].write_text(label_tables.slicer_colour_table())
+            staged[paths.itksnap_labels].write_text(label_tables.itksnap_label_description())
         if paths.preview is not None:
             render_preview(hu, prepared.volume.array, prepared.volume.spacing,
-                           focus=options.preview_focus).save(stage(paths.preview), format="PNG")
-        stage(paths.report).write_text(json.dumps(report, indent=2, default=_json_default))
-        _check_targets(paths, options)  # something may have appeared meanwhile
-        for target, tmp in staged.items():
-            _move_into_place(tmp, target)
-    finally:
-        for tmp in staged.values():
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            elif tmp.exists():
-                tmp.unlink()
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename a staged file or series folder onto its target (a replaced folder goes only once the new one is in)."""
-    if not (tmp.is_dir() and target.is_dir()):
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old)
+                           focus=options.preview_focus).save(staged[paths.preview], format="PNG")
+        staged[paths.report].write_text(json.dumps(report, indent=2, default=_json_default))
 
 
 def _json_default(value):
@@ -716,6 +939,7 @@ class BatchItem:
     out: Path
     spacing: tuple[float, float, float] | None = None  # overrides the options' spacing
     seed: int | None = None  # overrides the batch seed
+    where: str = ""  # where the item comes from ("list.jsonl, line 3"), named in its errors
 
 
 def _output_name(mask: Path) -> str:
@@ -731,16 +955,17 @@ def batch_from_dir(mask_dir: PathLike, out_dir: PathLike) -> list[BatchItem]:
     masks = sorted(p for p in mask_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
     if not masks:
         raise ValueError(f"{mask_dir} holds no NIfTI masks (*.nii.gz)")
-    return [BatchItem(m, out_dir / _output_name(m)) for m in masks]
+    return [BatchItem(m, out_dir / _output_name(m), where=str(m)) for m in masks]
 
 
 def batch_from_datalist(path, out_dir: PathLike) -> list[BatchItem]:
     """A .txt (one mask path per line), .jsonl or decathlon-style .json datalist.
 
     JSONL rows and .json entries: {"mask": path (or "label", so a training datalist works),
-    "spacing": [x, y, z] (optional), "seed": int (optional), "out": file name (optional)}. Relative
-    paths are relative to the datalist's folder (a .json's: to its data root, see `maisi2.data`).
-    `path` may be a `data.DatalistSource` naming the .json's list and data root.
+    "spacing": [x, y, z] (optional), "seed": int (optional), "out": file name inside `out_dir`
+    (optional)}. Relative paths are relative to the datalist's folder (a .json's: to its data root,
+    see `maisi2.data`). `path` may be a `data.DatalistSource` naming the .json's list and data root.
+    Errors name the line (or entry).
     """
     from maisi2.data import DatalistSource, decathlon_rows
 
@@ -766,7 +991,7 @@ def _datalist_item(line: str, path: Path, number: int, out_dir: Path) -> BatchIt
     where = f"{path}, line {number}"
     if path.suffix.lower() != ".jsonl":
         mask = path.parent / line.strip()
-        return BatchItem(mask, out_dir / _output_name(mask))
+        return BatchItem(mask, out_dir / _output_name(mask), where=where)
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
@@ -782,19 +1007,38 @@ def _batch_item(row, root: Path, where: str, out_dir: Path) -> BatchItem:
     if not isinstance(row, dict) or not (row.get("mask") or row.get("label")):
         raise ValueError(f"{where}: each row needs a \"mask\" (or \"label\") path")
     mask = root / (row.get("mask") or row["label"])
-    spacing = tuple(float(v) for v in row["spacing"]) if row.get("spacing") is not None else None
-    seed = int(row["seed"]) if row.get("seed") is not None else None
-    return BatchItem(mask, out_dir / (row.get("out") or _output_name(mask)), spacing, seed)
+    spacing, seed = row.get("spacing"), row.get("seed")
+    if spacing is not None:
+        if not isinstance(spacing, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing):
+            raise ValueError(f"{where}: \"spacing\" must be a list of three numbers in mm, got {spacing!r}")
+        _check_spacing(spacing, f"{where}: \"spacing\"")
+        spacing = tuple(float(v) for v in spacing)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{where}: \"seed\" must be a whole number >= 0, got {seed!r}")
+    return BatchItem(mask, _inside(out_dir, row.get("out") or _output_name(mask), where), spacing, seed, where)
+
+
+def _inside(out_dir: Path, name, where: str) -> Path:
+    """out_dir / name, refused when `name` would lead outside `out_dir` (absolute, `..`, a symlink out)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}: \"out\" must be a file name, got {name!r}")
+    target = out_dir / name
+    root = out_dir.resolve()
+    if Path(name).is_absolute() or not target.resolve().is_relative_to(root):
+        raise ValueError(f"{where}: \"out\" {name!r} leads outside --out-dir {out_dir}; give a name inside it")
+    return target
 
 
 def generate_batch(items: Sequence[BatchItem], model=None, options: GenerateOptions = GenerateOptions(),
-                   on_done=None) -> list[GenerationResult]:
+                   on_done=None, on_skip=None) -> list[GenerationResult]:
     """Generate for each item with the networks loaded once.
 
-    Every item is checked first (outputs, mask, field of view, memory), so a bad item stops the
-    batch before any generation. Item i starts from seed ``options.seed + i * (qc_retries + 1)``
-    unless it names its own, so retries never reuse another item's seed. `on_done(result)` is
-    called after each item.
+    Items whose outputs all exist are skipped (unless `options.overwrite`), so a batch stopped by
+    a failure is finished by running it again; `on_skip(item)` is called for each. Every other
+    item is checked first (outputs, mask, domain, memory), so a bad item stops the batch before any
+    generation; errors name the item (its datalist line). Item i starts from seed
+    ``options.seed + i * (qc_retries + 1)`` unless it names its own, so retries never reuse another
+    item's seed, and a rerun gives each item the seed it had. `on_done(result)` is called after each item.
     """
     info, models = _model_info(model)
     _check_distinct(items)
@@ -802,18 +1046,53 @@ def generate_batch(items: Sequence[BatchItem], model=None, options: GenerateOpti
     for i, item in enumerate(items):
         seed = item.seed if item.seed is not None else options.seed + i * (options.qc_retries + 1)
         item_options = dataclasses.replace(options, seed=seed, spacing=item.spacing or options.spacing)
-        paths = _check_request(item.out, item_options)
-        prepared = prepare_mask(item.mask, info.cfg, item_options.spacing)
-        _check_preview_focus(prepared, item_options)
-        checked.append((prepared, paths, _check_fits(prepared, info, models, item_options), item_options))
+        if not options.overwrite and _finished(item, item_options):
+            if on_skip is not None:
+                on_skip(item)
+            continue
+        with _naming(item):
+            paths, _, _, grid, fit = preflight(item.mask, item.out, models or info, item_options, release=False)
+            prepared = prepare_mask(item.mask, info.cfg, grid=grid, domain=info.domain, options=item_options)
+            _check_preview_focus(prepared, item_options)
+        checked.append((item, prepared, paths, grid, fit, item_options))
+    if not checked:
+        return []
     models, load_seconds = _load_networks(info, models, options)
     results = []
-    for prepared, paths, fit, item_options in checked:
-        results.append(_generate_prepared(prepared, paths, models, fit, item_options, time.perf_counter(),
-                                          load_seconds))
+    for item, prepared, paths, grid, fit, item_options in checked:
+        with _naming(item):
+            results.append(_generate_prepared(prepared, paths, models, fit, item_options, time.perf_counter(),
+                                              load_seconds, grid=grid))
         if on_done is not None:
             on_done(results[-1])
     return results
+
+
+def _finished(item: BatchItem, options: GenerateOptions) -> bool:
+    """Whether every output of the item exists (outputs appear as a set, so all or none do)."""
+    paths = OutputPaths.beside(item.out, options).all()
+    present = [p for p in paths if p.exists()]
+    if present and len(present) < len(paths):
+        missing = ", ".join(str(p) for p in paths if not p.exists())
+        raise FileExistsError(f"{item.where or item.mask}: some outputs exist but {missing} does not (written by "
+                              "another version, or removed since?); remove the others or pass --overwrite")
+    return bool(present)
+
+
+@contextmanager
+def _naming(item: BatchItem):
+    """Errors raised inside name the batch item they belong to."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+        prefix = f"{item.where or item.mask}: "
+        if str(err).startswith(prefix):
+            raise
+        try:
+            named = type(err)(prefix + str(err))
+        except TypeError:
+            named = ValueError(prefix + str(err))
+        raise named from err
 
 
 def _check_distinct(items: Sequence[BatchItem]) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "ras_affine",
     "load_ct",
     "load_label_map",
+    "read_grid",
     "save_ct",
     "save_label_map",
     "check_label_map_writable",
@@ -132,6 +133,37 @@ def load_label_map(path: PathLike, check_ids: bool = True) -> Volume:
     if check_ids:
         check_label_ids(labels, what=f"label map {path}")
     return _canonical(labels, affine, path)
+
+
+def read_grid(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, float, float], np.dtype]:
+    """Shape and spacing (canonical RAS order) and stored dtype of a NIfTI file, from its header alone.
+
+    No voxel is read, so sizes can be checked before any memory is spent: a 348-byte header may
+    claim 4096^3 voxels.
+    """
+    path = _existing(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; label maps are read from NIfTI files (.nii/.nii.gz)")
+    try:
+        image = nib.load(path)  # header only: nibabel reads voxels lazily
+        shape = tuple(int(n) for n in image.shape)
+        dtype = np.dtype(image.get_data_dtype())
+    except _READ_ERRORS as err:
+        raise ValueError(f"cannot read {path} as a NIfTI image ({type(err).__name__}: {err}); the file is corrupt, "
+                         "truncated or not an image. Re-export or re-download it.") from err
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{path} has shape {shape}; expected a non-empty 3D volume (x, y, z)")
+    affine = _checked_affine(image.affine, f"affine of {path}")
+    ornt = io_orientation(affine)
+    canonical = affine @ inv_ornt_aff(ornt, shape)
+    order = [int(axis) for axis in ornt[:, 0]]
+    canonical_shape = [0, 0, 0]
+    for stored_axis, ras_axis in enumerate(order):
+        canonical_shape[ras_axis] = shape[stored_axis]
+    spacing = tuple(float(v) for v in np.linalg.norm(canonical[:3, :3], axis=0))
+    return tuple(canonical_shape), spacing, dtype
 
 
 def _existing(path: PathLike) -> Path:

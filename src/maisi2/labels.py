@@ -35,6 +35,7 @@ __all__ = [
     "BONE_IDS",
     "QC_ORGAN_GROUPS",
     "remove_tumors",
+    "substitute_unseen",
     "load_resource_json",
     "MASK_GENERATOR_CHANNEL_IDS",
     "KIDNEY_MASS",
@@ -274,3 +275,33 @@ def ids_to_channels(labels: np.ndarray) -> np.ndarray:
     for cyst in (label_id("left kidney cyst"), label_id("right kidney cyst")):
         lookup[cyst] = lookup[TUMOR_PARENT[cyst]]
     return lookup[labels.astype(np.int64)]
+
+
+def _substitute_for(label: int, seen: frozenset[int]) -> int:
+    """The nearest label in `seen` for an unseen one: a tumour's organ, a lung lobe for a lobe, a
+    bone of the same family (vertebra, rib) or any bone for a bone, else the body envelope."""
+    parent = TUMOR_PARENT.get(label)
+    if parent in seen:
+        return parent
+    families = [LUNG_IDS] if label in LUNG_IDS or label == label_id("lung tumor") else []
+    if label in BONE_IDS or label == label_id("bone lesion"):
+        families = [f for f in (_VERTEBRAE, _RIBS) if label in f] + [BONE_IDS]
+    for family in families:
+        known = [i for i in family if i in seen]
+        if known:
+            return min(known, key=lambda i: abs(i - label))
+    return BODY
+
+
+def substitute_unseen(labels: np.ndarray, seen) -> tuple[np.ndarray, dict[int, int]]:
+    """`labels` with every id not in `seen` (background aside) replaced by its nearest seen label
+    (`_substitute_for`); returns the new array and {replaced id: substitute}."""
+    seen = frozenset(int(i) for i in seen)
+    present = [int(i) for i in np.unique(labels) if int(i) != BACKGROUND and int(i) not in seen]
+    if not present:
+        return labels, {}
+    table = np.arange(max(int(labels.max()), BODY) + 1, dtype=labels.dtype)
+    replaced = {i: _substitute_for(i, seen) for i in present}
+    for old, new in replaced.items():
+        table[old] = new
+    return table[labels], replaced

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from maisi2.atomic import atomic_output
+from maisi2.checkpoint import read_torch_file, save_torch_file
 
 __all__ = ["LatentRecord", "write_latent", "read_index", "compute_scale_factor", "write_stats",
            "read_stats", "LatentDataset"]
@@ -55,7 +56,7 @@ def write_latent(cache: str | Path, name: str, latent: torch.Tensor, record: Lat
             raise ValueError(f"label map for {name} holds ids outside 0..255")
         payload["label"] = label.detach().to(torch.uint8).cpu().reshape(1, *label.shape[-3:]).contiguous()
     with atomic_output(cache / f"{name}.pt", overwrite=True) as tmp:
-        torch.save(payload, tmp)
+        save_torch_file(payload, tmp)
     # `label` names where the stored label map came from; it is never empty when one is stored,
     # so readers can tell labelled records apart without opening the files.
     label_source = record.label or ("(stored with the latent)" if label is not None else "")
@@ -117,7 +118,11 @@ def read_stats(cache: str | Path) -> dict[str, float]:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    data = read_torch_file(path, what="latent file", remedy="Delete it and run `maisi2 encode` again.")
+    if not isinstance(data, dict) or not isinstance(data.get("latent"), torch.Tensor):
+        raise ValueError(f"{path} is not a latent file of `maisi2 encode` (no \"latent\" tensor); delete it and "
+                         "run `maisi2 encode` again")
+    return data
 
 
 class LatentDataset(Dataset):

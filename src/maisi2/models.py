@@ -18,8 +18,10 @@ A model folder is one of
      "metadata": {"fov_mm": {"min": [x, y, z], "max": [x, y, z]}, ...}}
 
 ``metadata.fov_mm`` is the range of fields of view (voxels x spacing, mm per axis) the model was
-trained on; generation refuses requests far outside it. The released files carry none, so
-`RELEASED_METADATA` supplies one derived from the upstream recommended sizes and spacings.
+trained on and ``metadata.domain`` the rest of what it was trained on (`ModelDomain`: voxel
+spacings, the largest volume, the label ids its ControlNet saw, body regions, and where each
+figure comes from); generation checks every request against them before any work. The released
+files carry none, so `RELEASED_METADATA` supplies the release's own limits.
 
 Usage::
 
@@ -48,6 +50,7 @@ from maisi2.config import Config, get_config
 
 __all__ = [
     "MODEL_JSON",
+    "ModelDomain",
     "NETWORK_KINDS",
     "RELEASED_METADATA",
     "ModelInfo",
@@ -66,10 +69,119 @@ NETWORK_KINDS = ("vae", "unet", "controlnet")
 # Upstream's recommended CT targets run from a head scan (256 mm in-plane) to long-axis whole body
 # (512 x 1.5 mm in-plane = 768 mm, 768 x 1.5 mm = 1152 mm along z); the shortest recommended z
 # extent is 128 slices at 1 mm. Generation allows a factor of 2 beyond this range.
+# Spacings and the largest volume are the limits the release's own request check enforces
+# (`check_input` in its scripts/sample.py: in-plane 0.5-3.0 mm, slices 0.5-5.0 mm, output sizes up
+# to 512 x 512 x 768). Its masks use the full MAISI label set, so no label counts as unseen.
 RELEASED_METADATA: dict[str, Any] = {
     "fov_mm": {"min": [256.0, 256.0, 128.0], "max": [768.0, 768.0, 1152.0]},
     "fov_source": "NV-Generate-CTMR recommended output sizes and spacings (not the training data itself)",
+    "domain": {
+        "spacing_mm": {"min": [0.5, 0.5, 0.5], "max": [3.0, 3.0, 5.0]},
+        "max_shape": [512, 512, 768],
+        "labels_seen": None,
+        "body_regions": ["head", "chest", "abdomen", "pelvis", "lower body"],
+        "sources": {
+            "spacing_mm": "the release's request check (check_input, scripts/sample.py of NV-Generate-CTMR and "
+                          "MONAI tutorials generation/maisi): in-plane 0.5-3.0 mm, slices 0.5-5.0 mm",
+            "max_shape": "the same check: output sizes up to 512 x 512 x 768",
+            "fov_mm": "fov_source",
+            "labels_seen": "the release's masks use the full MAISI label set (label_dict.json); no per-label "
+                           "list of its training masks is published, so no label is treated as unseen",
+        },
+    },
 }
+
+
+Range = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class ModelDomain:
+    """What a model was trained on, and the checks of a request against it.
+
+    spacing_mm / fov_mm: (per-axis minimum, per-axis maximum), or None when unknown. The spacing
+    range is strict: the spacing sets how large anatomy is in voxels, which a convolutional
+    network does not extrapolate. The field of view is checked with a tolerance factor (more or
+    less body around the same anatomy). max_shape: the largest volume in voxels per axis.
+    labels_seen: the MAISI ids in the masks the ControlNet was trained on (None: all of them).
+    """
+
+    spacing_mm: Range | None = None
+    fov_mm: Range | None = None
+    max_shape: tuple[int, int, int] | None = None
+    labels_seen: frozenset[int] | None = None
+    body_regions: tuple[str, ...] = ()
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "ModelDomain":
+        block = metadata.get("domain") or {}
+
+        def span(entry) -> Range | None:
+            if not entry:
+                return None
+            return tuple(float(v) for v in entry["min"]), tuple(float(v) for v in entry["max"])
+
+        labels = block.get("labels_seen")
+        return cls(span(block.get("spacing_mm")), span(metadata.get("fov_mm")),
+                   tuple(int(v) for v in block["max_shape"]) if block.get("max_shape") else None,
+                   None if labels is None else frozenset(int(v) for v in labels),
+                   tuple(block.get("body_regions", ())), dict(block.get("sources", {})))
+
+    def describe(self) -> str:
+        """One phrase: 'voxels of 3-4 x 3-4 x 3-4.5 mm, fields of view 384 x 384 x 96-384 mm, ...'."""
+        parts = []
+        if self.spacing_mm:
+            parts.append(f"voxels of {_span_text(self.spacing_mm)} mm")
+        if self.fov_mm:
+            parts.append(f"fields of view of {_span_text(self.fov_mm)} mm")
+        if self.max_shape:
+            parts.append(f"at most {' x '.join(map(str, self.max_shape))} voxels")
+        return ", ".join(parts) or "no recorded limits"
+
+    def nearest_spacing(self, spacing) -> tuple[float, float, float]:
+        """`spacing` with each axis clipped into the trained range (itself when inside)."""
+        if not self.spacing_mm:
+            return tuple(float(v) for v in spacing)
+        low, high = self.spacing_mm
+        return tuple(float(min(max(s, lo), hi)) for s, lo, hi in zip(spacing, low, high))
+
+    def grid_problems(self, shape, spacing, fov_tolerance: float) -> list[str]:
+        """Why a grid (voxels per axis, mm per voxel) is outside the domain; empty when inside."""
+        problems = []
+        if self.spacing_mm and tuple(spacing) != self.nearest_spacing(spacing):
+            problems.append(f"voxels of {' x '.join(f'{v:g}' for v in spacing)} mm are outside the trained "
+                            f"{_span_text(self.spacing_mm)} mm")
+        fov = [n * s for n, s in zip(shape, spacing)]
+        if self.fov_mm:
+            low, high = self.fov_mm
+            if any(f < lo / fov_tolerance or f > hi * fov_tolerance for f, lo, hi in zip(fov, low, high)):
+                problems.append(f"a field of view of {' x '.join(f'{v:.0f}' for v in fov)} mm is more than "
+                                f"{fov_tolerance:g}x outside the trained {_span_text(self.fov_mm)} mm")
+        if self.max_shape and any(n > m for n, m in zip(shape, self.max_shape)):
+            problems.append(f"{' x '.join(map(str, shape))} voxels exceed the largest trained volume "
+                            f"({' x '.join(map(str, self.max_shape))})")
+        return problems
+
+    def unseen_labels(self, ids) -> list[int]:
+        """The ids among `ids` that the ControlNet never saw in training (background never counts)."""
+        if self.labels_seen is None:
+            return []
+        return sorted(int(i) for i in ids if int(i) != 0 and int(i) not in self.labels_seen)
+
+    def to_dict(self) -> dict:
+        def span(r):
+            return None if r is None else {"min": list(r[0]), "max": list(r[1])}
+
+        return {"spacing_mm": span(self.spacing_mm), "fov_mm": span(self.fov_mm),
+                "max_shape": None if self.max_shape is None else list(self.max_shape),
+                "labels_seen": None if self.labels_seen is None else sorted(self.labels_seen),
+                "body_regions": list(self.body_regions), "sources": self.sources}
+
+
+def _span_text(span: Range) -> str:
+    """((3, 3, 3), (4, 4, 4.5)) -> '3-4 x 3-4 x 3-4.5'; an axis with one value shows it once."""
+    return " x ".join(f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}" for lo, hi in zip(*span))
 
 
 @dataclass(frozen=True)
@@ -89,10 +201,11 @@ class ModelInfo:
 
     @property
     def fov_range_mm(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-        fov = self.metadata.get("fov_mm")
-        if not fov:
-            return None
-        return tuple(float(v) for v in fov["min"]), tuple(float(v) for v in fov["max"])
+        return self.domain.fov_mm
+
+    @property
+    def domain(self) -> ModelDomain:
+        return ModelDomain.from_metadata(self.metadata)
 
 
 @dataclass
@@ -276,10 +389,9 @@ def _read_weights(info: ModelInfo, prefer_ema: bool, kinds: tuple[str, ...] = NE
         released = ckpt.read_released(info.model_dir)
         return {"vae": released.vae, "unet": released.unet, "controlnet": released.controlnet}, released.scale_factor
     if info.layout == "safetensors":
-        from safetensors.torch import load_file
-
         files = {k: info.model_dir / f"{k}.safetensors" for k in kinds}
-        return {k: load_file(str(p)) if p.is_file() else None for k, p in files.items()}, float(info.scale_factor)
+        return ({k: ckpt.read_safetensors(p, f"{k} weights") if p.is_file() else None for k, p in files.items()},
+                float(info.scale_factor))
     weights, scale = {}, info.scale_factor
     for kind in NETWORK_KINDS:
         path = info.model_dir / f"{kind}.pt"

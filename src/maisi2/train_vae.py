@@ -367,7 +367,8 @@ def train_vae(datalist: str | os.PathLike, out_dir: str | os.PathLike, cfg: Conf
         raise ValueError("decoder-only training fine-tunes the decoder of a trained VAE: give its weights as --init")
     items = read_datalist(datalist)
 
-    # 2. networks
+    # 2. networks, initialised from the seed (two runs with one seed start from the same weights)
+    torch.manual_seed(settings.seed)
     vae = build_vae(cfg)
     if init is not None:
         from maisi2.vae import load_vae

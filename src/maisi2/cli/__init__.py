@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from contextlib import contextmanager
 
 # Explicit list, in the order `maisi2 --help` shows them.
 COMMAND_MODULES = [
@@ -53,16 +54,52 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
+        with _sigterm_stops_cleanly():
+            return int(args.func(args) or 0)
+    except (ValueError, OSError, KeyError, RuntimeError) as err:
         # Expected user errors: one clear line, no traceback. Set MAISI2_DEBUG=1 for the trace.
         import os
 
         if os.environ.get("MAISI2_DEBUG"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"maisi2 {args.command}: error: {msg}", file=sys.stderr)
+        print(f"maisi2 {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an expected error; an OSError from the system gets its file and what to do."""
+    import errno
+
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        hint = {errno.ENOSPC: "free some space or choose another folder",
+                errno.EDQUOT: "free some space or choose another folder",
+                errno.EACCES: "check the permissions of the file and its folder",
+                errno.EPERM: "check the permissions of the file and its folder",
+                errno.EROFS: "choose a folder on a writable file system"}.get(err.errno, "")
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror.lower()}{where}" + (f"; {hint}" if hint else "")
+    return str(err)
+
+
+@contextmanager
+def _sigterm_stops_cleanly():
+    """Inside, SIGTERM ends the command like Ctrl-C: cleanup runs (no staged files are left), exit 143."""
+    import signal
+
+    def stop(number, frame):
+        raise SystemExit(128 + number)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (e.g. called from a server): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

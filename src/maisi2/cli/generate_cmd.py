@@ -24,9 +24,11 @@ def _register_generate(sub) -> None:
         description=(
             "Generate a CT (int16 HU) from a MAISI label map with the flow model and ControlNet. Beside "
             "OUT it writes OUT_label.nii.gz (the prepared mask), OUT_preview.png and OUT_report.json. "
-            "Bad requests (unknown label ids, empty mask, a field of view far from the model's, a size over "
-            "the memory budget, existing outputs) are refused before any work. A failed quality check is reported "
-            "(and recorded in the JSON report) but is not an error: the outputs are written, exit status 0."
+            "Bad requests (unknown label ids, empty mask, a spacing or field of view outside what the model was "
+            "trained on, labels it never saw, a size over the memory budget or the free disk, existing outputs, an "
+            "output folder that cannot be written) are refused before any work, sizes planned from the mask's "
+            "header before its voxels are read. A failed quality check is reported (and recorded in the JSON "
+            "report) but is not an error: the outputs are written, exit status 0."
         ),
     )
     source = p.add_mutually_exclusive_group()
@@ -57,7 +59,12 @@ def _register_generate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--max-memory", type=float, default=None, metavar="GB",
                    help="memory budget (device memory on CUDA, RAM on CPU); default: what is free")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (batches: redo finished items)")
+    p.add_argument("--fit-to-model", action="store_true",
+                   help="fit the request to what the model was trained on: resample to the nearest trained spacing, "
+                        "pad to its smallest field of view, replace labels it never saw by the nearest it knows")
+    p.add_argument("--force", action="store_true",
+                   help="run a request outside the model's domain anyway; the JSON report lists why it is out of domain")
     p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
                    help="classifier-free guidance scale; unconditional branch = the mask without tumours")
     p.add_argument("--control-scale", type=float, default=1.0, metavar="S", help="ControlNet residual scale (default 1)")
@@ -142,7 +149,7 @@ def _options(args):
         exact_grid=args.exact_grid, cfg_scale=args.cfg_scale, control_scale=args.control_scale,
         max_memory_gb=args.max_memory, device=args.device, half_precision=False if args.fp32 else None,
         qc_retries=args.qc_retries, decode_statistics="tile" if args.tile_statistics else "volume",
-        spill_dir=args.spill_dir,
+        spill_dir=args.spill_dir, force=args.force, fit_to_model=args.fit_to_model,
         write_label=not args.no_label, write_preview=not args.no_preview, preview_focus=args.preview_at,
         out_format=args.out_format,
         overwrite=args.overwrite, progress=not args.no_progress,
@@ -168,7 +175,8 @@ def _generate(args) -> int:
     if batch:
         items = (G.batch_from_dir(args.mask_dir, args.out_dir) if args.mask_dir
                  else G.batch_from_datalist(datalist_source(args.datalist, args), args.out_dir))
-        G.generate_batch(items, model=args.model, options=options, on_done=_print_result)
+        G.generate_batch(items, model=args.model, options=options, on_done=_print_result,
+                         on_skip=lambda item: print(f"skipped {item.out} (already written; --overwrite redoes it)"))
         return 0
     if intent:
         return _generate_from_intent(args, options)
@@ -177,6 +185,9 @@ def _generate(args) -> int:
         from maisi2.phantom import parse_tumor_specs
 
         tumors = parse_tumor_specs(args.tumors, args.tumor_radius_mm)
+        # Refuse an impossible phantom request from its grid, before the phantom costs anything.
+        G.preflight(G.MaskGrid(tuple(args.shape), tuple(args.phantom_spacing), 2, "phantom"), args.out,
+                    args.model, options)
         mask = G.phantom_mask(args.shape, args.phantom_spacing, tumors, args.phantom_seed)
     elif args.anatomy_size:
         mask, made = G.mask_from_anatomy_sizes(args.anatomy_size, args.out, args.model, args.mask_generator, options,
@@ -263,6 +274,11 @@ def _print_result(result) -> None:
           f"{attempts} attempt{'s' if attempts > 1 else ''})")
     for path in result.paths.all()[1:]:
         print(f"  {path}")
+    domain = result.report["domain"]
+    for change in domain["fitted"]:
+        print(f"  fitted to the model: {change}")
+    for reason in domain["out_of_domain"]:
+        print(f"  WARNING, out of the model's domain: {reason}")
 
 
 def _qc(args) -> int:

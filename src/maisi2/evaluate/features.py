@@ -139,17 +139,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"ResNet-50 weights file {path} does not exist; give a RadImageNet or torchvision ResNet-50 state "
             "dict (.pt/.pth/.safetensors), or leave out --weights to use the offline hu-texture features"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from maisi2.checkpoint import read_safetensors, read_torch_file
 
-        try:
-            data = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for bad headers
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-    else:
-        from maisi2.checkpoint import read_torch_file
-
-        data = read_torch_file(path)
+    data = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maisi2.checkpoint import save_torch_file
 from maisi2.data import hu_to_unit
 from maisi2.labels import TUMOR_IDS
 
@@ -154,7 +155,7 @@ def _save(path: Path, model, optimizer, config, settings, step, losses) -> None:
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "optimizer": optimizer.state_dict(), "step": int(step), "losses": [float(v) for v in losses]}
     with atomic_output(path, overwrite=True) as tmp:
-        torch.save(payload, tmp)
+        save_torch_file(payload, tmp)
 
 
 def _read(path: Path) -> dict:

@@ -145,6 +145,9 @@ def write_phantom(out_dir, shape, spacing, tumors: Sequence[TumorSpec] = (), see
 
 
 # Probability that a phantom of a random set carries a lesion of each kind (one lesion each).
+# The largest phantom: 2^30 voxels (1024^3; the release's largest CT is 512 x 512 x 768 = 2^27.6).
+# Making one takes tens of bytes of float fields per voxel, so bigger requests are typos, not phantoms.
+MAX_PHANTOM_VOXELS = 2**30
 RANDOM_TUMOR_RATES = {"hepatic": 0.5, "lung": 0.5, "pancreatic": 0.3, "colon": 0.3, "bone": 0.3, "kidney-cyst": 0.3}
 
 
@@ -209,6 +212,9 @@ def _check_grid(shape, spacing) -> tuple[tuple[int, int, int], np.ndarray]:
         ok = False
     if not ok:
         raise ValueError(f"shape must be three positive integers (voxels along x, y, z), got {shape!r}")
+    if math.prod(dims) > MAX_PHANTOM_VOXELS:
+        raise ValueError(f"shape {' x '.join(map(str, dims))} is {math.prod(dims):.3g} voxels; a phantom has at most "
+                         f"{MAX_PHANTOM_VOXELS:.3g} (e.g. 1024 x 1024 x 1024), which a CPU can make in memory")
     try:
         mm = np.asarray(spacing, dtype=np.float64)
     except (TypeError, ValueError):
