@@ -576,18 +576,18 @@ def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release:
     from maisi2.nets import resolve_device
 
     device = resolve_device(options.device)
-    weights = _weight_bytes(info, models)
-    fit = {"device": str(device), "budget": memory_budget_bytes(options.max_memory_gb, device),
-           "weights": sum(weights.values()), "release": release,
-           "decode_weights": weights["vae"] if release else sum(weights.values()),
-           "prepare": _prepare_bytes(grid),
-           # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
-           "host": math.prod(grid.network_shape) * 12 if device.type == "cpu" else 0}
-    if fit["prepare"] > fit["budget"]:
+    budget, prepare = memory_budget_bytes(options.max_memory_gb, device), _prepare_bytes(grid)
+    if prepare > budget:
         raise ValueError(
             f"reading the {_mm(grid.mask.shape)} mask and resampling it to {_mm(grid.network_shape)} voxels needs "
-            f"about {fit['prepare'] / 2**30:.1f} GB, over the {fit['budget'] / 2**30:.1f} GB budget. Raise "
+            f"about {prepare / 2**30:.1f} GB, over the {budget / 2**30:.1f} GB budget. Raise "
             "--max-memory, choose a coarser --spacing, or crop the mask")
+    weights = _weight_bytes(info, models)
+    fit = {"device": str(device), "budget": budget, "prepare": prepare,
+           "weights": sum(weights.values()), "release": release,
+           "decode_weights": weights["vae"] if release else sum(weights.values()),
+           # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
+           "host": math.prod(grid.network_shape) * 12 if device.type == "cpu" else 0}
     fit["sampling"] = fit["weights"] + _sampling_bytes(grid, info.cfg, options, device)
     fit["plan"] = _decode_plan(grid, info.cfg, fit, options.spill_dir if device.type == "cpu" else None)
     return fit
