@@ -501,10 +501,11 @@ def released_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_released_files_generate_through_the_same_path(released_dir, tmp_path):
-    """The released layout loads strictly into the maisi-v2 preset; a 64^3 CT at 4 mm, 2 steps."""
+    """The released layout loads strictly into the maisi-v2 preset; a 64^3 CT at 3 x 3 x 4 mm (the
+    coarsest in-plane spacing the release supports), 2 steps."""
     info = models.read_model_info(released_dir)
     assert info.layout == "released" and info.cfg.preset == "maisi-v2" and info.fov_range_mm is not None
-    mask = G.phantom_mask((64, 64, 64), (4.0, 4.0, 4.0), seed=0)
+    mask = G.phantom_mask((64, 64, 64), (3.0, 3.0, 4.0), seed=0)
     result = G.generate(mask, tmp_path / "ct.nii.gz", model=released_dir,
                         options=G.GenerateOptions(steps=2, seed=0, write_preview=False))
     ct = nib.load(result.paths.ct)

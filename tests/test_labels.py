@@ -69,3 +69,18 @@ def test_lesion_without_any_candidate_falls_back_to_body():
 def test_qc_groups_cover_the_reference_organs(reference_dir):
     stats = json.loads((reference_dir / "image_median_statistics_ct.json").read_text())
     assert set(labels.QC_ORGAN_GROUPS) == set(stats)
+
+
+def test_unseen_labels_are_replaced_by_their_nearest_seen_look_alike():
+    from maisi2.labels import substitute_unseen
+
+    seen = {label_id(n) for n in ("liver", "aorta", "right lung lower lobe", "vertebrae T4", "left rib 3",
+                                  "left autochthon", "heart")} | {BODY}
+    names = ["hepatic tumor", "trachea", "left subclavian artery", "vertebrae T3", "left rib 1", "left femur",
+             "left gluteus maximus", "left atrial appendage", "thyroid gland", "liver"]
+    labels = np.array([[[label_id(n) for n in names] + [0]]], dtype=np.int16)
+    out, replaced = substitute_unseen(labels, seen)
+    want = ["liver", "right lung lower lobe", "aorta", "vertebrae T4", "left rib 3", "left rib 3",
+            "left autochthon", "heart", "body", "liver"]
+    assert out[0, 0].tolist() == [label_id(n) for n in want] + [0]
+    assert replaced == {label_id(n): label_id(w) for n, w in zip(names, want) if n != w}

@@ -277,15 +277,32 @@ def ids_to_channels(labels: np.ndarray) -> np.ndarray:
     return lookup[labels.astype(np.int64)]
 
 
+# Families of look-alike tissue by name, for replacing a label a model never saw (air, vessels, muscle).
+_FAMILY_WORDS = {"airway": ("lung", "trachea"), "artery": ("artery", "aorta", "trunk"), "vein": ("vein", "vena"),
+                 "muscle": ("gluteus", "iliopsoas", "autochthon"), "heart": ("heart", "atrial")}
+
+
+def _name_family(label: int) -> tuple[int, ...]:
+    name = ID_TO_NAME.get(label, "")
+    for words in _FAMILY_WORDS.values():
+        if any(w in name for w in words):
+            return tuple(i for i, n in ID_TO_NAME.items() if any(w in n for w in words) and i not in TUMOR_IDS)
+    return ()
+
+
 def _substitute_for(label: int, seen: frozenset[int]) -> int:
-    """The nearest label in `seen` for an unseen one: a tumour's organ, a lung lobe for a lobe, a
-    bone of the same family (vertebra, rib) or any bone for a bone, else the body envelope."""
+    """The nearest label in `seen` for an unseen one: a tumour's organ; a bone of the same family
+    (vertebra, rib) or any bone; a seen airway or lung lobe for air, a vessel for a vessel, a muscle
+    for a muscle; else the body envelope (soft tissue)."""
     parent = TUMOR_PARENT.get(label)
     if parent in seen:
         return parent
-    families = [LUNG_IDS] if label in LUNG_IDS or label == label_id("lung tumor") else []
     if label in BONE_IDS or label == label_id("bone lesion"):
         families = [f for f in (_VERTEBRAE, _RIBS) if label in f] + [BONE_IDS]
+    elif label == label_id("lung tumor"):
+        families = [LUNG_IDS]
+    else:
+        families = [_name_family(label)]
     for family in families:
         known = [i for i in family if i in seen]
         if known:
