@@ -93,3 +93,81 @@ def test_released_layout_round_trip(tmp_path):
     (tmp_path / "autoencoder_v1.pt").unlink()
     with pytest.raises(FileNotFoundError, match="autoencoder_v1.pt"):
         read_released(tmp_path)
+
+
+class _Marker:
+    """A pickle payload that would leave a file behind if it ever ran."""
+
+    path = ""
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_payload_in_a_latent_cache_is_refused_and_never_runs(tmp_path):
+    from maisi2 import latents
+
+    marker = tmp_path / "payload_ran"
+    _Marker.path = str(marker)
+    torch.save({"latent": torch.zeros(4, 2, 2, 2), "extra": _Marker()}, tmp_path / "case.pt")
+    with pytest.raises(ValueError, match=r"case.pt is not a weights-only latent file: loading it would run pickled "
+                                         r"code.*Delete it and run `maisi2 encode` again"):
+        latents._load(tmp_path / "case.pt")
+    assert not marker.exists()
+
+
+def test_truncated_or_garbage_safetensors_are_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from maisi2.checkpoint import read_safetensors
+
+    good = tmp_path / "unet.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(good))
+    (tmp_path / "short.safetensors").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage" * 50)
+    for name in ("short", "junk"):
+        with pytest.raises(ValueError, match=rf"{name}.safetensors is not a readable safetensors unet weights "
+                                             r"\(corrupt or truncated\?\): .*; re-export or re-download it") as err:
+            read_safetensors(tmp_path / f"{name}.safetensors", "unet weights")
+        assert "\n" not in str(err.value)
+
+
+def test_permission_denied_is_reported_as_such_not_as_corrupt(tmp_path, monkeypatch):
+    """Root reads any file, so the denial is simulated where the file is opened."""
+    from maisi2 import io
+    from maisi2.checkpoint import read_safetensors, read_torch_file
+
+    good = save_checkpoint(tmp_path / "good.pt", Checkpoint("unet", get_config("tiny"), _tiny_unet().state_dict()))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(good))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(PermissionError, match=r"cannot read PyTorch checkpoint .*good.pt: permission denied"):
+        read_torch_file(good)
+    monkeypatch.setattr("safetensors.torch.load_file", denied)
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+    with pytest.raises(PermissionError, match="permission denied"):
+        read_safetensors(tmp_path / "w.safetensors")
+    monkeypatch.setattr(io.nib, "load", denied)
+    (tmp_path / "mask.nii.gz").write_bytes(b"x")
+    for read in (io.load_label_map, io.read_grid):
+        with pytest.raises(PermissionError, match=r"cannot read .*mask.nii.gz: permission denied"):
+            read(tmp_path / "mask.nii.gz")
+
+
+def test_a_full_disk_while_checkpointing_says_so(tmp_path, monkeypatch):
+    from maisi2.atomic import OutputError
+
+    def torch_full_disk(payload, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", torch_full_disk)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: type("U", (), {"free": 0})())
+    target = tmp_path / "run" / "last.pt"
+    with pytest.raises(OutputError) as err:
+        save_checkpoint(target, Checkpoint("unet", get_config("tiny"), _tiny_unet().state_dict()))
+    assert str(err.value) == (f"writing {target} failed (No space left on device); the disk is full: free some space "
+                              "or choose another output folder")
+    assert list((tmp_path / "run").iterdir()) == []

@@ -148,6 +148,8 @@ def read_grid(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, float,
         image = nib.load(path)  # header only: nibabel reads voxels lazily
         shape = tuple(int(n) for n in image.shape)
         dtype = np.dtype(image.get_data_dtype())
+    except PermissionError:
+        raise PermissionError(f"cannot read {path}: permission denied; check the file's permissions") from None
     except _READ_ERRORS as err:
         raise ValueError(f"cannot read {path} as a NIfTI image ({type(err).__name__}: {err}); the file is corrupt, "
                          "truncated or not an image. Re-export or re-download it.") from err
@@ -181,6 +183,8 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
         image = nib.load(path)
         # Reading the data here, not lazily later, so a truncated file fails with its name attached.
         array = image.get_fdata(dtype=dtype) if dtype is not None else np.asanyarray(image.dataobj)
+    except PermissionError:
+        raise PermissionError(f"cannot read {path}: permission denied; check the file's permissions") from None
     except _READ_ERRORS as err:
         hint = " For DICOM, pass the folder holding the series, not one slice." if path.suffix.lower() == ".dcm" else ""
         raise ValueError(
