@@ -324,11 +324,11 @@ def test_results_survive_a_restart_and_staging_left_by_a_killed_server_is_remove
 def test_generation_refusals_come_back_as_the_clis_messages(client):
     mask = phantom(client)
     for body, status, message in (
-        ({"steps": 0}, 400, "steps must be between 1 and 1000"),
-        ({"seed": -1}, 400, "seed and qc_retries must be >= 0"),
+        ({"steps": 0}, 400, "steps (--steps) must be a finite number from 1 to 1000"),
+        ({"seed": -1}, 400, "seed (--seed) must be a finite number from 0 to"),
         ({"precision": "fp8"}, 400, "precision must be one of auto, fp32, fp16"),
         ({"model": "huge"}, 400, "unknown model 'huge'; this server offers tiny"),
-        ({"spacing": [1, 1, -1]}, 400, "spacing must be three positive numbers"),
+        ({"spacing": [1, 1, -1]}, 400, "spacing (--spacing) must be three finite voxel sizes"),
     ):
         response = client.post("/api/jobs", json={"mask": mask["id"], "model": "tiny", **body})
         assert response.status_code == status and message in response.json()["error"], (body, response.text)
