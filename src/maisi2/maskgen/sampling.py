@@ -28,6 +28,7 @@ __all__ = ["MaskSample", "sample_latent", "size_vector", "generate_mask", "DEFAU
 
 DEFAULT_FLOW_STEPS = 30
 
+
 @dataclass
 class MaskSample:
     """A generated mask and how it was made."""
@@ -44,6 +45,7 @@ class MaskSample:
         return {"size_vector": dict(zip(SLOTS, self.size_vector)), "seed": self.seed, "steps": self.steps,
                 "sampler": self.sampler, "native_shape": list(self.native.shape),
                 "native_spacing": list(self.native.spacing), "seconds": self.seconds}
+
 
 def size_vector(generator: MaskGenerator, sizes: Mapping[str, float] | Sequence[float]) -> np.ndarray:
     """A full (10,) vector: given as one, or completed from the generator's size table."""
@@ -63,6 +65,7 @@ def size_vector(generator: MaskGenerator, sizes: Mapping[str, float] | Sequence[
             "all_anatomy_size_conditions.json in that folder"
         )
     return generator.size_table.complete(sizes)
+
 
 @torch.no_grad()
 def sample_latent(generator: MaskGenerator, vectors: torch.Tensor, noise: torch.Tensor, steps: int | None = None,
@@ -86,6 +89,7 @@ def sample_latent(generator: MaskGenerator, vectors: torch.Tensor, noise: torch.
     steps = steps or cfg.flow.num_inference_steps or DEFAULT_FLOW_STEPS
     timesteps, next_timesteps = flow.inference_timesteps(steps, noise.shape[2:], cfg.flow, exact=True)
     return flow.sample_euler(model, noise, timesteps, next_timesteps, cfg.flow.num_train_timesteps, progress)
+
 
 def generate_mask(generator: MaskGenerator, sizes: Mapping[str, float] | Sequence[float], seed: int = 0,
                   steps: int | None = None, shape: Sequence[int] | None = None,
@@ -112,6 +116,7 @@ def generate_mask(generator: MaskGenerator, sizes: Mapping[str, float] | Sequenc
     seconds = {"sample": sampled - started, "decode": decoded - sampled, "clean": cleaned - decoded,
                "total": time.perf_counter() - started}
     return MaskSample(volume, native, [float(v) for v in vector], int(seed), used, cfg.objective, seconds)
+
 
 def _to_request(native: io.Volume, shape, spacing) -> io.Volume:
     from maisi2.data import center_pad_or_crop
