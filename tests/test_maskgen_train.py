@@ -74,3 +74,27 @@ def test_library_folds_and_grid(tmp_path):
     assert held.volumes_ml[0, 1] == pytest.approx(10 * 14 * 16 * 0.512, rel=0.35)
     with pytest.raises(ValueError, match="folds"):
         train.load_library(datalist, cfg, "some")
+
+
+@pytest.mark.slow
+def test_train_maskgen_under_torchrun_with_two_gloo_processes(tmp_path):
+    """Data parallel through the engine: each step is one forward call of the wrapped networks."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    datalist = _blob_masks(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "maisi2", "train-maskgen", str(datalist), "--out", str(tmp_path / "run"), "--preset", "tiny",
+           "--recipe-set", "autoencoder_steps=2", "--recipe-set", "unet_steps=2", "--recipe-set", "autoencoder_crop=16",
+           "--no-progress", "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "run" / "autoencoder" / "last.pt").step == 2
+    assert files.load_mask_generator(tmp_path / "run" / "model").source == "ours"

@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -186,18 +187,41 @@ def _random_crop(labels: torch.Tensor, side: int, generator: torch.Generator) ->
     return labels[(slice(None), slice(None), *(slice(s, s + side) for s in starts))]
 
 
+def _training_forward(self, bits: torch.Tensor, eps: torch.Tensor):
+    """(8 bit-planes, latent noise) -> (class logits, z_mu, z_sigma): encode, sample with the given
+    noise (drawn from the engine's generator, so resuming stays exact), decode."""
+    z_mu, z_sigma = self.encode(bits)
+    return self.decode(z_mu + z_sigma * eps), z_mu, z_sigma
+
+
+@functools.lru_cache(maxsize=None)
+def _training_class(base: type) -> type:
+    return type(f"{base.__name__}Training", (base,), {"forward": _training_forward})
+
+
+def with_training_forward(autoencoder: nn.Module) -> nn.Module:
+    """The autoencoder with `_training_forward` as its forward (its class swapped in place, as
+    `fastops.accelerate` does: same parameters and keys), so a training step is one forward call,
+    which DistributedDataParallel needs to synchronise the gradients."""
+    autoencoder.__class__ = _training_class(type(autoencoder))
+    return autoencoder
+
+
 class _AutoencoderStep:
-    def __init__(self, recipe: MaskRecipe):
-        self.recipe = recipe
+    def __init__(self, recipe: MaskRecipe, cfg: MaskGenConfig):
+        self.recipe, self.factor = recipe, cfg.autoencoder.downsample_factor
+        self.channels = cfg.autoencoder.latent_channels
+
+    def latent_shape(self, labels: torch.Tensor) -> tuple[int, ...]:
+        return (labels.shape[0], self.channels, *(n // self.factor for n in labels.shape[2:]))
 
     def __call__(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator):
         from maisi2.vae import kl_loss
 
         device = next(model.parameters()).device
         labels = _random_crop(labels, self.recipe.autoencoder_crop, generator).to(device)
-        z_mu, z_sigma = model.encode(mask_to_bitplanes(labels))
-        eps = torch.randn(z_mu.shape, generator=generator, device=generator.device).to(device)
-        logits = model.decode(z_mu + z_sigma * eps)
+        eps = torch.randn(self.latent_shape(labels), generator=generator, device=generator.device).to(device)
+        logits, z_mu, z_sigma = model(mask_to_bitplanes(labels), eps)  # one forward call: DDP syncs there
         target = torch.from_numpy(L.ids_to_channels(labels[:, 0].cpu().numpy())).to(device)
         loss, logs = autoencoder_loss(logits, target, self.recipe.dice_weight)
         kl = kl_loss(z_mu, z_sigma)
@@ -260,6 +284,9 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
         raise ValueError(f"stages must be a non-empty subset of {', '.join(STAGES)}; got {list(stages)}")
     if cfg.objective == "ddpm" and cfg.preset == "maisi-v2":
         _say("training the release-size mask generator: expect days on a GPU, not a CPU run")
+    if recipe.autoencoder_crop % cfg.autoencoder.downsample_factor:
+        raise ValueError(f"autoencoder_crop must be a multiple of {cfg.autoencoder.downsample_factor} (the "
+                         f"autoencoder's downsampling), got {recipe.autoencoder_crop}")
     out_dir = Path(out_dir)
     library = load_library(datalist, cfg, "train", recipe.holdout_fold)
     scale = SizeScale.from_volumes(library.volumes_ml)
@@ -273,7 +300,8 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
             source = BatchSource(_Masks(library.masks),
                                  plan=lambda g: shuffled_batches(len(library), recipe.autoencoder_batch, g,
                                                                  dist_info().rank, dist_info().world_size))
-            result = train(networks.build_mask_autoencoder(cfg), _AutoencoderStep(recipe), source,
+            autoencoder = with_training_forward(networks.build_mask_autoencoder(cfg))
+            result = train(autoencoder, _AutoencoderStep(recipe, cfg), source,
                            recipe.settings("autoencoder", device, progress), out_dir / "autoencoder",
                            kind="mask_autoencoder", config=cfg, resume=resume, extra=extra)
             done["autoencoder"] = result.checkpoint
