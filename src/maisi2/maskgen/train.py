@@ -8,8 +8,8 @@ exactly, checkpoints atomic, data parallel under torchrun) with their own loss:
    plus ``kl_weight`` x KL. The latent is sampled with the engine's noise generator.
 2. ``unet``: every training mask encoded once (posterior mean, EMA autoencoder) and scaled to unit
    variance (``scale_factor = 1 / std``); the UNet learns the rectified-flow velocity
-   (`maisi2.flow`, L1 as MAISI trains) -- or, with ``objective=ddpm`` in the config, the release's
-   DDPM noise prediction -- conditioned on each mask's own anatomy-size vector.
+   (`maisi2.flow`; L1 as the official code, or ``flow.loss=l2``) -- or, with ``objective=ddpm`` in
+   the config, the release's DDPM noise prediction -- conditioned on each mask's own size vector.
 3. ``export``: a mask-generator folder (`files.save_mask_generator`) with the EMA weights, the size
    scale (largest volume of each slot in the training masks) and the training masks' size vectors
    as the table that completes requests.
@@ -241,11 +241,11 @@ class _UNetStep:
             t = ddpm.sample_ddpm_training_t(x0.shape[0], generator=generator)
             x_t = ddpm.ddpm_add_noise(x0, noise, t.to(device))
             out = networks.predict(model, x_t, t.float(), sizes)
-            return losses.flow_loss(out, ddpm.ddpm_training_target(x0, noise, t)), {}
+            return losses.flow_loss(out, ddpm.ddpm_training_target(x0, noise, t), form=self.cfg.flow.loss), {}
         t = flow.sample_training_t(x0.shape[0], x0.shape[2:], self.cfg.flow, generator=generator)
         x_t = flow.add_noise(x0, noise, t.to(device), self.cfg.flow.num_train_timesteps)
         v = networks.predict(model, x_t, t, sizes)
-        return losses.flow_loss(v, flow.velocity_target(x0, noise)), {}
+        return losses.flow_loss(v, flow.velocity_target(x0, noise), form=self.cfg.flow.loss), {}
 
 
 # -- the stages ---------------------------------------------------------------------------------
