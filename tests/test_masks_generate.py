@@ -112,3 +112,14 @@ def test_an_empty_library_is_refused(model_dir, tmp_path, capsys, nothing_runs):
     rc = cli.main(["generate", "--region", "chest", "--library", str(tmp_path / "lib"), "--model", str(model_dir),
                    "--out", str(tmp_path / "ct.nii.gz")])
     assert rc == 1 and "holds no usable MAISI label maps" in capsys.readouterr().err
+
+
+def test_num_samples_on_a_given_mask_use_distinct_seeds(model_dir, library, tmp_path):
+    rc = cli.main(["generate", "--mask", str(library / "a.nii.gz"), "--num-samples", "2", "--out",
+                   str(tmp_path / "ct.nii.gz"), "--model", str(model_dir), "--steps", "2", "--seed", "3",
+                   "--no-progress"])
+    assert rc == 0
+    seeds = [json.loads((tmp_path / f"ct_{i:03d}_report.json").read_text())["seed"] for i in range(2)]
+    assert seeds == [3, 4]
+    a, b = (io.load_ct(tmp_path / f"ct_{i:03d}.nii.gz").array for i in range(2))
+    assert not np.array_equal(a, b)

@@ -356,6 +356,12 @@ def _check_spacing(spacing, what: str) -> None:
         raise ValueError(f"{what} must be three finite voxel sizes from {low:g} to {high:g} mm, got {values}")
 
 
+def check_request(out: PathLike, options: GenerateOptions, mask=None) -> OutputPaths:
+    """What `generate` refuses first (bad settings, outputs that may not be written), for callers that
+    prepare several outputs or edit a mask before calling it."""
+    return _check_request(out, options, mask)
+
+
 def _check_request(out: PathLike, options: GenerateOptions, mask=None) -> OutputPaths:
     check_options(options)
     paths = OutputPaths.beside(out, options)

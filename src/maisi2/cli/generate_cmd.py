@@ -117,7 +117,8 @@ def _register_intent(p) -> None:
                          "default: the selected mask's, resampled")
     it.add_argument("--library", default=None, metavar="DIR", help="mask library folder (default: the bundled one)")
     it.add_argument("--num-samples", type=int, default=1, metavar="N",
-                    help="N outputs OUT_000 ... (different masks among the best, or different seeds)")
+                    help="N outputs OUT_000 ...: from intent, different masks among the best (and seeds); "
+                         "with --mask / --phantom, the same mask with different seeds")
     it.add_argument("--tumors", nargs="*", default=[], metavar="KIND[:COUNT]",
                     help="tumours to add: hepatic, pancreatic, lung, colon, bone, kidney-cyst; with --phantom drawn "
                          "into the phantom, with --mask or a library mask added inside the parent organ")
@@ -160,6 +161,8 @@ def _generate(args) -> int:
     from maisi2 import generate as G
 
     options = _options(args)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     intent = args.region is not None or args.anatomy is not None
     sources = [bool(args.mask), args.phantom, bool(args.mask_dir), bool(args.datalist), bool(args.requests),
                bool(args.anatomy_size), intent]
@@ -197,8 +200,24 @@ def _generate(args) -> int:
               f"{made['seconds']['total']:.1f} s): {sizes}")
     elif args.tumors:
         mask, options = _mask_with_tumors(args, options)
-    _print_result(G.generate(mask, args.out, model=args.model, options=options))
+    _generate_samples(mask, args, options)
     return 0
+
+
+def _generate_samples(mask, args, options) -> None:
+    """One CT, or with --num-samples N the same mask with N seeds (apart by qc_retries + 1, so retries never
+    reuse another sample's seed) into OUT_000, OUT_001, ..."""
+    import dataclasses
+
+    from maisi2 import generate as G
+    from maisi2.masks.intent import numbered_outputs
+
+    outs = numbered_outputs(args.out, args.num_samples)
+    for out in outs:  # every output checked before the first sample
+        G.check_request(out, options)
+    for i, out in enumerate(outs):
+        seed = options.seed + i * (options.qc_retries + 1)
+        _print_result(G.generate(mask, out, model=args.model, options=dataclasses.replace(options, seed=seed)))
 
 
 def _mask_with_tumors(args, options):
@@ -210,7 +229,6 @@ def _mask_with_tumors(args, options):
     from maisi2.masks.select import MaskRequest, fit_mask
 
     counts = intent.parse_tumor_counts(args.tumors)
-    _check_outputs(args.out, options)
     volume, _ = fit_mask(io.load_label_map(args.mask), MaskRequest(spacing=options.spacing))
     edited, changes = intent.mask_with_tumors(volume, counts, tuple(args.tumor_radius_mm or (8.0, 15.0)),
                                               seed=options.seed)
@@ -236,14 +254,6 @@ def _run_requests(args, options) -> int:
               f"{summary['skipped']} skipped (already there); details in {args.out_dir}/summary.json"
               + (f" and failures.rank*.jsonl" if summary["failed"] else ""))
     return 1 if summary["failed"] else 0
-
-
-def _check_outputs(out, options) -> None:
-    from maisi2.atomic import check_writable
-    from maisi2.generate import OutputPaths
-
-    for path in OutputPaths.beside(out, options).all():
-        check_writable(path, options.overwrite)
 
 
 def _generate_from_intent(args, options) -> int:

@@ -23,7 +23,6 @@ import numpy as np
 
 from maisi2 import io
 from maisi2 import labels as L
-from maisi2.atomic import check_writable
 from maisi2.masks import tumors as T
 from maisi2.masks.library import load_library
 from maisi2.masks.select import MaskRequest, fit_mask, select_masks
@@ -122,8 +121,7 @@ def generate_from_intent(request: MaskRequest, out: str | os.PathLike, library: 
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     outs = numbered_outputs(out, num_samples)
     for path in outs:
-        for target in G.OutputPaths.beside(path, options).all():
-            check_writable(target, options.overwrite)
+        G.check_request(path, options)
     index = load_library(library)
     # 2. selection
     chosen, best, rejected = select_masks(index, request, seed=options.seed, count=num_samples)
@@ -139,7 +137,8 @@ def generate_from_intent(request: MaskRequest, out: str | os.PathLike, library: 
                   "selected": verdict.to_dict(), "best_group": [v.entry.file for v in best],
                   "rejected": [v.to_dict() for v in rejected], "fit": fit_info,
                   "tumour_edits": [c.to_dict() for c in changes]}
-        sample_options = dataclasses.replace(options, seed=options.seed + i, spacing=None,
+        seed = options.seed + i * (options.qc_retries + 1)  # retries never reuse another sample's seed
+        sample_options = dataclasses.replace(options, seed=seed, spacing=None,
                                              preview_focus=options.preview_focus or preview_label(changes),
                                              request=report)
         result = G.generate(edited, path, model=model, options=sample_options)
