@@ -214,7 +214,7 @@ def _generate_samples(mask, args, options) -> None:
 
     outs = numbered_outputs(args.out, args.num_samples)
     for out in outs:  # every output checked before the first sample
-        G.check_request(out, options)
+        G.check_request(out, options, mask)
     for i, out in enumerate(outs):
         seed = options.seed + i * (options.qc_retries + 1)
         _print_result(G.generate(mask, out, model=args.model, options=dataclasses.replace(options, seed=seed)))
