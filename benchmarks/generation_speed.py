@@ -24,7 +24,12 @@ difference is the allocator.
     python benchmarks/generation_speed.py e2e                   # mask -> CT at 128^3 (2 cores: ~3 min on a Zen 5, ~9 on a Zen 3)
     python benchmarks/generation_speed.py decode --spill-dir D  # 512x512x128 decode (2 cores: ~30 min on a Zen 5, ~1.6 h on a Zen 3)
     python benchmarks/generation_speed.py decode --shape 512 512 512 --variants ours --budget-gb 16 --spill-dir D
-    python benchmarks/generation_speed.py limit                 # best 3D-conv GFLOP/s + FLOP counts
+    python benchmarks/generation_speed.py limit                 # best 3D-conv GFLOP/s per dtype/layout + FLOP counts
+    python benchmarks/generation_speed.py e2e --variants reference ours ours_bf16   # + the bf16 sampling plan
+
+``ours`` runs the compute plan ``--precision auto`` picks on this machine; ``ours_bf16`` forces
+``--precision bf16`` (the flow UNet and ControlNet in bfloat16 autocast, channels-last-3d). Every
+table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`).
 
 Results (JSON lines) are appended to ``--out`` (default work/bench/generation_speed.jsonl), so an
 interrupted run keeps what it finished and ``--resume`` skips variants already there.
@@ -188,10 +193,14 @@ def _e2e(args, device, reference: bool) -> dict:
         _sync(device)
         sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
         image = _reference_decode(net["vae"], x / scale_factor, device)
-        plan = None
+        plan = compute_plan = None
     else:
+        from maisi2 import compute
+
+        plan = compute.choose_plan("bf16" if args.variant == "ours_bf16" else "auto", device)
         x = sampling.sample_latent(net["unet"], cond, latent_shape, cfg.flow, controlnet=net["controlnet"],
-                                   steps=args.steps, seed=SEED, callback=tick)
+                                   steps=args.steps, seed=SEED, callback=tick, compute=plan)
+        compute_plan = plan.to_dict()
         # What `generate` does with networks it loaded itself (`Models.release_diffusion`): the UNet
         # and ControlNet are let go before decoding. The reference keeps all three loaded, as the release does.
         del net["unet"], net["controlnet"]
@@ -209,7 +218,8 @@ def _e2e(args, device, reference: bool) -> dict:
     return {"total_s": done - start, "sampling_s": sampled - start, "per_step_s": (sampled - start) / args.steps,
             "decode_s": done - sampled, "step_min_s": min(step_times), "step_median_s": sorted(step_times)[len(step_times) // 2],
             "cpu_sampling_s": cpu_sampled - cpu_start, "cpu_decode_s": cpu_done - cpu_sampled,
-            "plan": plan, "hu_mean": float(hu.mean()), **_peak_mib(device)}
+            "plan": plan, "compute_plan": compute_plan,
+            "hu_mean": float(hu.mean()), **_peak_mib(device)}
 
 
 def _decode(args, device, variant: str) -> dict:
@@ -238,27 +248,36 @@ def _decode(args, device, variant: str) -> dict:
     return {"decode_s": seconds, "cpu_decode_s": _cpu_seconds() - cpu_start, "plan": plan, **_peak_mib(device)}
 
 
+LIMIT_KINDS = {"fp32": ("float32", False), "fp32_cl": ("float32", True), "bf16": ("bfloat16", False),
+               "bf16_cl": ("bfloat16", True)}
+
+
 def _limit(args, device) -> dict:
-    """Best 3D-conv throughput over decoder/UNet-like shapes, and FLOPs of one step and one decode."""
+    """Best 3D-conv throughput over decoder/UNet-like shapes for each dtype and layout (float32 and
+    bfloat16, contiguous and channels-last-3d), and FLOPs of one step and one decode."""
     import torch
     import torch.nn.functional as F
 
-    best, shapes = 0.0, []
+    best, shapes = {k: 0.0 for k in LIMIT_KINDS}, []
     for cin, cout, n in [(64, 64, 64), (128, 64, 64), (128, 128, 48), (256, 256, 32), (64, 64, 32), (512, 512, 16)]:
-        x = torch.randn(1, cin, n, n, n, device=device)
-        w = torch.randn(cout, cin, 3, 3, 3, device=device)
-        seconds = []
-        with torch.no_grad():
-            for _ in range(4):
-                _sync(device)
-                t0 = time.perf_counter()
-                F.conv3d(x, w, padding=1)
-                _sync(device)
-                seconds.append(time.perf_counter() - t0)
-        gflops = 2 * cin * cout * 27 * n**3 / min(seconds[1:]) / 1e9
-        shapes.append({"shape": f"{cin}->{cout} @ {n}^3", "gflops": gflops})
-        best = max(best, gflops)
-    return {"conv_gflops_best": best, "conv_shapes": shapes, **_flop_counts(device)}
+        row = {"shape": f"{cin}->{cout} @ {n}^3"}
+        for kind, (dtype, channels_last) in LIMIT_KINDS.items():
+            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+            x = torch.randn(1, cin, n, n, n, device=device).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
+            w = torch.randn(cout, cin, 3, 3, 3, device=device).to(getattr(torch, dtype)).contiguous(memory_format=fmt)
+            seconds = []
+            with torch.no_grad():
+                for _ in range(4):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    F.conv3d(x, w, padding=1)
+                    _sync(device)
+                    seconds.append(time.perf_counter() - t0)
+            row[kind] = 2 * cin * cout * 27 * n**3 / min(seconds[1:]) / 1e9
+            best[kind] = max(best[kind], row[kind])
+        shapes.append(row)
+    return {"conv_gflops_best": best["fp32"], "conv_gflops_best_by_kind": best, "conv_shapes": shapes,
+            **_flop_counts(device)}
 
 
 def _flop_counts(device) -> dict:
@@ -388,34 +407,24 @@ def _peak(row: dict) -> float:
 def _table(args, rows: dict) -> None:
     import numpy as np
 
+    from maisi2.compute import CpuCapabilities
+
+    print(f"\nCPU: {CpuCapabilities.detect().describe()}; load average at the end {os.getloadavg()[0]:.1f}")
     peak_name = "GPU peak MiB" if args.device.startswith("cuda") else "peak MiB"
     prefix = Path(args.out).with_suffix("")
     if args.command == "e2e":
         print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads")
         print(f"{'':<16} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
               f"{'cpu sample':>11} {'cpu decode':>11} {peak_name:>12}")
-        ok = {v: rows[_key(args, v)] for v in ("reference", "reference_reuse", "ours")
+        ok = {v: rows[_key(args, v)] for v in ("reference", "reference_reuse", "ours", "ours_bf16")
               if _key(args, v) in rows and "error" not in rows[_key(args, v)]}
         for name, r in ok.items():
             print(f"{name:<16} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
                   f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
                   f"{r['cpu_decode_s']:>11.1f} {_peak(r):>12.0f}")
-        if "ours" not in ok:
-            return
-        ours = ok["ours"]
-        b = np.load(f"{prefix}_e2e{args.size}_ours.npy")
-        lb = np.load(f"{prefix}_e2e{args.size}_ours_latent.npy")
-        for name in ("reference", "reference_reuse"):
-            if name not in ok:
-                continue
-            ref = ok[name]
-            print(f"ratio {name}/ours: time {ref['total_s'] / ours['total_s']:.2f}x, step "
-                  f"{ref['per_step_s'] / ours['per_step_s']:.2f}x, decode {ref['decode_s'] / ours['decode_s']:.2f}x, "
-                  f"peak memory ours/{name} {_peak(ours) / _peak(ref):.2f}")
-            a = np.load(f"{prefix}_e2e{args.size}_{name}.npy")
-            la = np.load(f"{prefix}_e2e{args.size}_{name}_latent.npy")
-            print(f"agreement ours vs {name}: image {_compare(a, b)}; latent max |diff| "
-                  f"{np.abs(la - lb).max():.2e} (latent max {np.abs(la).max():.2f})")
+        for mine in ("ours", "ours_bf16"):
+            if mine in ok:
+                _e2e_ratios(args, ok, mine, prefix)
     elif args.command == "decode":
         name = "x".join(map(str, args.shape))
         print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads")
@@ -436,12 +445,34 @@ def _table(args, rows: dict) -> None:
     else:
         r = rows.get(_key(args, "limit"))
         if r and "error" not in r:
+            print(f"{'conv 3x3x3, GFLOP/s':<22}" + "".join(f"{k:>10}" for k in LIMIT_KINDS))
             for s in r["conv_shapes"]:
-                print(f"conv {s['shape']:<18} {s['gflops']:7.1f} GFLOP/s")
-            print(f"best {r['conv_gflops_best']:.1f} GFLOP/s; FLOPs at a 32^3 latent: UNet step "
+                print(f"{s['shape']:<22}" + "".join(f"{s[k]:>10.1f}" for k in LIMIT_KINDS))
+            print(f"{'best':<22}" + "".join(f"{r['conv_gflops_best_by_kind'][k]:>10.1f}" for k in LIMIT_KINDS))
+            print(f"FLOPs at a 32^3 latent: UNet step "
                   f"{r['flops_unet_step_32'] / 1e12:.3f} T, ControlNet step {r['flops_controlnet_step_32'] / 1e12:.3f} T "
                   f"(mask embedding {r['flops_mask_embedding_32'] / 1e12:.3f} T), decode of 128^3 "
                   f"{r['flops_decode_per_latent_voxel'] * 32**3 / 1e12:.2f} T")
+
+
+def _e2e_ratios(args, ok: dict, mine: str, prefix) -> None:
+    import numpy as np
+
+    ours = ok[mine]
+    b = np.load(f"{prefix}_e2e{args.size}_{mine}.npy")
+    lb = np.load(f"{prefix}_e2e{args.size}_{mine}_latent.npy")
+    for name in ("reference", "reference_reuse"):
+        if name not in ok:
+            continue
+        ref = ok[name]
+        print(f"ratio {name}/{mine}: time {ref['total_s'] / ours['total_s']:.2f}x, step "
+              f"{ref['per_step_s'] / ours['per_step_s']:.2f}x, decode {ref['decode_s'] / ours['decode_s']:.2f}x, "
+              f"CPU s {(ref['cpu_sampling_s'] + ref['cpu_decode_s']) / (ours['cpu_sampling_s'] + ours['cpu_decode_s']):.2f}x, "
+              f"peak memory {mine}/{name} {_peak(ours) / _peak(ref):.2f}")
+        a = np.load(f"{prefix}_e2e{args.size}_{name}.npy")
+        la = np.load(f"{prefix}_e2e{args.size}_{name}_latent.npy")
+        print(f"agreement {mine} vs {name}: image {_compare(a, b)}; latent max |diff| "
+              f"{np.abs(la - lb).max():.2e} (latent max {np.abs(la).max():.2f})")
 
 
 def main() -> None:

@@ -105,7 +105,8 @@ class GenerateOptions:
     control_scale: float = 1.0
     max_memory_gb: float | None = None  # None: free device memory (CUDA) or available RAM (CPU)
     device: str | None = None  # "cpu", "cuda" or None (CUDA when present)
-    half_precision: bool | None = None  # fp16 autocast; None: on for CUDA, off on CPU
+    half_precision: bool | None = None  # CUDA: fp16 autocast; None: on
+    precision: str = "auto"  # "auto" | "fp32" | "bf16": the compute plan (`maisi2.compute.choose_plan`)
     qc_retries: int = 0  # regenerate with seed+1, seed+2 ... while the quality check fails
     decode_statistics: str = "volume"  # "tile": one-pass tiled decoding with per-tile group norms
     spill_dir: str | None = None  # CPU: a streamed decode may keep its layer tensors in files here
@@ -342,6 +343,10 @@ def check_options(options: GenerateOptions) -> None:
         _check_spacing(options.spacing, "spacing (--spacing)")
     if options.decode_statistics not in ("volume", "tile"):
         raise ValueError(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
+    from maisi2 import compute
+
+    if options.precision not in compute.PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(compute.PRECISIONS)}, got {options.precision!r}")
     if options.out_format not in ("nifti", "dicom"):
         raise ValueError(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
     if options.spill_dir is not None and not Path(options.spill_dir).expanduser().is_dir():
@@ -594,17 +599,21 @@ def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release:
            "decode_weights": weights["vae"] if release else sum(weights.values()),
            # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
            "host": math.prod(grid.network_shape) * 12 if device.type == "cpu" else 0}
-    fit["sampling"] = fit["weights"] + _sampling_bytes(grid, info.cfg, options, device)
+    from maisi2 import compute
+
+    fit["compute"] = compute.choose_plan(options.precision, device, half=_half(options, device))
+    fit["sampling"] = fit["weights"] + _sampling_bytes(grid, info.cfg, options, device, fit["compute"])
     fit["plan"] = _decode_plan(grid, info.cfg, fit, options.spill_dir if device.type == "cpu" else None)
     return fit
 
 
-def _sampling_bytes(grid: GridPlan, cfg, options: GenerateOptions, device) -> int:
+def _sampling_bytes(grid: GridPlan, cfg, options: GenerateOptions, device, plan) -> int:
     from maisi2 import sampling
 
     latent = tuple(n // cfg.vae.downsample_factor for n in grid.network_shape)
     flash = device.type == "cuda" and cfg.unet.use_flash_attention
-    return sampling.estimate_sampling_bytes(cfg, latent, flash, options.cfg_scale is not None, _half(options, device))
+    half = plan.name == "fp16"  # the CUDA estimate halves; bf16 on the CPU keeps the (measured) float32 one
+    return sampling.estimate_sampling_bytes(cfg, latent, flash, options.cfg_scale is not None, half)
 
 
 def _decode_plan(grid: GridPlan, cfg, fit: dict, spill_dir: str | None = None):
@@ -804,7 +813,7 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
     latent = sampling.sample_latent(
         models.unet, conditioning["cond"], latent_shape, models.cfg.flow, controlnet=models.controlnet,
         uncond=uncond, cfg_scale=options.cfg_scale if uncond is not None else None, steps=options.steps,
-        seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, autocast=half,
+        seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, compute=fit["compute"],
         progress=options.progress, callback=on_progress)
     _check_finite(latent, "the sampled latent", seed, options)
     sampled = time.perf_counter()
@@ -879,7 +888,8 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
         **({"request": options.request} if options.request is not None else {}),
         "domain": _domain_report(prepared, info, grid),
         "device": fit["device"],
-        "precision": "fp16 autocast" if _half(options, models.device) else "fp32",
+        "precision": fit["compute"].name,
+        "compute_plan": fit["compute"].to_dict(),
         "guidance": {"scale": options.cfg_scale, "applied": conditioning["uncond"] is not None,
                      "unconditional_mask": "tumours replaced by their parent organs (labels.remove_tumors)"},
         "memory": {"budget_bytes": fit["budget"], "weights_bytes": fit["weights"], "prepare_bytes": fit.get("prepare"),

@@ -11,6 +11,8 @@ in `maisi2.flow` (`inference_timesteps`, `sample_euler`), the network call with 
   same mask with every tumour replaced by its parent organ (`labels.remove_tumors`), so guidance
   pushes the sample towards "what the tumour labels add": ``v = v_uncond + s * (v_cond - v_uncond)``
   (s = 1 is plain conditional sampling, s > 1 exaggerates the tumours);
+* the arithmetic of the network calls from a `compute.ComputePlan` (bf16 autocast and channels-last
+  on CPUs where that pays); the latent, the velocity and the Euler update stay float32;
 * `sample_latent`: the loop itself;
 * `estimate_sampling_bytes`: the memory one network call needs, so a request that cannot fit is
   refused before any work.
@@ -30,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from maisi2 import compute as compute_plan
 from maisi2 import flow, nets
 from maisi2.config import Config, FlowConfig
 
@@ -70,23 +73,27 @@ def velocity_function(
     cfg_scale: float | None = None,
     control_scale: float = 1.0,
     autocast: bool = False,
+    compute: compute_plan.ComputePlan | None = None,
 ) -> flow.VelocityFn:
     """``v(x, t)`` for `flow.sample_euler`: the conditional velocity, guided when `uncond` is given.
 
     The two branches run one after the other, not as a batch of two, so guidance costs time but
-    no extra peak memory. Outputs are float32 whatever precision the networks ran in.
+    no extra peak memory. Outputs are float32 whatever precision the networks ran in. `compute`:
+    the plan the networks run under (default: float32, or the release's float16 autocast on CUDA
+    when `autocast`); the ControlNet runs under the UNet's, since its residuals feed the UNet.
     """
     if (uncond is None) != (cfg_scale is None):
         raise ValueError("classifier-free guidance needs both `uncond` and `cfg_scale` (or neither)")
+    plan = _plan(compute, next(unet.parameters()).device, autocast)
 
     if controlnet is not None and not torch.is_grad_enabled():
         # The mask encoder depends on the mask alone: run it once, not at every step.
-        cond = _embedded(controlnet, cond, autocast)
-        uncond = None if uncond is None else _embedded(controlnet, uncond, autocast)
+        cond = _embedded(controlnet, cond, plan)
+        uncond = None if uncond is None else _embedded(controlnet, uncond, plan)
 
     def predict(x: torch.Tensor, t: torch.Tensor, c: nets.Conditioning) -> torch.Tensor:
-        with autocast_context(x.device, autocast):
-            return nets.predict_velocity(unet, x, t, c, controlnet, control_scale).float()
+        with plan.autocast("unet"):
+            return nets.predict_velocity(unet, plan.layout(x, "unet"), t, c, controlnet, control_scale).float()
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_cond = predict(x, t, cond)
@@ -97,11 +104,20 @@ def velocity_function(
     return velocity
 
 
-def _embedded(controlnet: nn.Module, cond: nets.Conditioning, autocast: bool) -> nets.Conditioning:
+def _embedded(controlnet: nn.Module, cond: nets.Conditioning, plan: compute_plan.ComputePlan) -> nets.Conditioning:
     if cond.mask_embedding is not None or cond.mask_bits is None:
         return cond
-    with autocast_context(cond.mask_bits.device, autocast):
-        return nets.embed_mask(controlnet, cond)
+    with plan.autocast("controlnet"):
+        embedded = nets.embed_mask(controlnet, nets.Conditioning(
+            cond.spacing, cond.modality, plan.layout(cond.mask_bits, "controlnet")))
+    return nets.Conditioning(cond.spacing, cond.modality, cond.mask_bits, embedded.mask_embedding)
+
+
+def _plan(compute: compute_plan.ComputePlan | None, device: torch.device, autocast: bool) -> compute_plan.ComputePlan:
+    if compute is not None:
+        return compute
+    cuda_half = autocast and torch.device(device).type == "cuda"
+    return compute_plan.choose_plan("auto" if cuda_half else "fp32", device, half=cuda_half)
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -126,6 +142,7 @@ def sample_latent(
     exact_grid: bool = False,
     control_scale: float = 1.0,
     autocast: bool = False,
+    compute: compute_plan.ComputePlan | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
@@ -134,13 +151,23 @@ def sample_latent(
     latent_shape: (C, x, y, z). The grid is `flow.inference_timesteps` on the latent's spatial
     shape (MONAI-parity grid unless `exact_grid`). `cond` (and `uncond`) must be on the device the
     networks are on; the latent is returned on that device. Deterministic for a seed on CPU.
+    `compute`: the plan the networks run under (`velocity_function`); it puts their weights in
+    its layout (in place).
     """
     device = next(unet.parameters()).device
+    plan = _plan(compute, device, autocast)
+    for network, module in (("unet", unet), ("controlnet", controlnet)):
+        if module is not None:
+            plan.prepare(module, network)
     timesteps, next_timesteps = flow.inference_timesteps(steps, tuple(latent_shape)[1:], flow_cfg, exact=exact_grid)
-    velocity = velocity_function(unet, cond, controlnet, uncond, cfg_scale, control_scale, autocast)
     noise = initial_noise(latent_shape, seed, device)
-    return flow.sample_euler(velocity, noise, timesteps, next_timesteps, T=flow_cfg.num_train_timesteps,
-                             progress=progress, callback=callback)
+    # One autocast region around the whole loop: autocast keeps its lower-precision copies of the
+    # weights until the region ends, so they are converted once, not at every step.
+    with plan.autocast("unet"):
+        velocity = velocity_function(unet, cond, controlnet, uncond, cfg_scale, control_scale, compute=plan)
+        x = flow.sample_euler(velocity, noise, timesteps, next_timesteps, T=flow_cfg.num_train_timesteps,
+                              progress=progress, callback=callback)
+    return x.contiguous()
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -77,7 +77,11 @@ def _register_generate(sub) -> None:
     p.add_argument("--spill-dir", default=None, metavar="DIR",
                    help="CPU only: when even a float16 whole-volume decode does not fit the budget, keep the "
                         "decoder's layer tensors in (deleted) files here instead of falling back to tiles")
-    p.add_argument("--fp32", action="store_true", help="full precision on CUDA too (default there: fp16 autocast)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="arithmetic of the networks: auto picks bf16 (with channels-last tensors) on CPUs whose "
+                        "hardware makes it pay (AMX; AVX512-BF16 when a short probe says so), else fp32; on CUDA "
+                        "auto is the release's fp16 autocast. The choice is in the report's compute_plan")
+    p.add_argument("--fp32", action="store_true", help="full precision everywhere (same as --precision fp32)")
     p.add_argument("--no-label", action="store_true", help="do not write the prepared label map")
     p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
     p.add_argument("--out-format", choices=["nifti", "dicom"], default="nifti",
@@ -149,6 +153,7 @@ def _options(args):
         spacing=tuple(args.spacing) if args.spacing else None, steps=args.steps, seed=args.seed,
         exact_grid=args.exact_grid, cfg_scale=args.cfg_scale, control_scale=args.control_scale,
         max_memory_gb=args.max_memory, device=args.device, half_precision=False if args.fp32 else None,
+        precision="fp32" if args.fp32 else args.precision,
         qc_retries=args.qc_retries, decode_statistics="tile" if args.tile_statistics else "volume",
         spill_dir=args.spill_dir, force=args.force, fit_to_model=args.fit_to_model,
         write_label=not args.no_label, write_preview=not args.no_preview, preview_focus=args.preview_at,

@@ -1,0 +1,291 @@
+"""Which arithmetic each network runs in on this machine: the compute plan.
+
+On CPUs with bfloat16 matrix hardware the same 3D convolutions run several times faster in
+bfloat16 with channels-last-3d tensors than in float32 (Intel AMX: 4-8x, docs/performance.md);
+on CPUs without it bfloat16 is emulated and slower. So the plan is chosen per machine:
+
+* ``fp32``: every network in float32, contiguous tensors (what maisi2 always did on the CPU).
+* ``bf16``: the networks in `BF16_NETWORKS` under bfloat16 autocast with channels-last-3d tensors;
+  group-norm statistics, the flow update ``x += v * dt`` and everything outside the networks stay
+  float32 (autocast only lowers convolutions and matrix products; `fastops` keeps the norms'
+  statistics in float32).
+* ``auto``: on the CPU, the networks in `AUTO_BF16_NETWORKS` (those measured within the release's
+  own float16 error) in bf16 where bf16 pays (`bf16_pays`: AMX tiles, or AVX512-BF16 with a
+  measured probe saying so), everything else float32. On CUDA ``auto`` keeps the release's
+  float16 autocast (``half``).
+
+`choose_plan` takes the capabilities as an argument, so the choice can be tested for any CPU;
+`CpuCapabilities.detect()` reads this machine's.
+
+Usage::
+
+    plan = choose_plan("auto", "cpu")
+    plan.prepare(unet, "unet")               # channels-last weights where the plan says so
+    with plan.autocast("unet"):
+        v = unet(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["CpuCapabilities", "NetworkCompute", "ComputePlan", "choose_plan", "bf16_pays", "measure_bf16_gain",
+           "PRECISIONS", "NETWORKS", "BF16_NETWORKS", "AUTO_BF16_NETWORKS", "PROBE_MIN_GAIN"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+NETWORKS = ("unet", "controlnet", "vae_decoder", "vae_encoder")
+# The networks ``--precision bf16`` lowers: the flow UNet and ControlNet (2.9x faster per step with
+# AMX). The VAE stays float32: the release's float16 decoder alone moves the CT by as much as the
+# bf16 sampling does (docs/performance.md, "Precision").
+BF16_NETWORKS = ("unet", "controlnet")
+# The networks ``auto`` lowers where bf16 pays: only those whose bf16 CT stays within the release's
+# own float16 error of the float32 one. Measured at 128^3 (docs/performance.md, "Precision"), bf16
+# sampling moved the bundled model's largest organ median shift to 6.3 HU against the release's
+# 3.1 HU: outside the bound, so none yet; ``--precision bf16`` opts in.
+AUTO_BF16_NETWORKS: tuple[str, ...] = ()
+# Linear layers a bf16 plan keeps in float32: the time and spacing embeddings, which scale and
+# shift every block (measured: `fastops.Float32Linear`).
+FLOAT32_LAYERS = ("time_embed", "time_emb_proj", "spacing_layer")
+# bf16 convolutions must beat float32 by this factor in the probe to be chosen where the CPU has no
+# AMX: a sampling step also runs norms and activations that bf16 does not speed up.
+PROBE_MIN_GAIN = 1.5
+
+
+@dataclass(frozen=True)
+class CpuCapabilities:
+    """What the CPU offers: its name, torch's ISA level and the relevant cpuinfo flags."""
+
+    model: str
+    isa: str  # torch.backends.cpu.get_cpu_capability(): "DEFAULT", "AVX2", "AVX512", ...
+    flags: frozenset[str]
+
+    @property
+    def amx_bf16(self) -> bool:
+        return "amx_bf16" in self.flags
+
+    @property
+    def avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.flags
+
+    def describe(self) -> str:
+        extra = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in self.flags]
+        return f"{self.model}; torch ISA {self.isa}" + (f"; {' '.join(extra)}" if extra else "; no bf16 hardware")
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "isa": self.isa,
+                "bf16_flags": sorted(f for f in self.flags if "bf16" in f or f.startswith("amx"))}
+
+    @classmethod
+    @functools.lru_cache(maxsize=1)
+    def detect(cls) -> "CpuCapabilities":
+        """This machine's: /proc/cpuinfo where there is one, else torch's own CPU queries."""
+        model, flags = "unknown CPU", set()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+        except OSError:  # not Linux: ask torch (private queries, so guarded)
+            cpu = getattr(torch, "cpu", None)
+            for flag, query in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+                if cpu is not None and hasattr(cpu, query) and getattr(cpu, query)():
+                    flags.add(flag)
+        return cls(model, torch.backends.cpu.get_cpu_capability(), frozenset(flags))
+
+
+@dataclass(frozen=True)
+class NetworkCompute:
+    """How one network runs: autocast dtype (float32 = no autocast) and memory layout."""
+
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+    def to_dict(self) -> dict:
+        return {"dtype": str(self.dtype).removeprefix("torch."),
+                "layout": "channels_last_3d" if self.channels_last else "contiguous"}
+
+
+FP32 = NetworkCompute()
+BF16 = NetworkCompute(torch.bfloat16, channels_last=True)
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """The arithmetic of every network on one device; `reason` says why it was chosen."""
+
+    precision: str  # what was asked: auto / fp32 / bf16
+    device: str
+    networks: dict[str, NetworkCompute]
+    reason: str
+    cpu: CpuCapabilities | None = None
+
+    def of(self, network: str) -> NetworkCompute:
+        return self.networks[network]
+
+    @property
+    def name(self) -> str:
+        """fp32, bf16 (some networks in bf16) or fp16 (CUDA autocast)."""
+        dtypes = {c.dtype for c in self.networks.values()}
+        return "fp16" if torch.float16 in dtypes else "bf16" if torch.bfloat16 in dtypes else "fp32"
+
+    def autocast(self, network: str):
+        """The autocast context `network` runs under (a no-op for float32)."""
+        dtype = self.of(network).dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=dtype)
+
+    def prepare(self, module: nn.Module, network: str) -> nn.Module:
+        """Put `module`'s weights in the layout the plan gives `network`, and its embedding layers
+        in float32 under a bf16 plan (in place, reversibly; returns it)."""
+        from maisi2.fastops import Float32Linear
+
+        bf16 = self.of(network).dtype == torch.bfloat16  # float16 (the release's GPU path) is left as released
+        for name, m in module.named_modules():
+            if type(m) in (nn.Linear, Float32Linear) and any(key in name for key in FLOAT32_LAYERS):
+                m.__class__ = Float32Linear if bf16 else nn.Linear
+        fmt = torch.channels_last_3d if self.of(network).channels_last else torch.contiguous_format
+        return module.to(memory_format=fmt)
+
+    def layout(self, x: torch.Tensor, network: str) -> torch.Tensor:
+        """`x` (5D) in the layout of `network`'s weights."""
+        if x.dim() != 5:
+            return x
+        fmt = torch.channels_last_3d if self.of(network).channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    def to_dict(self) -> dict:
+        return {"requested": self.precision, "chosen": self.name, "device": self.device, "reason": self.reason,
+                "networks": {k: v.to_dict() for k, v in self.networks.items()},
+                "cpu": None if self.cpu is None else self.cpu.to_dict()}
+
+
+def _plan(precision: str, device: str, low: NetworkCompute, lowered: tuple[str, ...], reason: str,
+          cpu: CpuCapabilities | None) -> ComputePlan:
+    networks = {n: (low if n in lowered else FP32) for n in NETWORKS}
+    return ComputePlan(precision, device, networks, reason, cpu)
+
+
+def bf16_pays(cpu: CpuCapabilities | None = None, probe=None) -> tuple[bool, str]:
+    """Whether bf16 convolutions run clearly faster than float32 on this CPU, and why.
+
+    AMX tiles: yes. AVX512-BF16 without AMX: the measured probe decides (>= `PROBE_MIN_GAIN`).
+    Neither: no (bf16 is emulated). probe: a function returning the bf16/fp32 speed ratio
+    (default `measure_bf16_gain`, cached per machine), called only in the middle case.
+    """
+    cpu = CpuCapabilities.detect() if cpu is None else cpu
+    if cpu.amx_bf16:
+        return True, "CPU has AMX bf16 tiles"
+    if cpu.avx512_bf16:
+        gain = (probe or measure_bf16_gain)()
+        word = "" if gain >= PROBE_MIN_GAIN else " only"
+        return gain >= PROBE_MIN_GAIN, f"AVX512-BF16 without AMX; measured bf16 convolutions{word} {gain:.2f}x float32"
+    return False, "no bf16 hardware on this CPU"
+
+
+def choose_plan(precision: str = "auto", device: str | torch.device = "cpu", cpu: CpuCapabilities | None = None,
+                probe=None, half: bool | None = None,
+                auto_networks: tuple[str, ...] | None = None) -> ComputePlan:
+    """The compute plan for `precision` on `device`.
+
+    cpu: the CPU's capabilities (default: this machine's). probe: see `bf16_pays`. half: CUDA
+    only, the release's float16 autocast (None: on, as the release runs). auto_networks: the
+    networks ``auto`` may lower (default `AUTO_BF16_NETWORKS`).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = str(torch.device(device))
+    if torch.device(device).type != "cpu":
+        return _cuda_plan(precision, device, half)
+    cpu = CpuCapabilities.detect() if cpu is None else cpu
+    if precision == "fp32":
+        return _plan(precision, device, FP32, (), "asked for fp32", cpu)
+    if precision == "bf16":
+        return _plan(precision, device, BF16, BF16_NETWORKS, "asked for bf16", cpu)
+    auto_networks = AUTO_BF16_NETWORKS if auto_networks is None else tuple(auto_networks)
+    if not auto_networks:
+        return _plan(precision, device, FP32, (), "no network is measured within the release's float16 error in "
+                     "bf16 (docs/performance.md, 'Precision'); --precision bf16 opts in", cpu)
+    pays, why = bf16_pays(cpu, probe)
+    return _plan(precision, device, BF16 if pays else FP32, auto_networks if pays else (), why, cpu)
+
+
+def _cuda_plan(precision: str, device: str, half: bool | None) -> ComputePlan:
+    if precision == "bf16":
+        return _plan(precision, device, NetworkCompute(torch.bfloat16), NETWORKS, "asked for bf16", None)
+    if precision == "fp32" or half is False:
+        return _plan(precision, device, FP32, (), "float32 on the GPU", None)
+    return _plan(precision, device, NetworkCompute(torch.float16), NETWORKS,
+                 "the release's float16 autocast on the GPU", None)
+
+
+# -- the probe -----------------------------------------------------------------------------------
+
+def _probe_cache() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "maisi2" / "compute_probe.json"
+
+
+def _probe_key() -> str:
+    cpu = CpuCapabilities.detect()
+    return f"{cpu.model}|{cpu.isa}|{','.join(sorted(cpu.flags))}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def measure_bf16_gain(cache: Path | None = None) -> float:
+    """Speed of a bf16 channels-last 3D convolution over float32 on this machine (~1 s, cached).
+
+    A 64 -> 64 channel 3x3x3 convolution at 32^3 (the size class of the decoder's and UNet's
+    widest layers), best of three after a warm-up, each dtype in its best layout. The result is
+    kept in ~/.cache/maisi2/compute_probe.json under the CPU, torch version and thread count.
+    """
+    cache = _probe_cache() if cache is None else Path(cache)
+    key = _probe_key()
+    try:
+        stored = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if key in stored:
+        return float(stored[key])
+    gain = _time_conv(torch.float32, False) / _time_conv(torch.bfloat16, True)
+    stored[key] = gain
+    try:
+        from maisi2.atomic import atomic_output
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache, overwrite=True) as tmp:
+            Path(tmp).write_text(json.dumps(stored, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs the probe again next time
+    return gain
+
+
+def _time_conv(dtype: torch.dtype, channels_last: bool, n: int = 32, channels: int = 64) -> float:
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, n, n, n, generator=generator).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(channels, channels, 3, 3, 3, generator=generator).to(dtype).contiguous(memory_format=fmt)
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(4):
+            start = time.perf_counter()
+            torch.nn.functional.conv3d(x, w, padding=1)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def replace(plan: ComputePlan, **networks: NetworkCompute) -> ComputePlan:
+    """`plan` with some networks' arithmetic changed (benchmarks compare variants this way)."""
+    return dataclasses.replace(plan, networks={**plan.networks, **networks})

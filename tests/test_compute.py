@@ -1,0 +1,179 @@
+"""The compute plan: which arithmetic for which CPU (capabilities injected), bf16 numerics, the report."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from maisi2 import compute, fastops, models, nets, sampling
+from maisi2 import generate as G
+from maisi2.config import get_config
+
+ZEN3 = compute.CpuCapabilities("AMD EPYC 7B13", "AVX2", frozenset({"avx2", "fma"}))
+ZEN5 = compute.CpuCapabilities("AMD EPYC 9B45", "AVX512", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+SAPPHIRE = compute.CpuCapabilities("Intel Xeon", "AVX512", frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+
+
+FLOW = ("unet", "controlnet")  # what `auto` lowers once measured within the bound
+
+
+def _never():
+    raise AssertionError("the probe must not run here")
+
+
+def _dtypes(plan):
+    return {name: plan.of(name).dtype for name in compute.NETWORKS}
+
+
+def test_auto_picks_bf16_channels_last_for_the_flow_networks_on_amx_without_probing():
+    plan = compute.choose_plan("auto", "cpu", cpu=SAPPHIRE, probe=_never, auto_networks=FLOW)
+    assert plan.name == "bf16" and "AMX" in plan.reason
+    for name in compute.NETWORKS:
+        lowered = name in FLOW
+        assert plan.of(name).dtype == (torch.bfloat16 if lowered else torch.float32)
+        assert plan.of(name).channels_last == lowered
+    assert set(compute.BF16_NETWORKS) == {"unet", "controlnet"}  # the VAE stays float32 (docs/performance.md)
+
+
+def test_auto_lowers_only_networks_measured_within_the_release_fp16_error():
+    # None is yet (docs/performance.md, "Precision"): auto is float32 even with AMX and says why
+    plan = compute.choose_plan("auto", "cpu", cpu=SAPPHIRE, probe=_never)
+    assert compute.AUTO_BF16_NETWORKS == () and plan.name == "fp32" and "--precision bf16" in plan.reason
+
+
+def test_auto_falls_back_to_fp32_without_bf16_hardware_and_never_probes():
+    plan = compute.choose_plan("auto", "cpu", cpu=ZEN3, probe=_never, auto_networks=FLOW)
+    assert plan.name == "fp32" and set(_dtypes(plan).values()) == {torch.float32}
+    assert not any(plan.of(n).channels_last for n in compute.NETWORKS)
+
+
+@pytest.mark.parametrize("gain, chosen", [(2.0, "bf16"), (compute.PROBE_MIN_GAIN, "bf16"), (1.1, "fp32")])
+def test_avx512_bf16_without_amx_follows_the_measured_probe(gain, chosen):
+    plan = compute.choose_plan("auto", "cpu", cpu=ZEN5, probe=lambda: gain, auto_networks=FLOW)
+    assert plan.name == chosen and f"{gain:.2f}x" in plan.reason
+
+
+@pytest.mark.parametrize("cpu", [ZEN3, ZEN5, SAPPHIRE])
+def test_an_explicit_precision_is_obeyed_on_every_cpu(cpu):
+    assert compute.choose_plan("fp32", "cpu", cpu=cpu, probe=_never).name == "fp32"
+    assert compute.choose_plan("bf16", "cpu", cpu=cpu, probe=_never).name == "bf16"
+
+
+def test_cuda_keeps_the_release_fp16_autocast_unless_told_otherwise():
+    assert compute.choose_plan("auto", "cuda").name == "fp16"
+    assert compute.choose_plan("auto", "cuda", half=False).name == "fp32"
+    assert compute.choose_plan("fp32", "cuda").name == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        compute.choose_plan("fp8", "cpu", cpu=ZEN3)
+
+
+def test_the_probe_is_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compute, "_time_conv", lambda dtype, cl: calls.append(dtype) or (2.0 if dtype == torch.float32 else 1.0))
+    cache = tmp_path / "probe.json"
+    assert compute.measure_bf16_gain(cache) == 2.0 and len(calls) == 2
+    assert compute.measure_bf16_gain(cache) == 2.0 and len(calls) == 2  # from the cache
+    assert list(json.loads(cache.read_text()).values()) == [2.0]
+
+
+def test_the_plan_dict_names_dtypes_layouts_and_the_cpu():
+    d = compute.choose_plan("auto", "cpu", cpu=SAPPHIRE, auto_networks=FLOW).to_dict()
+    assert d["chosen"] == "bf16" and d["requested"] == "auto" and d["cpu"]["model"] == "Intel Xeon"
+    assert d["networks"]["unet"] == {"dtype": "bfloat16", "layout": "channels_last_3d"}
+    assert d["networks"]["vae_decoder"] == {"dtype": "float32", "layout": "contiguous"}
+
+
+# -- numerics ----------------------------------------------------------------------------------
+
+def test_average_2x2x2_is_avgpool_in_float32_and_one_rounding_in_bf16():
+    x = torch.randn(1, 3, 7, 6, 4, generator=torch.Generator().manual_seed(0))
+    pooled = nn.AvgPool3d(2)(x)
+    torch.testing.assert_close(fastops.average_2x2x2(x), pooled, rtol=1e-6, atol=1e-6)
+    low = x.bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    out = fastops.average_2x2x2(low)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, nn.AvgPool3d(2)(low.float()).bfloat16(), rtol=0, atol=0)
+
+
+def test_bf16_group_norm_equals_float32_statistics_rounded_once():
+    norm = fastops.FastGroupNorm(4, 16)
+    x = (torch.randn(1, 16, 6, 6, 6) * 3 + 5).bfloat16()
+    expected = nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps).bfloat16()
+    torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
+
+
+def _waken(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    return cfg, _waken(nets.build_vae(cfg)), _waken(nets.build_unet(cfg)), _waken(nets.build_controlnet(cfg))
+
+
+def test_bf16_velocity_stays_within_the_bf16_rounding_bound_of_float32(tiny):
+    """bfloat16 keeps 8 significant bits (unit roundoff u = 2^-8 ~ 0.39 %). One velocity call of
+    the tiny networks chains ~10 rounded convolutions; if every one added its full u, the relative
+    error would stay under 10u ~ 3.9 %. The released architecture measured 0.9 % (docs)."""
+    cfg, _, unet, controlnet = tiny
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, 8, generator=g)
+    labels = torch.randint(0, 8, (1, 1, 32, 32, 32), generator=g)
+    cond = nets.Conditioning(torch.tensor([[1.5, 1.5, 1.5]]), torch.ones(1, dtype=torch.long), nets.mask_to_bitplanes(labels))
+    t = torch.tensor([600.0])
+    out = {}
+    for name in ("fp32", "bf16"):
+        plan = compute.choose_plan(name, "cpu")
+        plan.prepare(unet, "unet")
+        plan.prepare(controlnet, "controlnet")
+        with torch.no_grad():
+            out[name] = sampling.velocity_function(unet, cond, controlnet, compute=plan)(x, t)
+    compute.choose_plan("fp32", "cpu").prepare(unet, "unet")  # back to contiguous float32 layers
+    compute.choose_plan("fp32", "cpu").prepare(controlnet, "controlnet")
+    assert out["bf16"].dtype == torch.float32
+    error = float((out["bf16"] - out["fp32"]).norm() / out["fp32"].norm())
+    assert 0 < error < 10 * 2**-8
+
+
+def test_prepare_is_reversible(tiny):
+    _, _, unet, _ = tiny
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    compute.choose_plan("bf16", "cpu").prepare(unet, "unet")
+    assert any(type(m) is fastops.Float32Linear for m in unet.modules())
+    compute.choose_plan("fp32", "cpu").prepare(unet, "unet")
+    assert not any(type(m) is fastops.Float32Linear for m in unet.modules())
+    assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+def test_generate_records_the_plan_and_bf16_stays_close_to_fp32(tiny, tmp_path):
+    cfg, vae, unet, controlnet = tiny
+    fov = {"fov_mm": {"min": [128.0] * 3, "max": [320.0] * 3}}
+    model_dir = models.save_model_folder(tmp_path / "model", cfg, vae, unet, controlnet, 0.8, fov)
+    mask = tmp_path / "mask.nii.gz"
+    from maisi2 import io
+
+    io.save_label_map(mask, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    cts = {}
+    for precision, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
+        options = G.GenerateOptions(steps=2, seed=seed, precision=precision, write_preview=False, write_label=False)
+        result = G.generate(mask, tmp_path / f"{precision}{seed}.nii.gz", model=model_dir, options=options)
+        assert result.report["precision"] == precision
+        assert result.report["compute_plan"]["requested"] == precision
+        assert result.report["compute_plan"]["networks"]["vae_decoder"]["dtype"] == "float32"
+        cts[precision, seed] = np.asarray(nib.load(result.paths.ct).dataobj).astype(float)
+    assert json.loads((tmp_path / "bf160_report.json").read_text())["compute_plan"]["chosen"] == "bf16"
+    # bf16 moves the CT far less than another seed does
+    assert np.abs(cts["bf16", 0] - cts["fp32", 0]).mean() < 0.2 * np.abs(cts["fp32", 1] - cts["fp32", 0]).mean()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        G.generate(mask, tmp_path / "x.nii.gz", model=model_dir, options=G.GenerateOptions(precision="half"))
