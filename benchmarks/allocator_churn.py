@@ -24,9 +24,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 POLICIES = ("pinned", "default", "reuse")
 
@@ -39,15 +36,15 @@ def _worker(policy: str, steps: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from _memory import peak_rss_mib
-    from generation_speed import SEED, _latent_from_seed, _mask, _networks, _our_decode
+    from common import peak_rss_mib
+    from common import SEED, latent_from_seed, networks, our_decode, phantom_conditioning
 
     from maisi2 import allocator, sampling
 
     if policy == "reuse":
         allocator.reuse_freed_memory()
-    cfg, net = _networks(("vae", "unet", "controlnet"), torch.device("cpu"), reference=False)
-    cond = _mask(128)
+    cfg, net = networks(("vae", "unet", "controlnet"), torch.device("cpu"), reference=False)
+    cond = phantom_conditioning(128)
     marks = [(time.perf_counter(), _faults())]
 
     def tick(_=None):
@@ -59,9 +56,9 @@ def _worker(policy: str, steps: int, threads: int) -> dict:
     per_step = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[1:], marks[2:])]
     del net["unet"], net["controlnet"]
     allocator.give_back_freed_memory()
-    z = _latent_from_seed((32, 32, 32))
+    z = latent_from_seed((32, 32, 32))
     start, faults = time.perf_counter(), _faults()
-    _our_decode(net["vae"], cfg, z, torch.device("cpu"), None)
+    our_decode(net["vae"], cfg, z, torch.device("cpu"), None)
     return {"policy": policy,
             "step_s": sorted(s for s, _ in per_step)[len(per_step) // 2],
             "step_faults": sorted(f for _, f in per_step)[len(per_step) // 2],

@@ -32,10 +32,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import reset_peak_rss, status_mib  # noqa: E402
+from common import reset_peak_rss, status_mib
 
 VARIANTS = ("flow-only", "output", "encoder")
 

@@ -9,8 +9,8 @@ as configured (num_splits 4 on axis 1), on the CPU in fp32 with its half-precisi
 off (it only runs under fp16 autocast). The networks are MONAI's own classes (maisi2's faster
 layers taken out again with `fastops.restore_monai_layers`). Ours is what `maisi2 generate` runs:
 `sampling.sample_latent` (mask embedding computed once, fused upsampling blocks), the UNet and
-ControlNet let go (as `generate` does with networks it loaded), and `decode.decode_tiled` with the
-plan `decode.plan_tiles` makes for the memory budget.
+ControlNet let go (as `generate` does with networks it loaded), and `autoencoder.decode_tiled` with the
+plan `autoencoder.plan_tiles` makes for the memory budget.
 
 Same networks (``maisi-v2`` architecture, random weights from one seed, perturbed so that the
 zero-initialised layers are not zero), same noise, same mask, same machine, same run. Each variant
@@ -47,14 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import peak_rss_mib  # noqa: E402
+from common import SEED, latent_from_seed, networks, our_decode, peak_rss_mib, phantom_conditioning
 
 WINDOW = 80  # latent voxels per axis of the release's sliding-window decode
 OVERLAP = 0.4
-SEED = 0
-
-
 # -- measurement helpers ---------------------------------------------------------------------
 
 def _peak_mib(device) -> dict:
@@ -81,36 +77,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _networks(kinds, device, reference: bool, overrides=()):
-    """The maisi-v2 networks with random weights from SEED (identical in every subprocess)."""
-    import torch
-
-    from maisi2 import fastops, nets
-    from maisi2.config import get_config
-
-    cfg = get_config("maisi-v2", list(overrides))
-    torch.manual_seed(SEED)
-    built = {}
-    for kind in ("vae", "unet", "controlnet"):  # always all three, in one order: same weights each run
-        model = {"vae": nets.build_vae, "unet": nets.build_unet, "controlnet": nets.build_controlnet}[kind](cfg)
-        with torch.no_grad():
-            for p in model.parameters():  # zero-initialised output convs would make everything trivial
-                p.add_(torch.randn_like(p) * 0.01)
-        if kind in kinds:
-            if reference:
-                fastops.restore_monai_layers(model)
-            built[kind] = model.eval().to(device)
-        else:
-            del model
-    return cfg, built
-
-
-def _latent_from_seed(shape):
-    import torch
-
-    return torch.randn((1, 4, *shape), generator=torch.Generator().manual_seed(SEED + 1))
-
-
 def _reference_decode(vae, z, device):
     """The release's decode: whole latent when it fits the window, else MONAI's sliding window."""
     import torch
@@ -125,29 +91,7 @@ def _reference_decode(vae, z, device):
         return inferer(z, vae.decode_stage_2_outputs).float()
 
 
-def _our_decode(vae, cfg, z, device, budget_gb, spill_dir=None):
-    from maisi2 import decode
-    from maisi2.generate import memory_budget_bytes
-
-    budget = memory_budget_bytes(budget_gb, device) - sum(p.numel() * 4 for p in vae.parameters())
-    plan = decode.plan_tiles(z.shape[2:], cfg.vae, budget, spill_dir=spill_dir)
-    return decode.decode_tiled(vae, z, plan), plan.to_dict()
-
-
 # -- workers (run in subprocesses) ------------------------------------------------------------
-
-def _mask(size: int):
-    import numpy as np
-    import torch
-
-    from maisi2 import nets
-    from maisi2.generate import phantom_mask
-
-    volume = phantom_mask((size,) * 3, (1.5, 1.5, 1.5), seed=SEED)
-    labels = torch.from_numpy(volume.array.astype(np.int64))[None, None]
-    spacing = torch.tensor([volume.spacing], dtype=torch.float32)
-    return nets.Conditioning(spacing, torch.ones(1, dtype=torch.long), nets.mask_to_bitplanes(labels))
-
 
 def _e2e(args, device, reference: bool) -> dict:
     import numpy as np
@@ -156,9 +100,9 @@ def _e2e(args, device, reference: bool) -> dict:
     from maisi2 import allocator, nets, sampling
     from maisi2.data import unit_to_hu
 
-    cfg, net = _networks(("vae", "unet", "controlnet"), device, reference)
+    cfg, net = networks(("vae", "unet", "controlnet"), device, reference)
     scale_factor = 1.0
-    cond = _mask(args.size).to(device)
+    cond = phantom_conditioning(args.size).to(device)
     latent_shape = (4, *(n // 4 for n in cond.mask_bits.shape[2:]))
     _sync(device)
     start, cpu_start, step_times = time.perf_counter(), _cpu_seconds(), []
@@ -208,7 +152,7 @@ def _e2e(args, device, reference: bool) -> dict:
         allocator.give_back_freed_memory()
         _sync(device)
         sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
-        image, plan = _our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb)
+        image, plan = our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb)
     _sync(device)
     done, cpu_done = time.perf_counter(), _cpu_seconds()
     hu = unit_to_hu(image[0, 0]).numpy()
@@ -226,21 +170,21 @@ def _decode(args, device, variant: str) -> dict:
     import numpy as np
     import torch
 
-    from maisi2 import decode
+    from maisi2 import autoencoder
 
     reference = variant.startswith("reference")
-    cfg, net = _networks(("vae",), device, reference=reference)
+    cfg, net = networks(("vae",), device, reference=reference)
     vae = net["vae"]
-    z = _latent_from_seed([n // 4 for n in args.shape])
+    z = latent_from_seed([n // 4 for n in args.shape])
     _sync(device)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     plan = None
     if reference:
         image = _reference_decode(vae, z, device)
     elif variant == "ours":
-        image, plan = _our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir)
+        image, plan = our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir)
     else:  # "whole": the exact whole-volume decode (streamed, float32), what both are compared with
-        image = decode.decode_streamed(vae, z, storage=torch.float32, spill_dir=args.spill_dir)
+        image = autoencoder.decode_streamed(vae, z, storage=torch.float32, spill_dir=args.spill_dir)
     _sync(device)
     seconds = time.perf_counter() - start
     name = "x".join(map(str, args.shape))
@@ -290,7 +234,7 @@ def _flop_counts(device) -> dict:
     from maisi2 import nets
 
     # MONAI's modules; the VAE without tensor splitting, whose overlapping splits add convolutions
-    cfg, net = _networks(("vae", "unet", "controlnet"), device, reference=True, overrides=("vae.num_splits=1",))
+    cfg, net = networks(("vae", "unet", "controlnet"), device, reference=True, overrides=("vae.num_splits=1",))
     counted = {"n": 0.0}
 
     def conv_hook(module, inputs, output):

@@ -62,7 +62,7 @@ def _sample(nets, cond, size: int, variant: str, steps: int) -> np.ndarray:
 
 
 def _decode(nets, latent: np.ndarray, variant: str) -> np.ndarray:
-    from maisi2 import decode, fastops
+    from maisi2 import autoencoder, fastops
 
     cfg, vae, scale = nets[0], nets[3], nets[4]
     z = torch.from_numpy(latent) / scale
@@ -78,9 +78,9 @@ def _decode(nets, latent: np.ndarray, variant: str) -> np.ndarray:
             for m in norms:
                 m.norm_float16 = False
             fastops.accelerate(vae)
-    plan = decode.plan_tiles(z.shape[2:], cfg.vae, 8 * 2**30)
+    plan = autoencoder.plan_tiles(z.shape[2:], cfg.vae, 8 * 2**30)
     kwargs = {"compute": _plan(variant)} if variant == "bf16" else {}
-    return decode.decode_tiled(vae, z, plan, **kwargs)[0, 0].numpy()
+    return autoencoder.decode_tiled(vae, z, plan, **kwargs)[0, 0].numpy()
 
 
 def _cached(path: Path, make) -> np.ndarray:

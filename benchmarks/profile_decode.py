@@ -3,8 +3,8 @@
     python benchmarks/profile_decode.py --latent 32 --storage float32      # 128^3 output, ~75 s on a Zen 3
     python benchmarks/profile_decode.py --shape 16 128 32 --plan-shape 128 128 32 --storage float16   # 1/8 of 512x512x128
 
-The maisi-v2 VAE with the benchmark's random weights (`generation_speed._networks`), one
-`decode.decode_streamed` call; `F.conv3d` is wrapped to time each call (and count its FLOPs:
+The maisi-v2 VAE with the benchmark's random weights (`common.networks`), one
+`autoencoder.decode_streamed` call; `F.conv3d` is wrapped to time each call (and count its FLOPs:
 2 x multiply-adds), so the rest of the wall time is what the decoder does between convolutions
 (group-norm statistics, activation, upsampling, copies). Prints the total, the convolutions' share
 and rate, and the 12 costliest convolution shapes (in -> out channels, kernel, input slab).
@@ -13,17 +13,14 @@ and rate, and the 12 costliest convolution shapes (in -> out channels, kernel, i
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import generation_speed  # noqa: E402
+import common
 
-from maisi2 import decode  # noqa: E402
+from maisi2 import autoencoder
 
 
 def main() -> None:
@@ -33,19 +30,19 @@ def main() -> None:
                     help="latent shape instead of a cube (e.g. 16 128 32: a slice of the 512 x 512 x 128 "
                          "decode, whose slabs are planes of 512 x 128 output voxels)")
     ap.add_argument("--slab-mib", type=float,
-                    help="slab temporaries (default: what decode.plan_tiles gives --plan-shape, else this shape)")
+                    help="slab temporaries (default: what autoencoder.plan_tiles gives --plan-shape, else this shape)")
     ap.add_argument("--plan-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                     help="latent shape whose plan sets the slab size (e.g. 128 128 32 with --shape 16 128 32)")
     ap.add_argument("--storage", choices=("float32", "float16"), default="float32")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, net = generation_speed._networks(("vae",), "cpu", reference=False)
+    cfg, net = common.networks(("vae",), "cpu", reference=False)
     shape = tuple(args.shape or (args.latent,) * 3)
     z = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(0))
     storage = getattr(torch, args.storage)
     slab_bytes = (int(args.slab_mib * 2**20) if args.slab_mib else
-                  decode.streamed_slab_bytes(cfg.vae, args.plan_shape or shape, storage.itemsize))
+                  autoencoder.streamed_slab_bytes(cfg.vae, args.plan_shape or shape, storage.itemsize))
     by_shape: dict[tuple, list[float]] = {}
     plain = F.conv3d
 
@@ -58,14 +55,14 @@ def main() -> None:
         entry[2] += 2 * weight[0].numel() * y.numel()
         return y
 
-    decode.F.conv3d = timed
+    autoencoder.streamed.F.conv3d = timed
     try:
         started = time.perf_counter()
         with torch.no_grad():
-            decode.decode_streamed(net["vae"], z, storage=storage, slab_bytes=slab_bytes)
+            autoencoder.decode_streamed(net["vae"], z, storage=storage, slab_bytes=slab_bytes)
         total = time.perf_counter() - started
     finally:
-        decode.F.conv3d = plain
+        autoencoder.streamed.F.conv3d = plain
     conv_s = sum(e[1] for e in by_shape.values())
     flops = sum(e[2] for e in by_shape.values())
     print(f"decode of {' x '.join(str(4 * n) for n in shape)} ({args.storage} storage, slabs of "

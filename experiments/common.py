@@ -17,15 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi2 import io, latents
+from maisi2 import ddpm, flow, latents, nets, volume_io
 from maisi2.atomic import atomic_output
+from maisi2.checkpoint import load_checkpoint
 from maisi2.data import center_pad_or_crop, hu_to_unit, unit_to_hu
-from maisi2.labels import BACKGROUND, LUNG_IDS, label_id, remove_tumors
+from maisi2.label_import import convert_totalseg
+from maisi2.labels import BACKGROUND, LUNG_IDS, label_id
 from maisi2.latents import LatentRecord
 from maisi2.masks.tumors import implant_random_balls
 from maisi2.models import load_model
 from maisi2.phantom import TumorSpec, make_phantom, random_tumors
-from maisi2.label_import import convert_totalseg
+from maisi2.sampling import sample_latent
 
 # The miniature grid: one of the bundled VAE's training grids (96 x 96 x 64 at 4 mm, a 38 x 38 x 26 cm
 # field of view), so its reconstructions are as good as that VAE gets; the latent is 24 x 24 x 16,
@@ -53,10 +55,10 @@ def say(message: str) -> None:
 
 
 def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SPACING,
-                   at_least_one_tumour: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   at_least_one_tumor: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(N, X, Y, Z) float32 HU and uint8 labels of random-lesion phantoms, cached as one .npz.
     at_least_one_tumour: a phantom whose random draw has no lesion gets a hepatic one."""
-    tag = "_tumour" if at_least_one_tumour else ""
+    tag = "_tumour" if at_least_one_tumor else ""
     path = folder / f"phantoms_{seeds.start}_{seeds.stop}{tag}.npz"
     for cached in sorted(folder.glob(f"phantoms_{seeds.start}_*{tag}.npz")):  # the same seeds, or more of them
         stop = cached.name[len(f"phantoms_{seeds.start}_"):-len(f"{tag}.npz")]
@@ -65,7 +67,7 @@ def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SP
             return data["ct"][: len(seeds)], data["labels"][: len(seeds)]
     cts, labels = [], []
     for seed in seeds:
-        ct, lab = _phantom_that_fits(shape, spacing, seed, at_least_one_tumour)
+        ct, lab = _phantom_that_fits(shape, spacing, seed, at_least_one_tumor)
         cts.append(ct.astype(np.float32))
         labels.append(lab)
     ct, lab = np.stack(cts), np.stack(labels)
@@ -74,11 +76,11 @@ def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SP
     return ct, lab
 
 
-def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumour: bool = False):
+def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumor: bool = False):
     """A random-lesion phantom; a lesion kind that cannot fit at this coarse spacing (a thin
     pancreas) is dropped and the phantom drawn again with the rest of its lesions."""
     tumors = random_tumors(np.random.default_rng(seed))
-    if at_least_one_tumour and not tumors:
+    if at_least_one_tumor and not tumors:
         tumors = [TumorSpec("hepatic", 1, (5.0, 20.0))]
     while True:
         try:
@@ -91,10 +93,10 @@ def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumour: bool = Fa
             tumors = [t for t in tumors if t is not misfit[0]]
 
 
-LIVER, HEPATIC_TUMOUR = label_id("liver"), label_id("hepatic tumor")
+LIVER, HEPATIC_TUMOR = label_id("liver"), label_id("hepatic tumor")
 # Tumour kinds edit_mask can implant: (the labels a tumour may replace, the tumour's label).
 IMPLANTS = {
-    "hepatic": ((LIVER,), HEPATIC_TUMOUR),
+    "hepatic": ((LIVER,), HEPATIC_TUMOR),
     "lung": (LUNG_IDS, label_id("lung tumor")),
 }
 
@@ -121,10 +123,10 @@ def real_scan_on_grid() -> tuple[np.ndarray, np.ndarray] | None:
     seg_path, ct_path = REAL_SCANS / "example_seg.nii.gz", REAL_SCANS / "example_ct_sm.nii.gz"
     if not (seg_path.is_file() and ct_path.is_file()):
         return None
-    ct, seg = io.load_ct(ct_path), io.load_label_map(seg_path, check_ids=False)
+    ct, seg = volume_io.load_ct(ct_path), volume_io.load_label_map(seg_path, check_ids=False)
     labels, _ = convert_totalseg(seg.array, ct.array, spacing=seg.spacing)
-    labels = io.resample_to_spacing(seg.with_array(labels), GRID_SPACING, order=0).array
-    hu = io.resample_to_spacing(ct, GRID_SPACING, order=1).array
+    labels = volume_io.resample_to_spacing(seg.with_array(labels), GRID_SPACING, order=0).array
+    hu = volume_io.resample_to_spacing(ct, GRID_SPACING, order=1).array
     return (center_pad_or_crop(hu.astype(np.float32), GRID_SHAPE, fill=-1000.0),
             center_pad_or_crop(labels, GRID_SHAPE, fill=BACKGROUND))
 
@@ -169,7 +171,7 @@ def reconstruct_hu(vae, ct_hu: np.ndarray) -> np.ndarray:
     return decode_hu(vae, torch.cat(means))
 
 
-def tumour_segmenter(path: Path, pairs, steps: int, seed: int = 0, progress: bool = True) -> Path:
+def tumor_segmenter(path: Path, pairs, steps: int, seed: int = 0, progress: bool = True) -> Path:
     """A tumour-vs-rest segmenter (`maisi2.evaluate.seg`) trained on (CT HU, labels) pairs; resumes."""
     from maisi2.evaluate.seg import SegmenterConfig, SegmenterTrainSettings, train_segmenter
 
@@ -221,3 +223,61 @@ def slices_figure(rows: list[tuple[str, np.ndarray]], path: Path, count: int = 4
 def write_json(path: Path, data: dict) -> None:
     with atomic_output(path, overwrite=True) as tmp:  # a rerun recomputes the results
         Path(tmp).write_text(json.dumps(data, indent=2, default=str))
+
+
+# -- the networks the experiments train, and sampling from them -----------------------------------
+
+# Experiment 2's ControlNet variants: the contrastive loss off, on with the paper's schedule, reversed.
+VARIANTS = {
+    "no contrastive loss": dict(contrastive=False),
+    "paper: 0.01 then 0.001": dict(contrastive=True, lambda_schedule=((0.0, 0.01), (0.5, 0.001))),
+    "reversed: 0.001 then 0.01": dict(contrastive=True, lambda_schedule=((0.0, 0.001), (0.5, 0.01))),
+}
+
+
+def slug(name: str) -> str:
+    return name.split(":")[0].replace(" ", "_")
+
+
+def load_controlnet(path: Path):
+    ckpt = load_checkpoint(path)
+    net = nets.build_controlnet(ckpt.config)
+    net.load_state_dict(ckpt.weights(prefer_ema=True))
+    return net.eval()
+
+
+@torch.no_grad()
+def generate_ct(unet, controlnet, cfg, scale, vae, labels: np.ndarray, seed: int) -> np.ndarray:
+    mask = torch.from_numpy(labels.astype(np.int64))[None, None]
+    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING], dtype=torch.float32),
+                             modality=torch.tensor([nets.modality_id("ct")]), mask_bits=nets.mask_to_bitplanes(mask))
+    shape = (cfg.vae.latent_channels, *(s // cfg.vae.downsample_factor for s in labels.shape))
+    z = sample_latent(unet, cond, shape, cfg.flow, controlnet=controlnet, steps=30, seed=seed)
+    return decode_hu(vae, z / scale)[0]
+
+
+def load_unet(path: Path):
+    return unet_of(load_checkpoint(path))
+
+
+def unet_of(ckpt):
+    """(UNet with the checkpoint's EMA weights, eval mode; its config; its latent scale factor)."""
+    unet = nets.build_unet(ckpt.config)
+    unet.load_state_dict(ckpt.weights(prefer_ema=True))
+    return unet.eval(), ckpt.config, ckpt.scale_factor
+
+
+@torch.no_grad()
+def sample(unet, cfg, kind: str, steps: int, seeds: list[int], latent_shape) -> torch.Tensor:
+    """Scaled latents (B, C, x, y, z) for these noise seeds with one sampler."""
+    noise = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING] * len(seeds), dtype=torch.float32),
+                             modality=torch.full((len(seeds),), nets.modality_id("ct"), dtype=torch.long))
+    net = lambda x, t: nets.predict_velocity(unet, x, t, cond)  # noqa: E731
+    if kind == "rf":
+        grid, nxt = flow.inference_timesteps(steps, latent_shape[1:], cfg.flow)
+        return flow.sample_euler(net, noise, grid, nxt, T=cfg.flow.num_train_timesteps)
+    generator = torch.Generator().manual_seed(seeds[0] + 10_000)
+    if kind == "ddpm":
+        return ddpm.sample_ddpm(net, noise, 1000, generator=generator)
+    return ddpm.sample_ddim(net, noise, steps)

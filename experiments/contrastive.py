@@ -41,31 +41,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, reference_seeds,  # noqa: E402
-                    test_seeds, train_seeds, bundled_vae, cached_volumes, decode_hu, edit_mask, encode_to_cache, environment,
-                    phantom_arrays, real_scan_on_grid, reconstruct_hu, say, tumour_segmenter, write_json)
+from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, reference_seeds,
+                    test_seeds, train_seeds, bundled_vae, cached_volumes, edit_mask, encode_to_cache, environment,
+                    phantom_arrays, real_scan_on_grid, reconstruct_hu, say, tumor_segmenter, write_json,
+                    VARIANTS, generate_ct, load_controlnet, slug)
 
-from maisi2 import nets  # noqa: E402
-from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
-from maisi2.evaluate.fidelity import fidelity  # noqa: E402
-from maisi2.sampling import sample_latent  # noqa: E402
-from maisi2.train_controlnet import ControlNetLossSettings, ControlNetRecipe, load_frozen_unet, train_controlnet  # noqa: E402
+from maisi2.evaluate.fid import fid, volume_set_stats
+from maisi2.evaluate.fidelity import fidelity
+from maisi2.train_controlnet import ControlNetLossSettings, ControlNetRecipe, load_frozen_unet, train_controlnet
 
-VARIANTS = {
-    "no contrastive loss": dict(contrastive=False),
-    "paper: 0.01 then 0.001": dict(contrastive=True, lambda_schedule=((0.0, 0.01), (0.5, 0.001))),
-    "reversed: 0.001 then 0.01": dict(contrastive=True, lambda_schedule=((0.0, 0.001), (0.5, 0.01))),
-}
-
-
-LUNG_TUMOUR = IMPLANTS["lung"][1]
-
-
-def slug(name: str) -> str:
-    return name.split(":")[0].replace(" ", "_")
+LUNG_TUMOR = IMPLANTS["lung"][1]
 
 
 def train_variants(cache: Path, unet: Path, work: Path, args) -> dict[str, Path]:
@@ -73,31 +59,12 @@ def train_variants(cache: Path, unet: Path, work: Path, args) -> dict[str, Path]
     for name, loss in VARIANTS.items():
         recipe = ControlNetRecipe(loss=ControlNetLossSettings(**loss), steps=args.steps, lr=args.lr, warmup=20,
                                   ema_decay=0.99, ckpt_every=25, seed=args.seed, crop=tuple(args.crop or ()),
-                                  tumour_crops=args.tumour_crops)
+                                  tumor_crops=args.tumor_crops)
         folder = work / slug(name)
         say(f"ControlNet '{name}': {args.steps} steps")
         train_controlnet(cache, unet, folder, recipe, resume=True, device="cpu", progress=not args.no_progress)
         out[name] = folder / "last.pt"
     return out
-
-
-def load_controlnet(path: Path):
-    from maisi2.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    net = nets.build_controlnet(ckpt.config)
-    net.load_state_dict(ckpt.weights(prefer_ema=True))
-    return net.eval()
-
-
-@torch.no_grad()
-def generate(unet, controlnet, cfg, scale, vae, labels: np.ndarray, seed: int) -> np.ndarray:
-    mask = torch.from_numpy(labels.astype(np.int64))[None, None]
-    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING], dtype=torch.float32),
-                             modality=torch.tensor([nets.modality_id("ct")]), mask_bits=nets.mask_to_bitplanes(mask))
-    shape = (cfg.vae.latent_channels, *(s // cfg.vae.downsample_factor for s in labels.shape))
-    z = sample_latent(unet, cond, shape, cfg.flow, controlnet=controlnet, steps=30, seed=seed)
-    return decode_hu(vae, z / scale)[0]
 
 
 def main() -> None:
@@ -113,7 +80,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, nargs=3, default=(16, 16, 16), metavar=("X", "Y", "Z"),
                     help="train on latent windows of this size (ControlNetRecipe.crop; the latent is 24 x 24 x 16, "
                          "so 24 24 16 trains on whole latents)")
-    ap.add_argument("--tumour-crops", type=float, default=0.7, help="share of windows centred on a tumour")
+    ap.add_argument("--tumor-crops", type=float, default=0.7, help="share of windows centred on a tumour")
     ap.add_argument("--cases", type=int, default=8, help="held-out masks generated per variant")
     ap.add_argument("--seg-steps", type=int, default=800, help="tumour segmenter training steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -128,11 +95,11 @@ def main() -> None:
 
     train_ct, train_labels = phantom_arrays(args.data, train_seeds(args.train_volumes))
     ref_ct, _ = phantom_arrays(args.data, reference_seeds(args.reference_volumes))
-    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.cases), at_least_one_tumour=True)
+    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.cases), at_least_one_tumor=True)
     vae, _ = bundled_vae()
     cache = encode_to_cache(args.data / f"latents_{args.train_volumes}", vae, train_ct, labels=train_labels)
     controlnets = train_variants(cache, args.unet, work, args)
-    segmenter = tumour_segmenter(args.data / f"segmenter_{args.train_volumes}_{args.seg_steps}.pt",
+    segmenter = tumor_segmenter(args.data / f"segmenter_{args.train_volumes}_{args.seg_steps}.pt",
                                  list(zip(train_ct, train_labels)), args.seg_steps, seed=args.seed,
                                  progress=not args.no_progress)
 
@@ -146,7 +113,7 @@ def main() -> None:
     generated = {}
     for name, path in controlnets.items():
         controlnet = load_controlnet(path)
-        render = lambda masks: np.stack([generate(unet, controlnet, cfg, scale, vae, lab, seed=100 + i)  # noqa: E731
+        render = lambda masks: np.stack([generate_ct(unet, controlnet, cfg, scale, vae, lab, seed=100 + i)  # noqa: E731
                                          for i, lab in enumerate(masks)])
         generated[name] = cached_volumes(work / f"samples_{slug(name)}.npz", lambda: render(test_labels),
                                          f"{args.cases} cases with '{name}'")
@@ -229,25 +196,25 @@ def roi_distance_plot(logs: dict[str, Path], path: Path, size=(520, 260), bin_st
 def lung_implants(test_ct, test_labels, train_ct, train_labels, seed: int, radius_mm=LUNG_IMPLANT_RADIUS_MM):
     """Each held-out mask with its tumours out and 1-2 lung tumours of `radius_mm` in, and the
     phantom CT with those tumours painted at the training phantoms' median lung-tumour HU."""
-    tumour_id = IMPLANTS["lung"][1]
-    tumour_hu = float(np.median(train_ct[train_labels == tumour_id]))
+    tumor_id = IMPLANTS["lung"][1]
+    tumor_hu = float(np.median(train_ct[train_labels == tumor_id]))
     masks = np.stack([edit_mask(lab, np.random.default_rng(seed + i), radius_mm=radius_mm, kind="lung")
                       for i, lab in enumerate(test_labels)])
-    painted = np.where(masks == tumour_id, np.float32(tumour_hu), test_ct).astype(np.float32)
+    painted = np.where(masks == tumor_id, np.float32(tumor_hu), test_ct).astype(np.float32)
     return masks, painted
 
 
-def paired_change(with_tumours, without_tumours, masks, ring_voxels: int = 2) -> dict:
+def paired_change(with_tumors, without_tumors, masks, ring_voxels: int = 2) -> dict:
     """Mean HU change, volume with the implanted lung tumours minus the same volume without them
     (for samples: the original mask from the same noise), inside the tumours and in a ring of
     `ring_voxels` around them; per case."""
     from scipy import ndimage
 
     inside, ring = [], []
-    for a, b, mask in zip(with_tumours, without_tumours, masks):
-        tumour = mask == LUNG_TUMOUR
-        around = ndimage.binary_dilation(tumour, iterations=ring_voxels) & ~tumour
-        inside.append(float(a[tumour].mean() - b[tumour].mean()))
+    for a, b, mask in zip(with_tumors, without_tumors, masks):
+        tumor = mask == LUNG_TUMOR
+        around = ndimage.binary_dilation(tumor, iterations=ring_voxels) & ~tumor
+        inside.append(float(a[tumor].mean() - b[tumor].mean()))
         ring.append(float(a[around].mean() - b[around].mean()))
     return {"paired_change_inside_hu": inside, "paired_change_ring_hu": ring}
 
@@ -255,18 +222,18 @@ def paired_change(with_tumours, without_tumours, masks, ring_voxels: int = 2) ->
 def score(name: str, volumes, labels, real_ct, segmenter, ref_stats=None) -> dict:
     """Tumour fidelity of volumes against their masks (contrast error needs `real_ct`); FID when
     `ref_stats` is given."""
-    tumours, case_dice = [], []
+    tumors, case_dice = [], []
     for i, (volume, lab) in enumerate(zip(volumes, labels)):
         result = fidelity(volume, lab, GRID_SPACING, real_hu=None if real_ct is None else real_ct[i], segmenter=segmenter)
         case_dice.append(result.dice)
-        tumours += [t.to_dict() for t in result.tumors]
-    row = {"variant": name, "tumours": len(tumours),
-           "median_abs_contrast_error_hu": _median_abs([t.get("contrast_error_hu") for t in tumours]),
-           "median_contrast_hu": _median([t["contrast_hu"] for t in tumours]),
-           "mean_detected_fraction": float(np.mean([t["detected_fraction"] for t in tumours])),
+        tumors += [t.to_dict() for t in result.tumors]
+    row = {"variant": name, "tumours": len(tumors),
+           "median_abs_contrast_error_hu": _median_abs([t.get("contrast_error_hu") for t in tumors]),
+           "median_contrast_hu": _median([t["contrast_hu"] for t in tumors]),
+           "mean_detected_fraction": float(np.mean([t["detected_fraction"] for t in tumors])),
            "mean_case_dice": float(np.mean(case_dice)),
            "fid": None if ref_stats is None else fid(ref_stats, volumes, spacing=None, shape=None, progress=False).average,
-           "per_tumour": tumours}
+           "per_tumour": tumors}
     say(f"  {name}: {row['tumours']} tumours, median contrast {row['median_contrast_hu']}, "
         f"error {row['median_abs_contrast_error_hu']}, detected {row['mean_detected_fraction']:.3f}, FID {row['fid']}")
     return row
@@ -290,12 +257,12 @@ def figure(real_ct: np.ndarray, labels: np.ndarray, generated: dict[str, np.ndar
     draw.text((2, 1), "axial slice through each case's largest tumour (red: its outline in the mask; lung window "
                       "for lung tumours)", fill="white")
     for row in range(cases):
-        tumour = np.isin(labels[row], TUMOR_IDS)
-        z = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else labels.shape[3] // 2
-        outline = tumour[:, :, z] & ~ndimage.binary_erosion(tumour[:, :, z])
-        components, count = ndimage.label(tumour)
+        tumor = np.isin(labels[row], TUMOR_IDS)
+        z = int(np.argmax(tumor.sum(axis=(0, 1)))) if tumor.any() else labels.shape[3] // 2
+        outline = tumor[:, :, z] & ~ndimage.binary_erosion(tumor[:, :, z])
+        components, count = ndimage.label(tumor)
         largest = np.argmax(np.bincount(components.ravel())[1:]) + 1 if count else 0
-        low, high = (-1000, 200) if count and (labels[row][components == largest] == LUNG_TUMOUR).any() else (-200, 300)
+        low, high = (-1000, 200) if count and (labels[row][components == largest] == LUNG_TUMOR).any() else (-200, 300)
         for col, volume in enumerate([real_ct[row], *(g[row] for g in generated.values())]):
             grey = np.clip((volume[:, :, z].astype(np.float32) - low) / (high - low), 0, 1) * 255
             rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
@@ -314,7 +281,7 @@ def real_mask_case(real_scan, controlnets, unet, cfg, scale, vae, segmenter, wor
     rows, generated = [], {}
     for name, path in controlnets.items():
         gen = cached_volumes(work / f"real_mask_{slug(name)}.npz",
-                             lambda: generate(unet, load_controlnet(path), cfg, scale, vae, labels, seed=300)[None],
+                             lambda: generate_ct(unet, load_controlnet(path), cfg, scale, vae, labels, seed=300)[None],
                              f"the real scan's mask with '{name}'")[0]
         result = fidelity(gen, labels, GRID_SPACING, segmenter=segmenter)
         generated[name] = gen

@@ -30,15 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, test_seeds,  # noqa: E402
-                    train_seeds, bundled_vae, edit_mask, environment, phantom_arrays, say, write_json)
-from contrastive import VARIANTS, generate, load_controlnet, slug  # noqa: E402
+from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, test_seeds,
+                    train_seeds, bundled_vae, edit_mask, environment, phantom_arrays, say, write_json,
+                    VARIANTS, generate_ct, load_controlnet, slug)
 
-from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,  # noqa: E402
+from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,
                                  load_segmenter, segment, train_segmenter)
-from maisi2.atomic import atomic_output  # noqa: E402
-from maisi2.train_controlnet import load_frozen_unet  # noqa: E402
+from maisi2.atomic import atomic_output
+from maisi2.train_controlnet import load_frozen_unet
 
 # Tumour kinds whose voxels found by the segmenter are reported separately (mean over seeds).
 FOUND_KINDS = {kind: IMPLANTS[kind][1] for kind in ("lung", "hepatic")}
@@ -61,7 +60,7 @@ def synthetic_pairs(args, work: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     cts = []
     for i, mask in enumerate(masks):
         say(f"synthetic volume {i + 1}/{len(masks)}")
-        cts.append(generate(unet, controlnet, cfg, scale, vae, mask, seed=500 + i))
+        cts.append(generate_ct(unet, controlnet, cfg, scale, vae, mask, seed=500 + i))
     with atomic_output(path, overwrite=True) as tmp:
         np.savez(tmp, ct=np.round(np.stack(cts)).astype(np.int16), labels=np.stack(masks))
     return synthetic_pairs(args, work)  # what was stored, as a rerun reads it
@@ -91,7 +90,7 @@ def main() -> None:
 
     real_ct, real_labels = phantom_arrays(args.data, train_seeds(args.real + args.synthetic))
     real = list(zip(real_ct[: args.real], real_labels[: args.real]))
-    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.test), at_least_one_tumour=True)
+    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.test), at_least_one_tumor=True)
     synthetic = synthetic_pairs(args, work)
     config = SegmenterConfig()
     rows = []
@@ -106,9 +105,9 @@ def main() -> None:
             predictions = [segment(model, ct, cfg) > 0 for ct in test_ct]
             dices.append(float(np.mean([dice_score(pred, labels_to_classes(lab, cfg.classes) > 0)
                                         for pred, lab in zip(predictions, test_labels)])))
-            for kind, tumour_id in FOUND_KINDS.items():  # pooled over the test cases
-                hit = sum(int(pred[lab == tumour_id].sum()) for pred, lab in zip(predictions, test_labels))
-                total = sum(int((lab == tumour_id).sum()) for lab in test_labels)
+            for kind, tumor_id in FOUND_KINDS.items():  # pooled over the test cases
+                hit = sum(int(pred[lab == tumor_id].sum()) for pred, lab in zip(predictions, test_labels))
+                total = sum(int((lab == tumor_id).sum()) for lab in test_labels)
                 found[kind].append(hit / total if total else float("nan"))
         rows.append({"condition": condition, "training_volumes": len(pairs), "dice_per_seed": dices,
                      "dice_mean": float(np.mean(dices)), "dice_std": float(np.std(dices)),

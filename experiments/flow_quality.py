@@ -34,13 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, bundled_vae, cached_volumes, decode_hu, environment, phantom_arrays,  # noqa: E402
-                    reconstruct_hu, reference_seeds, say, slices_figure, train_seeds, write_json)
-from steps import sample, unet_of  # noqa: E402
+from common import (GRID_SHAPE, bundled_vae, cached_volumes, decode_hu, environment, phantom_arrays,
+                    reconstruct_hu, reference_seeds, say, slices_figure, train_seeds, write_json, sample, unet_of)
 
-from maisi2.checkpoint import load_checkpoint  # noqa: E402
-from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
+from maisi2.checkpoint import load_checkpoint
+from maisi2.evaluate.fid import fid, volume_set_stats
 
 # HU bands of the tissues a phantom is made of, low edge inclusive; what falls between is "other".
 TISSUE_BANDS = {"air": (-np.inf, -900.0), "lung": (-900.0, -500.0), "fat": (-200.0, -30.0),

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.atomic import atomic_output
 from maisi2.data import DataItem, read_datalist, write_datalist
 from maisi2.maskgen import files, measure, networks, sampling
@@ -80,17 +80,17 @@ def make_data(work: Path, count: int, seed: int) -> Path:
     if REAL_SEG.is_file() and REAL_CT.is_file():
         from maisi2.totalseg import convert_totalseg
 
-        seg, ct = io.load_label_map(REAL_SEG, check_ids=False), io.load_ct(REAL_CT)
+        seg, ct = volume_io.load_label_map(REAL_SEG, check_ids=False), volume_io.load_ct(REAL_CT)
         labels, _ = convert_totalseg(seg.array, ct.array, spacing=seg.spacing)
         path = work / "real_label.nii.gz"
-        io.save_label_map(path, seg.with_array(labels), overwrite=True)
+        volume_io.save_label_map(path, seg.with_array(labels), overwrite=True)
         items.append(DataItem(image=path, label=path, spacing=seg.spacing, source="real", fold=1))
     return write_datalist(datalist, items, overwrite=True)
 
 
 # -- 3-4. samples and measures ------------------------------------------------------------------
 
-def one_tumour(vector: np.ndarray) -> np.ndarray:
+def one_tumor(vector: np.ndarray) -> np.ndarray:
     """The vector with only its first present tumour slot kept (a request holds one tumour kind;
     a phantom may hold several)."""
     out = vector.copy()
@@ -103,7 +103,7 @@ def sample_heldout(generator, heldout, per_vector: int, steps: int) -> tuple[lis
     """RF samples for each held-out mask's own size vector (one tumour kind kept), `per_vector`
     seeds each; returns (masks, requested vectors, obtained vectors, seconds)."""
     scale = generator.size_scale
-    requested = [one_tumour(v) for v in scale.sizes(heldout.volumes_ml)]
+    requested = [one_tumor(v) for v in scale.sizes(heldout.volumes_ml)]
     masks, asked, got, seconds = [], [], [], []
     for vector in requested:
         for seed in range(per_vector):
@@ -133,12 +133,12 @@ def plausibility(generated: list[np.ndarray], training: list[np.ndarray], spacin
         comps[tag] = {name: {"mean": float(np.mean([c[name] for c in counts])),
                              "share_one": float(np.mean([c[name] == 1 for c in counts]))}
                       for name in measure.MEASURED}
-    tumours = {}
+    tumors = {}
     for slot in TUMOR_SLOTS:
-        shares = [s for m in generated for s in measure.tumour_inside_parent(m, slot)]
-        tumours[slot] = {"components": len(shares),
+        shares = [s for m in generated for s in measure.tumor_inside_parent(m, slot)]
+        tumors[slot] = {"components": len(shares),
                          "share_inside": float(np.mean([s >= 0.5 for s in shares])) if shares else float("nan")}
-    return {"volumes_ml": volumes, "components": comps, "tumours_inside_parent": tumours,
+    return {"volumes_ml": volumes, "components": comps, "tumours_inside_parent": tumors,
             "body_closed": {"generated": float(np.mean([measure.body_closed(m) for m in generated])),
                             "training": float(np.mean([measure.body_closed(m) for m in training]))}}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi2 import io, label_tables
+from maisi2 import label_tables, volume_io
 from maisi2 import labels as L
 from maisi2.generate import GenerateOptions
 from maisi2.preview import preview_centre, render_preview
@@ -57,8 +57,8 @@ def run_request(work: Path, index: int, request) -> tuple[np.ndarray, np.ndarray
         else:
             _generate_on_mask(mask, counts, out, options)
     report = json.loads(report_path.read_text())
-    labels = io.load_label_map(work / f"request_{index}_label.nii.gz")
-    ct = io.load_ct(out).array
+    labels = volume_io.load_label_map(work / f"request_{index}_label.nii.gz")
+    ct = volume_io.load_ct(out).array
     edits = report.get("request", {}).get("tumour_edits", [])
     report["focus"] = edits[0]["label"] if edits else None  # the preview's rule: the edited tumour's label
     return ct, labels.array, labels.spacing, report
@@ -70,7 +70,7 @@ def _generate_on_mask(mask: str, counts, out: Path, options) -> None:
     from maisi2.generate import generate
     from maisi2.masks.library import default_library_dir
 
-    volume = io.load_label_map(default_library_dir() / mask)
+    volume = volume_io.load_label_map(default_library_dir() / mask)
     edited, changes = intent.mask_with_tumors(volume, counts, radius_mm=(6.0, 9.0), seed=options.seed)
     options = dataclasses.replace(options, preview_focus=intent.preview_label(changes),
                                   request={"mask": mask, "tumour_edits": [c.to_dict() for c in changes]})

@@ -30,17 +30,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GRID_SHAPE, GRID_SPACING, reference_seeds, train_seeds, bundled_vae, decode_hu, encode_to_cache, environment,  # noqa: E402
-                    phantom_arrays, reconstruct_hu, say, slices_figure, write_json)
+from common import (GRID_SHAPE, GRID_SPACING, reference_seeds, train_seeds, bundled_vae, decode_hu, encode_to_cache, environment,
+                    phantom_arrays, reconstruct_hu, say, slices_figure, write_json, load_unet, sample)
 
-from maisi2 import ddpm, flow, nets  # noqa: E402
-from maisi2.checkpoint import load_checkpoint  # noqa: E402
-from maisi2.config import get_config  # noqa: E402
-from maisi2.evaluate.fid import fid, volume_set_stats  # noqa: E402
-from maisi2.train_flow import default_recipe, recipe_with_overrides, stage_dir, train_stage  # noqa: E402
+from maisi2.config import get_config
+from maisi2.evaluate.fid import fid, volume_set_stats
+from maisi2.train_flow import default_recipe, recipe_with_overrides, stage_dir, train_stage
 
 RF_STEPS = (5, 10, 20, 30, 50, 100)
 SETTINGS = [("rflow", "rf", n) for n in RF_STEPS] + [("ddpm", "ddpm", 1000), ("ddpm", "ddim", 30)]
@@ -57,33 +53,6 @@ def train(objective: str, cache: Path, work: Path, args) -> Path:
     # The same initial weights for both objectives: the trainer seeds the model build from the recipe.
     train_stage(1, cache, out, cfg, recipe, resume=True, device="cpu", progress=not args.no_progress)
     return stage_dir(out, 1) / "last.pt"
-
-
-def load_unet(path: Path):
-    return unet_of(load_checkpoint(path))
-
-
-def unet_of(ckpt):
-    """(UNet with the checkpoint's EMA weights, eval mode; its config; its latent scale factor)."""
-    unet = nets.build_unet(ckpt.config)
-    unet.load_state_dict(ckpt.weights(prefer_ema=True))
-    return unet.eval(), ckpt.config, ckpt.scale_factor
-
-
-@torch.no_grad()
-def sample(unet, cfg, kind: str, steps: int, seeds: list[int], latent_shape) -> torch.Tensor:
-    """Scaled latents (B, C, x, y, z) for these noise seeds with one sampler."""
-    noise = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING] * len(seeds), dtype=torch.float32),
-                             modality=torch.full((len(seeds),), nets.modality_id("ct"), dtype=torch.long))
-    net = lambda x, t: nets.predict_velocity(unet, x, t, cond)  # noqa: E731
-    if kind == "rf":
-        grid, nxt = flow.inference_timesteps(steps, latent_shape[1:], cfg.flow)
-        return flow.sample_euler(net, noise, grid, nxt, T=cfg.flow.num_train_timesteps)
-    generator = torch.Generator().manual_seed(seeds[0] + 10_000)
-    if kind == "ddpm":
-        return ddpm.sample_ddpm(net, noise, 1000, generator=generator)
-    return ddpm.sample_ddim(net, noise, steps)
 
 
 def samples_for(setting, unet, cfg, scale, vae, work: Path, args) -> tuple[np.ndarray, float]:

@@ -12,13 +12,11 @@ every tumour its size and its contrast against the surrounding parent organ
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRID_SPACING, bundled_vae, phantom_arrays, reconstruct_hu, test_seeds  # noqa: E402
+from common import GRID_SPACING, bundled_vae, phantom_arrays, reconstruct_hu, test_seeds
 
-from maisi2.evaluate.fidelity import tumor_contrasts  # noqa: E402
+from maisi2.evaluate.fidelity import tumor_contrasts
 
 
 def main() -> None:
@@ -26,7 +24,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("work/exp_data"))
     ap.add_argument("--cases", type=int, default=12, help="held-out phantoms (each with a tumour)")
     args = ap.parse_args()
-    cts, labels = phantom_arrays(args.data, test_seeds(args.cases), at_least_one_tumour=True)
+    cts, labels = phantom_arrays(args.data, test_seeds(args.cases), at_least_one_tumor=True)
     vae, _ = bundled_vae()
     print("| case | tumour | voxels | phantom contrast (HU) | VAE reconstruction (HU) |\n| ---: | --- | ---: | ---: | ---: |")
     for case, (ct, lab) in enumerate(zip(cts, labels)):

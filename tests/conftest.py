@@ -1,5 +1,6 @@
 """Shared test fixtures: CPU-only, few threads, and the location of the real data."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference" / "maisi"
 DATA = SHARED / "data"
+
+# The experiments' shared helpers (experiments/common.py) and measures are tested where they are:
+# their folder is importable the way it is when Python runs one of its scripts.
+sys.path.insert(0, str(REPO / "experiments"))
 
 torch.set_num_threads(2)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from maisi2.cli import main
-from maisi2.io import load_ct, load_label_map
+from maisi2.volume_io import load_ct, load_label_map
 from maisi2.labels import label_id
 from maisi2.models import default_model_dir, read_model_info
 from tests.conftest import DATA, need

@@ -134,7 +134,7 @@ def test_truncated_or_garbage_safetensors_are_one_line(tmp_path):
 
 def test_permission_denied_is_reported_as_such_not_as_corrupt(tmp_path, monkeypatch):
     """Root reads any file, so the denial is simulated where the file is opened."""
-    from maisi2 import io
+    from maisi2 import volume_io
     from maisi2.checkpoint import read_safetensors, read_torch_file
 
     good = save_checkpoint(tmp_path / "good.pt", Checkpoint("unet", get_config("tiny"), _tiny_unet().state_dict()))
@@ -149,9 +149,9 @@ def test_permission_denied_is_reported_as_such_not_as_corrupt(tmp_path, monkeypa
     (tmp_path / "w.safetensors").write_bytes(b"x")
     with pytest.raises(PermissionError, match="permission denied"):
         read_safetensors(tmp_path / "w.safetensors")
-    monkeypatch.setattr(io.nib, "load", denied)
+    monkeypatch.setattr(volume_io.nib, "load", denied)
     (tmp_path / "mask.nii.gz").write_bytes(b"x")
-    for read in (io.load_label_map, io.read_grid):
+    for read in (volume_io.load_label_map, volume_io.read_grid):
         with pytest.raises(PermissionError, match=r"cannot read .*mask.nii.gz: permission denied"):
             read(tmp_path / "mask.nii.gz")
 

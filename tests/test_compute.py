@@ -161,9 +161,9 @@ def test_generate_records_the_plan_and_bf16_stays_close_to_fp32(tiny, tmp_path):
     fov = {"fov_mm": {"min": [128.0] * 3, "max": [320.0] * 3}}
     model_dir = models.save_model_folder(tmp_path / "model", cfg, vae, unet, controlnet, 0.8, fov)
     mask = tmp_path / "mask.nii.gz"
-    from maisi2 import io
+    from maisi2 import volume_io
 
-    io.save_label_map(mask, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    volume_io.save_label_map(mask, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
     cts = {}
     for precision, seed in (("fp32", 0), ("bf16", 0), ("fp32", 1)):
         options = G.GenerateOptions(steps=2, seed=seed, precision=precision, write_preview=False, write_label=False)

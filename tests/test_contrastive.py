@@ -22,14 +22,14 @@ from maisi2.losses import (
     region_weight_map,
 )
 
-LIVER, TUMOUR = label_id("liver"), label_id("hepatic tumor")
+LIVER, TUMOR = label_id("liver"), label_id("hepatic tumor")
 
 
-def _labels(batch=1, size=16, tumour_at=None):
+def _labels(batch=1, size=16, tumor_at=None):
     """Liver everywhere inside a body; optionally a cubic hepatic tumour (slices) in sample 0."""
     labels = torch.full((batch, 1, size, size, size), LIVER, dtype=torch.uint8)
-    if tumour_at is not None:
-        labels[(0, 0, *tumour_at)] = TUMOUR
+    if tumor_at is not None:
+        labels[(0, 0, *tumor_at)] = TUMOR
     return labels
 
 
@@ -45,19 +45,19 @@ def _regions_for(labels, grid=(4, 4, 4), dilation=1):
 
 # -- regions on the latent grid ------------------------------------------------------------
 
-def test_one_voxel_tumour_survives_pooling_to_latent_grid():
-    labels = _labels(tumour_at=(5, 9, 14))  # image 16^3 -> latent 4^3: latent voxel (1, 2, 3)
+def test_one_voxel_tumor_survives_pooling_to_latent_grid():
+    labels = _labels(tumor_at=(5, 9, 14))  # image 16^3 -> latent 4^3: latent voxel (1, 2, 3)
     regions = _regions_for(labels)
     assert regions.roi.sum() == 1 and regions.roi[0, 0, 1, 2, 3] == 1
     assert bool(regions.has_roi[0])
     # what nearest-neighbour resizing (the released code) would do: the tumour vanishes
     nearest = F.interpolate((labels != _perturbed(labels)).float(), size=(4, 4, 4), mode="nearest")
     assert nearest.sum() == 0
-    weights = region_weight_map(labels, [TUMOUR], (4, 4, 4), weight=100.0)
+    weights = region_weight_map(labels, [TUMOR], (4, 4, 4), weight=100.0)
     assert weights[0, 0, 1, 2, 3] == 100 and weights.sum() == 100 + 63
 
 
-def test_one_voxel_lung_tumour_takes_its_lobe_and_still_counts():
+def test_one_voxel_lung_tumor_takes_its_lobe_and_still_counts():
     lobe = label_id("left lung upper lobe")
     labels = torch.full((1, 1, 16, 16, 16), lobe, dtype=torch.uint8)
     labels[0, 0, 2, 3, 7] = label_id("lung tumor")
@@ -68,7 +68,7 @@ def test_one_voxel_lung_tumour_takes_its_lobe_and_still_counts():
 
 
 def test_background_is_complement_of_dilated_roi():
-    labels = _labels(tumour_at=(slice(4, 8), slice(4, 8), slice(4, 8)))  # latent voxel (1, 1, 1)
+    labels = _labels(tumor_at=(slice(4, 8), slice(4, 8), slice(4, 8)))  # latent voxel (1, 1, 1)
     regions = _regions_for(labels, dilation=1)
     grown = torch.zeros(4, 4, 4)
     grown[0:3, 0:3, 0:3] = 1
@@ -88,7 +88,7 @@ def test_pool_any_uneven_sizes_and_errors():
 
 
 def test_regions_at_coarser_grid_never_call_dilated_roi_background():
-    labels = _labels(size=32, tumour_at=(slice(0, 2), slice(0, 2), slice(0, 2)))
+    labels = _labels(size=32, tumor_at=(slice(0, 2), slice(0, 2), slice(0, 2)))
     regions = _regions_for(labels, grid=(8, 8, 8), dilation=1)
     coarse = regions.at((2, 2, 2))
     assert coarse.roi[0, 0, 0, 0, 0] == 1 and coarse.roi.sum() == 1
@@ -104,7 +104,7 @@ def _predictions(batch=1, grid=4, seed=0):
     return v_orig, v_pert
 
 
-def test_no_tumour_gives_exactly_zero_and_no_gradient():
+def test_no_tumor_gives_exactly_zero_and_no_gradient():
     v_orig, v_pert = _predictions()
     regions = _regions_for(_labels())
     terms = region_contrastive_loss(v_orig, v_pert, regions)
@@ -117,7 +117,7 @@ def test_no_tumour_gives_exactly_zero_and_no_gradient():
 
 
 def test_background_term_ignores_the_dilated_roi():
-    labels = _labels(tumour_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
+    labels = _labels(tumor_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
     regions = _regions_for(labels, dilation=1)
     v_orig, v_pert = _predictions()
     before = region_contrastive_loss(v_orig, v_pert, regions)
@@ -132,7 +132,7 @@ def test_background_term_ignores_the_dilated_roi():
 
 
 def test_roi_term_is_clamped_at_delta_with_zero_gradient():
-    labels = _labels(tumour_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
+    labels = _labels(tumor_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
     regions = _regions_for(labels)
     v_orig = torch.zeros(1, 4, 4, 4, 4, requires_grad=True)
     far = torch.full((1, 4, 4, 4, 4), 3.0, requires_grad=True)  # D_roi = 3 > delta = 2
@@ -147,10 +147,10 @@ def test_roi_term_is_clamped_at_delta_with_zero_gradient():
     assert near.grad.any()
 
 
-def test_batch_mixes_tumour_and_tumour_free_samples():
+def test_batch_mixes_tumor_and_tumor_free_samples():
     labels = _labels(batch=3)
-    labels[0, 0, 4:8, 4:8, 4:8] = TUMOUR
-    labels[2, 0, 0:2, 12:16, 8:9] = TUMOUR
+    labels[0, 0, 4:8, 4:8, 4:8] = TUMOR
+    labels[2, 0, 0:2, 12:16, 8:9] = TUMOR
     regions = _regions_for(labels)
     assert regions.has_roi.tolist() == [True, False, True]
     v_orig, v_pert = _predictions(batch=3)
@@ -169,7 +169,7 @@ def test_batch_mixes_tumour_and_tumour_free_samples():
 
 
 def test_official_background_form_compares_with_the_target():
-    labels = _labels(tumour_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
+    labels = _labels(tumor_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
     regions = _regions_for(labels)
     v_orig, v_pert = _predictions()
     target = v_pert.detach().clone()
@@ -184,7 +184,7 @@ def test_official_background_form_compares_with_the_target():
 
 
 def test_feature_placement_pools_regions_per_level():
-    labels = _labels(tumour_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
+    labels = _labels(tumor_at=(slice(4, 8), slice(4, 8), slice(4, 8)))
     regions = _regions_for(labels, dilation=0)
     g = torch.Generator().manual_seed(1)
     shapes = [(1, 3, 4, 4, 4), (1, 5, 2, 2, 2), (1, 6, 1, 1, 1)]
@@ -250,7 +250,7 @@ def tiny_nets():
 def _batch(size=32):
     """(x0, cond, labels): two samples, the first with a hepatic tumour, the second without."""
     labels = torch.full((2, 1, size, size, size), LIVER, dtype=torch.uint8)
-    labels[0, 0, 8:20, 8:20, 8:20] = TUMOUR
+    labels[0, 0, 8:20, 8:20, 8:20] = TUMOR
     cond = nets.Conditioning(torch.ones(2, 3), torch.ones(2, dtype=torch.long))
     return torch.randn(2, 4, size // 4, size // 4, size // 4, generator=torch.Generator().manual_seed(5)), cond, labels
 
@@ -326,7 +326,7 @@ def test_normalised_lambda_mode_scales_the_contrastive_term(tiny_nets):
     out = controlnet_loss(unet, controlnet, x0, cond, labels,
                           ControlNetLossSettings(placement="output", lambda_mode="normalised"), cfg.flow, lam=0.01,
                           generator=torch.Generator().manual_seed(3))
-    roi = pool_any(labels == TUMOUR, (8, 8, 8))
+    roi = pool_any(labels == TUMOR, (8, 8, 8))
     expected = normalised_lambdas(0.01, roi[:1].sum().reshape(1), mask_weights(roi, 100.0).sum(), 2, 100.0, True)
     logs = out.logs
     assert logs["lambda"] == pytest.approx(float(expected))

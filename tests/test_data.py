@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.data import (
     BucketBatchSampler,
     CTDataset,
@@ -45,13 +45,13 @@ def _phantom(shape, spacing):
 
 def _write_scan(folder, name, shape=(12, 10, 8), spacing=(2.0, 2.0, 3.0), with_label=True):
     ct, labels = _phantom(shape, spacing)
-    affine = io.ras_affine(spacing, origin=(-10.0, 5.0, 20.0))
+    affine = volume_io.ras_affine(spacing, origin=(-10.0, 5.0, 20.0))
     image = folder / f"{name}_ct.nii.gz"
-    io.save_ct(image, io.Volume(ct, affine))
+    volume_io.save_ct(image, volume_io.Volume(ct, affine))
     label = None
     if with_label:
         label = folder / f"{name}_label.nii.gz"
-        io.save_label_map(label, io.Volume(labels, affine))
+        volume_io.save_label_map(label, volume_io.Volume(labels, affine))
     return image, label
 
 
@@ -254,7 +254,7 @@ def test_datalist_spacing_replaces_the_header(scans):
 def test_label_on_another_grid_is_refused(scans, tmp_path):
     _, (img, _), (_, _) = scans
     other = tmp_path / "small_label.nii.gz"
-    io.save_label_map(other, io.Volume(np.zeros((12, 10, 7), np.int16), io.ras_affine((2.0, 2.0, 3.0))))
+    volume_io.save_label_map(other, volume_io.Volume(np.zeros((12, 10, 7), np.int16), volume_io.ras_affine((2.0, 2.0, 3.0))))
     with pytest.raises(ValueError, match="not on the grid of its image"):
         CTDataset([DataItem(img, other)])[0]
 

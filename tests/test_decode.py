@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from maisi2 import decode, nets
+from maisi2 import autoencoder, nets
+from maisi2.autoencoder import streamed, tiles
 from maisi2.config import get_config
 from maisi2.data import hu_to_unit
 from maisi2.phantom import make_phantom
@@ -17,23 +18,23 @@ from maisi2.phantom import make_phantom
 
 def test_decoder_context_follows_the_architecture():
     # tiny: conv_in 1 + level0 (1 block x 2 convs) 2 + up 1/2 + level1 2/2 + up 1/4 + level2 2/4 + conv_out 1/4
-    assert decode.decoder_context(get_config("tiny").vae) == math.ceil(5.5)
+    assert autoencoder.decoder_context(get_config("tiny").vae) == math.ceil(5.5)
     # released: 1 + 4 + 1/2 + 4/2 + 1/4 + 4/4 + 1/4 = 9
-    assert decode.decoder_context(get_config("maisi-v2").vae) == 9
+    assert autoencoder.decoder_context(get_config("maisi-v2").vae) == 9
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(24, 16, 6), (40, 13, 10), (17, 16, 14), (100, 30, 20), (16, 16, 14)])
 def test_tiles_cover_the_axis_with_enough_overlap(length, tile, overlap):
-    starts = decode._axis_starts(length, tile, overlap)
+    starts = tiles.axis_starts(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + tile == length
     assert all(a + tile - b >= overlap for a, b in zip(starts, starts[1:]))
 
 
 def test_weights_are_zero_on_halos_and_sum_to_one():
     halo, ramp, factor, tile, length = 3, 2, 4, 14, 20
-    starts = decode._axis_starts(length, tile, 2 * halo + ramp)
+    starts = tiles.axis_starts(length, tile, 2 * halo + ramp)
     assert starts == (0, 6)  # overlap exactly 2 * halo + ramp
-    left, right = (decode.axis_weights(s, tile, length, halo, ramp, factor) for s in starts)
+    left, right = (tiles.axis_weights(s, tile, length, halo, ramp, factor) for s in starts)
     inner = (halo + ramp) * factor
     assert np.all(left[:-inner] == 1) and np.all(left[-halo * factor:] == 0)  # border side kept, inner halo dropped
     assert np.all(right[:halo * factor] == 0) and np.all(right[inner:] == 1)
@@ -46,21 +47,21 @@ def test_weights_are_zero_on_halos_and_sum_to_one():
 
 def test_plan_uses_the_whole_latent_when_it_fits_and_tiles_otherwise():
     cfg = get_config("maisi-v2").vae
-    whole = decode.plan_tiles((4, 32, 32, 32), cfg, budget_bytes=64 * 2**30)
+    whole = autoencoder.plan_tiles((4, 32, 32, 32), cfg, budget_bytes=64 * 2**30)
     assert whole.count == 1 and whole.tile == (32, 32, 32) and whole.output_shape == (128, 128, 128)
     budget = 2 * 2**30
-    tiled = decode.plan_tiles((128, 128, 192), cfg, budget_bytes=budget)
+    tiled = autoencoder.plan_tiles((128, 128, 192), cfg, budget_bytes=budget)
     assert tiled.count > 1 and tiled.peak_bytes <= budget
     assert min(tiled.tile) >= 2 * tiled.halo + tiled.ramp + 2
     with pytest.raises(ValueError, match="--max-memory"):
-        decode.plan_tiles((128, 128, 192), cfg, budget_bytes=0.3 * 2**30)
+        autoencoder.plan_tiles((128, 128, 192), cfg, budget_bytes=0.3 * 2**30)
 
 
 def test_memory_model_matches_the_measurements():
     # measured growth of peak RSS per output voxel: maisi-v2 1.79 kB, small 449 B, tiny 128 B
-    assert 1.79e3 <= decode.decoder_bytes_per_voxel(get_config("maisi-v2").vae) <= 2.5e3
-    assert 449 <= decode.decoder_bytes_per_voxel(get_config("small").vae) <= 700
-    assert 128 <= decode.decoder_bytes_per_voxel(get_config("tiny").vae) <= 300
+    assert 1.79e3 <= autoencoder.decoder_bytes_per_voxel(get_config("maisi-v2").vae) <= 2.5e3
+    assert 449 <= autoencoder.decoder_bytes_per_voxel(get_config("small").vae) <= 700
+    assert 128 <= autoencoder.decoder_bytes_per_voxel(get_config("tiny").vae) <= 300
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -81,8 +82,8 @@ class _ConvDecoder(nn.Module):
 
 
 def _plan(latent, tile, halo, ramp=2):
-    starts = tuple(decode._axis_starts(n, tile, 2 * halo + ramp) for n in latent)
-    return decode.TilePlan(tuple(latent), (tile,) * 3, starts, halo, ramp, 4, 0)
+    starts = tuple(tiles.axis_starts(n, tile, 2 * halo + ramp) for n in latent)
+    return autoencoder.TilePlan(tuple(latent), (tile,) * 3, starts, halo, ramp, 4, 0)
 
 
 def test_halo_wider_than_the_receptive_field_makes_a_convolutional_decoder_exact():
@@ -92,9 +93,9 @@ def test_halo_wider_than_the_receptive_field_makes_a_convolutional_decoder_exact
     assert plan.count > 1
     with torch.no_grad():
         whole = vae.decode(z)
-    tiled = decode.decode_tiled(vae, z, plan)
+    tiled = autoencoder.decode_tiled(vae, z, plan)
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
-    too_thin = decode.decode_tiled(vae, z, _plan((14, 12, 10), tile=8, halo=0, ramp=1))
+    too_thin = autoencoder.decode_tiled(vae, z, _plan((14, 12, 10), tile=8, halo=0, ramp=1))
     assert (too_thin - whole).abs().max() > 1e-3  # without the halo the zero padding shows
 
 
@@ -106,8 +107,8 @@ def tiny_vae():
 
 
 def _plan_for(latent, tile, halo, ramp=2):
-    starts = tuple(decode._axis_starts(n, t, 2 * halo + ramp) for n, t in zip(latent, tile))
-    return decode.TilePlan(tuple(latent), tuple(tile), starts, halo, ramp, 4, 0)
+    starts = tuple(tiles.axis_starts(n, t, 2 * halo + ramp) for n, t in zip(latent, tile))
+    return autoencoder.TilePlan(tuple(latent), tuple(tile), starts, halo, ramp, 4, 0)
 
 
 def test_tiled_decode_with_volume_statistics_equals_the_whole_decode(tiny_vae):
@@ -121,12 +122,12 @@ def test_tiled_decode_with_volume_statistics_equals_the_whole_decode(tiny_vae):
     z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         whole = vae.decode(z)
-    plan = _plan_for(latent, (16, 16, 8), halo=decode.decoder_context(cfg.vae))
+    plan = _plan_for(latent, (16, 16, 8), halo=autoencoder.decoder_context(cfg.vae))
     assert plan.count == 4
-    synced = decode.decode_tiled(vae, z, plan)
-    assert (synced - whole).abs().max().item() <= decode.TILED_DECODE_TOLERANCE
-    per_tile = decode.decode_tiled(vae, z, plan, statistics="tile")
-    assert (per_tile - whole).abs().max().item() > 100 * decode.TILED_DECODE_TOLERANCE
+    synced = autoencoder.decode_tiled(vae, z, plan)
+    assert (synced - whole).abs().max().item() <= autoencoder.TILED_DECODE_TOLERANCE
+    per_tile = autoencoder.decode_tiled(vae, z, plan, statistics="tile")
+    assert (per_tile - whole).abs().max().item() > 100 * autoencoder.TILED_DECODE_TOLERANCE
     # the norms are themselves again afterwards
     assert not any("forward" in vars(m) for m in vae.decoder.modules())
     with torch.no_grad():
@@ -140,24 +141,24 @@ def test_tiled_decode_of_a_phantom_latent(tiny_vae):
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(hu_to_unit(ct)).float()[None, None])[0]
         whole = vae.decode(z)
-    plan = _plan_for(z.shape[2:], (20, 8, 8), halo=decode.decoder_context(cfg.vae))
+    plan = _plan_for(z.shape[2:], (20, 8, 8), halo=autoencoder.decoder_context(cfg.vae))
     assert plan.count == 2
-    tiled = decode.decode_tiled(vae, z, plan)
-    assert (tiled - whole).abs().max().item() <= decode.TILED_DECODE_TOLERANCE
+    tiled = autoencoder.decode_tiled(vae, z, plan)
+    assert (tiled - whole).abs().max().item() <= autoencoder.TILED_DECODE_TOLERANCE
 
 
 def test_a_single_tile_plan_is_the_plain_decode(tiny_vae):
     vae, cfg = tiny_vae
     z = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    plan = decode.plan_tiles(z.shape[1:], cfg.vae, budget_bytes=2**30)
+    plan = autoencoder.plan_tiles(z.shape[1:], cfg.vae, budget_bytes=2**30)
     assert plan.count == 1 and plan.storage == "float32"
     with torch.no_grad():
         want = vae.decode(z)
-    assert (decode.decode_tiled(vae, z, plan) - want).abs().max().item() <= decode.TILED_DECODE_TOLERANCE
+    assert (autoencoder.decode_tiled(vae, z, plan) - want).abs().max().item() <= autoencoder.TILED_DECODE_TOLERANCE
     with pytest.raises(ValueError, match="latent must be"):
-        decode.decode_tiled(vae, z[:, :, :4], plan)
+        autoencoder.decode_tiled(vae, z[:, :, :4], plan)
     with pytest.raises(ValueError, match="statistics"):
-        decode.decode_tiled(vae, z, plan, statistics="global")
+        autoencoder.decode_tiled(vae, z, plan, statistics="global")
 
 
 # -- streamed whole-volume decoding -------------------------------------------------------------
@@ -182,20 +183,20 @@ def test_streamed_decode_equals_monai_s_whole_decode(preset, latent, overrides):
     z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = vae.decode(z)
-    assert decode._streamable_module(vae) and decode.streamable(cfg.vae)
+    assert autoencoder.streamable_decoder(vae) and autoencoder.streamable(cfg.vae)
     # whole tensors at once, and (not for the big preset: slow) one row per slab
-    for slab_bytes in (decode.STREAM_SLAB_BYTES[1],) + ((1,) if preset != "maisi-v2" else ()):
-        got = decode.decode_streamed(vae, z, slab_bytes=slab_bytes)
+    for slab_bytes in (autoencoder.STREAM_SLAB_BYTES[1],) + ((1,) if preset != "maisi-v2" else ()):
+        got = autoencoder.decode_streamed(vae, z, slab_bytes=slab_bytes)
         assert got.shape == want.shape and got.dtype == torch.float32
-        assert (got - want).abs().max().item() <= decode.TILED_DECODE_TOLERANCE * want.abs().max().item()
-    half = decode.decode_streamed(vae, z, storage=torch.float16)
-    assert (half - want).abs().max().item() <= decode.STREAM_FLOAT16_TOLERANCE * want.abs().max().item()
+        assert (got - want).abs().max().item() <= autoencoder.TILED_DECODE_TOLERANCE * want.abs().max().item()
+    half = autoencoder.decode_streamed(vae, z, storage=torch.float16)
+    assert (half - want).abs().max().item() <= autoencoder.STREAM_FLOAT16_TOLERANCE * want.abs().max().item()
 
 
 def test_streamed_decode_can_keep_its_tensors_in_files(tiny_vae, tmp_path):
     vae, _ = tiny_vae
     z = torch.randn(1, 4, 6, 5, 4, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(decode.decode_streamed(vae, z, spill_dir=str(tmp_path)), decode.decode_streamed(vae, z))
+    torch.testing.assert_close(autoencoder.decode_streamed(vae, z, spill_dir=str(tmp_path)), autoencoder.decode_streamed(vae, z))
     assert not list(tmp_path.iterdir())  # the files were deleted at once
 
 
@@ -206,7 +207,7 @@ def test_spilled_decode_keeps_every_stored_tensor_in_a_file(tiny_vae, tmp_path, 
     vae, _ = tiny_vae
     z = torch.randn(1, 4, 6, 5, 4, generator=torch.Generator().manual_seed(4))
     inputs, compacted = [], []
-    real_conv, real_compact = decode._Streamer.conv, decode._Streamer.compact
+    real_conv, real_compact = streamed._Streamer.conv, streamed._Streamer.compact
 
     def conv(self, x, *args, **kwargs):
         inputs.append((x.shape[1], x.untyped_storage().data_ptr() in self.mapped))
@@ -216,25 +217,25 @@ def test_spilled_decode_keeps_every_stored_tensor_in_a_file(tiny_vae, tmp_path, 
         compacted.append(channels)
         return real_compact(self, buffer, channels)
 
-    monkeypatch.setattr(decode._Streamer, "conv", conv)
-    monkeypatch.setattr(decode._Streamer, "compact", compact)
-    decode.decode_streamed(vae, z, spill_dir=str(tmp_path))
+    monkeypatch.setattr(streamed._Streamer, "conv", conv)
+    monkeypatch.setattr(streamed._Streamer, "compact", compact)
+    autoencoder.decode_streamed(vae, z, spill_dir=str(tmp_path))
     assert compacted  # the tiny decoder halves its channels once, so a copy is made
     assert inputs[0] == (4, False) and all(in_file for _, in_file in inputs[1:]), inputs
 
 
 def test_streamed_memory_model():
     # released VAE: the full-resolution 128-channel buffer + the half-resolution input of its upsampling
-    assert decode.streamed_channels_per_voxel(get_config("maisi-v2").vae) == 128 + 128 / 8
+    assert autoencoder.streamed_channels_per_voxel(get_config("maisi-v2").vae) == 128 + 128 / 8
     cfg, latent = get_config("maisi-v2").vae, (48, 48, 48)
-    fp32, fp16 = (decode.estimate_streamed_bytes(cfg, latent, b) for b in (4, 2))
-    assert fp16 < fp32 < decode.estimate_decode_bytes(cfg, latent)
+    fp32, fp16 = (autoencoder.estimate_streamed_bytes(cfg, latent, b) for b in (4, 2))
+    assert fp16 < fp32 < autoencoder.estimate_decode_bytes(cfg, latent)
     # the plan prefers float32, then float16 storage, then files (when allowed), then tiles
-    assert decode.plan_tiles(latent, cfg, fp32).storage == "float32"
-    half = decode.plan_tiles(latent, cfg, fp32 - 1)
+    assert autoencoder.plan_tiles(latent, cfg, fp32).storage == "float32"
+    half = autoencoder.plan_tiles(latent, cfg, fp32 - 1)
     assert half.count == 1 and half.storage == "float16" and half.spill_dir is None
-    spilled = decode.plan_tiles(latent, cfg, fp16 - 1, spill_dir="/tmp")
+    spilled = autoencoder.plan_tiles(latent, cfg, fp16 - 1, spill_dir="/tmp")
     assert spilled.count == 1 and spilled.spill_dir == "/tmp" and spilled.peak_bytes < fp16 / 2
-    assert decode.plan_tiles(latent, cfg, fp16 - 1).count > 1
+    assert autoencoder.plan_tiles(latent, cfg, fp16 - 1).count > 1
     attention = get_config("maisi-v2", ["vae.attention_levels=[false,false,true]"]).vae
-    assert not decode.streamable(attention)
+    assert not autoencoder.streamable(attention)

@@ -5,7 +5,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.dicom_series import CT_IMAGE_STORAGE, write_ct_series
 
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -22,10 +22,10 @@ def _rotated(affine, angle, axis):
 def _volumes():
     rng = np.random.default_rng(0)
     hu = rng.integers(-1024, 3000, (9, 7, 5)).astype(np.float32)
-    plain = io.ras_affine((0.7, 0.8, 2.5), origin=(-100.0, 20.5, -300.0))
-    return {"axis-aligned": io.Volume(hu, plain),
-            "rotated in plane": io.Volume(hu, _rotated(plain, 0.3, "z")),
-            "tilted": io.Volume(hu, _rotated(plain, -0.2, "x"))}
+    plain = volume_io.ras_affine((0.7, 0.8, 2.5), origin=(-100.0, 20.5, -300.0))
+    return {"axis-aligned": volume_io.Volume(hu, plain),
+            "rotated in plane": volume_io.Volume(hu, _rotated(plain, 0.3, "z")),
+            "tilted": volume_io.Volume(hu, _rotated(plain, -0.2, "x"))}
 
 
 @pytest.mark.parametrize("name", list(_volumes()))
@@ -33,7 +33,7 @@ def test_series_reads_back_with_the_same_voxels_and_geometry(tmp_path, name):
     volume = _volumes()[name]
     files = write_ct_series(tmp_path / "series", volume)
     assert len(files) == volume.shape[2]
-    back = io.load_ct(tmp_path / "series")
+    back = volume_io.load_ct(tmp_path / "series")
     np.testing.assert_array_equal(back.array, volume.array)
     np.testing.assert_allclose(back.affine, volume.affine, atol=1e-6)
 

@@ -14,9 +14,9 @@ from maisi2.checkpoint import Checkpoint, save_checkpoint
 from maisi2.config import get_config
 from maisi2.data import hu_to_unit
 from maisi2.encode import encode_datalist, image_divisor
-from maisi2.io import Volume, load_ct, load_label_map, ras_affine, save_ct, save_label_map
+from maisi2.volume_io import Volume, load_ct, load_label_map, ras_affine, save_ct, save_label_map
 from maisi2.nets import build_vae
-from maisi2.vae import encode_mean, load_vae
+from maisi2.autoencoder import encode_mean, load_vae
 
 SPACING = (8.0, 8.0, 10.0)  # coarse, so a tiny grid still covers a whole torso
 

@@ -22,7 +22,7 @@ from maisi2.evaluate.fid import (
     prepare_volume,
     volume_set_stats,
 )
-from maisi2.io import Volume, ras_affine
+from maisi2.volume_io import Volume, ras_affine
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,7 +22,7 @@ from maisi2.evaluate.seg import (
     segment,
     train_segmenter,
 )
-from maisi2.io import Volume, ras_affine, save_ct, save_label_map
+from maisi2.volume_io import Volume, ras_affine, save_ct, save_label_map
 from maisi2.labels import label_id
 
 LIVER, HEPATIC, SPLEEN = label_id("liver"), label_id("hepatic tumor"), label_id("spleen")
@@ -37,25 +37,25 @@ def _ball(shape, centre, radius):
     return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
 
 
-def _liver_case(tumour_hu=120.0, liver_hu=60.0, shape=(24, 24, 24)):
+def _liver_case(tumor_hu=120.0, liver_hu=60.0, shape=(24, 24, 24)):
     """A liver block holding one spherical hepatic tumour, a spleen touching it (HU 900), air elsewhere."""
     labels = np.zeros(shape, np.int16)
     labels[2:22, 2:22, 2:14] = LIVER
     labels[2:22, 2:22, 14:22] = SPLEEN
-    tumour = _ball(shape, (12, 12, 11), 3)
-    labels[tumour] = HEPATIC
+    tumor = _ball(shape, (12, 12, 11), 3)
+    labels[tumor] = HEPATIC
     ct = np.full(shape, -1000.0, np.float32)
     ct[labels == LIVER] = liver_hu
     ct[labels == SPLEEN] = 900.0  # inside the shell radius of the tumour, but not its parent organ
-    ct[tumour] = tumour_hu
+    ct[tumor] = tumor_hu
     return ct, labels
 
 
 # ---------------------------------------------------------------- fidelity
 
 
-def test_contrast_is_tumour_minus_parent_shell_only():
-    ct, labels = _liver_case(tumour_hu=130.0, liver_hu=60.0)
+def test_contrast_is_tumor_minus_parent_shell_only():
+    ct, labels = _liver_case(tumor_hu=130.0, liver_hu=60.0)
     (t,) = tumor_contrasts(ct, labels, spacing=(1.0, 1.0, 1.0), shell_mm=4.0)
     assert (t.tumor_name, t.parent_label, t.component) == ("hepatic tumor", LIVER, 1)
     assert t.tumor_median_hu == 130.0 and t.parent_median_hu == 60.0  # the 900 HU spleen is not in the shell
@@ -64,10 +64,10 @@ def test_contrast_is_tumour_minus_parent_shell_only():
 
 
 def test_fidelity_compares_with_the_real_contrast_and_counts_components():
-    ct, labels = _liver_case(tumour_hu=100.0)
+    ct, labels = _liver_case(tumor_hu=100.0)
     labels[_ball(labels.shape, (5, 5, 5), 1)] = HEPATIC  # a second, separate tumour
     ct[_ball(labels.shape, (5, 5, 5), 1)] = 100.0
-    real, _ = _liver_case(tumour_hu=160.0)
+    real, _ = _liver_case(tumor_hu=160.0)
     real[_ball(labels.shape, (5, 5, 5), 1)] = 160.0
     result = fidelity(ct, labels, (1.0, 1.0, 1.0), real_hu=real)
     assert len(result.tumors) == 2
@@ -78,7 +78,7 @@ def test_fidelity_compares_with_the_real_contrast_and_counts_components():
     json.dumps(result.to_dict())  # the report is JSON-serialisable
 
 
-def test_lung_tumour_parent_is_the_surrounding_lobe_and_coarse_spacing_keeps_a_shell():
+def test_lung_tumor_parent_is_the_surrounding_lobe_and_coarse_spacing_keeps_a_shell():
     labels = np.full((12, 12, 12), LUNG_LOBE, np.int16)
     labels[5:7, 5:7, 5:7] = LUNG_TUMOR
     ct = np.where(labels == LUNG_TUMOR, 30.0, -850.0).astype(np.float32)
@@ -87,7 +87,7 @@ def test_lung_tumour_parent_is_the_surrounding_lobe_and_coarse_spacing_keeps_a_s
     assert t.contrast_hu == pytest.approx(880.0)
 
 
-def test_fidelity_without_tumours_and_bad_shapes():
+def test_fidelity_without_tumors_and_bad_shapes():
     ct, labels = _liver_case()
     labels[labels == HEPATIC] = LIVER
     assert fidelity(ct, labels).tumors == [] and "no tumour" in fidelity(ct, labels).notes[0]
@@ -104,7 +104,7 @@ class _Threshold(nn.Module):
 
 
 def test_fidelity_with_a_segmenter_reports_dice_and_detection():
-    ct, labels = _liver_case(tumour_hu=300.0)
+    ct, labels = _liver_case(tumor_hu=300.0)
     ct[labels == SPLEEN] = 0.0  # nothing else bright
     config = SegmenterConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16))
     result = fidelity(ct, labels, segmenter=(_Threshold(), config))
@@ -178,16 +178,16 @@ def test_qc_rate_files_needs_masks(tmp_path):
 def _easy_case(seed, shape=(16, 16, 16)):
     rng = np.random.default_rng(seed)
     labels = np.full(shape, LIVER, np.int16)
-    tumour = _ball(shape, rng.integers(5, 11, 3), 3)
-    labels[tumour] = HEPATIC
-    ct = (rng.normal(60, 20, shape) + 400 * tumour).astype(np.float32)
+    tumor = _ball(shape, rng.integers(5, 11, 3), 3)
+    labels[tumor] = HEPATIC
+    ct = (rng.normal(60, 20, shape) + 400 * tumor).astype(np.float32)
     return ct, labels
 
 
 def test_segmenter_learns_an_easy_task_and_resumes(tmp_path):
     pairs = [_easy_case(i) for i in range(3)]
     config = SegmenterConfig(channels=(4, 8), strides=(2,), patch=(16, 16, 16))
-    settings = SegmenterTrainSettings(steps=25, batch_size=2, lr=1e-2, checkpoint_every=10)
+    settings = SegmenterTrainSettings(steps=25, batch_size=2, lr=1e-2, ckpt_every=10)
     out = tmp_path / "seg.pt"
     result = train_segmenter(pairs, out, config, settings, progress=False)
     assert result.step == 25 and out.is_file()
@@ -233,7 +233,7 @@ def test_cli_tools_write_reports(tmp_path, capsys, fid_round_off):
     gen = tmp_path / "gen"
     gen.mkdir()
     for i, hu in enumerate((100.0, 120.0)):
-        _write_case(gen, f"case{i}_ct", *_liver_case(tumour_hu=hu, shape=(24, 24, 24)))
+        _write_case(gen, f"case{i}_ct", *_liver_case(tumor_hu=hu, shape=(24, 24, 24)))
     assert main(["evaluate", "qc-rate", str(gen), "--out", str(tmp_path / "qc.json"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "qc.json").read_text())["total"] == 2
     assert main(["evaluate", "fidelity", str(gen), "--real", str(gen), "--out", str(tmp_path / "f.json"),

@@ -1,14 +1,10 @@
 """The measures of experiments/flow_quality.py (issue #3): tissue shares, the continued loss curve, and the
 slices figure it (and experiments/steps.py) draw with experiments/common.py."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from flow_quality import loss_curve, tissue_shares, total_variation  # noqa: E402
+from flow_quality import loss_curve, tissue_shares, total_variation
 
 
 def test_tissue_shares_count_each_band_once_and_the_rest_as_other():

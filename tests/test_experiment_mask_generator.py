@@ -38,9 +38,9 @@ def test_experiment_runs_and_reports_every_measure(tmp_path, capsys):
     assert "time per mask" in capsys.readouterr().out
 
 
-def test_a_request_keeps_one_tumour_kind():
+def test_a_request_keeps_one_tumor_kind():
     import numpy as np
 
     vector = np.array([0.1, 0.5, 0.5, 0.5, 0.5, 0.2, -1, 0.3, -1, 0.1], dtype=np.float32)
-    assert mask_generator.one_tumour(vector).tolist()[5:] == pytest.approx([0.2, -1, -1, -1, -1])
-    assert mask_generator.one_tumour(vector)[:5].tolist() == pytest.approx(vector[:5].tolist())
+    assert mask_generator.one_tumor(vector).tolist()[5:] == pytest.approx([0.2, -1, -1, -1, -1])
+    assert mask_generator.one_tumor(vector)[:5].tolist() == pytest.approx(vector[:5].tolist())

@@ -1,16 +1,12 @@
 """The experiments' mask editing (experiments/common.py: edit_mask), which makes the label maps
 experiment 3 renders into synthetic training data."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from common import IMPLANTS, edit_mask  # noqa: E402
+from common import IMPLANTS, edit_mask
 
-from maisi2.labels import LUNG_IDS, TUMOR_IDS, label_id  # noqa: E402
+from maisi2.labels import LUNG_IDS, TUMOR_IDS, label_id
 
 LIVER, SPLEEN = label_id("liver"), label_id("spleen")
 
@@ -27,16 +23,16 @@ def _labels() -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", sorted(IMPLANTS))
-def test_edit_mask_replaces_the_tumours_and_implants_balls_inside_their_organ(kind):
+def test_edit_mask_replaces_the_tumors_and_implants_balls_inside_their_organ(kind):
     labels = _labels()
-    organ_ids, tumour_id = IMPLANTS[kind]
+    organ_ids, tumor_id = IMPLANTS[kind]
     for seed in range(4):
         edited = edit_mask(labels, np.random.default_rng(seed), radius_mm=(6.0, 10.0), spacing=(2.0, 2.0, 2.0),
                            kind=kind)
-        implanted = edited == tumour_id
+        implanted = edited == tumor_id
         assert implanted.any()
         # Only the implanted kind is left, and only where the organ was (after the old tumour became liver).
-        assert set(np.unique(edited[np.isin(edited, TUMOR_IDS)])) == {tumour_id}
+        assert set(np.unique(edited[np.isin(edited, TUMOR_IDS)])) == {tumor_id}
         assert np.isin(labels[implanted], (*organ_ids, label_id("hepatic tumor"))).all()
         # Nothing else moved: every other voxel keeps its label (the old tumour turns into liver).
         untouched = ~implanted & (labels != label_id("hepatic tumor"))

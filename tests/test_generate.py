@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maisi2 import cli, io, label_tables, models, nets, quality
+from maisi2 import cli, label_tables, models, nets, quality, volume_io
 from maisi2 import generate as G
 from maisi2.config import get_config
 from maisi2.data import center_pad_or_crop
@@ -45,13 +45,13 @@ def model_dir(tmp_path_factory, tiny_nets):
     return models.save_model_folder(tmp_path_factory.mktemp("model"), cfg, vae, unet, controlnet, 0.8, TINY_FOV)
 
 
-def _stored_las(volume: io.Volume, path):
+def _stored_las(volume: volume_io.Volume, path):
     """Write a label map with the x axis stored flipped (LAS), so orientation handling is exercised."""
     flipped = np.ascontiguousarray(volume.array[::-1])
     affine = volume.affine.copy()
     affine[:3, 3] += affine[:3, 0] * (volume.shape[0] - 1)
     affine[:3, 0] *= -1
-    io.save_label_map(path, io.Volume(flipped, affine))
+    volume_io.save_label_map(path, volume_io.Volume(flipped, affine))
     return path
 
 
@@ -66,7 +66,7 @@ def mask_file(tmp_path_factory):
 def small_mask_file(tmp_path_factory):
     """32^3 voxels of 8 mm: the cheapest mask the tiny model accepts (latent 8^3)."""
     path = tmp_path_factory.mktemp("small") / "small.nii.gz"
-    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    volume_io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
     return path
 
 
@@ -122,7 +122,7 @@ def test_dicom_output_holds_the_same_ct(first_run, mask_file, model_dir, tmp_pat
     argv = ["generate", "--mask", str(mask_file), "--model", str(model_dir), "--steps", "2", "--seed", "1",
             "--out", str(tmp_path / "ct.nii.gz"), "--out-format", "dicom", "--no-progress"]
     assert run_cli(argv) == 0
-    series, nifti = io.load_ct(tmp_path / "ct"), io.load_ct(first_run.paths.ct)
+    series, nifti = volume_io.load_ct(tmp_path / "ct"), volume_io.load_ct(first_run.paths.ct)
     np.testing.assert_array_equal(series.array, nifti.array)
     np.testing.assert_allclose(series.affine, nifti.affine, atol=1e-4)
     first = pydicom.dcmread(tmp_path / "ct" / "CT_0001.dcm")
@@ -155,7 +155,7 @@ def test_report_and_preview(first_run):
     # the mask has a hepatic tumour: the slices pass through it (tested in detail in test_preview)
     centre = report["preview"]["centre_voxel"]
     assert report["preview"]["centred_on"] == "centred on the largest tumour (hepatic tumor)"
-    assert io.load_label_map(first_run.paths.label).array[tuple(centre)] == label_id("hepatic tumor")
+    assert volume_io.load_label_map(first_run.paths.label).array[tuple(centre)] == label_id("hepatic tumor")
     assert report["preview"]["window_hu"] == [-500.0, 500.0]
 
 
@@ -186,17 +186,17 @@ def test_spacing_resamples_the_mask_and_guidance_runs(mask_file, model_dir, tmp_
 
 def test_a_tight_memory_budget_tiles_the_decoder_without_changing_the_ct(model_dir, tmp_path, monkeypatch):
     """The decode plan follows --max-memory; with volume statistics the CT stays the same."""
-    from maisi2 import decode
+    from maisi2 import autoencoder
 
     # At this size a streamed whole-volume decode needs less than any tile; test the tiles.
-    monkeypatch.setattr(decode, "streamable", lambda cfg: False)
+    monkeypatch.setattr(autoencoder.decoding, "streamable", lambda cfg: False)
     mask = G.phantom_mask((72, 32, 32), (4.0, 8.0, 8.0), seed=2)  # padded to 96x32x32: latent 24x8x8
     options = G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False)
     roomy = G.generate(mask, tmp_path / "roomy.nii.gz", model=model_dir, options=options)
     memory = roomy.report["memory"]
     assert memory["decode"]["tiles"] == 1
     tight_gb = (memory["weights_while_decoding_bytes"] + memory["host_bytes"]
-                + decode.estimate_decode_bytes(get_config("tiny").vae, (21, 8, 8))) / 2**30
+                + autoencoder.estimate_decode_bytes(get_config("tiny").vae, (21, 8, 8))) / 2**30
     tight = G.generate(mask, tmp_path / "tight.nii.gz", model=model_dir,
                        options=G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False,
                                                  max_memory_gb=tight_gb))
@@ -212,18 +212,18 @@ def test_spill_dir_reaches_the_decode_plan_and_a_spilled_decode_keeps_the_ct(mod
     CT of the in-memory decode."""
     import dataclasses
 
-    from maisi2 import decode
+    from maisi2 import autoencoder
 
     mask = G.phantom_mask((72, 32, 32), (4.0, 8.0, 8.0), seed=2)
     options = G.GenerateOptions(steps=1, seed=3, write_preview=False, write_label=False)
     roomy = G.generate(mask, tmp_path / "roomy.nii.gz", model=model_dir, options=options)
-    seen, real_plan = [], decode.plan_tiles
+    seen, real_plan = [], autoencoder.plan_tiles
 
     def spilling_plan(*args, spill_dir=None, **kwargs):
         seen.append(spill_dir)
         return dataclasses.replace(real_plan(*args, spill_dir=spill_dir, **kwargs), storage="float16", spill_dir=spill_dir)
 
-    monkeypatch.setattr(decode, "plan_tiles", spilling_plan)
+    monkeypatch.setattr(autoencoder, "plan_tiles", spilling_plan)
     spill = tmp_path / "spill"
     spill.mkdir()
     spilled = G.generate(mask, tmp_path / "spilled.nii.gz", model=model_dir,
@@ -244,7 +244,7 @@ def test_spill_dir_reaches_the_decode_plan_and_a_spilled_decode_keeps_the_ct(mod
 def test_padding_is_centred_and_undone_by_the_crop():
     cfg = get_config("tiny")
     assert G.network_divisor(cfg) == 32  # VAE 4x, UNet 3 downsamplings
-    volume = io.Volume(np.random.default_rng(0).choice([1, 3, 4, 5], (33, 20, 64)).astype(np.int16), io.ras_affine((6, 6, 6)))
+    volume = volume_io.Volume(np.random.default_rng(0).choice([1, 3, 4, 5], (33, 20, 64)).astype(np.int16), volume_io.ras_affine((6, 6, 6)))
     prepared = G.prepare_mask(volume, cfg)
     assert prepared.padded.shape == (64, 32, 64)
     assert prepared.padded[:15].max() == 0 and prepared.padded[:, :6].max() == 0  # background around it
@@ -255,7 +255,7 @@ def test_body_envelope_is_added_inside_the_labels_hull_only():
     labels = np.zeros((32, 32, 8), dtype=np.int16)
     labels[6:12, 8:24, :] = label_id("liver")
     labels[20:26, 8:24, :] = label_id("spleen")
-    prepared = G.prepare_mask(io.Volume(labels, io.ras_affine((2, 2, 2))), get_config("tiny"))
+    prepared = G.prepare_mask(volume_io.Volume(labels, volume_io.ras_affine((2, 2, 2))), get_config("tiny"))
     out = prepared.volume.array
     assert prepared.body_voxels_added > 0
     assert np.all(out[14:18, 12:20] == BODY)  # the gap between the organs is inside the body
@@ -268,32 +268,32 @@ def test_body_envelope_is_added_inside_the_labels_hull_only():
 def _unknown_ids(path):
     labels = np.full((32, 32, 32), BODY, dtype=np.int16)
     labels[10:20, 10:20, 10:20] = 150  # not a MAISI id
-    nib.save(nib.Nifti1Image(labels, io.ras_affine((8, 8, 8))), path)
+    nib.save(nib.Nifti1Image(labels, volume_io.ras_affine((8, 8, 8))), path)
     return path, {}, "not MAISI ids"
 
 
 def _empty(path):
-    io.save_label_map(path, io.Volume(np.zeros((32, 32, 32), dtype=np.int16), io.ras_affine((8, 8, 8))))
+    volume_io.save_label_map(path, volume_io.Volume(np.zeros((32, 32, 32), dtype=np.int16), volume_io.ras_affine((8, 8, 8))))
     return path, {}, "holds no labels"
 
 
 def _over_budget(path):
-    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    volume_io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
     return path, {"max_memory_gb": 0.02}, "GB"
 
 
 def _fov_too_small(path):
-    io.save_label_map(path, G.phantom_mask((32, 32, 32), (1.5, 1.5, 1.5), seed=1))  # 48 mm vs >= 128 mm
+    volume_io.save_label_map(path, G.phantom_mask((32, 32, 32), (1.5, 1.5, 1.5), seed=1))  # 48 mm vs >= 128 mm
     return path, {}, "field of view"
 
 
 def _bad_spacing(path):
-    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    volume_io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
     return path, {"spacing": (8.0, -1.0, 8.0)}, "spacing"
 
 
 def _missing_spill_dir(path):
-    io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
+    volume_io.save_label_map(path, G.phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=1))
     return path, {"spill_dir": str(path.parent / "nowhere")}, "spill_dir"
 
 
@@ -581,8 +581,8 @@ def no_voxels_read(monkeypatch, nothing_runs):
     def forbidden(*args, **kwargs):
         raise AssertionError("voxels were read before the request was refused")
 
-    monkeypatch.setattr(io, "load_label_map", forbidden)
-    monkeypatch.setattr(io, "resample_to_spacing", forbidden)
+    monkeypatch.setattr(volume_io, "load_label_map", forbidden)
+    monkeypatch.setattr(volume_io, "resample_to_spacing", forbidden)
 
 
 def test_a_spacing_outside_the_domain_is_refused_from_the_header_with_the_nearest_request(
@@ -627,7 +627,7 @@ def test_labels_the_model_never_saw_are_refused_when_many_and_reported_when_few(
     labels[labels == LIVER] = BODY
     labels[tuple(liver[:3].T)] = LIVER  # three voxels: a guess there costs little
     few = tmp_path / "few.nii.gz"
-    io.save_label_map(few, io.Volume(labels, nib.load(small_mask_file).affine))
+    volume_io.save_label_map(few, volume_io.Volume(labels, nib.load(small_mask_file).affine))
     monkeypatch.undo()
     result = G.generate(few, tmp_path / "ct.nii.gz", model=domain_model,
                         options=G.GenerateOptions(steps=1, write_preview=False))
@@ -751,7 +751,7 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(small_mask_fil
     def full(path, volume, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(io, "save_label_map", full)
+    monkeypatch.setattr(volume_io, "save_label_map", full)
     with pytest.raises(OSError, match=r"ct_label.nii.gz failed \(No space left on device\); the disk is full"):
         G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir,
                    options=G.GenerateOptions(steps=1, write_preview=False))

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from maisi2 import cli, io
+from maisi2 import cli, volume_io
 from maisi2.label_import import (
     convert_totalseg,
     import_totalseg,
@@ -42,7 +42,7 @@ def reference(example, tmp_path):
     """The MAISI map from the v2 file as TotalSegmentator wrote it, and the v2 volume."""
     seg_path, ct_path = example
     import_totalseg(seg_path, tmp_path / "reference.nii.gz", ct_path=ct_path)
-    return io.load_label_map(tmp_path / "reference.nii.gz").array, io.load_label_map(seg_path, check_ids=False)
+    return volume_io.load_label_map(tmp_path / "reference.nii.gz").array, volume_io.load_label_map(seg_path, check_ids=False)
 
 
 def _renumbered(v2: np.ndarray, target: dict[str, int]) -> np.ndarray:
@@ -62,10 +62,10 @@ def test_v1_numbering_is_detected_and_converts_like_v2(example, reference, tmp_p
     dropped = [n for n in (CLASS_MAPS["v2"][i] for i in np.unique(v2.array) if i) if n not in V1]
     assert dropped == ["spinal_cord", "costal_cartilages"]  # v1 has no such classes
     assert detect_version(v1)[0] == "v1"
-    io.save_label_map(tmp_path / "v1.nii.gz", v2.with_array(v1), tables=False)
+    volume_io.save_label_map(tmp_path / "v1.nii.gz", v2.with_array(v1), tables=False)
     report = import_totalseg(tmp_path / "v1.nii.gz", tmp_path / "out.nii.gz", ct_path=ct_path)
     assert "v1 'total' numbering (anatomy" in report.numbering
-    out = io.load_label_map(tmp_path / "out.nii.gz").array
+    out = volume_io.load_label_map(tmp_path / "out.nii.gz").array
     kept = v1 > 0
     assert np.array_equal(out[kept], expected[kept])
     assert set(report.mapped.values()) == {ID_TO_NAME[i] for i in np.unique(expected[kept])}
@@ -98,16 +98,16 @@ def test_v1_asked_for_a_v2_map_is_refused():
 
 # -- one mask per class -------------------------------------------------------------------------
 
-def _split_into_folder(v2: io.Volume, folder, extra_name=None):
+def _split_into_folder(v2: volume_io.Volume, folder, extra_name=None):
     folder.mkdir()  # masks in the example's stored orientation, as TotalSegmentator writes them
     for idx in np.unique(v2.array):
         if idx:
-            io.save_label_map(folder / f"{CLASS_MAPS['v2'][int(idx)]}.nii.gz",
+            volume_io.save_label_map(folder / f"{CLASS_MAPS['v2'][int(idx)]}.nii.gz",
                               v2.with_array((v2.array == idx).astype(np.int16)), tables=False)
     if extra_name:
         extra = np.zeros(v2.shape, np.int16)
         extra[:3, :3, :3] = 1  # a class of another task, not overlapping the others
-        io.save_label_map(folder / f"{extra_name}.nii.gz", v2.with_array(extra), tables=False)
+        volume_io.save_label_map(folder / f"{extra_name}.nii.gz", v2.with_array(extra), tables=False)
 
 
 def test_per_class_folder_converts_like_the_multilabel_file(example, reference, tmp_path):
@@ -115,7 +115,7 @@ def test_per_class_folder_converts_like_the_multilabel_file(example, reference, 
     expected, v2 = reference
     _split_into_folder(v2, tmp_path / "segmentations")
     report = import_totalseg(tmp_path / "segmentations", tmp_path / "out.nii.gz", ct_path=ct_path)
-    assert np.array_equal(io.load_label_map(tmp_path / "out.nii.gz").array, expected)
+    assert np.array_equal(volume_io.load_label_map(tmp_path / "out.nii.gz").array, expected)
     assert "per-class folder (41 masks" in report.numbering and len(report.mapped) == 41
 
 
@@ -131,8 +131,8 @@ def test_unknown_class_file_is_listed_not_guessed(reference, tmp_path):
 def test_per_class_folder_on_two_grids_is_refused(tmp_path):
     folder = tmp_path / "seg"
     folder.mkdir()
-    io.save_label_map(folder / "liver.nii.gz", io.Volume(np.ones((4, 4, 3), np.int16), np.eye(4)), tables=False)
-    io.save_label_map(folder / "spleen.nii.gz", io.Volume(np.ones((4, 4, 4), np.int16), np.eye(4)), tables=False)
+    volume_io.save_label_map(folder / "liver.nii.gz", volume_io.Volume(np.ones((4, 4, 3), np.int16), np.eye(4)), tables=False)
+    volume_io.save_label_map(folder / "spleen.nii.gz", volume_io.Volume(np.ones((4, 4, 4), np.int16), np.eye(4)), tables=False)
     with pytest.raises(ValueError, match="is not on the grid of liver.nii.gz"):
         import_totalseg(folder, tmp_path / "out.nii.gz")
 
@@ -160,11 +160,11 @@ def test_class_table_in_either_spelling_converts_like_totalseg(example, referenc
     renumbered = np.zeros_like(v2.array)
     for new_id, old in enumerate(present, start=1):
         renumbered[v2.array == old] = new_id
-    io.save_label_map(tmp_path / "other.nii.gz", v2.with_array(renumbered), tables=False)
+    volume_io.save_label_map(tmp_path / "other.nii.gz", v2.with_array(renumbered), tables=False)
     table = _write_table(tmp_path / f"classes{suffix}", names)
     assert read_class_table(table) == {i: n for n, i in names.items()}
     report = import_with_classes(tmp_path / "other.nii.gz", table, tmp_path / "out.nii.gz", ct_path=ct_path)
-    assert np.array_equal(io.load_label_map(tmp_path / "out.nii.gz").array, expected)
+    assert np.array_equal(volume_io.load_label_map(tmp_path / "out.nii.gz").array, expected)
     assert report.numbering == f"class table classes{suffix}"
 
 
@@ -173,7 +173,7 @@ def test_class_table_unknown_names_and_ids_are_listed(tmp_path):
     seg[1:3, 1:3] = 1
     seg[4:6, 4:6] = 2
     seg[6, 6] = 3
-    io.save_label_map(tmp_path / "seg.nii.gz", io.Volume(seg, np.eye(4)), tables=False)
+    volume_io.save_label_map(tmp_path / "seg.nii.gz", volume_io.Volume(seg, np.eye(4)), tables=False)
     table = _write_table(tmp_path / "t.csv", {"liver": 1, "left kidny": 2, "tumour blob": 3})
     with pytest.raises(ValueError) as err:
         import_with_classes(tmp_path / "seg.nii.gz", table, tmp_path / "out.nii.gz")
@@ -183,7 +183,7 @@ def test_class_table_unknown_names_and_ids_are_listed(tmp_path):
     # 'body' sends a class without a MAISI label to the body on purpose; a missing id is named.
     _write_table(table, {"liver": 1, "left kidney": 2, "body": 3})
     import_with_classes(tmp_path / "seg.nii.gz", table, tmp_path / "out.nii.gz")
-    out = io.load_label_map(tmp_path / "out.nii.gz").array
+    out = volume_io.load_label_map(tmp_path / "out.nii.gz").array
     assert out[6, 6, 0] == BODY and out[1, 1, 0] == label_id("liver")
     _write_table(table, {"liver": 1, "left kidney": 2})
     with pytest.raises(ValueError, match=r"does not name: 3 \(3 voxels\)"):
@@ -207,14 +207,14 @@ def test_vista3d_ids_are_kept_and_checked(example, reference, tmp_path):
     _, ct_path = example
     expected, v2 = reference
     vista = np.where(expected == BODY, 0, expected)  # VISTA3D writes organs, no body envelope
-    io.save_label_map(tmp_path / "vista.nii.gz", v2.with_array(vista), tables=False)
+    volume_io.save_label_map(tmp_path / "vista.nii.gz", v2.with_array(vista), tables=False)
     report = import_vista3d(tmp_path / "vista.nii.gz", tmp_path / "out.nii.gz", ct_path=ct_path)
-    assert np.array_equal(io.load_label_map(tmp_path / "out.nii.gz").array, expected)
+    assert np.array_equal(volume_io.load_label_map(tmp_path / "out.nii.gz").array, expected)
     assert "MAISI label ids" in report.numbering and all(k == v for k, v in report.mapped.items())
     dummy = next(int(v) for k, v in load_resource_json("label_dict.json").items() if k.startswith("dummy"))
     for foreign in (dummy, 133):
         vista[0, 0, 0] = foreign
-        io.save_label_map(tmp_path / "bad.nii.gz", v2.with_array(vista), overwrite=True, tables=False)
+        volume_io.save_label_map(tmp_path / "bad.nii.gz", v2.with_array(vista), overwrite=True, tables=False)
         with pytest.raises(ValueError, match=f"not in the MAISI label dictionary, which VISTA3D uses: {foreign}"):
             import_vista3d(tmp_path / "bad.nii.gz", tmp_path / "out3.nii.gz")
 
@@ -229,7 +229,7 @@ def _cli(monkeypatch, argv):
 def test_cli_import_commands(example, reference, tmp_path, monkeypatch, capsys):
     seg_path, ct_path = example
     expected, v2 = reference
-    io.save_label_map(tmp_path / "v1.nii.gz", v2.with_array(_renumbered(v2.array, V1)), tables=False)
+    volume_io.save_label_map(tmp_path / "v1.nii.gz", v2.with_array(_renumbered(v2.array, V1)), tables=False)
     assert _cli(monkeypatch, ["labels", "import-totalseg", tmp_path / "v1.nii.gz", "--version", "v1",
                               "--out", tmp_path / "a.nii.gz"]) == 0
     assert "v1 'total' numbering (as given)" in capsys.readouterr().out
@@ -259,9 +259,9 @@ def test_real_dicom_ct_gives_the_envelope(shared_data, tmp_path):
     if not (seg.exists() and dicom.is_dir()):
         pytest.skip(f"TotalSegmentator DICOM example absent from {folder}")
     report = import_totalseg(seg, tmp_path / "out.nii.gz", ct_path=dicom)
-    out = io.load_label_map(tmp_path / "out.nii.gz").array
-    v2 = io.load_label_map(seg, check_ids=False).array
+    out = volume_io.load_label_map(tmp_path / "out.nii.gz").array
+    v2 = volume_io.load_label_map(seg, check_ids=False).array
     assert np.array_equal(out == label_id("liver"), v2 == V2["liver"])
     assert len(report.mapped) == 31 and report.body_from == "ct"
-    ct = io.load_ct(dicom).array
+    ct = volume_io.load_ct(dicom).array
     assert np.median(ct[out == BODY]) > -200 and np.mean(out[ct < -900] > 0) < 0.2

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.label_tables import (
     colours_of,
     itksnap_label_description,
@@ -86,15 +86,15 @@ def test_colours_of_neighbouring_labels_are_distinct():
 
 def test_tables_go_beside_each_saved_label_map_and_obey_overwrite(tmp_path):
     path = tmp_path / "case_label.nii.gz"
-    volume = io.Volume(np.zeros((4, 4, 2), np.int16), np.eye(4))
-    io.save_label_map(path, volume)
+    volume = volume_io.Volume(np.zeros((4, 4, 2), np.int16), np.eye(4))
+    volume_io.save_label_map(path, volume)
     slicer, itksnap = table_paths(path)
     assert (slicer.name, itksnap.name) == ("case_label.ctbl", "case_label.itksnap.txt")
     assert slicer.read_text() == slicer_colour_table() and itksnap.read_text() == itksnap_label_description()
     other = tmp_path / "other.nii.gz"
     table_paths(other)[1].write_text("mine")
     with pytest.raises(FileExistsError, match="other.itksnap.txt already exists"):
-        io.save_label_map(other, volume)
+        volume_io.save_label_map(other, volume)
     assert not other.exists(), "checked before anything is written"
-    io.save_label_map(other, volume, overwrite=True)
+    volume_io.save_label_map(other, volume, overwrite=True)
     assert write_label_tables(other, overwrite=True) == table_paths(other)

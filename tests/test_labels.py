@@ -38,7 +38,7 @@ def _lobes_with_tumor():
     return vol
 
 
-def test_remove_tumors_uses_ring_majority_for_lung_tumours():
+def test_remove_tumors_uses_ring_majority_for_lung_tumors():
     vol = _lobes_with_tumor()
     out = remove_tumors(vol)
     assert out is not vol and (vol == label_id("lung tumor")).any()  # input untouched

@@ -167,23 +167,23 @@ def test_size_scale_from_volumes():
 
 
 def test_clean_mask_keeps_the_body_and_organs_whole():
-    liver, tumour, lung_tumour = L.label_id("liver"), L.label_id("hepatic tumor"), L.label_id("lung tumor")
+    liver, tumor, lung_tumor = L.label_id("liver"), L.label_id("hepatic tumor"), L.label_id("lung tumor")
     ids = np.zeros((24, 24, 24), np.int16)
     ids[2:22, 2:22, 2:22] = L.BODY
     ids[4:12, 4:12, 4:12] = liver
     ids[7, 7, 7] = L.BODY  # a hole in the liver
-    ids[6:8, 9:11, 9:11] = tumour
+    ids[6:8, 9:11, 9:11] = tumor
     ids[16:18, 16:18, 16:18] = liver  # a stray liver piece
     lobe = L.LUNG_IDS[2]
     ids[13:20, 3:8, 3:8] = lobe
-    ids[14:16, 4:6, 4:6] = lung_tumour  # not asked for: becomes the lobe around it
+    ids[14:16, 4:6, 4:6] = lung_tumor  # not asked for: becomes the lobe around it
     ids[0, 0, 0] = L.BODY  # a speck outside the body
     ids[10, 15, 15] = 0  # a hole in the body
-    out = postprocess.clean_mask(ids, requested_tumor=tumour)
+    out = postprocess.clean_mask(ids, requested_tumor=tumor)
     assert out[0, 0, 0] == 0 and out[10, 15, 15] == L.BODY
     assert out[7, 7, 7] == liver and np.all(out[16:18, 16:18, 16:18] == L.BODY)
-    assert np.all(out[6:8, 9:11, 9:11] == tumour) and np.all(out[14:16, 4:6, 4:6] == lobe)
-    assert not np.any(postprocess.clean_mask(ids, requested_tumor=None) == tumour)
+    assert np.all(out[6:8, 9:11, 9:11] == tumor) and np.all(out[14:16, 4:6, 4:6] == lobe)
+    assert not np.any(postprocess.clean_mask(ids, requested_tumor=None) == tumor)
 
 
 def test_logits_to_ids_argmax_then_table():
@@ -243,15 +243,15 @@ def test_slab_decode_equals_the_whole_decode_where_slabs_see_everything():
 def test_measures_on_a_hand_made_mask():
     from maisi2.maskgen import measure
 
-    liver, tumour = L.label_id("liver"), L.label_id("hepatic tumor")
+    liver, tumor = L.label_id("liver"), L.label_id("hepatic tumor")
     ids = np.zeros((20, 20, 20), np.int16)
     ids[2:18, 2:18, 2:18] = L.BODY
     ids[4:10, 4:10, 4:10] = liver
-    ids[6:8, 6:8, 6:8] = tumour  # inside the liver
-    ids[14:16, 14:16, 14:16] = tumour  # in the body, outside the liver
+    ids[6:8, 6:8, 6:8] = tumor  # inside the liver
+    ids[14:16, 14:16, 14:16] = tumor  # in the body, outside the liver
     ids[12, 4, 4] = liver  # a second liver piece
     assert measure.components(ids)["liver"] == 2 and measure.components(ids)["body (all labels)"] == 1
-    assert sorted(measure.tumour_inside_parent(ids, "hepatic tumor")) == [0.0, 1.0]
+    assert sorted(measure.tumor_inside_parent(ids, "hepatic tumor")) == [0.0, 1.0]
     assert measure.organ_volumes_ml(ids, (10.0, 10.0, 10.0))["liver"] == pytest.approx((216 - 8 + 1) * 1.0)
     assert measure.body_closed(ids)
     ids[9, 9, 9] = 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi2 import cli, io, models, nets
+from maisi2 import cli, models, nets, volume_io
 from maisi2 import generate as G
 from maisi2 import labels as L
 from maisi2.config import get_config
@@ -50,9 +50,9 @@ def test_cli_generates_a_ct_from_anatomy_sizes(run_cli, ct_model, mask_generator
     assert code == 0
     printed = capsys.readouterr().out
     assert "mask from the ours mask generator (rflow, 2 steps" in printed and "hepatic tumor=0.2" in printed
-    label = io.load_label_map(tmp_path / "ct_label.nii.gz")
+    label = volume_io.load_label_map(tmp_path / "ct_label.nii.gz")
     assert label.shape == (32, 32, 32) and label.spacing == (12.0, 12.0, 12.0)
-    assert io.load_ct(out).shape == label.shape
+    assert volume_io.load_ct(out).shape == label.shape
 
 
 def test_python_api_returns_the_mask_and_how_it_was_made(mask_generator, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.checkpoint import load_checkpoint
 from maisi2 import labels as L
 from maisi2.data import DataItem, write_datalist
@@ -25,7 +25,7 @@ def _blob_masks(folder, count=4):
         if i % 2:
             ids[12:15, 12:15, 12:15] = L.label_id("hepatic tumor")
         path = folder / f"mask_{i}.nii.gz"
-        io.save_label_map(path, io.Volume(ids, io.ras_affine((8.0, 8.0, 8.0))))
+        volume_io.save_label_map(path, volume_io.Volume(ids, volume_io.ras_affine((8.0, 8.0, 8.0))))
         items.append(DataItem(image=path, label=path, spacing=(8.0, 8.0, 8.0), fold=i))
     return write_datalist(folder / "datalist.jsonl", items)
 

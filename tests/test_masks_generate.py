@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi2 import cli, io, models, nets
+from maisi2 import cli, models, nets, volume_io
 from maisi2 import generate as G
 from maisi2 import labels as L
 from maisi2.config import get_config
@@ -33,7 +33,7 @@ def library(tmp_path_factory):
     folder = tmp_path_factory.mktemp("library")
     for name, shape, tumors, seed in [("a", (32, 32, 24), [], 1), ("b", (32, 32, 24), [], 2),
                                       ("lung", (32, 32, 24), ["lung"], 3)]:
-        io.save_label_map(folder / f"{name}.nii.gz",
+        volume_io.save_label_map(folder / f"{name}.nii.gz",
                           G.phantom_mask(shape, (8.0, 8.0, 8.0), parse_tumor_specs(tumors, (10.0, 14.0)), seed))
     return folder
 
@@ -47,7 +47,7 @@ def nothing_runs(monkeypatch):
     monkeypatch.setattr("maisi2.sampling.sample_latent", forbidden)
 
 
-def test_two_samples_from_intent_with_an_added_tumour(model_dir, library, tmp_path):
+def test_two_samples_from_intent_with_an_added_tumor(model_dir, library, tmp_path):
     request = make_request("abdomen", "liver,hepatic tumor", (32, 32, 32), (8.0, 8.0, 8.0), divisor=32)
     options = G.GenerateOptions(steps=2, seed=5, progress=False)
     samples = intent.generate_from_intent(request, tmp_path / "ct.nii.gz", library=library, model=model_dir,
@@ -61,10 +61,10 @@ def test_two_samples_from_intent_with_an_added_tumour(model_dir, library, tmp_pa
         assert any(r["file"] == "lung.nii.gz" and "holds lung tumor not asked for" in r["problems"][0]
                    for r in req["rejected"])
         [edit] = req["tumour_edits"]
-        written = io.load_label_map(sample.ct_path.with_name(sample.ct_path.name.replace(".nii.gz", "_label.nii.gz")))
-        tumour = written.array == HEPATIC
-        assert tumour.sum() == edit["voxels"] and edit["parent_organ"] == "liver"
-        assert edit["volume_ml"] == pytest.approx(tumour.sum() * 8**3 / 1000)
+        written = volume_io.load_label_map(sample.ct_path.with_name(sample.ct_path.name.replace(".nii.gz", "_label.nii.gz")))
+        tumor = written.array == HEPATIC
+        assert tumor.sum() == edit["voxels"] and edit["parent_organ"] == "liver"
+        assert edit["volume_ml"] == pytest.approx(tumor.sum() * 8**3 / 1000)
         assert sample.report["settings"]["preview_focus"] == "hepatic tumor"
         centre = sample.report["preview"]["centre_voxel"]
         assert written.array[tuple(centre)] == HEPATIC
@@ -80,8 +80,8 @@ def test_cli_mask_with_tumors_adds_them_inside_the_organ(model_dir, library, tmp
     report = json.loads((tmp_path / "ct_report.json").read_text())
     edits = report["request"]["tumour_edits"]
     assert len(edits) == 2 and all(e["parent_organ"] == "liver" for e in edits)
-    written = io.load_label_map(tmp_path / "ct_label.nii.gz").array
-    original = io.load_label_map(library / "a.nii.gz").array
+    written = volume_io.load_label_map(tmp_path / "ct_label.nii.gz").array
+    original = volume_io.load_label_map(library / "a.nii.gz").array
     assert np.all(original[written == HEPATIC] == L.label_id("liver"))
     assert (written == HEPATIC).sum() == sum(e["voxels"] for e in edits)
     assert "added hepatic tumor in liver" in capsys.readouterr().out
@@ -121,5 +121,5 @@ def test_num_samples_on_a_given_mask_use_distinct_seeds(model_dir, library, tmp_
     assert rc == 0
     seeds = [json.loads((tmp_path / f"ct_{i:03d}_report.json").read_text())["seed"] for i in range(2)]
     assert seeds == [3, 4]
-    a, b = (io.load_ct(tmp_path / f"ct_{i:03d}.nii.gz").array for i in range(2))
+    a, b = (volume_io.load_ct(tmp_path / f"ct_{i:03d}.nii.gz").array for i in range(2))
     assert not np.array_equal(a, b)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.masks import library as LIB
 from maisi2.masks import select as S
@@ -55,11 +55,11 @@ def test_rule_anatomy_present():
     assert verdict.problems == ["lacks stomach"]
 
 
-def test_rule_missing_tumour_is_added_when_its_organ_is_present_and_ranks_after_one_that_has_it():
+def test_rule_missing_tumor_is_added_when_its_organ_is_present_and_ranks_after_one_that_has_it():
     request = S.make_request(anatomy="liver,hepatic tumor")
-    plain, with_tumour = _entry("plain"), _entry("tumour", tumors=("hepatic tumor",))
+    plain, with_tumor = _entry("plain"), _entry("tumour", tumors=("hepatic tumor",))
     assert S.judge(plain, request).ok and S.judge(plain, request).to_add == ["hepatic tumor"]
-    kept, _ = S.rank(_index(plain, with_tumour), request)
+    kept, _ = S.rank(_index(plain, with_tumor), request)
     assert [v.entry.file for v in kept] == ["tumour", "plain"]
     lung = S.judge(_entry(), S.make_request(anatomy="lung tumor"))
     assert lung.problems == ["lacks lung tumor and the organ it would be added to"]
@@ -70,7 +70,7 @@ def test_rule_region_covered():
     assert verdict.problems == ["does not cover the chest (covers abdomen)"]
 
 
-def test_rule_no_unrequested_tumour():
+def test_rule_no_unrequested_tumor():
     verdict = S.judge(_entry(tumors=("lung tumor",)), S.make_request(anatomy="liver"))
     assert len(verdict.problems) == 1 and "holds lung tumor not asked for" in verdict.problems[0]
 
@@ -116,12 +116,12 @@ def test_nothing_fits_names_the_closest_masks_and_what_to_change():
 
 # -- fitting -----------------------------------------------------------------------------------
 
-def _volume(shape=(60, 50, 40), spacing=(2.0, 2.0, 2.0)) -> io.Volume:
+def _volume(shape=(60, 50, 40), spacing=(2.0, 2.0, 2.0)) -> volume_io.Volume:
     labels = np.full(shape, L.BODY, np.int16)
     labels[5:25, 10:40, 5:30] = LIVER
     labels[12:16, 20:24, 10:14] = HEPATIC
     labels[40:55, 10:20, 20:35] = L.label_id("spleen")
-    return io.Volume(labels, io.ras_affine(spacing, (-10.0, 5.0, 7.0)))
+    return volume_io.Volume(labels, volume_io.ras_affine(spacing, (-10.0, 5.0, 7.0)))
 
 
 def test_fit_resamples_nearest_and_crops_keeping_the_requested_structures_whole():
@@ -129,7 +129,7 @@ def test_fit_resamples_nearest_and_crops_keeping_the_requested_structures_whole(
     request = S.make_request(anatomy="liver,hepatic tumor", size=(32, 32, 64), spacing=(2.0, 2.0, 1.0))
     fitted, info = S.fit_mask(volume, request)
     assert fitted.shape == (32, 32, 64) and fitted.spacing == pytest.approx((2.0, 2.0, 1.0))
-    resampled = io.resample_to_spacing(volume, (2.0, 2.0, 1.0), order=0)
+    resampled = volume_io.resample_to_spacing(volume, (2.0, 2.0, 1.0), order=0)
     for label in (LIVER, HEPATIC):  # every voxel of the requested structures survives the crop
         assert (fitted.array == label).sum() == (resampled.array == label).sum() > 0
     # the window's world position: voxel (i, j, k) of the crop is voxel start + (i, j, k) of the resampled map
@@ -160,9 +160,9 @@ def test_regions_need_half_their_markers():
 
 
 def test_index_skips_bad_files_with_reasons_and_rereads_only_changes(tmp_path):
-    io.save_label_map(tmp_path / "good.nii.gz", _volume())
+    volume_io.save_label_map(tmp_path / "good.nii.gz", _volume())
     (tmp_path / "corrupt.nii.gz").write_bytes(b"not a nifti")
-    io.save_label_map(tmp_path / "sub" / "foreign.nii.gz", io.Volume(np.full((8, 8, 8), 250, np.int16), np.eye(4)))
+    volume_io.save_label_map(tmp_path / "sub" / "foreign.nii.gz", volume_io.Volume(np.full((8, 8, 8), 250, np.int16), np.eye(4)))
     first = LIB.index_library(tmp_path)
     assert [e.file for e in first.entries] == ["good.nii.gz"] and first.read == 3
     reasons = {s["file"]: s["reason"] for s in first.skipped}
@@ -174,7 +174,7 @@ def test_index_skips_bad_files_with_reasons_and_rereads_only_changes(tmp_path):
     assert "; 2 skipped" in first.summary() and "skipped 1: cannot read" in first.summary()
     again = LIB.index_library(tmp_path)
     assert again.read == 0 and again.entries == first.entries
-    io.save_label_map(tmp_path / "new.nii.gz", _volume())
+    volume_io.save_label_map(tmp_path / "new.nii.gz", _volume())
     os.utime(tmp_path / "good.nii.gz", ns=(1, 1))
     assert LIB.index_library(tmp_path).read == 2  # the new file and the touched one
     assert json.loads((tmp_path / "index.json").read_text())["version"] == LIB.INDEX_VERSION
@@ -211,7 +211,7 @@ def test_bundled_library_selects_for_each_region(region, anatomy):
     request = S.make_request(region, anatomy, (96, 96, 64), (4.0, 4.0, 4.0))
     [chosen], best, _ = S.select_masks(LIB.load_library(), request, seed=0)
     assert region in chosen.entry.regions
-    volume = io.load_label_map(LIB.default_library_dir() / chosen.entry.file)
+    volume = volume_io.load_label_map(LIB.default_library_dir() / chosen.entry.file)
     fitted, _ = S.fit_mask(volume, request)
     present = {L.label_name(int(v)) for v in np.unique(fitted.array)}
     assert set(request.anatomy) - set(chosen.to_add) <= present

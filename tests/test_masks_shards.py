@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maisi2 import io, models, nets
+from maisi2 import models, nets, volume_io
 from maisi2 import generate as G
 from maisi2.config import get_config
 from maisi2.masks import shards
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     model = models.save_model_folder(root / "model", cfg, nets.build_vae(cfg), nets.build_unet(cfg),
                                      nets.build_controlnet(cfg), 0.8, TINY_FOV)
     (root / "lib").mkdir()
-    io.save_label_map(root / "lib" / "torso.nii.gz", G.phantom_mask((32, 32, 24), (8.0, 8.0, 8.0), seed=1))
+    volume_io.save_label_map(root / "lib" / "torso.nii.gz", G.phantom_mask((32, 32, 24), (8.0, 8.0, 8.0), seed=1))
     rows = [json.dumps({"region": "abdomen", "anatomy": "liver", "size": [32, 32, 32], "spacing": [8, 8, 8],
                         "seed": i, "out": f"case_{i}.nii.gz"}) for i in range(GOOD - 1)]
     rows.insert(2, json.dumps({"region": "hed", "out": "bad_region.nii.gz"}))  # fails when run

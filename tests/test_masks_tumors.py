@@ -8,7 +8,7 @@ from maisi2.masks import tumors as T
 
 LIVER, SPLEEN, PANCREAS = L.label_id("liver"), L.label_id("spleen"), L.label_id("pancreas")
 HEPATIC = L.label_id("hepatic tumor")
-LUNG_TUMOUR, BONE_LESION = L.label_id("lung tumor"), L.label_id("bone lesion")
+LUNG_TUMOR, BONE_LESION = L.label_id("lung tumor"), L.label_id("bone lesion")
 SPACING = (2.0, 2.0, 2.5)
 
 
@@ -26,7 +26,7 @@ def _labels() -> np.ndarray:
     return labels
 
 
-def test_added_tumour_lies_inside_its_organ_and_its_volume_matches_the_voxels():
+def test_added_tumor_lies_inside_its_organ_and_its_volume_matches_the_voxels():
     labels = _labels()
     out, [change] = T.add_tumor(labels, SPACING, "hepatic", radius_mm=7, seed=3)
     new = (out == HEPATIC) & (labels != HEPATIC)
@@ -40,7 +40,7 @@ def test_added_tumour_lies_inside_its_organ_and_its_volume_matches_the_voxels():
     assert labels[tuple(round(c) for c in change.centre_voxel)] == LIVER
 
 
-def test_added_tumour_is_seeded_and_irregular():
+def test_added_tumor_is_seeded_and_irregular():
     labels = _labels()
     a, _ = T.add_tumor(labels, SPACING, "hepatic", 7, at=(20, 20, 10), seed=1)
     b, _ = T.add_tumor(labels, SPACING, "hepatic", 7, at=(20, 20, 10), seed=1)
@@ -48,17 +48,17 @@ def test_added_tumour_is_seeded_and_irregular():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_tumour_at_a_position_is_centred_there_and_clipped_to_the_organ():
+def test_tumor_at_a_position_is_centred_there_and_clipped_to_the_organ():
     labels = _labels()
     out, [change] = T.add_tumor(labels, SPACING, "hepatic", 8, at=(5, 20, 10), seed=0)  # at the liver's edge
     new = (out == HEPATIC) & (labels != HEPATIC)
     assert new[5, 20, 10] and np.all(labels[new] == LIVER)
 
 
-def test_lung_tumour_may_cross_lobes_but_stays_in_the_lungs():
+def test_lung_tumor_may_cross_lobes_but_stays_in_the_lungs():
     labels = _labels()
     out, [change] = T.add_tumor(labels, SPACING, "lung", 8, at=(23, 20, 27), seed=0)  # at the fissure
-    new = out == LUNG_TUMOUR
+    new = out == LUNG_TUMOR
     assert np.all(np.isin(labels[new], L.LUNG_IDS))
     assert set(np.unique(labels[new])) == {L.LUNG_IDS[0], L.LUNG_IDS[2]}
 
@@ -88,7 +88,7 @@ def test_too_small_says_the_largest_radius_that_fits():
         T.add_tumor(_labels(), SPACING, "pancreatic", 10)
 
 
-def test_remove_gives_the_tumour_back_to_its_organ():
+def test_remove_gives_the_tumor_back_to_its_organ():
     labels = _labels()
     out, [change] = T.remove_tumors_of(labels, SPACING, "hepatic")
     assert not np.any(out == HEPATIC) and np.all(out[labels == HEPATIC] == LIVER)
@@ -112,18 +112,18 @@ def test_scale_shrinks_and_grows_inside_the_organ():
     assert shrunk.centre_voxel == pytest.approx((19.5, 19.5, 10.5), abs=0.6)
 
 
-def test_augment_keeps_most_of_the_tumour_inside_the_organ():
+def test_augment_keeps_most_of_the_tumor_inside_the_organ():
     labels = _labels()
     labels[labels == HEPATIC] = LIVER
     labels[14:24, 14:24, 8:14] = HEPATIC
     out, changes = T.augment_tumors(labels, SPACING, seed=4)
     [change] = [c for c in changes if c.kind == "hepatic"]
     assert change.action == "augmented"
-    tumour = out == HEPATIC
-    assert np.all(np.isin(labels[tumour], (LIVER, HEPATIC)))
-    assert tumour.sum() >= 0.75 * (labels == HEPATIC).sum()
-    assert change.voxels == tumour.sum()
-    assert not np.array_equal(tumour, labels == HEPATIC)
+    tumor = out == HEPATIC
+    assert np.all(np.isin(labels[tumor], (LIVER, HEPATIC)))
+    assert tumor.sum() >= 0.75 * (labels == HEPATIC).sum()
+    assert change.voxels == tumor.sum()
+    assert not np.array_equal(tumor, labels == HEPATIC)
     again, _ = T.augment_tumors(labels, SPACING, seed=4)
     assert np.array_equal(out, again)
 
@@ -135,7 +135,7 @@ def test_edit_tumors_applies_remove_then_add_and_reports_each():
     out, changes = T.edit_tumors(labels, SPACING, edits)
     assert [c.action for c in changes] == ["removed", "added", "added"]
     assert np.all(labels == _labels())  # input untouched
-    assert (out == LUNG_TUMOUR)[10, 20, 27]
+    assert (out == LUNG_TUMOR)[10, 20, 27]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -157,17 +157,17 @@ def test_parse_scale():
 # -- the file front end and the CLI ------------------------------------------------------------
 
 def _mask_file(tmp_path):
-    from maisi2 import io
+    from maisi2 import volume_io
 
     path = tmp_path / "mask.nii.gz"
-    io.save_label_map(path, io.Volume(_labels(), io.ras_affine(SPACING)), tables=False)
+    volume_io.save_label_map(path, volume_io.Volume(_labels(), volume_io.ras_affine(SPACING)), tables=False)
     return path
 
 
 def test_masks_edit_cli_writes_the_map_and_its_changes(tmp_path, capsys):
     import json
 
-    from maisi2 import io
+    from maisi2 import volume_io
     from maisi2.cli import main
 
     mask = _mask_file(tmp_path)
@@ -177,7 +177,7 @@ def test_masks_edit_cli_writes_the_map_and_its_changes(tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "edited_edits.json").read_text())
     assert [c["action"] for c in report["changes"]] == ["removed", "added"]
-    edited = io.load_label_map(out).array
+    edited = volume_io.load_label_map(out).array
     added = report["changes"][1]
     assert (edited == HEPATIC).sum() == added["voxels"]
     assert added["volume_ml"] == pytest.approx(added["voxels"] * np.prod(SPACING) / 1000)

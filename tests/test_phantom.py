@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from maisi2 import labels
 from maisi2.cli import main
-from maisi2.io import load_ct, load_label_map, ras_affine
+from maisi2.volume_io import load_ct, load_label_map, ras_affine
 from maisi2.labels import BODY, LUNG_IDS, label_id, remove_tumors
 from maisi2.phantom import TUMOR_KINDS, TumorSpec, make_phantom, parse_tumor_specs, render, write_phantom
 
@@ -240,7 +240,7 @@ def test_write_phantom_returns_the_paths(tmp_path):
 def test_phantom_set_writes_cases_on_several_grids_and_a_datalist(tmp_path):
     from maisi2.cli import main
     from maisi2.data import read_datalist
-    from maisi2.io import load_label_map
+    from maisi2.volume_io import load_label_map
 
     out = tmp_path / "set"
     assert main(["phantom", "--count", "3", "--shape", "32", "32", "32", "--spacing", "8", "8", "8",

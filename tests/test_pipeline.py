@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maisi2.cli import main
-from maisi2.io import load_ct, load_label_map
+from maisi2.volume_io import load_ct, load_label_map
 from maisi2.labels import BODY, label_id
 
 pytestmark = pytest.mark.slow

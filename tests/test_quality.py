@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from maisi2 import io, quality
+from maisi2 import quality, volume_io
 from maisi2.cli import main
 from maisi2.labels import QC_ORGAN_GROUPS, label_id
 
@@ -77,9 +77,9 @@ def test_shape_mismatch_is_an_error():
 
 def _write_pair(tmp_path, organ_hu):
     ct, labels = _volume_with(organ_hu)
-    affine = io.ras_affine((2.0, 2.0, 2.0))
-    io.save_ct(tmp_path / "ct.nii.gz", io.Volume(ct, affine))
-    io.save_label_map(tmp_path / "mask.nii.gz", io.Volume(labels, affine))
+    affine = volume_io.ras_affine((2.0, 2.0, 2.0))
+    volume_io.save_ct(tmp_path / "ct.nii.gz", volume_io.Volume(ct, affine))
+    volume_io.save_label_map(tmp_path / "mask.nii.gz", volume_io.Volume(labels, affine))
     return tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
 
 
@@ -103,6 +103,6 @@ def test_qc_command_exit_codes_and_report(tmp_path, capsys):
 def test_qc_command_refuses_masks_on_another_grid(tmp_path, capsys):
     ct, _ = _write_pair(tmp_path, {"liver": 60})
     labels = np.full((12, 12, 12), label_id("liver"), dtype=np.int16)
-    io.save_label_map(tmp_path / "other.nii.gz", io.Volume(labels, io.ras_affine((4.0, 4.0, 4.0))))
+    volume_io.save_label_map(tmp_path / "other.nii.gz", volume_io.Volume(labels, volume_io.ras_affine((4.0, 4.0, 4.0))))
     assert main(["qc", str(ct), "--mask", str(tmp_path / "other.nii.gz")]) == 1
     assert "same voxel grid" in capsys.readouterr().err

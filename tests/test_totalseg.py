@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from maisi2 import cli, envelope, io
+from maisi2 import cli, envelope, volume_io
 from maisi2.envelope import body_envelope_from_ct, body_envelope_from_labels
 from maisi2.label_import import convert_totalseg, import_totalseg, resolve_class_name
 from maisi2.labels import BODY, LABELS, check_label_ids, label_id
@@ -160,9 +160,9 @@ def test_real_example_converts(example, tmp_path, with_ct):
     seg_path, ct_path = example
     out_path = tmp_path / "maisi.nii.gz"
     report = import_totalseg(seg_path, out_path, ct_path=ct_path if with_ct else None)
-    out = io.load_label_map(out_path).array  # check_ids=True: only MAISI ids
-    seg = io.load_label_map(seg_path, check_ids=False).array
-    ct = io.load_ct(ct_path).array
+    out = volume_io.load_label_map(out_path).array  # check_ids=True: only MAISI ids
+    seg = volume_io.load_label_map(seg_path, check_ids=False).array
+    ct = volume_io.load_ct(ct_path).array
     for ts_name, maisi in [("liver", "liver"), ("spleen", "spleen"),
                            ("kidney_left", "left kidney"), ("kidney_right", "right kidney")]:
         assert np.array_equal(out == label_id(maisi), seg == TS[ts_name]), ts_name
@@ -201,9 +201,9 @@ def test_label_envelope_is_smaller_than_ct_envelope(example, tmp_path):
 
 def test_ct_on_another_grid_is_refused(example, tmp_path):
     seg_path, ct_path = example
-    ct = io.load_ct(ct_path)
+    ct = volume_io.load_ct(ct_path)
     other = tmp_path / "ct_cropped.nii.gz"
-    io.save_ct(other, io.Volume(ct.array[:, :, :20], ct.affine))
+    volume_io.save_ct(other, volume_io.Volume(ct.array[:, :, :20], ct.affine))
     with pytest.raises(ValueError, match="is not on the grid of label map"):
         import_totalseg(seg_path, tmp_path / "out.nii.gz", ct_path=other)
     assert not (tmp_path / "out.nii.gz").exists()

@@ -23,7 +23,7 @@ from maisi2.train_controlnet import (
     train_controlnet,
 )
 
-LIVER, TUMOUR = label_id("liver"), label_id("hepatic tumor")
+LIVER, TUMOR = label_id("liver"), label_id("hepatic tumor")
 UNET_SCALE = 0.8  # deliberately not the cache's, to see which one the run uses
 
 
@@ -38,7 +38,7 @@ def workspace(tmp_path_factory):
         labels = torch.full((1, 32, 32, 32), LIVER, dtype=torch.uint8)
         labels[0, :2] = 0
         if i < 2:
-            labels[0, 8 + 4 * i:16 + 4 * i, 10:18, 12:20] = TUMOUR
+            labels[0, 8 + 4 * i:16 + 4 * i, 10:18, 12:20] = TUMOR
         record = LatentRecord(file="", spacing=(1.5, 1.5, 2.0), latent_shape=(), source="test")
         write_latent(cache, f"vol{i}", torch.randn(4, 8, 8, 8, generator=g), record, label=labels)
     write_stats(cache, compute_scale_factor(cache))
@@ -237,30 +237,30 @@ def test_crop_window_cuts_latent_and_labels_from_the_same_region():
     assert thin["latent"].shape == (4, 8, 8, 8) and thin["label"].shape == (1, 32, 32, 32)
 
 
-def test_tumour_centred_windows_hold_the_tumour():
+def test_tumor_centred_windows_hold_the_tumor():
     labels = torch.full((1, 128, 128, 64), LIVER, dtype=torch.uint8)
-    labels[0, 100:103, 9:12, 50:52] = TUMOUR  # one small tumour near a corner
+    labels[0, 100:103, 9:12, 50:52] = TUMOR  # one small tumour near a corner
     item = {"latent": torch.zeros(4, 32, 32, 16), "spacing": torch.ones(3), "modality": 0, "label": labels}
     g = torch.Generator().manual_seed(1)
 
-    def share_with_tumour(tumour_share):
-        hits = [bool((crop_window(item, (8, 8, 8), 4, tumour_share, g)["label"] == TUMOUR).any()) for _ in range(60)]
+    def share_with_tumor(tumor_share):
+        hits = [bool((crop_window(item, (8, 8, 8), 4, tumor_share, g)["label"] == TUMOR).any()) for _ in range(60)]
         return sum(hits) / len(hits)
 
-    assert share_with_tumour(1.0) == 1.0  # centred (jittered by a quarter window at most): always inside
-    assert share_with_tumour(0.0) < 0.3  # uniform windows mostly miss a tumour in 1 % of the volume
-    no_tumour = {**item, "label": torch.full_like(labels, LIVER)}
-    assert crop_window(no_tumour, (8, 8, 8), 4, 1.0, g)["latent"].shape == (4, 8, 8, 8)  # falls back to uniform
+    assert share_with_tumor(1.0) == 1.0  # centred (jittered by a quarter window at most): always inside
+    assert share_with_tumor(0.0) < 0.3  # uniform windows mostly miss a tumour in 1 % of the volume
+    no_tumor = {**item, "label": torch.full_like(labels, LIVER)}
+    assert crop_window(no_tumor, (8, 8, 8), 4, 1.0, g)["latent"].shape == (4, 8, 8, 8)  # falls back to uniform
 
 
-def test_training_on_tumour_centred_windows(tmp_path, workspace):
+def test_training_on_tumor_centred_windows(tmp_path, workspace):
     """16^3 latents trained on 8^3 windows: the step sees the window (not the whole latent) and the
     recipe (with its crop) is stored; a crop the UNet cannot halve is refused before training."""
     cache = tmp_path / "cache"
     g = torch.Generator().manual_seed(0)
     for i in range(2):
         labels = torch.full((1, 64, 64, 64), LIVER, dtype=torch.uint8)
-        labels[0, 40:48, 10:18, 20:28] = TUMOUR
+        labels[0, 40:48, 10:18, 20:28] = TUMOR
         record = LatentRecord(file="", spacing=(1.5, 1.5, 2.0), latent_shape=(), source="test")
         write_latent(cache, f"vol{i}", torch.randn(4, 16, 16, 16, generator=g), record, label=labels)
     write_stats(cache, compute_scale_factor(cache))
@@ -273,7 +273,7 @@ def test_training_on_tumour_centred_windows(tmp_path, workspace):
         shapes.append(tuple(x0.shape))
         return real_loss(unet, controlnet, x0, *args, **kwargs)
 
-    recipe = _recipe(steps=3, crop=(8, 8, 8), tumour_crops=1.0)
+    recipe = _recipe(steps=3, crop=(8, 8, 8), tumor_crops=1.0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(module, "controlnet_loss", spy)
         train_controlnet(cache, workspace["unet"], tmp_path / "run", recipe, device="cpu", progress=False)
@@ -282,7 +282,7 @@ def test_training_on_tumour_centred_windows(tmp_path, workspace):
     assert all(float(r["roi_samples"]) == 2.0 for r in rows)  # every window of the batch holds the tumour
     assert float(rows[-1]["d_roi"]) > 0  # and its ROI reaches the contrastive term
     stored = ControlNetRecipe.from_dict(json.loads(load_checkpoint(tmp_path / "run" / "last.pt").extra["recipe"]))
-    assert stored.crop == (8, 8, 8) and stored.tumour_crops == 1.0
+    assert stored.crop == (8, 8, 8) and stored.tumor_crops == 1.0
     with pytest.raises(ValueError, match="multiple of 8"):
         train_controlnet(cache, workspace["unet"], tmp_path / "bad", _recipe(steps=1, crop=(4, 8, 8)),
                          device="cpu", progress=False)
@@ -292,9 +292,9 @@ def test_window_settings_are_checked():
     with pytest.raises(ValueError, match="three positive"):
         ControlNetRecipe(crop=(8, 8))
     with pytest.raises(ValueError, match="needs crop"):
-        ControlNetRecipe(tumour_crops=0.5)
+        ControlNetRecipe(tumor_crops=0.5)
     with pytest.raises(ValueError, match="share"):
-        ControlNetRecipe(crop=(8, 8, 8), tumour_crops=1.5)
+        ControlNetRecipe(crop=(8, 8, 8), tumor_crops=1.5)
     assert recipe_with_overrides(ControlNetRecipe(), ["crop=[16, 16, 8]"]).crop == (16, 16, 8)
 
 

@@ -1,4 +1,4 @@
-"""VAE losses, posterior-mean and tiled encoding, and VAE training (`maisi2.vae`, `maisi2.train_vae`)."""
+"""VAE losses, posterior-mean and tiled encoding, and VAE training (`maisi2.autoencoder`, `maisi2.train_vae`)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.config import get_config
 from maisi2.labels import TUMOR_IDS
 from maisi2.nets import build_vae
-from maisi2.train_vae import (VAE_FILE, RandomCrops, StepClock, VAETrainingModel, VAETrainOptions, crop_plan,
-                              make_vae_loss, train_vae)
+from maisi2.autoencoder import TILED_ENCODE_TOLERANCE, decode, encode_mean, encoder_context, load_vae, tiled_encode_mean
+from maisi2.train_vae import (VAE_FILE, RandomCrops, StepClock, VAETrainingModel, VAETrainOptions, build_discriminator,
+                              crop_plan, discriminator_loss, generator_adversarial_loss, kl_loss, make_vae_loss,
+                              reconstruction_l1, train_vae)
 from maisi2.training import TrainSettings
-from maisi2.vae import (TILED_ENCODE_TOLERANCE, build_discriminator, decode, discriminator_loss, encode_mean,
-                        encoder_context, generator_adversarial_loss, kl_loss, load_vae, reconstruction_l1,
-                        tiled_encode_mean)
 from test_encode import write_scan
 
 

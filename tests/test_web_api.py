@@ -16,7 +16,7 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (pip insta
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from maisi2 import io, models, nets  # noqa: E402
+from maisi2 import models, nets, volume_io  # noqa: E402
 from maisi2.config import get_config  # noqa: E402
 from maisi2.generate import phantom_mask  # noqa: E402
 from maisi2.labels import label_id  # noqa: E402
@@ -56,9 +56,9 @@ def client(workspace):
         yield c
 
 
-def nifti_bytes(volume: io.Volume, tmp_path, name="mask.nii.gz") -> bytes:
+def nifti_bytes(volume: volume_io.Volume, tmp_path, name="mask.nii.gz") -> bytes:
     path = tmp_path / name
-    io.save_label_map(path, volume)
+    volume_io.save_label_map(path, volume)
     return path.read_bytes()
 
 
@@ -144,7 +144,7 @@ def test_upload_refusals_are_one_clear_line_and_leave_nothing(client, workspace,
     response = client.post("/api/masks/import", json={"label_map": garbage})
     assert response.status_code == 400 and "broken.nii.gz" in response.json()["error"]
     assert str(workspace.root) not in response.json()["error"]
-    foreign = io.Volume(np.full((8, 8, 8), 250, dtype=np.int16), io.ras_affine((1, 1, 1)))
+    foreign = volume_io.Volume(np.full((8, 8, 8), 250, dtype=np.int16), volume_io.ras_affine((1, 1, 1)))
     upload = client.post("/api/uploads?name=foreign.nii.gz", content=nifti_bytes(foreign, tmp_path)).json()["upload"]
     response = client.post("/api/masks/import", json={"label_map": upload})
     assert response.status_code == 400 and "not MAISI ids: 250" in response.json()["error"]
@@ -160,7 +160,7 @@ def test_a_totalsegmentator_map_is_imported_with_maisi_ids(client, tmp_path):
     seg = np.zeros((40, 40, 30), dtype=np.int16)
     seg[5:20, 8:30, 5:25] = ts["liver"]
     seg[22:35, 10:20, 8:20] = ts["spleen"]
-    body = io.Volume(seg, io.ras_affine((4.0, 4.0, 4.0)))
+    body = volume_io.Volume(seg, volume_io.ras_affine((4.0, 4.0, 4.0)))
     upload = client.post("/api/uploads?name=seg.nii.gz", content=nifti_bytes(body, tmp_path)).json()["upload"]
     undecided = client.post("/api/masks/import", json={"totalseg": upload})
     assert undecided.status_code == 400 and "v1 from v2" in undecided.json()["error"]  # no sided organs here
@@ -173,10 +173,10 @@ def test_a_totalsegmentator_map_is_imported_with_maisi_ids(client, tmp_path):
     assert {"liver", "spleen", "body"} <= names
 
 
-def test_phantoms_with_tumours_and_their_refusals(client):
-    mask = phantom(client, tumours=["hepatic:1"], seed=2)
-    tumours = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
-    assert [t["name"] for t in tumours] == ["hepatic tumor"] and tumours[0]["volume_ml"] > 0
+def test_phantoms_with_tumors_and_their_refusals(client):
+    mask = phantom(client, tumors=["hepatic:1"], seed=2)
+    tumors = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
+    assert [t["name"] for t in tumors] == ["hepatic tumor"] and tumors[0]["volume_ml"] > 0
     for body, message in (({**SMALL, "tumours": ["spleen:1"]}, "unknown tumour kind 'spleen'"),
                           ({"shape": [512, 512, 512], "spacing": [1, 1, 1]}, "at most"),
                           ({"shape": [32, 32, 32], "spacing": [0, 8, 8]}, "spacing"),
@@ -186,12 +186,12 @@ def test_phantoms_with_tumours_and_their_refusals(client):
         assert message is None or message in response.json()["error"], response.text
 
 
-def test_tumour_edits_make_new_masks_with_the_tumour_inside_its_organ(client, workspace):
+def test_tumor_edits_make_new_masks_with_the_tumor_inside_its_organ(client, workspace):
     from scipy import ndimage
 
 
     mask = phantom(client)
-    labels = io.load_label_map(workspace.mask_path(mask["id"])).array
+    labels = volume_io.load_label_map(workspace.mask_path(mask["id"])).array
     depth = ndimage.distance_transform_edt(labels == label_id("liver"))
     at = [int(i) for i in np.unravel_index(np.argmax(depth), depth.shape)]
     response = client.post(f"/api/masks/{mask['id']}/edit", json={"op": "add", "kind": "hepatic", "radius_mm": 12, "at": at})
@@ -199,19 +199,19 @@ def test_tumour_edits_make_new_masks_with_the_tumour_inside_its_organ(client, wo
     added = response.json()
     assert added["source"] == "edit" and added["parent"] == mask["id"] and "hepatic 12 mm" in added["name"]
     change = added["change"]["changes"][0]
-    edited = io.load_label_map(workspace.mask_path(added["id"])).array
-    tumour = edited == label_id("hepatic tumor")
-    assert tumour[tuple(at)] and change["action"] == "added" and change["parent_organ"] == "liver"
-    assert change["voxels"] == tumour.sum() and np.all(labels[tumour] == label_id("liver"))
-    np.testing.assert_array_equal(io.load_label_map(workspace.mask_path(mask["id"])).array, labels)  # kept
+    edited = volume_io.load_label_map(workspace.mask_path(added["id"])).array
+    tumor = edited == label_id("hepatic tumor")
+    assert tumor[tuple(at)] and change["action"] == "added" and change["parent_organ"] == "liver"
+    assert change["voxels"] == tumor.sum() and np.all(labels[tumor] == label_id("liver"))
+    np.testing.assert_array_equal(volume_io.load_label_map(workspace.mask_path(mask["id"])).array, labels)  # kept
     listed = client.get(f"/api/view/mask/{added['id']}").json()["tumours"]
-    assert [(t["kind"], t["voxels"]) for t in listed] == [("hepatic", int(tumour.sum()))]
+    assert [(t["kind"], t["voxels"]) for t in listed] == [("hepatic", int(tumor.sum()))]
 
     grown = client.post(f"/api/masks/{added['id']}/edit", json={"op": "scale", "kind": "hepatic", "factor": 1.5}).json()
-    bigger = io.load_label_map(workspace.mask_path(grown["id"])).array == label_id("hepatic tumor")
-    assert bigger.sum() > tumour.sum() and grown["parent"] == added["id"]
+    bigger = volume_io.load_label_map(workspace.mask_path(grown["id"])).array == label_id("hepatic tumor")
+    assert bigger.sum() > tumor.sum() and grown["parent"] == added["id"]
     removed = client.post(f"/api/masks/{grown['id']}/edit", json={"op": "remove", "kind": "hepatic"}).json()
-    np.testing.assert_array_equal(io.load_label_map(workspace.mask_path(removed["id"])).array, labels)
+    np.testing.assert_array_equal(volume_io.load_label_map(workspace.mask_path(removed["id"])).array, labels)
     assert client.get(f"/api/view/mask/{removed['id']}").json()["tumours"] == []
 
     before = len(client.get("/api/masks").json())
@@ -238,7 +238,7 @@ def test_masks_from_the_library_and_by_request(client, workspace):
     response = client.post("/api/masks/request", json=wanted)
     assert response.status_code == 200, response.text
     made = response.json()
-    volume = io.load_label_map(workspace.mask_path(made["id"]))
+    volume = volume_io.load_label_map(workspace.mask_path(made["id"]))
     assert made["source"] == "request" and volume.shape == (96, 96, 64) and np.allclose(volume.spacing, 4)
     assert (volume.array == label_id("hepatic tumor")).any() and (volume.array == label_id("liver")).any()
     assert made["change"]["selected"]["kept"] is True
@@ -251,7 +251,7 @@ def test_masks_from_the_library_and_by_request(client, workspace):
 
 def test_a_library_of_ones_own(tmp_path, tiny_model):
     folder = tmp_path / "library"
-    io.save_label_map(folder / "mine.nii.gz", phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=5))
+    volume_io.save_label_map(folder / "mine.nii.gz", phantom_mask((32, 32, 32), (8.0, 8.0, 8.0), seed=5))
     ws = Workspace(tmp_path / "out", {"tiny": tiny_model}, library=folder)
     try:
         assert [e["file"] for e in ws.library_entries()] == ["mine.nii.gz"]
@@ -279,7 +279,7 @@ def test_ids_that_are_not_ours_are_not_found(client, workspace):
 # -- generation -------------------------------------------------------------------------------------
 
 def test_a_job_runs_reports_progress_and_its_result_downloads(client, workspace):
-    mask = phantom(client, tumours=["hepatic:1"])
+    mask = phantom(client, tumors=["hepatic:1"])
     seen = []
     job = client.post("/api/jobs", json={"mask": mask["id"], "steps": 30, "seed": 4, "model": "tiny"}).json()
     assert job["state"] in ("queued", "running") and job["details"]["settings"]["steps"] == 30

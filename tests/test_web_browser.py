@@ -29,7 +29,7 @@ if CHROMIUM is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install -e .)")
 
-from maisi2 import io  # noqa: E402
+from maisi2 import volume_io  # noqa: E402
 from maisi2.generate import phantom_mask  # noqa: E402
 from maisi2.labels import label_id  # noqa: E402
 from maisi2.web.app import create_app  # noqa: E402
@@ -76,7 +76,7 @@ def page(server):
 @pytest.fixture(scope="module")
 def mask_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("mask") / "torso.nii.gz"
-    io.save_label_map(path, phantom_mask(SHAPE, SPACING, seed=0))
+    volume_io.save_label_map(path, phantom_mask(SHAPE, SPACING, seed=0))
     return path
 
 
@@ -109,7 +109,7 @@ def test_a_refusal_is_shown_in_the_page(page, tmp_path):
     page.click("#error-close")
 
 
-def test_load_a_mask_add_a_tumour_by_clicking_generate_view_and_download(page, server, mask_file, screenshots, tmp_path):
+def test_load_a_mask_add_a_tumor_by_clicking_generate_view_and_download(page, server, mask_file, screenshots, tmp_path):
     url, workspace = server
     # 1. load a mask: upload a label map file
     page.set_input_files("#upload-file", str(mask_file))
@@ -120,7 +120,7 @@ def test_load_a_mask_add_a_tumour_by_clicking_generate_view_and_download(page, s
 
     # 2. a tumour where the user clicks: bring the liver's slice up (click the coronal view), then
     #    click the liver in the axial view with the "add tumour" tool
-    labels = io.load_label_map(mask_file).array
+    labels = volume_io.load_label_map(mask_file).array
     target = deep_liver_voxel(labels)
     click_voxel(page, "coronal", target)
     page.check("input[name=tool][value=add]")
@@ -132,10 +132,10 @@ def test_load_a_mask_add_a_tumour_by_clicking_generate_view_and_download(page, s
     assert page.is_hidden("#error"), page.inner_text("#error-text")
     assert "hepatic tumor" in page.inner_text("#tumours")
     edited_id = page.get_attribute("body", "data-showing").split(":")[1]
-    edited = io.load_label_map(workspace.mask_path(edited_id)).array
-    tumour = edited == label_id("hepatic tumor")
-    assert tumour[target] and tumour.sum() > 20  # centred where the user clicked
-    assert np.all(labels[tumour] == label_id("liver"))  # inside its organ
+    edited = volume_io.load_label_map(workspace.mask_path(edited_id)).array
+    tumor = edited == label_id("hepatic tumor")
+    assert tumor[target] and tumor.sum() > 20  # centred where the user clicked
+    assert np.all(labels[tumor] == label_id("liver"))  # inside its organ
     page.check("input[name=tool][value=navigate]")
     page.screenshot(path=str(screenshots / "web_mask.png"))
 

@@ -21,13 +21,13 @@ source     free string naming where the scan comes from, for balanced sampling (
 fold       integer cross-validation fold (default 0).
 =========  ===================================================================================
 
-Arrays are RAS-canonical with axes (x, y, z), as `maisi2.io` loads them.
+Arrays are RAS-canonical with axes (x, y, z), as `maisi2.volume_io` loads them.
 """
 
 from __future__ import annotations
 
 import csv
-import io as _stdio
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from nibabel.orientations import io_orientation
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.atomic import atomic_output
 from maisi2.labels import load_resource_json
 
@@ -203,7 +203,7 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.DictReader(_stdio.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     unknown = [c for c in header if c not in FIELDS]
     if unknown:
@@ -328,12 +328,12 @@ def _round_up(shape: Sequence[int], divisor: int) -> Shape3:
     return tuple(int(-(-s // divisor) * divisor) for s in shape)
 
 
-def _with_spacing(volume: io.Volume, spacing) -> io.Volume:
+def _with_spacing(volume: volume_io.Volume, spacing) -> volume_io.Volume:
     """The same voxels with another voxel size: axis directions and the first voxel's position kept."""
     affine = volume.affine.copy()
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     affine[:3, :3] = directions * np.asarray(spacing, dtype=np.float64)
-    return io.Volume(volume.array, affine)
+    return volume_io.Volume(volume.array, affine)
 
 
 class CTDataset(torch.utils.data.Dataset):
@@ -389,8 +389,8 @@ class CTDataset(torch.utils.data.Dataset):
         item = self.items[index]
         ct, label = self._load(item)
         if self.spacing is not None:
-            ct = io.resample_to_spacing(ct, self.spacing, order=1)
-            label = None if label is None else io.resample_to_spacing(label, self.spacing, order=0)
+            ct = volume_io.resample_to_spacing(ct, self.spacing, order=1)
+            label = None if label is None else volume_io.resample_to_spacing(label, self.spacing, order=0)
         shape = self.target_shape(index, ct.shape)
         image = hu_to_unit(center_pad_or_crop(ct.array, shape, HU_MIN)).astype(np.float32)
         sample = {
@@ -404,9 +404,9 @@ class CTDataset(torch.utils.data.Dataset):
             sample["label"] = torch.from_numpy(center_pad_or_crop(label.array, shape, 0).astype(np.int16))[None]
         return sample
 
-    def _load(self, item: DataItem) -> tuple[io.Volume, io.Volume | None]:
-        ct = io.load_ct(item.image)
-        label = io.load_label_map(item.label) if item.label is not None and self.load_labels else None
+    def _load(self, item: DataItem) -> tuple[volume_io.Volume, volume_io.Volume | None]:
+        ct = volume_io.load_ct(item.image)
+        label = volume_io.load_label_map(item.label) if item.label is not None and self.load_labels else None
         if label is not None and not (label.shape == ct.shape and np.allclose(label.affine, ct.affine, atol=1e-2)):
             raise ValueError(
                 f"label map {item.label} (shape {label.shape}) is not on the grid of its image {item.image} "
@@ -443,7 +443,7 @@ def scan_shape(item: DataItem, spacing: Sequence[float] | None = None) -> Shape3
     NIfTI headers are read without loading voxels; DICOM folders are loaded in full.
     """
     if item.image.is_dir():
-        vol = io.load_ct(item.image)
+        vol = volume_io.load_ct(item.image)
         shape, own_spacing = np.asarray(vol.shape), np.asarray(vol.spacing)
     else:
         header = nib.load(item.image)
@@ -456,7 +456,7 @@ def scan_shape(item: DataItem, spacing: Sequence[float] | None = None) -> Shape3
         own_spacing = np.asarray(item.spacing, dtype=np.float64)
     if spacing is None:
         return tuple(int(s) for s in shape)
-    return tuple(int(s) for s in io.resampled_shape(shape, own_spacing, spacing))
+    return tuple(int(s) for s in volume_io.resampled_shape(shape, own_spacing, spacing))
 
 
 def bucket_by_size(

@@ -102,12 +102,12 @@ def encode_datalist(
 
     vae: a maisi2 "vae" checkpoint (EMA weights used when present) or the released VAE file.
     tile: encode in blocks when an axis exceeds this many voxels (None or 0: always whole);
-    overlap, norm_stats: how (`vae.tiled_encode_mean`; the defaults reproduce a whole-volume pass).
+    overlap, norm_stats: how (`autoencoder.tiled_encode_mean`; the defaults reproduce a whole-volume pass).
     """
     from tqdm.auto import tqdm
 
     from maisi2.nets import resolve_device
-    from maisi2.vae import NORM_STATS, encoder_context, load_vae
+    from maisi2.autoencoder import NORM_STATS, encoder_context, load_vae
 
     # 1. inputs: datalist rows, the VAE, unique cache names
     items = read_datalist(datalist)
@@ -169,7 +169,7 @@ def _check_same_vae(existing: dict, listed: set[str], fingerprint: str, cache: P
 
 def _encode_one(dataset: CTDataset, index: int, name: str, key: dict, loaded, cache: Path,
                 divisor: int, tiling: tuple) -> None:
-    from maisi2.vae import encode_mean
+    from maisi2.autoencoder import encode_mean
 
     sample = dataset[index]
     image = sample["image"][0].numpy()  # (X, Y, Z) in [0, 1], resampled, not yet padded

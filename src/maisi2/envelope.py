@@ -8,7 +8,7 @@ hole filling of the union of all labels per axial slice). The label-only envelop
 such as TotalSegmentator do not label subcutaneous fat or most muscles, so it hugs the labelled
 organs and misses the outer body wall.
 
-Arrays are RAS-canonical with axes (x, y, z), as `maisi2.io` loads them; axial slices are
+Arrays are RAS-canonical with axes (x, y, z), as `maisi2.volume_io` loads them; axial slices are
 ``array[:, :, k]``.
 """
 

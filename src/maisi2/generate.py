@@ -16,7 +16,7 @@
 6. load the networks;
 7. conditioning: the mask as bit-planes, spacing, modality (and, for guidance, the mask with its
    tumours replaced by their parent organs);
-8. denoising loop (`sampling.sample_latent`), tiled decoding (`decode.decode_tiled`) back to HU
+8. denoising loop (`sampling.sample_latent`), tiled decoding (`autoencoder.decode_tiled`) back to HU
    (a non-finite value is an error, never written as tissue), quality check; with `qc_retries`,
    again with seed+1, seed+2 ... while the check fails. Networks that `generate` loaded itself
    are its alone: the UNet and ControlNet are let go before decoding (read again for a retry), so
@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from maisi2 import io, label_tables
+from maisi2 import label_tables, volume_io
 from maisi2 import labels as L
 from maisi2.atomic import check_free_space, check_outputs, output_set
 from maisi2.dicom_series import write_ct_series
@@ -198,7 +198,7 @@ class PreparedMask:
     replaced_labels: {id: substitute} where `fit_to_model` replaced them.
     """
 
-    volume: io.Volume
+    volume: volume_io.Volume
     padded: np.ndarray
     source: str
     input_shape: tuple[int, int, int]
@@ -233,11 +233,11 @@ class GenerationResult:
 
 # -- the pipeline ----------------------------------------------------------------------------
 
-def generate(mask: PathLike | io.Volume, out: PathLike, model=None,
+def generate(mask: PathLike | volume_io.Volume, out: PathLike, model=None,
              options: GenerateOptions = GenerateOptions(), on_progress: ProgressFn | None = None) -> GenerationResult:
     """Generate a CT for `mask` and write it (plus label map, preview, report) to `out`.
 
-    mask: a NIfTI label map path or an `io.Volume` of MAISI ids (e.g. from `phantom_mask`).
+    mask: a NIfTI label map path or an `volume_io.Volume` of MAISI ids (e.g. from `phantom_mask`).
     model: a model folder, a `models.ModelInfo`/`models.Models`, or None for the bundled model.
     on_progress: called with each `ProgressFn` event; raising from it stops the run, nothing written.
 
@@ -437,7 +437,7 @@ def mask_from_anatomy_sizes(sizes, out: PathLike, model=None, mask_generator: st
     folder), "bundled" (ours, shipped with the package), a folder, or None: "released" when the
     `model` folder holds the release's mask files, else "bundled". The request (sizes, settings,
     outputs beside `out`) is checked before any network is read. Seeded with ``options.seed``.
-    Returns (the mask as an `io.Volume` on the generator's grid, a dict describing how it was made).
+    Returns (the mask as an `volume_io.Volume` on the generator's grid, a dict describing how it was made).
     """
     from maisi2.maskgen import files, generate_mask, sampling
     from maisi2.maskgen.sizes import parse_anatomy_sizes
@@ -467,7 +467,7 @@ def plan_grid(mask, info, options: GenerateOptions = GenerateOptions()) -> GridP
         fitted.append(f"voxels of {_mm(spacing)} mm resampled to {_mm(nearest)} mm")
         spacing = nearest
     shape = grid.shape if np.allclose(spacing, grid.spacing, rtol=1e-4) else \
-        tuple(int(n) for n in io.resampled_shape(grid.shape, grid.spacing, spacing))
+        tuple(int(n) for n in volume_io.resampled_shape(grid.shape, grid.spacing, spacing))
     network_shape = _network_shape(shape, spacing, info.cfg, domain if options.fit_to_model else None, fitted)
     problems = domain.grid_problems(network_shape, spacing, options.fov_tolerance)
     if problems and not options.force:
@@ -476,12 +476,12 @@ def plan_grid(mask, info, options: GenerateOptions = GenerateOptions()) -> GridP
 
 
 def mask_grid(mask) -> MaskGrid:
-    """The grid of a mask file (header only), an `io.Volume` or a `MaskGrid`."""
+    """The grid of a mask file (header only), an `volume_io.Volume` or a `MaskGrid`."""
     if isinstance(mask, MaskGrid):
         return mask
-    if isinstance(mask, io.Volume):
+    if isinstance(mask, volume_io.Volume):
         return MaskGrid(mask.shape, mask.spacing, np.asarray(mask.array).itemsize, "volume given in code")
-    shape, spacing, dtype = io.read_grid(mask)
+    shape, spacing, dtype = volume_io.read_grid(mask)
     return MaskGrid(shape, spacing, dtype.itemsize, str(mask))
 
 
@@ -617,7 +617,7 @@ def _sampling_bytes(grid: GridPlan, cfg, options: GenerateOptions, device, plan)
 
 
 def _decode_plan(grid: GridPlan, cfg, fit: dict, spill_dir: str | None = None):
-    from maisi2 import decode
+    from maisi2 import autoencoder
 
     budget, size = fit["budget"], "x".join(map(str, grid.network_shape))
     if fit["sampling"] > budget:
@@ -632,20 +632,20 @@ def _decode_plan(grid: GridPlan, cfg, fit: dict, spill_dir: str | None = None):
             f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
         )
     latent = tuple(n // cfg.vae.downsample_factor for n in grid.network_shape)
-    return decode.plan_tiles(latent, cfg.vae, budget - held - fit["host"], spill_dir=spill_dir)
+    return autoencoder.plan_tiles(latent, cfg.vae, budget - held - fit["host"], spill_dir=spill_dir)
 
 
 # -- 5. prepare the mask -----------------------------------------------------------------------
 
-def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> io.Volume:
+def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> volume_io.Volume:
     """The label map of a procedural phantom (`maisi2.phantom`), as a mask to generate from."""
     from maisi2.phantom import make_phantom
 
     _, labels, affine = make_phantom(tuple(shape), tuple(spacing), tumors, seed)
-    return io.Volume(labels.astype(np.int16), affine)
+    return volume_io.Volume(labels.astype(np.int16), affine)
 
 
-def prepare_mask(mask: PathLike | io.Volume, cfg, spacing=None, grid: GridPlan | None = None, domain=None,
+def prepare_mask(mask: PathLike | volume_io.Volume, cfg, spacing=None, grid: GridPlan | None = None, domain=None,
                  options: GenerateOptions = GenerateOptions()) -> PreparedMask:
     """Load/check a mask, resample it (nearest) to the planned grid, add the body envelope, pad it.
 
@@ -659,7 +659,7 @@ def prepare_mask(mask: PathLike | io.Volume, cfg, spacing=None, grid: GridPlan |
     input_shape, input_spacing = volume.shape, volume.spacing
     target = grid.spacing if grid is not None else spacing
     if target is not None and not np.allclose(target, volume.spacing, rtol=1e-4):
-        volume = io.resample_to_spacing(volume, target, order=0)
+        volume = volume_io.resample_to_spacing(volume, target, order=0)
     unseen, replaced = {}, {}
     if domain is not None:
         volume, unseen, replaced = _unseen_labels(volume, domain, options, source)
@@ -681,7 +681,7 @@ def _check_preview_focus(prepared: PreparedMask, options: GenerateOptions) -> No
 UNSEEN_LABEL_SHARE = 0.05
 
 
-def _unseen_labels(volume: io.Volume, domain, options: GenerateOptions, source: str):
+def _unseen_labels(volume: volume_io.Volume, domain, options: GenerateOptions, source: str):
     ids, counts = np.unique(volume.array, return_counts=True)
     unseen = {int(i): int(c) for i, c in zip(ids, counts) if int(i) in set(domain.unseen_labels(ids))}
     if not unseen:
@@ -700,17 +700,17 @@ def _unseen_labels(volume: io.Volume, domain, options: GenerateOptions, source: 
     return volume, unseen, {}
 
 
-def _load_mask(mask) -> tuple[io.Volume, str]:
-    if isinstance(mask, io.Volume):
+def _load_mask(mask) -> tuple[volume_io.Volume, str]:
+    if isinstance(mask, volume_io.Volume):
         array = np.asarray(mask.array)
         if not np.issubdtype(array.dtype, np.integer):
             raise ValueError("the mask Volume must hold integer MAISI label ids")
         L.check_label_ids(array, what="mask")
         return mask.with_array(array.astype(np.int16)), "volume given in code"
-    return io.load_label_map(mask), str(mask)  # checks the ids
+    return volume_io.load_label_map(mask), str(mask)  # checks the ids
 
 
-def _with_body(volume: io.Volume, source: str) -> tuple[io.Volume, int]:
+def _with_body(volume: volume_io.Volume, source: str) -> tuple[volume_io.Volume, int]:
     """Add the body envelope (label 200) to unlabelled voxels inside the labels' filled hull."""
     from maisi2.envelope import body_envelope_from_labels
 
@@ -727,7 +727,7 @@ def _with_body(volume: io.Volume, source: str) -> tuple[io.Volume, int]:
     return volume.with_array(out), int(np.count_nonzero(fill))
 
 
-def _fov(volume: io.Volume) -> tuple[float, float, float]:
+def _fov(volume: volume_io.Volume) -> tuple[float, float, float]:
     return tuple(float(n * s) for n, s in zip(volume.shape, volume.spacing))
 
 
@@ -850,7 +850,7 @@ def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, prog
     `check(image)` sees the decoded image before its values are clipped and cast.
     """
     from maisi2.data import center_pad_or_crop, unit_to_hu
-    from maisi2.decode import decode_tiled
+    from maisi2.autoencoder import decode_tiled
 
     image = decode_tiled(models.vae, latent / models.scale_factor, plan, autocast=half, progress=progress,
                          statistics=statistics)
@@ -928,9 +928,9 @@ def _write_outputs(paths: OutputPaths, prepared: PreparedMask, hu: np.ndarray, r
         if options.out_format == "dicom":
             write_ct_series(staged[paths.ct], prepared.volume.with_array(hu), window=PREVIEW_WINDOW_HU)
         else:
-            io.save_ct(staged[paths.ct], prepared.volume.with_array(hu))
+            volume_io.save_ct(staged[paths.ct], prepared.volume.with_array(hu))
         if paths.label is not None:
-            io.save_label_map(staged[paths.label], prepared.volume, tables=False)  # its tables are in the set
+            volume_io.save_label_map(staged[paths.label], prepared.volume, tables=False)  # its tables are in the set
             staged[paths.slicer_colour_table].write_text(label_tables.slicer_colour_table())
             staged[paths.itksnap_labels].write_text(label_tables.itksnap_label_description())
         if paths.preview is not None:

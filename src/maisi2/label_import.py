@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import difflib
-import io as text_io
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,7 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
-from maisi2 import io, totalseg
+from maisi2 import totalseg, volume_io
 from maisi2.atomic import check_writable
 from maisi2.envelope import body_envelope_from_ct, body_envelope_from_labels
 from maisi2.labels import BACKGROUND, BODY, ID_TO_NAME, LABELS, VALID_IDS, check_label_ids, label_name
@@ -115,7 +115,7 @@ def read_class_table(path: str | os.PathLike) -> dict[int, str]:
         except (json.JSONDecodeError, AttributeError):
             raise ValueError(f"class table {path}: expected a JSON object {{\"class name\": id, ...}}") from None
     else:
-        rows = [r for r in csv.reader(text_io.StringIO(text)) if r and not r[0].lstrip().startswith("#")]
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].lstrip().startswith("#")]
         if rows and rows[0][-1].strip().lower() in ("id", "label", "value"):
             rows = rows[1:]  # a header row
         if any(len(r) != 2 for r in rows):
@@ -268,14 +268,14 @@ def import_totalseg(
     With `ct_path` (NIfTI or DICOM folder, on the label map's grid) the body envelope comes from
     the CT's HU; without it, a rough envelope comes from the labels.
     """
-    io.check_label_map_writable(out_path, overwrite)  # fail before the slow part
+    volume_io.check_label_map_writable(out_path, overwrite)  # fail before the slow part
     if Path(seg_path).is_dir():
         seg, classes = totalseg.read_class_folder(seg_path)
         ct = _ct_on_grid(ct_path, seg, seg_path)
         numbering = f"TotalSegmentator per-class folder ({len(classes)} masks, classes from file names)"
         out, report = convert_label_map(seg.array, classes, numbering, ct, seg.spacing)
     else:
-        seg = io.load_label_map(seg_path, check_ids=False)
+        seg = volume_io.load_label_map(seg_path, check_ids=False)
         ct = _ct_on_grid(ct_path, seg, seg_path)
         out, report = convert_totalseg(seg.array, ct, spacing=seg.spacing, version=version)
     return _write(out_path, seg, out, report, overwrite)
@@ -286,9 +286,9 @@ def import_with_classes(
     ct_path: str | os.PathLike | None = None, overwrite: bool = False,
 ) -> ImportReport:
     """Any tool's multi-label NIfTI plus its class table (`read_class_table`) -> MAISI label map."""
-    io.check_label_map_writable(out_path, overwrite)
+    volume_io.check_label_map_writable(out_path, overwrite)
     classes = read_class_table(classes_path)
-    seg = io.load_label_map(seg_path, check_ids=False)
+    seg = volume_io.load_label_map(seg_path, check_ids=False)
     ct = _ct_on_grid(ct_path, seg, seg_path)
     numbering = f"class table {Path(classes_path).name}"
     out, report = convert_label_map(seg.array, classes, numbering, ct, seg.spacing)
@@ -300,8 +300,8 @@ def import_vista3d(
     overwrite: bool = False,
 ) -> ImportReport:
     """VISTA3D output (MAISI ids already) -> the same ids, checked, plus the body envelope."""
-    io.check_label_map_writable(out_path, overwrite)
-    seg = io.load_label_map(seg_path, check_ids=False)
+    volume_io.check_label_map_writable(out_path, overwrite)
+    seg = volume_io.load_label_map(seg_path, check_ids=False)
     classes = _vista3d_classes(seg.array)
     ct = _ct_on_grid(ct_path, seg, seg_path)
     numbering = "VISTA3D output (MAISI label ids, checked against the MAISI dictionary)"
@@ -309,16 +309,16 @@ def import_vista3d(
     return _write(out_path, seg, out, report, overwrite)
 
 
-def _write(out_path, seg: io.Volume, out: np.ndarray, report: ImportReport, overwrite: bool) -> ImportReport:
+def _write(out_path, seg: volume_io.Volume, out: np.ndarray, report: ImportReport, overwrite: bool) -> ImportReport:
     check_label_ids(out, "converted label map")
-    io.save_label_map(out_path, seg.with_array(out), overwrite=overwrite)
+    volume_io.save_label_map(out_path, seg.with_array(out), overwrite=overwrite)
     return report
 
 
-def _ct_on_grid(ct_path, seg: io.Volume, seg_path) -> np.ndarray | None:
+def _ct_on_grid(ct_path, seg: volume_io.Volume, seg_path) -> np.ndarray | None:
     if ct_path is None:
         return None
-    ct = io.load_ct(ct_path)
+    ct = volume_io.load_ct(ct_path)
     if not _same_grid(ct, seg):
         raise ValueError(
             f"CT {Path(ct_path)} ({_grid_text(ct)}) is not on the grid of label map {Path(seg_path)} "

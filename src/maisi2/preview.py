@@ -97,8 +97,8 @@ def _legend_ids(ids: np.ndarray, centre_label: int) -> list[int]:
     (background left out)."""
     present = sorted({int(i) for i in ids} - {L.BACKGROUND})
     first = [i for i in present if i == centre_label]
-    tumours = [i for i in present if i in L.TUMOR_IDS and i != centre_label]
-    return first + tumours + [i for i in present if i not in L.TUMOR_IDS and i != centre_label]
+    tumors = [i for i in present if i in L.TUMOR_IDS and i != centre_label]
+    return first + tumors + [i for i in present if i not in L.TUMOR_IDS and i != centre_label]
 
 
 def _draw_legend(draw, ids: list[int], top: int, rows: int, columns: int) -> None:

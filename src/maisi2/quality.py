@@ -126,13 +126,13 @@ def quality_check(ct_hu: np.ndarray, labels: np.ndarray,
 def check_files(ct_path: str | Path, mask_path: str | Path, out: str | Path | None = None,
                 overwrite: bool = False) -> QualityReport:
     """``maisi2 qc``: check a CT file against its mask file (same grid); optionally write JSON."""
-    from maisi2 import io
+    from maisi2 import volume_io
     from maisi2.atomic import atomic_output, check_writable
 
     if out is not None:
         check_writable(out, overwrite)
-    ct = io.load_ct(ct_path)
-    mask = io.load_label_map(mask_path)
+    ct = volume_io.load_ct(ct_path)
+    mask = volume_io.load_label_map(mask_path)
     if ct.shape != mask.shape or not np.allclose(ct.affine, mask.affine, atol=1e-3):
         raise ValueError(f"{ct_path} (shape {ct.shape}) and {mask_path} (shape {mask.shape}) are not on the same "
                          "voxel grid; pass the label map the CT was generated from (maisi2 generate writes it "

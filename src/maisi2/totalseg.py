@@ -27,7 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.labels import load_resource_json
 
 __all__ = [
@@ -133,7 +133,7 @@ def _side_agreement(counts_by_x: np.ndarray, present: np.ndarray, names: dict[in
 
 # -- one mask per class -------------------------------------------------------------------------
 
-def read_class_folder(folder: str | os.PathLike) -> tuple[io.Volume, dict[int, str]]:
+def read_class_folder(folder: str | os.PathLike) -> tuple[volume_io.Volume, dict[int, str]]:
     """A folder of binary masks named by class (``liver.nii.gz`` ...) as one multi-label volume.
 
     Returns the volume (ids 1..N in the files' name order, RAS) and {id: class name}. Every file is
@@ -148,7 +148,7 @@ def read_class_folder(folder: str | os.PathLike) -> tuple[io.Volume, dict[int, s
     names: dict[int, str] = {}
     merged = None
     for idx, path in enumerate(files, start=1):
-        mask = io.load_label_map(path, check_ids=False)
+        mask = volume_io.load_label_map(path, check_ids=False)
         if mask.array.min() < 0 or mask.array.max() > 1:
             raise ValueError(f"{path} holds values other than 0 and 1; a per-class folder holds binary masks")
         if merged is None:

@@ -131,9 +131,9 @@ def perturb_labels(labels: torch.Tensor) -> torch.Tensor:
     unchanged without the search.
     """
     out = labels.clone()
-    tumour_ids = torch.as_tensor(TUMOR_IDS, dtype=labels.dtype, device=labels.device)
+    tumor_ids = torch.as_tensor(TUMOR_IDS, dtype=labels.dtype, device=labels.device)
     for b in range(labels.shape[0]):
-        if torch.isin(labels[b], tumour_ids).any():
+        if torch.isin(labels[b], tumor_ids).any():
             clean = remove_tumors(labels[b, 0].cpu().numpy())
             out[b, 0] = torch.from_numpy(clean).to(out.device)
     return out
@@ -277,17 +277,17 @@ class ControlNetRecipe:
     seed: int = 0
     num_workers: int = 0
     crop: tuple[int, ...] = ()
-    tumour_crops: float = 0.0
+    tumor_crops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.voxels_per_batch < 1 or self.num_workers < 0:
             raise ValueError("batch_size and voxels_per_batch must be at least 1 and num_workers >= 0")
         if self.crop and (len(self.crop) != 3 or min(self.crop) < 1):
             raise ValueError(f"crop must be three positive latent sizes (x, y, z) or empty, got {list(self.crop)}")
-        if not 0 <= self.tumour_crops <= 1:
-            raise ValueError(f"tumour_crops must be a share in [0, 1], got {self.tumour_crops}")
-        if self.tumour_crops and not self.crop:
-            raise ValueError("tumour_crops needs crop: windows can only be centred on a tumour when there are windows")
+        if not 0 <= self.tumor_crops <= 1:
+            raise ValueError(f"tumor_crops must be a share in [0, 1], got {self.tumor_crops}")
+        if self.tumor_crops and not self.crop:
+            raise ValueError("tumor_crops needs crop: windows can only be centred on a tumour when there are windows")
         self.settings()  # the engine's own checks (steps, lr, schedule, amp, ...)
 
     def settings(self, device: str = "auto", progress: bool | None = None) -> TrainSettings:
@@ -354,10 +354,10 @@ def _batch_source(dataset: LatentDataset, recipe: ControlNetRecipe, info: DistIn
     return BatchSource(items, plan=plan, collate=list, num_workers=recipe.num_workers)
 
 
-def crop_window(item: dict, size: Sequence[int], factor: int, tumour_share: float,
+def crop_window(item: dict, size: Sequence[int], factor: int, tumor_share: float,
                 generator: torch.Generator) -> dict:
     """One item's latent cut to a window of `size` (per axis at most the latent's), its label maps
-    (`factor` times finer) to the same region; spacing unchanged. With probability `tumour_share`,
+    (`factor` times finer) to the same region; spacing unchanged. With probability `tumor_share`,
     and when the map has a tumour, the window is centred on a random tumour voxel, jittered by up
     to a quarter window."""
     latent = item["latent"]
@@ -368,10 +368,10 @@ def crop_window(item: dict, size: Sequence[int], factor: int, tumour_share: floa
         return int(torch.randint(0, high, (1,), generator=generator, device=generator.device))
 
     starts = [draw(n - s + 1) for n, s in zip(shape, size)]
-    if tumour_share > 0 and float(torch.rand((), generator=generator, device=generator.device)) < tumour_share:
-        tumour = torch.isin(item["label"][0], torch.tensor(TUMOR_IDS, dtype=item["label"].dtype)).nonzero()
-        if len(tumour):
-            centre = tumour[draw(len(tumour))] // factor
+    if tumor_share > 0 and float(torch.rand((), generator=generator, device=generator.device)) < tumor_share:
+        tumor = torch.isin(item["label"][0], torch.tensor(TUMOR_IDS, dtype=item["label"].dtype)).nonzero()
+        if len(tumor):
+            centre = tumor[draw(len(tumor))] // factor
             starts = [min(max(int(c) - s // 2 + draw(2 * (s // 4) + 1) - s // 4, 0), n - s)
                       for c, n, s in zip(centre, shape, size)]
     out = dict(item)
@@ -407,7 +407,7 @@ class ControlNetStepLoss:
         self.unet.to(device)
         factor = self.cfg.vae.downsample_factor
         if self.recipe.crop:
-            items = [crop_window(item, self.recipe.crop, factor, self.recipe.tumour_crops, generator) for item in items]
+            items = [crop_window(item, self.recipe.crop, factor, self.recipe.tumor_crops, generator) for item in items]
         x0, cond = prepare_batch(items, generator, device, multiple=self.multiple)
         labels = torch.stack([item["label"] for item in items]).to(device)
         if tuple(labels.shape[2:]) != tuple(s * factor for s in x0.shape[2:]):

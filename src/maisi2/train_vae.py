@@ -4,7 +4,7 @@ One step, for a batch of random crops x in [0, 1] (`data.hu_to_unit`):
 
 1. Encode to (z_mu, z_sigma), draw z = z_mu + eps * z_sigma with eps from the engine's noise RNG
    (so resuming is exact), decode to the reconstruction.
-2. L = L1(recon, x) + kl_weight * KL  (`vae.reconstruction_l1`, `vae.kl_loss`).
+2. L = L1(recon, x) + kl_weight * KL  (`reconstruction_l1`, `kl_loss`).
 3. Optional patch-adversarial term (off by default; ``adv_weight > 0`` turns it on): a small 3D
    PatchGAN scores patches of x and of the reconstruction. From step ``adv_start`` on,
    L += adv_weight * L_G + L_D, where L_G is the VAE's adversarial loss computed through a
@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from maisi2.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -39,14 +40,94 @@ from maisi2.data import HU_MIN, CTDataset, DataItem, center_pad_or_crop, hu_to_u
 from maisi2.labels import TUMOR_IDS
 from maisi2.losses import mask_weights
 from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, train
-from maisi2.vae import (ADVERSARIAL_KINDS, build_discriminator, discriminator_logits, discriminator_loss,
-                        downsample_factor, generator_adversarial_loss, kl_loss, reconstruction_l1, vae_state_only)
-from maisi2.vae import decoder_only as decoder_only_vae  # the name `decoder_only` is an option here
+from maisi2.autoencoder import downsample_factor, load_vae, vae_state_only
 
-__all__ = ["VAETrainOptions", "RandomCrops", "crop_plan", "VAETrainingModel", "StepClock", "make_vae_loss",
+__all__ = ["reconstruction_l1", "kl_loss", "generator_adversarial_loss", "discriminator_loss", "build_discriminator",
+           "discriminator_logits", "freeze_encoder", "ADVERSARIAL_KINDS", "VAETrainOptions", "RandomCrops", "crop_plan",
+           "VAETrainingModel", "StepClock", "make_vae_loss",
            "export_vae", "TrainVAEResult", "train_vae", "VAE_FILE"]
 
 VAE_FILE = "vae.pt"
+ADVERSARIAL_KINDS = ("hinge", "lsgan")
+
+
+# -- the training terms (pure functions of tensors) and the discriminator ------------------------
+# L1 reconstruction and KL; the patch-adversarial pair (hinge or least-squares). No perceptual
+# loss: MAISI's uses pretrained feature networks whose weights cannot be downloaded here.
+
+def reconstruction_l1(recon: torch.Tensor, image: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute error between reconstruction and input (both in [0, 1] units); with a per-voxel
+    `weight` (broadcastable to the image), the weighted mean sum(w |r - x|) / sum(w)."""
+    err = (recon.float() - image.float()).abs()
+    if weight is None:
+        return err.mean()
+    weight = weight.float().expand_as(err)
+    return (err * weight).sum() / weight.sum()
+
+
+def freeze_encoder(vae: nn.Module) -> nn.Module:
+    """Leave only the decoder side trainable (``post_quant_conv`` and ``decoder``): the encoder, and
+    so every latent already cached with it, stays exactly as it is."""
+    for name, param in vae.named_parameters():
+        param.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+    return vae
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent voxels and channels, averaged over the batch.
+
+    0.5 * sum(mu^2 + sigma^2 - log(sigma^2) - 1); zero exactly when mu = 0 and sigma = 1.
+    """
+    mu, sigma = z_mu.float(), z_sigma.float()
+    per_voxel = mu.pow(2) + sigma.pow(2) - 2.0 * torch.log(sigma.clamp_min(1e-12)) - 1.0
+    return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"adversarial loss must be one of {', '.join(ADVERSARIAL_KINDS)}, got {kind!r}")
+
+
+def generator_adversarial_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """What the VAE (generator) minimises so its reconstructions look real to the discriminator.
+
+    hinge: -mean(D(fake)); lsgan: mean((D(fake) - 1)^2).
+    """
+    _check_kind(kind)
+    fake_logits = fake_logits.float()
+    return -fake_logits.mean() if kind == "hinge" else (fake_logits - 1.0).pow(2).mean()
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """What the discriminator minimises (fake logits must come from a detached reconstruction).
+
+    hinge: 0.5 * (mean(relu(1 - D(real))) + mean(relu(1 + D(fake))));
+    lsgan: 0.5 * (mean((D(real) - 1)^2) + mean(D(fake)^2)).
+    """
+    _check_kind(kind)
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+    return 0.5 * ((real_logits - 1.0).pow(2).mean() + fake_logits.pow(2).mean())
+
+
+def build_discriminator(channels: int = 16, num_layers: int = 3, in_channels: int = 1) -> nn.Module:
+    """A small 3D PatchGAN (MONAI `PatchDiscriminator`): one logit per overlapping patch.
+
+    Instance norm, not batch norm: VAE batches are tiny (often 1) and batch statistics of one
+    sample make the discriminator's real/fake decision depend on the batch, not the patch.
+    """
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=3, channels=channels, in_channels=in_channels, out_channels=1,
+                              num_layers_d=num_layers, norm="INSTANCE")
+
+
+def discriminator_logits(discriminator: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Patch logits (B, 1, x, y, z): MONAI's discriminator returns every layer's features, last = logits."""
+    out = discriminator(image)
+    return out[-1] if isinstance(out, (list, tuple)) else out
+
 
 
 @dataclass(frozen=True)
@@ -222,7 +303,7 @@ class VAETrainingModel(nn.Module):
 
     def __init__(self, vae: nn.Module, discriminator: nn.Module | None = None, decoder_only: bool = False):
         super().__init__()
-        self.vae = decoder_only_vae(vae) if decoder_only else vae
+        self.vae = freeze_encoder(vae) if decoder_only else vae
         self.discriminator = discriminator
         self.decoder_only = decoder_only
 
@@ -371,8 +452,6 @@ def train_vae(datalist: str | os.PathLike, out_dir: str | os.PathLike, cfg: Conf
     torch.manual_seed(settings.seed)
     vae = build_vae(cfg)
     if init is not None:
-        from maisi2.vae import load_vae
-
         load_weights(vae, load_vae(init).model.state_dict(), "vae", str(init), cfg.preset)
     discriminator = None
     if options.adversarial:

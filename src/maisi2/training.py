@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from maisi2 import allocator
+from maisi2 import allocator, nets
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.config import Config
 
@@ -390,7 +390,7 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.device, self.amp):
+        with nets.autocast(self.device, self.amp):
             loss, logs = loss_fn(net, batch, self.noise_rng)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:
@@ -430,14 +430,6 @@ class _Trainer:
                 "rate, full precision (amp='fp32', --amp fp32), a smaller grad_clip, or check the data for "
                 "NaN/inf values. Resume from the last checkpoint once fixed."
             )
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 # -- logs -----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def register(sub) -> None:
                         "unnormalised region weights (later options still apply)")
     p.add_argument("--recipe-set", dest="recipe_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --recipe-set loss.dilation=2, or --recipe-set 'crop=[16,16,16]' "
-                        "--recipe-set tumour_crops=0.7 to train on latent windows, most centred on a tumour "
+                        "--recipe-set tumor_crops=0.7 to train on latent windows, most centred on a tumour "
                         "(repeatable; see ControlNetRecipe)")
     p.add_argument("--amp", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="precision (default auto)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/last.pt")

@@ -229,12 +229,12 @@ def _mask_with_tumors(args, options):
     """--mask M --tumors KIND[:N]: the tumours added to the mask (at the output spacing), preview on them."""
     import dataclasses
 
-    from maisi2 import io
+    from maisi2 import volume_io
     from maisi2.masks import intent
     from maisi2.masks.select import MaskRequest, fit_mask
 
     counts = intent.parse_tumor_counts(args.tumors)
-    volume, _ = fit_mask(io.load_label_map(args.mask), MaskRequest(spacing=options.spacing))
+    volume, _ = fit_mask(volume_io.load_label_map(args.mask), MaskRequest(spacing=options.spacing))
     edited, changes = intent.mask_with_tumors(volume, counts, tuple(args.tumor_radius_mm or (8.0, 15.0)),
                                               seed=options.seed)
     for c in changes:

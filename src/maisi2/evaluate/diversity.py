@@ -91,9 +91,9 @@ def diversity(volumes: Sequence[np.ndarray | str | os.PathLike], progress: bool 
     """Mean pairwise MS-SSIM of >= 2 samples (HU arrays or NIfTI paths) on one grid."""
     from tqdm.auto import tqdm
 
-    from maisi2 import io
+    from maisi2 import volume_io
 
-    arrays = [io.load_ct(v).array if isinstance(v, (str, os.PathLike)) else np.asarray(v) for v in volumes]
+    arrays = [volume_io.load_ct(v).array if isinstance(v, (str, os.PathLike)) else np.asarray(v) for v in volumes]
     if len(arrays) < 2:
         raise ValueError(f"diversity needs at least 2 samples generated from one mask, got {len(arrays)}")
     shapes = {a.shape for a in arrays}

@@ -2,7 +2,7 @@
 
 Protocol (MAISI-v2 / MAISI's ``compute_fid_2-5d_ct.py``), for every volume of both sets:
 
-1. load in RAS orientation (`maisi2.io.load_ct`), resample linearly to a common `spacing`;
+1. load in RAS orientation (`maisi2.volume_io.load_ct`), resample linearly to a common `spacing`;
 2. pad with -1000 HU and centre-crop to a common `shape`; clip to [-1000, 1000] HU;
 3. cut it into the slices of three planes: XY (one per z), YZ (one per x), ZX (one per y);
 4. turn every slice into a feature vector (`features.ResNet50Features` for the paper's numbers,
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.data import HU_MAX, HU_MIN, center_pad_or_crop
 from maisi2.evaluate.features import HUTextureFeatures, SliceFeatures
 
@@ -59,7 +59,7 @@ __all__ = [
 PLANES: dict[str, int] = {"xy": 2, "yz": 0, "zx": 1}
 DEFAULT_SPACING = (1.0, 1.0, 1.0)
 DEFAULT_SHAPE = (512, 512, 512)
-VolumeLike = str | os.PathLike | io.Volume | np.ndarray
+VolumeLike = str | os.PathLike | volume_io.Volume | np.ndarray
 
 
 def frechet_distance(mu1, cov1, mu2, cov2, eps: float = 1e-6) -> float:
@@ -221,14 +221,14 @@ class FIDResult:
 def prepare_volume(volume: VolumeLike, spacing=DEFAULT_SPACING, shape=DEFAULT_SHAPE) -> np.ndarray:
     """Steps 1-2: RAS volume -> resampled, padded/cropped, clipped float32 HU array.
 
-    volume: a path (loaded with `io.load_ct`), a `Volume`, or a bare array (taken as already RAS;
+    volume: a path (loaded with `volume_io.load_ct`), a `Volume`, or a bare array (taken as already RAS;
     it cannot be resampled, so `spacing` must be None for it). spacing/shape None skip that step.
     """
     if isinstance(volume, (str, os.PathLike)):
-        volume = io.load_ct(volume)
-    if isinstance(volume, io.Volume):
+        volume = volume_io.load_ct(volume)
+    if isinstance(volume, volume_io.Volume):
         if spacing is not None:
-            volume = io.resample_to_spacing(volume, spacing, order=1)
+            volume = volume_io.resample_to_spacing(volume, spacing, order=1)
         array = volume.array
     else:
         array = np.asarray(volume)

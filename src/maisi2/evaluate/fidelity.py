@@ -189,7 +189,7 @@ def fidelity_files(cases: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
     """`fidelity` over (generated CT, mask, real CT or None) files, one case in memory at a time."""
     from tqdm.auto import tqdm
 
-    from maisi2 import io
+    from maisi2 import volume_io
     from maisi2.evaluate import seg
 
     if not cases:
@@ -200,12 +200,12 @@ def fidelity_files(cases: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
     for gen_path, mask_path, real_path in tqdm(cases, desc="fidelity", disable=not progress):
         if mask_path is None:
             raise ValueError(f"{gen_path} has no mask: put it beside the CT as *_label.nii.gz or use a datalist")
-        gen, mask = io.load_ct(gen_path), io.load_label_map(mask_path)
+        gen, mask = volume_io.load_ct(gen_path), volume_io.load_label_map(mask_path)
         if gen.shape != mask.shape:
             raise ValueError(f"{gen_path} (shape {gen.shape}) and its mask {mask_path} (shape {mask.shape}) differ")
         real = None
         if real_path is not None:
-            real = io.load_ct(real_path)
+            real = volume_io.load_ct(real_path)
             if real.shape != mask.shape:
                 raise ValueError(f"real CT {real_path} (shape {real.shape}) is not on the grid of mask {mask_path} "
                                  f"(shape {mask.shape}); give the real CT the mask was drawn from")

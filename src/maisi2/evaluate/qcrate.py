@@ -60,14 +60,14 @@ def qc_rate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike | N
     """QC rate over (CT file, label-map file) pairs; one volume in memory at a time."""
     from tqdm.auto import tqdm
 
-    from maisi2 import io
+    from maisi2 import volume_io
 
     def reports():
         for ct_path, mask_path in tqdm(pairs, desc="quality check", disable=not progress):
             if mask_path is None:
                 raise ValueError(f"{ct_path} has no label map: put it beside the CT as *_label.nii.gz "
                                  "(as maisi2 generate does) or give a datalist with a label column")
-            ct, mask = io.load_ct(ct_path), io.load_label_map(mask_path)
+            ct, mask = volume_io.load_ct(ct_path), volume_io.load_label_map(mask_path)
             if ct.shape != mask.shape:
                 raise ValueError(f"{ct_path} (shape {ct.shape}) and {mask_path} (shape {mask.shape}) differ in shape")
             yield str(ct_path), quality_check(ct.array, mask.array)

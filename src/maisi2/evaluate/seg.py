@@ -8,7 +8,7 @@ resample the volumes to a common spacing first if they differ. Training draws ra
 (with probability `foreground_prob` centred on a foreground voxel, randomly flipped) from a list
 of (image, label) pairs held in memory, optimises Dice (foreground classes, over the batch) +
 cross-entropy with AdamW, and writes a checkpoint
-atomically every `checkpoint_every` steps; calling `train_segmenter` again with the same output
+atomically every `ckpt_every` steps; calling `train_segmenter` again with the same output
 resumes from it. Inference is sliding-window (MONAI `SlidingWindowInferer`, Gaussian blending).
 
 Usage::
@@ -93,7 +93,7 @@ class SegmenterTrainSettings:
     batch_size: int = 4
     lr: float = 3e-3
     foreground_prob: float = 0.67
-    checkpoint_every: int = 50
+    ckpt_every: int = 50
     seed: int = 0
 
 
@@ -120,10 +120,10 @@ def labels_to_classes(labels: np.ndarray, classes: Sequence[Sequence[int]]) -> n
 
 
 def _load_pair(image: ArrayOrPath, label: ArrayOrPath, config: SegmenterConfig, index: int):
-    from maisi2 import io
+    from maisi2 import volume_io
 
-    ct = io.load_ct(image).array if isinstance(image, (str, os.PathLike)) else np.asarray(image, np.float32)
-    lab = io.load_label_map(label).array if isinstance(label, (str, os.PathLike)) else np.asarray(label)
+    ct = volume_io.load_ct(image).array if isinstance(image, (str, os.PathLike)) else np.asarray(image, np.float32)
+    lab = volume_io.load_label_map(label).array if isinstance(label, (str, os.PathLike)) else np.asarray(label)
     if ct.shape != lab.shape or ct.ndim != 3:
         raise ValueError(f"training pair {index}: image shape {ct.shape} and label shape {lab.shape} must be one 3D grid")
     if not np.all(np.isfinite(ct)):
@@ -173,7 +173,7 @@ def train_segmenter(pairs: Sequence[tuple[ArrayOrPath, ArrayOrPath]], out: str |
     """Train (or resume training) a tumour segmenter on (CT HU, MAISI label map) pairs; returns the losses.
 
     pairs: arrays or NIfTI paths, each pair on one grid. out: the checkpoint file (written atomically
-    every `settings.checkpoint_every` steps and at the end). With `resume`, an existing checkpoint at
+    every `settings.ckpt_every` steps and at the end). With `resume`, an existing checkpoint at
     `out` with the same config is continued up to `settings.steps`; without it, an existing file is an error.
     """
     from monai.losses import DiceCELoss
@@ -226,7 +226,7 @@ def train_segmenter(pairs: Sequence[tuple[ArrayOrPath, ArrayOrPath]], out: str |
         losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
+        if step % settings.ckpt_every == 0 or step == settings.steps:
             _save(out, model, optimizer, config, settings, step, losses)
     bar.close()
     if not out.exists():  # steps=0: nothing trained, but callers expect the checkpoint

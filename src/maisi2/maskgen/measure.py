@@ -23,7 +23,7 @@ from scipy import ndimage, stats
 from maisi2 import labels as L
 from maisi2.maskgen.sizes import ORGAN_SLOTS, SLOTS, TUMOR_SLOTS
 
-__all__ = ["MEASURED", "organ_volumes_ml", "volume_distribution", "components", "tumour_inside_parent",
+__all__ = ["MEASURED", "organ_volumes_ml", "volume_distribution", "components", "tumor_inside_parent",
            "body_closed", "size_correlation", "PARENTS"]
 
 MEASURED = {name: (L.label_id(name),) for name in ORGAN_SLOTS} | {"body (all labels)": None}
@@ -62,11 +62,11 @@ def components(mask: np.ndarray) -> dict[str, int]:
     return out
 
 
-def tumour_inside_parent(mask: np.ndarray, slot: str) -> list[float]:
+def tumor_inside_parent(mask: np.ndarray, slot: str) -> list[float]:
     """For each component of the slot's tumour, the share of its 1-voxel outer ring in a parent organ."""
-    tumour = mask == L.label_id(slot)
+    tumor = mask == L.label_id(slot)
     parents = np.isin(mask, PARENTS[slot])
-    pieces, count = ndimage.label(tumour, structure=_FULL)
+    pieces, count = ndimage.label(tumor, structure=_FULL)
     shares = []
     for idx, box in enumerate(ndimage.find_objects(pieces), start=1):
         grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from maisi2 import ddpm, flow, io
+from maisi2 import ddpm, flow, volume_io
 from maisi2.maskgen import networks, postprocess
 from maisi2.maskgen.files import MaskGenerator
 from maisi2.maskgen.sizes import SLOTS, check_requested, requested_tumor
@@ -33,8 +33,8 @@ DEFAULT_FLOW_STEPS = 30
 class MaskSample:
     """A generated mask and how it was made."""
 
-    volume: io.Volume  # on the requested grid (or the generator's when none was asked for)
-    native: io.Volume  # on the generator's grid, after cleaning
+    volume: volume_io.Volume  # on the requested grid (or the generator's when none was asked for)
+    native: volume_io.Volume  # on the generator's grid, after cleaning
     size_vector: list[float]
     seed: int
     steps: int
@@ -108,7 +108,7 @@ def generate_mask(generator: MaskGenerator, sizes: Mapping[str, float] | Sequenc
     ids = postprocess.classes_to_ids(networks.decode_to_classes(generator.autoencoder, latent, generator.scale_factor))
     decoded = time.perf_counter()
     # 4. clean on the generator's grid
-    native = io.Volume(postprocess.clean_mask(ids, requested_tumor(vector)), io.ras_affine([cfg.spacing_mm] * 3))
+    native = volume_io.Volume(postprocess.clean_mask(ids, requested_tumor(vector)), volume_io.ras_affine([cfg.spacing_mm] * 3))
     cleaned = time.perf_counter()
     # 5. onto the requested grid
     volume = _to_request(native, shape, spacing)
@@ -118,14 +118,14 @@ def generate_mask(generator: MaskGenerator, sizes: Mapping[str, float] | Sequenc
     return MaskSample(volume, native, [float(v) for v in vector], int(seed), used, cfg.objective, seconds)
 
 
-def _to_request(native: io.Volume, shape, spacing) -> io.Volume:
+def _to_request(native: volume_io.Volume, shape, spacing) -> volume_io.Volume:
     from maisi2.data import center_pad_or_crop
     from maisi2.labels import BACKGROUND
 
     volume = native
     if spacing is not None and not np.allclose(spacing, native.spacing, rtol=1e-4):
-        volume = io.resample_to_spacing(native, spacing, order=0)
+        volume = volume_io.resample_to_spacing(native, spacing, order=0)
     if shape is not None and tuple(shape) != tuple(volume.shape):
         array = center_pad_or_crop(volume.array, tuple(int(n) for n in shape), fill=BACKGROUND)
-        volume = io.Volume(array.astype(np.int16), io.ras_affine(volume.spacing))
+        volume = volume_io.Volume(array.astype(np.int16), volume_io.ras_affine(volume.spacing))
     return volume

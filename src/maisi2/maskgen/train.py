@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maisi2 import ddpm, flow, io, losses
+from maisi2 import ddpm, flow, losses, volume_io
 from maisi2 import labels as L
 from maisi2.checkpoint import load_checkpoint
 from maisi2.config import dataclass_from_dict, set_dotted
@@ -109,11 +109,11 @@ class MaskLibrary:
         return len(self.masks)
 
 
-def mask_on_grid(volume: io.Volume, cfg: MaskGenConfig) -> np.ndarray:
+def mask_on_grid(volume: volume_io.Volume, cfg: MaskGenConfig) -> np.ndarray:
     """A label map resampled (nearest) to the generator's spacing and centre-padded/cropped to its shape."""
     from maisi2.data import center_pad_or_crop
 
-    volume = io.resample_to_spacing(volume, [cfg.spacing_mm] * 3, order=0)
+    volume = volume_io.resample_to_spacing(volume, [cfg.spacing_mm] * 3, order=0)
     return center_pad_or_crop(volume.array, cfg.mask_shape, fill=L.BACKGROUND).astype(np.int16)
 
 
@@ -132,7 +132,7 @@ def load_library(datalist: str | Path, cfg: MaskGenConfig, folds: str = "train",
     if not items:
         raise ValueError(f"{datalist} has no label maps in the {folds!r} folds (holdout fold {holdout_fold}); "
                          "the mask generator trains on label maps (`maisi2 phantom --count N` writes a set)")
-    masks = [mask_on_grid(io.load_label_map(it.label), cfg) for it in items]
+    masks = [mask_on_grid(volume_io.load_label_map(it.label), cfg) for it in items]
     spacing = [cfg.spacing_mm] * 3
     volumes = np.stack([slot_volumes_ml(m, spacing) for m in masks])
     return MaskLibrary(masks, volumes, [str(it.label) for it in items])
@@ -216,7 +216,7 @@ class _AutoencoderStep:
         return (labels.shape[0], self.channels, *(n // self.factor for n in labels.shape[2:]))
 
     def __call__(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator):
-        from maisi2.vae import kl_loss
+        from maisi2.autoencoder import kl_loss
 
         device = next(model.parameters()).device
         labels = _random_crop(labels, self.recipe.autoencoder_crop, generator).to(device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maisi2 import io
+from maisi2 import volume_io
 
 __all__ = ["make_default_library", "PHANTOMS", "CARTOONS"]
 
@@ -74,7 +74,7 @@ def make_default_library(out_dir: str | os.PathLike, real_dir: str | os.PathLike
     makers = {"head": head_mask, "pelvis": pelvis_mask}
     for stem, region, shape, spacing, seed in CARTOONS:
         written.append(_save(out_dir / f"{stem}.nii.gz", makers[region](shape, spacing, seed),
-                             io.ras_affine(spacing), overwrite))
+                             volume_io.ras_affine(spacing), overwrite))
     if real_dir is not None and Path(real_dir).is_dir():
         written += [_import_real(out_dir, Path(real_dir), row, overwrite) for row in REAL]
     (out_dir / "ATTRIBUTION.md").write_text(ATTRIBUTION)
@@ -82,7 +82,7 @@ def make_default_library(out_dir: str | os.PathLike, real_dir: str | os.PathLike
 
 
 def _save(path: Path, labels: np.ndarray, affine, overwrite: bool) -> Path:
-    io.save_label_map(path, io.Volume(labels.astype(np.uint8), affine), overwrite=overwrite, tables=False)
+    volume_io.save_label_map(path, volume_io.Volume(labels.astype(np.uint8), affine), overwrite=overwrite, tables=False)
     return path
 
 
@@ -90,10 +90,10 @@ def _import_real(out_dir: Path, real_dir: Path, row, overwrite: bool) -> Path:
     from maisi2.totalseg import convert_totalseg
 
     stem, seg_name, ct_name, spacing = row
-    seg = io.load_label_map(real_dir / seg_name, check_ids=False)
-    ct = io.load_ct(real_dir / ct_name).array if ct_name else None
+    seg = volume_io.load_label_map(real_dir / seg_name, check_ids=False)
+    ct = volume_io.load_ct(real_dir / ct_name).array if ct_name else None
     labels, _ = convert_totalseg(seg.array, ct, spacing=seg.spacing)
     volume = seg.with_array(labels)
     if spacing is not None:
-        volume = io.resample_to_spacing(volume, spacing, order=0)
+        volume = volume_io.resample_to_spacing(volume, spacing, order=0)
     return _save(out_dir / f"{stem}.nii.gz", volume.array, volume.affine, overwrite)

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from maisi2 import io, label_tables
+from maisi2 import label_tables, volume_io
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.masks.tumors import TumorChange, TumorEdits, edit_tumors
 
@@ -39,14 +39,14 @@ def edit_file(mask: str | os.PathLike, out: str | os.PathLike, edits: TumorEdits
     slicer, itksnap = label_tables.table_paths(out)
     for path in (out, report_path, slicer, itksnap):
         check_writable(path, overwrite)
-    volume = io.load_label_map(mask)
+    volume = volume_io.load_label_map(mask)
     edited, changes = edit_tumors(volume.array, volume.spacing, edits)
     report = {"input": str(mask), "output": str(out), "spacing_mm": list(volume.spacing),
               "seed": edits.seed, "changes": [c.to_dict() for c in changes]}
     # Every file is staged beside its target and renamed in at the end of the block, together.
     with atomic_output(out, overwrite) as map_tmp, atomic_output(report_path, overwrite) as json_tmp, \
             atomic_output(slicer, overwrite) as slicer_tmp, atomic_output(itksnap, overwrite) as itksnap_tmp:
-        io.save_label_map(map_tmp, volume.with_array(edited), overwrite=True, tables=False)
+        volume_io.save_label_map(map_tmp, volume.with_array(edited), overwrite=True, tables=False)
         slicer_tmp.write_text(label_tables.slicer_colour_table())
         itksnap_tmp.write_text(label_tables.itksnap_label_description())
         json_tmp.write_text(json.dumps(report, indent=2))

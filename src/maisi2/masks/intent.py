@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.masks import tumors as T
 from maisi2.masks.library import load_library
@@ -67,10 +67,10 @@ def add_tumors(labels: np.ndarray, spacing, kind: str, count: int, radius_mm: tu
     rng = np.random.default_rng(seed)
     changes = []
     for _ in range(count):
-        radius, tumour_seed = float(rng.uniform(*radius_mm)), int(rng.integers(2**31))
+        radius, tumor_seed = float(rng.uniform(*radius_mm)), int(rng.integers(2**31))
         while True:
             try:
-                labels, done = T.add_tumor(labels, spacing, kind, radius, seed=tumour_seed)
+                labels, done = T.add_tumor(labels, spacing, kind, radius, seed=tumor_seed)
                 break
             except ValueError as err:
                 if "too small" not in str(err) or radius <= radius_mm[0]:
@@ -80,8 +80,8 @@ def add_tumors(labels: np.ndarray, spacing, kind: str, count: int, radius_mm: tu
     return labels, changes
 
 
-def mask_with_tumors(volume: io.Volume, tumors: Sequence[TumorCount], radius_mm=(8.0, 15.0),
-                     seed: int = 0) -> tuple[io.Volume, list[T.TumorChange]]:
+def mask_with_tumors(volume: volume_io.Volume, tumors: Sequence[TumorCount], radius_mm=(8.0, 15.0),
+                     seed: int = 0) -> tuple[volume_io.Volume, list[T.TumorChange]]:
     """`volume` with the requested tumours added (what `generate --mask M --tumors KIND:N` runs)."""
     labels, changes = np.asarray(volume.array), []
     for i, request in enumerate(tumors):
@@ -128,7 +128,7 @@ def generate_from_intent(request: MaskRequest, out: str | os.PathLike, library: 
     samples = []
     for i, (verdict, path) in enumerate(zip(chosen, outs)):
         # 3. fit and edit
-        volume = io.load_label_map(index.folder / verdict.entry.file)
+        volume = volume_io.load_label_map(index.folder / verdict.entry.file)
         fitted, fit_info = fit_mask(volume, request)
         edits = [TumorCount(L.tumor_kind(name)) for name in verdict.to_add] + list(tumors)
         edited, changes = mask_with_tumors(fitted, edits, tumor_radius_mm, seed=options.seed + i)
@@ -142,7 +142,7 @@ def generate_from_intent(request: MaskRequest, out: str | os.PathLike, library: 
                                              preview_focus=options.preview_focus or preview_label(changes),
                                              request=report)
         result = G.generate(edited, path, model=model, options=sample_options)
-        hu = io.load_ct(result.paths.ct).array.astype(np.int16)  # the file holds int16 HU
+        hu = volume_io.load_ct(result.paths.ct).array.astype(np.int16)  # the file holds int16 HU
         samples.append(IntentSample(result.paths.ct, result.report, hu,
                                     edited.array))
     return samples

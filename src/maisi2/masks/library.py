@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.atomic import atomic_output
 from maisi2.masks.regions import covered_regions
@@ -79,15 +79,15 @@ def describe_labels(array: np.ndarray, spacing) -> dict:
     voxel_ml = float(np.prod(spacing)) / 1000.0
     volumes = {L.label_name(i): round(float(n) * voxel_ml, 3) for i, n in enumerate(counts)
                if n and i != L.BACKGROUND}
-    tumour_names = {L.label_name(t) for t in L.TUMOR_IDS}
+    tumor_names = {L.label_name(t) for t in L.TUMOR_IDS}
     boxes = {L.label_name(i + 1): [*(s.start for s in box), *(s.stop for s in box)]
              for i, box in enumerate(ndimage.find_objects(array)) if box is not None}
-    return {"labels": tuple(volumes), "tumors": tuple(n for n in volumes if n in tumour_names),
+    return {"labels": tuple(volumes), "tumors": tuple(n for n in volumes if n in tumor_names),
             "volumes_ml": volumes, "boxes": boxes, "regions": covered_regions(volumes)}
 
 
 def _read_entry(path: Path, folder: Path, stat: os.stat_result) -> MaskEntry:
-    volume = io.load_label_map(path)  # refuses non-MAISI ids
+    volume = volume_io.load_label_map(path)  # refuses non-MAISI ids
     spacing = tuple(round(float(s), 4) for s in volume.spacing)
     return MaskEntry(file=path.relative_to(folder).as_posix(), bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
                      shape=tuple(int(n) for n in volume.shape), spacing=spacing,

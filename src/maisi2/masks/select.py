@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.masks.library import LibraryIndex, MaskEntry
 from maisi2.masks.regions import region_name
@@ -136,13 +136,13 @@ def judge(entry: MaskEntry, request: MaskRequest) -> Verdict:
 
 
 def _check_anatomy(entry, request, verdict) -> None:
-    tumours = set(request.tumors())
+    tumors = set(request.tumors())
     for name in request.anatomy:
         if name in entry.labels:
             continue
-        if name in tumours and any(L.label_name(p) in entry.labels for p in L.tumor_parent_ids(L.label_id(name))):
+        if name in tumors and any(L.label_name(p) in entry.labels for p in L.tumor_parent_ids(L.label_id(name))):
             verdict.to_add.append(name)
-        elif name in tumours:
+        elif name in tumors:
             verdict.problems.append(f"lacks {name} and the organ it would be added to")
         else:
             verdict.problems.append(f"lacks {name}")
@@ -216,12 +216,12 @@ def _nothing_fits(index, request, rejected) -> str:
 
 # -- fitting -----------------------------------------------------------------------------------
 
-def fit_mask(volume: io.Volume, request: MaskRequest) -> tuple[io.Volume, dict]:
+def fit_mask(volume: volume_io.Volume, request: MaskRequest) -> tuple[volume_io.Volume, dict]:
     """Resample (nearest) to the requested spacing, then pad/crop to the requested size keeping the
     requested structures whole. Returns the volume and what was done (for the report)."""
     info = {"input_shape": list(volume.shape), "input_spacing": [round(s, 4) for s in volume.spacing]}
     if request.spacing is not None and not np.allclose(volume.spacing, request.spacing, rtol=1e-4):
-        volume = io.resample_to_spacing(volume, request.spacing, order=0)
+        volume = volume_io.resample_to_spacing(volume, request.spacing, order=0)
     info["resampled_shape"] = list(volume.shape)
     if request.size is None:
         return volume, info
@@ -230,7 +230,7 @@ def fit_mask(volume: io.Volume, request: MaskRequest) -> tuple[io.Volume, dict]:
     affine = volume.affine.copy()
     affine[:3, 3] += affine[:3, :3] @ np.asarray(start, dtype=np.float64)
     info["window_start_voxel"] = [int(s) for s in start]  # negative: padding before the mask
-    return io.Volume(array, affine), info
+    return volume_io.Volume(array, affine), info
 
 
 def _window_start(labels: np.ndarray, request: MaskRequest) -> list[int]:

@@ -171,10 +171,10 @@ def _run_line(line: RequestLine, out_dir: Path, models, options, library, base: 
 
 
 def _fitted(path, spacing):
-    from maisi2 import io
+    from maisi2 import volume_io
     from maisi2.masks.select import MaskRequest, fit_mask
 
-    return fit_mask(io.load_label_map(path), MaskRequest(spacing=spacing))
+    return fit_mask(volume_io.load_label_map(path), MaskRequest(spacing=spacing))
 
 
 def _gathered(summary: dict, out_dir: Path, world_size: int) -> dict:

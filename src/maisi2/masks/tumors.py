@@ -105,7 +105,7 @@ def _kind_ids(kind: str) -> tuple[int, ...]:
 
 def _parent_to_tumor(kind: str) -> dict[int, int]:
     """Parent organ id -> the tumour id a tumour of `kind` takes there."""
-    return {parent: tumour for tumour in _kind_ids(kind) for parent in L.tumor_parent_ids(tumour)}
+    return {parent: tumor for tumor in _kind_ids(kind) for parent in L.tumor_parent_ids(tumor)}
 
 
 def _organ_words(kind: str) -> str:
@@ -128,10 +128,10 @@ def _check_labels(labels: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     return labels, spacing
 
 
-def _change(action, kind, tumour_id, parent_id, mask, spacing, before=None, note="") -> TumorChange:
+def _change(action, kind, tumor_id, parent_id, mask, spacing, before=None, note="") -> TumorChange:
     centre = tumor_centre(mask)
     voxels = int(np.count_nonzero(mask))
-    return TumorChange(action, kind, L.label_name(tumour_id), L.label_name(parent_id), centre,
+    return TumorChange(action, kind, L.label_name(tumor_id), L.label_name(parent_id), centre,
                        tuple(round(float(c * s), 2) for c, s in zip(centre, spacing)), voxels,
                        round(_ml(voxels, spacing), 4), None if before is None else round(before, 4), note)
 
@@ -264,15 +264,15 @@ def _component_at(mask: np.ndarray, centre) -> np.ndarray:
 
 # -- remove, scale ---------------------------------------------------------------------------
 
-def _tumour_components(labels: np.ndarray, kind: str):
+def _tumor_components(labels: np.ndarray, kind: str):
     """(tumour id, boolean mask) for each connected tumour of `kind`."""
-    for tumour in _kind_ids(kind):
-        lesion = labels == tumour
+    for tumor in _kind_ids(kind):
+        lesion = labels == tumor
         if not lesion.any():
             continue
         components, count = ndimage.label(lesion)
         for index in range(1, count + 1):
-            yield tumour, components == index
+            yield tumor, components == index
 
 
 def remove_tumors_of(labels: np.ndarray, spacing: Sequence[float], kind: str) -> tuple[np.ndarray, list[TumorChange]]:
@@ -280,8 +280,8 @@ def remove_tumors_of(labels: np.ndarray, spacing: Sequence[float], kind: str) ->
     labels, spacing = _check_labels(labels, spacing)
     kind = L.tumor_kind(kind)
     out = L.remove_tumors(labels, only=_kind_ids(kind))
-    changes = [_change("removed", kind, tumour, _majority(out[mask], L.BODY), mask, spacing)
-               for tumour, mask in _tumour_components(labels, kind)]
+    changes = [_change("removed", kind, tumor, _majority(out[mask], L.BODY), mask, spacing)
+               for tumor, mask in _tumor_components(labels, kind)]
     return out, changes
 
 
@@ -295,11 +295,11 @@ def scale_tumors(labels: np.ndarray, spacing: Sequence[float], kind: str,
         raise ValueError(f"a scale factor is a length ratio between 0.1 and 4, got {factor:g}")
     out = L.remove_tumors(labels, only=_kind_ids(kind))
     changes = []
-    for tumour, mask in _tumour_components(labels, kind):
+    for tumor, mask in _tumor_components(labels, kind):
         parent = _majority(out[mask], L.BODY)
-        scaled = _scaled(mask, factor) & np.isin(out, (*_confine_ids(kind, parent), tumour))
-        out[scaled] = tumour
-        changes.append(_change("scaled", kind, tumour, parent, scaled, spacing, _ml(mask.sum(), spacing),
+        scaled = _scaled(mask, factor) & np.isin(out, (*_confine_ids(kind, parent), tumor))
+        out[scaled] = tumor
+        changes.append(_change("scaled", kind, tumor, parent, scaled, spacing, _ml(mask.sum(), spacing),
                                note=f"x{factor:g} in length"))
     return out, changes
 
@@ -334,23 +334,23 @@ def augment_tumors(labels: np.ndarray, spacing: Sequence[float], seed: int = 0,
     out = labels.copy()
     changes = []
     for kind in kinds:
-        for tumour in _kind_ids(kind):
-            lesion = out == tumour
+        for tumor in _kind_ids(kind):
+            lesion = out == tumor
             if not lesion.any():
                 continue
-            rng_seed = int(np.random.default_rng([seed, tumour]).integers(2**31))
-            base = L.remove_tumors(out, only=(tumour,))
+            rng_seed = int(np.random.default_rng([seed, tumor]).integers(2**31))
+            base = L.remove_tumors(out, only=(tumor,))
             parent = _majority(base[lesion], L.BODY)
             organ = np.isin(base, _confine_ids(kind, parent)) | lesion
             moved, draws = _deformed_inside(lesion, organ, kind, rng_seed)
             before = _ml(lesion.sum(), spacing)
             if moved is None:
-                changes.append(_change("unchanged", kind, tumour, parent, lesion, spacing, before,
+                changes.append(_change("unchanged", kind, tumor, parent, lesion, spacing, before,
                                        note="no deformation kept 75 % of the tumour inside its organ in 80 draws"))
                 continue
             out = base
-            out[moved] = tumour
-            changes.append(_change("augmented", kind, tumour, parent, moved, spacing, before,
+            out[moved] = tumor
+            changes.append(_change("augmented", kind, tumor, parent, moved, spacing, before,
                                    note=f"{'affine' if kind == 'bone' else 'elastic'}, draw {draws}"))
     return out, changes
 
@@ -463,7 +463,7 @@ def implant_random_balls(labels: np.ndarray, rng: np.random.Generator, radius_mm
     `add_tumor` is the general, irregular-shaped edit."""
     if kind not in ("hepatic", "lung"):
         raise ValueError(f"unknown tumour kind {kind!r}; choose from ['hepatic', 'lung']")
-    organ_ids, tumour_id = tuple(_parent_to_tumor(kind)), _kind_ids(kind)[0]
+    organ_ids, tumor_id = tuple(_parent_to_tumor(kind)), _kind_ids(kind)[0]
     edited = L.remove_tumors(labels)
     depth = ndimage.distance_transform_edt(np.isin(edited, organ_ids), sampling=spacing)
     grid = np.indices(labels.shape, dtype=np.float32)
@@ -474,5 +474,5 @@ def implant_random_balls(labels: np.ndarray, rng: np.random.Generator, radius_mm
             break
         centre = candidates[rng.integers(len(candidates))]
         dist2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
-        edited[(dist2 <= radius**2) & np.isin(edited, organ_ids)] = tumour_id
+        edited[(dist2 <= radius**2) & np.isin(edited, organ_ids)] = tumor_id
     return edited

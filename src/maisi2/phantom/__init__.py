@@ -103,7 +103,7 @@ def make_phantom(shape, spacing, tumors: Sequence[TumorSpec] = (), seed: int = 0
     thoraco-abdominal junction. Returns (ct float32 HU in [-1000, 1500] of `shape`, labels uint8
     MAISI ids of `shape`, RAS affine 4x4). Deterministic for a seed.
     """
-    from maisi2.io import ras_affine
+    from maisi2.volume_io import ras_affine
 
     shape, spacing = _check_grid(shape, spacing)
     seed = _check_seed(seed)
@@ -130,7 +130,7 @@ def write_phantom(out_dir, shape, spacing, tumors: Sequence[TumorSpec] = (), see
     Refuses (before any work) to replace existing files unless `overwrite`.
     """
     from maisi2.atomic import check_writable
-    from maisi2.io import Volume, save_ct, save_label_map
+    from maisi2.volume_io import Volume, save_ct, save_label_map
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():

@@ -46,7 +46,7 @@ class PhantomRequest(BaseModel):
     shape: list[int] = Field(default=[128, 128, 96], min_length=3, max_length=3)
     spacing: list[float] = Field(default=[3.0, 3.0, 3.0], min_length=3, max_length=3)
     seed: int = 0
-    tumours: list[str] = []
+    tumors: list[str] = []
 
 
 class LibraryRequest(BaseModel):
@@ -155,7 +155,7 @@ def _api_routes(ws: Workspace):
 
     @router.post("/masks/phantom")
     async def phantom(body: PhantomRequest):
-        return _record(await _call(ws.add_phantom, body.shape, body.spacing, body.seed, body.tumours))
+        return _record(await _call(ws.add_phantom, body.shape, body.spacing, body.seed, body.tumors))
 
     @router.get("/library")
     async def library():

@@ -33,11 +33,11 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.web.jobs import Job, JobQueue
 
-__all__ = ["Workspace", "UploadTooLarge", "GenerationSettings", "WINDOW_PRESETS", "ID_PATTERN", "RESULT_FILES", "tumour_list"]
+__all__ = ["Workspace", "UploadTooLarge", "GenerationSettings", "WINDOW_PRESETS", "ID_PATTERN", "RESULT_FILES", "tumor_list"]
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -138,7 +138,7 @@ class Workspace:
         """A MAISI label map upload becomes a mask (ids checked, as `generate --mask` checks them)."""
         try:
             path = self._upload_path(upload_id)
-            volume = _in_users_words(io.load_label_map, path)
+            volume = _in_users_words(volume_io.load_label_map, path)
             return self._add_mask(volume, path.name, "upload")
         finally:
             self._discard_uploads(upload_id)
@@ -163,7 +163,7 @@ class Workspace:
             self._discard_uploads(seg_upload, ct_upload)
 
     def add_phantom(self, shape: Sequence[int], spacing: Sequence[float], seed: int = 0,
-                    tumours: Sequence[str] = ()) -> MaskRecord:
+                    tumors: Sequence[str] = ()) -> MaskRecord:
         """A procedural phantom's label map (`maisi2 generate --phantom`), e.g. tumours=["hepatic:1"]."""
         from maisi2.generate import phantom_mask
         from maisi2.phantom import parse_tumor_specs
@@ -171,9 +171,9 @@ class Workspace:
         if len(shape) != 3 or int(np.prod([int(n) for n in shape])) > MAX_PHANTOM_VOXELS:
             raise ValueError(f"a phantom here has three sizes and at most {MAX_PHANTOM_VOXELS:,} voxels "
                              f"(e.g. 128 128 96), got {list(shape)}; use `maisi2 phantom` for larger ones")
-        volume = phantom_mask(shape, spacing, parse_tumor_specs(tumours), seed)
+        volume = phantom_mask(shape, spacing, parse_tumor_specs(tumors), seed)
         name = f"phantom {'x'.join(map(str, shape))} @ {'x'.join(f'{s:g}' for s in spacing)} mm, seed {seed}"
-        return self._add_mask(volume, name + (f", {' '.join(tumours)}" if tumours else ""), "phantom")
+        return self._add_mask(volume, name + (f", {' '.join(tumors)}" if tumors else ""), "phantom")
 
     def library_entries(self) -> list[dict]:
         """The masks of the library (`--library DIR`, else the bundled one), as the page lists them."""
@@ -191,7 +191,7 @@ class Workspace:
         entry = next((e for e in index.entries if e.file == file), None)
         if entry is None:
             raise KeyError(f"no mask {file!r} in the library {index.folder}")
-        volume = io.load_label_map(index.folder / entry.file)
+        volume = volume_io.load_label_map(index.folder / entry.file)
         return self._add_mask(volume, f"{entry.file} (library)", "library")
 
     def request_mask(self, region=None, anatomy=(), size=None, spacing=None, seed: int = 0) -> MaskRecord:
@@ -203,7 +203,7 @@ class Workspace:
         request = make_request(region, anatomy, size, spacing)
         index = self._library()
         (chosen,), _, _ = select_masks(index, request, seed=seed)
-        fitted, fit = fit_mask(io.load_label_map(index.folder / chosen.entry.file), request)
+        fitted, fit = fit_mask(volume_io.load_label_map(index.folder / chosen.entry.file), request)
         edited, changes = mask_with_tumors(fitted, [TumorCount(L.tumor_kind(n)) for n in chosen.to_add], seed=seed)
         asked = ", ".join([*request.regions, *request.anatomy]) or "any mask"
         return self._add_mask(edited, f"{asked} -> {chosen.entry.file}", "request",
@@ -215,10 +215,10 @@ class Workspace:
 
         return load_library(self.library)
 
-    def _add_mask(self, volume: io.Volume, name: str, source: str, parent: str | None = None,
+    def _add_mask(self, volume: volume_io.Volume, name: str, source: str, parent: str | None = None,
                   change: dict | None = None) -> MaskRecord:
         with self._staging("masks") as (mask_id, folder):
-            io.save_label_map(folder / "mask.nii.gz", volume)
+            volume_io.save_label_map(folder / "mask.nii.gz", volume)
             record = MaskRecord(mask_id, name, source, parent, change)
             _write_json(folder / "mask.json", asdict(record))
         return record
@@ -269,7 +269,7 @@ class Workspace:
                    "voxels": int(n)} for i, n in zip(present, counts) if i != L.BACKGROUND]
         return {"kind": kind, "id": item_id, "shape": list(labels.shape), "spacing": list(labels.spacing),
                 "has_ct": kind == "result", "legend": legend,
-                "tumours": tumour_list(labels.array, labels.spacing)}
+                "tumours": tumor_list(labels.array, labels.spacing)}
 
     def view_slice(self, kind: str, item_id: str, layer: str, axis: int, index: int) -> np.ndarray:
         """One slice of a volume in array order: int16 HU for layer "ct", uint8 label ids for "labels"."""
@@ -425,18 +425,18 @@ def _remove_staging(parent: Path) -> None:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def tumour_list(labels: np.ndarray, spacing: Sequence[float]) -> list[dict]:
+def tumor_list(labels: np.ndarray, spacing: Sequence[float]) -> list[dict]:
     """Each connected tumour (lesion label component): label, kind, the voxel of it nearest its
     centre ("at", where the page's "show" button moves the crosshair), size in voxels and mL."""
     found = []
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    for tumour_id in L.TUMOR_IDS:
-        components, count = ndimage.label(labels == tumour_id)
+    for tumor_id in L.TUMOR_IDS:
+        components, count = ndimage.label(labels == tumor_id)
         for k, box in enumerate(ndimage.find_objects(components), start=1):
             inside = np.argwhere(components[box] == k) + [s.start for s in box]
             nearest = inside[np.argmin(((inside - inside.mean(axis=0)) ** 2).sum(axis=1))]
-            found.append({"label": tumour_id, "name": L.label_name(tumour_id),
-                          "kind": L.tumor_kind(L.label_name(tumour_id)), "at": nearest.tolist(),
+            found.append({"label": tumor_id, "name": L.label_name(tumor_id),
+                          "kind": L.tumor_kind(L.label_name(tumor_id)), "at": nearest.tolist(),
                           "voxels": len(inside), "volume_ml": round(len(inside) * voxel_ml, 2)})
     return found
 
@@ -448,17 +448,17 @@ def _palette() -> np.ndarray:
     return label_colours()
 
 
-def load_volume(path: Path, layer: str) -> io.Volume:
+def load_volume(path: Path, layer: str) -> volume_io.Volume:
     """A volume the viewer shows (cached: slices are requested one at a time)."""
     return _load_cached(str(path), layer, path.stat().st_mtime_ns)
 
 
 @lru_cache(maxsize=6)
-def _load_cached(path: str, layer: str, mtime_ns: int) -> io.Volume:
+def _load_cached(path: str, layer: str, mtime_ns: int) -> volume_io.Volume:
     if layer == "ct":
-        volume = io.load_ct(path)
+        volume = volume_io.load_ct(path)
         return volume.with_array(np.rint(volume.array).astype(np.int16))
-    volume = io.load_label_map(path)
+    volume = volume_io.load_label_map(path)
     return volume.with_array(volume.array.astype(np.uint8))  # MAISI ids are 0..200
 
 

@@ -1,7 +1,7 @@
 """Preview PNGs and loss curves for docs/: what the trained small model produces.
 
 Usage (after recipes/bundled_model.sh):
-    python recipes/previews.py --work work --model src/maisi2/resources/models/default --out docs/img
+    python experiments/previews.py --work work --model src/maisi2/resources/models/default --out docs/img
 
 Writes
   flow_samples.png      30-step rectified-flow samples of the flow UNet alone (no mask), next to
@@ -10,7 +10,7 @@ Writes
                         (flow_samples_compare.png)
   controlnet_tumor.png  a phantom mask with a liver tumour, the generated CT, and the CT generated
                         from the same noise with the tumour removed from the mask
-                        (controlnet_pair.png: the slice through the tumour); --tumour KIND
+                        (controlnet_pair.png: the slice through the tumour); --tumor KIND
                         --radius MIN MAX pick another lesion, --pair-only writes only
                         controlnet_pair_KIND.png
   loss_*.png            training loss curves from the runs' log.csv files
@@ -27,14 +27,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from maisi2 import nets
+from maisi2.autoencoder import decode
 from maisi2.data import unit_to_hu
 from maisi2.generate import phantom_mask
-from maisi2.io import load_ct
 from maisi2.labels import remove_tumors
 from maisi2.models import load_model
 from maisi2.preview import render_preview
 from maisi2.sampling import sample_latent
-from maisi2.vae import decode
+from maisi2.volume_io import load_ct
 
 
 def axial(hu: np.ndarray, size: int = 192, z: int | None = None, window: tuple[float, float] = (-200, 300),
@@ -94,7 +94,7 @@ def loss_plot(csv_path: Path, column: str, title: str, size=(480, 240)) -> Image
     return img
 
 
-def tumour_pair(model: str, kind: str, radius: tuple[float, float], out: Path, pair_name: str,
+def tumor_pair(model: str, kind: str, radius: tuple[float, float], out: Path, pair_name: str,
                 overview_name: str | None) -> None:
     """CT generated from a phantom mask with one tumour of `kind`, and from the same noise with the
     tumour removed from the mask: the slice through the tumour side by side, and their difference."""
@@ -109,8 +109,8 @@ def tumour_pair(model: str, kind: str, radius: tuple[float, float], out: Path, p
     a, b = (load_ct(tmp / f"{n}.nii.gz").array for n in ("tumor", "no_tumor"))
     if overview_name:
         render_preview(a, mask.array, mask.spacing).save(out / overview_name)
-    tumour = np.argwhere(mask.array != no_tumor.array)
-    cx, cy, z = (int(v) for v in tumour.mean(0))  # the slice through the tumour, and a 48-voxel box around it
+    tumor = np.argwhere(mask.array != no_tumor.array)
+    cx, cy, z = (int(v) for v in tumor.mean(0))  # the slice through the tumour, and a 48-voxel box around it
     corner = [max(0, min(c - 24, n - 48)) for c, n in zip((cx, cy), mask.array.shape[:2])]
     box = tuple(slice(c, c + 48) for c in corner)
     window = (-1000, 200) if kind == "lung" else (-200, 300)  # lung tumours: a lung window
@@ -133,14 +133,14 @@ def main() -> None:
                     help="also sample this model's flow UNet (same seeds) into flow_samples_compare.png")
     ap.add_argument("--flow-only", action="store_true", help="only the flow samples (no ControlNet pair, no curves)")
     ap.add_argument("--pair-only", action="store_true", help="only the ControlNet pair, as controlnet_pair_KIND.png")
-    ap.add_argument("--tumour", default="hepatic", help="the pair's tumour kind (maisi2.phantom.TUMOR_KINDS)")
+    ap.add_argument("--tumor", default="hepatic", help="the pair's tumour kind (maisi2.phantom.TUMOR_KINDS)")
     ap.add_argument("--radius", nargs=2, type=float, default=(15.0, 20.0), metavar=("MIN", "MAX"), help="mm")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     if args.pair_only:
-        tumour_pair(args.model, args.tumour, tuple(args.radius), out, f"controlnet_pair_{args.tumour}.png", None)
+        tumor_pair(args.model, args.tumor, tuple(args.radius), out, f"controlnet_pair_{args.tumor}.png", None)
         print(f"wrote the ControlNet pair into {out}")
         return
     models = load_model(args.model, device="cpu")
@@ -161,7 +161,7 @@ def main() -> None:
         return
 
     # 2. ControlNet: a mask with a liver tumour, and the same noise with the tumour removed.
-    tumour_pair(args.model, args.tumour, tuple(args.radius), out, "controlnet_pair.png", "controlnet_tumor.png")
+    tumor_pair(args.model, args.tumor, tuple(args.radius), out, "controlnet_pair.png", "controlnet_tumor.png")
 
     # 3. Loss curves.
     for name, run, column in (("vae", "vae", "recon_l1"), ("flow_stage1", "flow/stage_1", "loss"),

@@ -1,4 +1,4 @@
-"""Tests for maisi2.io: orientation, geometry, dtypes, atomic writes, bad input, DICOM series."""
+"""Tests for maisi2.volume_io: orientation, geometry, dtypes, atomic writes, bad input, DICOM series."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from maisi2.io import (
+from maisi2.volume_io import (
     Volume,
     load_ct,
     load_label_map,

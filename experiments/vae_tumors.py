@@ -1,6 +1,6 @@
 """Does a VAE keep tumours? Tumour-to-parent-organ contrast of scans against their reconstruction.
 
-    python recipes/vae_tumours.py --datalist work/dec_ft/held_out.jsonl \
+    python experiments/vae_tumors.py --datalist work/dec_ft/held_out.jsonl \
         --vae work/vae/vae.pt --vae work/vae_tumour/vae.pt
 
 Each scan (with its label map) is encoded to the posterior mean (what the latent cache holds and
@@ -22,7 +22,7 @@ import torch
 
 from maisi2.data import CTDataset, read_datalist, unit_to_hu
 from maisi2.evaluate.fidelity import tumor_contrasts
-from maisi2.vae import decode, encode_mean, load_vae
+from maisi2.autoencoder import decode, encode_mean, load_vae
 
 
 def main() -> None:
@@ -50,9 +50,9 @@ def main() -> None:
             hu = unit_to_hu(recon[0, 0]).numpy()
             l1[k].append(float(np.abs(hu - own).mean()))
             per_vae.append(tumor_contrasts(hu, labels, spacing))
-        for j, tumour in enumerate(found):
-            rows.append({"scan": Path(str(data.items[index].image)).parent.name, "tumour": tumour.tumor_name,
-                         "voxels": tumour.voxels, "own": tumour.contrast_hu,
+        for j, tumor in enumerate(found):
+            rows.append({"scan": Path(str(data.items[index].image)).parent.name, "tumour": tumor.tumor_name,
+                         "voxels": tumor.voxels, "own": tumor.contrast_hu,
                          "recon": [found_k[j].contrast_hu for found_k in per_vae]})
     names = [Path(p).parent.name + "/" + Path(p).name for p in args.vae]
     print("| scan | tumour | voxels | own contrast | " + " | ".join(names) + " |")

@@ -1,6 +1,6 @@
 """Measure a model folder the way docs/model_card.md reports it.
 
-    python recipes/measure_model.py --model src/maisi2/resources/models/default --work work/measure
+    python experiments/measure_model.py --model src/maisi2/resources/models/default --work work/measure
 
 1. The README command's mask (phantom 128 x 128 x 96 at 3 mm, anatomy seed 0, one hepatic tumour)
    with sampling seeds 0..N-1, through the same `generate` as the CLI: the organ-HU quality check,
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi2 import io
+from maisi2 import volume_io
 from maisi2.evaluate.fidelity import fidelity
 from maisi2.generate import GenerateOptions, generate
 from maisi2.labels import LUNG_IDS, label_id
@@ -57,14 +57,14 @@ def main() -> None:
     # 1. The README command's mask.
     tumors = parse_tumor_specs(["hepatic:1"], None)
     true_ct, labels, affine = make_phantom((128, 128, 96), (3.0, 3.0, 3.0), tumors, 0)
-    mask = io.Volume(labels.astype(np.int16), affine)
+    mask = volume_io.Volume(labels.astype(np.int16), affine)
     truth = fidelity(true_ct, labels, mask.spacing).tumors[0].generated.contrast_hu
     rows.append({"case": "phantom (the mask's own CT)", "qc": None, **medians(true_ct, labels), "tumour_contrast_hu": truth})
     for seed in range(args.seeds):
         started = time.perf_counter()
         result = generate(mask, args.work / f"phantom_seed{seed}.nii.gz", model=args.model,
                           options=GenerateOptions(seed=seed, overwrite=True))
-        hu = io.load_ct(result.paths.ct).array
+        hu = volume_io.load_ct(result.paths.ct).array
         contrast = fidelity(hu, labels, mask.spacing).tumors[0].generated.contrast_hu
         rows.append({"case": f"generated, seed {seed}", "qc": result.report["quality"]["passed"],
                      "failed_organs": result.report["quality"]["failed"],
@@ -75,12 +75,12 @@ def main() -> None:
     if (REAL / "example_seg.nii.gz").is_file():
         real_mask = args.work / "real_mask.nii.gz"
         import_totalseg(REAL / "example_seg.nii.gz", real_mask, REAL / "example_ct_sm.nii.gz", overwrite=True)
-        real_labels = io.load_label_map(real_mask).array
-        real_hu = io.load_ct(REAL / "example_ct_sm.nii.gz").array
+        real_labels = volume_io.load_label_map(real_mask).array
+        real_hu = volume_io.load_ct(REAL / "example_ct_sm.nii.gz").array
         rows.append({"case": "real scan (its own CT)", "qc": None, **medians(real_hu, real_labels)})
         result = generate(real_mask, args.work / "real_seed0.nii.gz", model=args.model,
                           options=GenerateOptions(seed=0, overwrite=True))
-        hu = io.load_ct(result.paths.ct).array
+        hu = volume_io.load_ct(result.paths.ct).array
         rows.append({"case": "generated from the real mask, seed 0", "qc": result.report["quality"]["passed"],
                      "failed_organs": result.report["quality"]["failed"],
                      **medians(hu, real_labels)})
