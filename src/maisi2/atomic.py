@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from maisi2.errors import InvalidInput, Maisi2Error, MissingInput, OutputExists
+
 __all__ = ["atomic_output", "output_set", "check_writable", "check_outputs", "check_free_space", "OutputError"]
 
 # An old-style or foreign .part file is left alone for this long before it counts as stale.
@@ -40,7 +42,7 @@ _PLAIN_OS_ERRORS = (FileExistsError, FileNotFoundError, IsADirectoryError, NotAD
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
-class OutputError(OSError):
+class OutputError(Maisi2Error, OSError):
     """An output cannot be written; the message says why and what to do (one line)."""
 
 
@@ -48,9 +50,9 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early (before any work) if `path` is a folder, or exists and may not be replaced."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; name the output file itself (e.g. {path / 'ct.nii.gz'})")
+        raise InvalidInput(f"{path} is a folder; name the output file itself (e.g. {path / 'ct.nii.gz'})")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputExists(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
     return path
 
 
@@ -88,7 +90,7 @@ def _nearest_existing(folder: Path) -> Path:
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise ValueError(f"{folder} is a file, so no output folder can be made under it; choose another output path")
+        raise InvalidInput(f"{folder} is a file, so no output folder can be made under it; choose another output path")
     return folder
 
 
@@ -199,7 +201,7 @@ def _place_all(staged: dict[Path, Path], overwrite: bool) -> None:
         try:
             for target, tmp in staged.items():
                 if not tmp.exists():
-                    raise FileNotFoundError(f"{tmp} was not written; nothing of the set was placed")
+                    raise MissingInput(f"{tmp} was not written; nothing of the set was placed")
                 if overwrite and target.exists():
                     aside[target] = _part_name(target)
                     os.replace(target, aside[target])
@@ -225,13 +227,13 @@ def _place(tmp: Path, target: Path) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise FileExistsError(f"{target} appeared while this run was writing; not replacing it "
+        raise OutputExists(f"{target} appeared while this run was writing; not replacing it "
                               "(pass --overwrite to replace)") from None
     except OSError as err:
         if err.errno not in _LINK_UNSUPPORTED:
             raise
         if target.exists():  # no hard links here (e.g. FAT, some network shares): check, then rename
-            raise FileExistsError(f"{target} appeared while this run was writing; not replacing it") from None
+            raise OutputExists(f"{target} appeared while this run was writing; not replacing it") from None
         os.replace(tmp, target)
         return
     tmp.unlink()
@@ -241,13 +243,13 @@ def _place_folder(tmp: Path, target: Path) -> None:
     """rename(2) of a folder fails onto a file or a non-empty folder (it may replace an empty one,
     which loses nothing), so this too never replaces another writer's output."""
     if target.exists() or target.is_symlink():
-        raise FileExistsError(f"{target} appeared while this run was writing; not replacing it "
+        raise OutputExists(f"{target} appeared while this run was writing; not replacing it "
                               "(pass --overwrite to replace)")
     try:
         os.rename(tmp, target)
     except OSError as err:
         if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise FileExistsError(f"{target} appeared while this run was writing; not replacing it") from None
+            raise OutputExists(f"{target} appeared while this run was writing; not replacing it") from None
         raise
 
 

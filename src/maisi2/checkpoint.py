@@ -26,6 +26,7 @@ from torch import nn
 
 from maisi2.atomic import atomic_output
 from maisi2.config import PRESETS, Config, get_config
+from maisi2.errors import InvalidInput, MissingInput
 
 __all__ = [
     "Checkpoint",
@@ -84,14 +85,14 @@ def build_network(kind: str, cfg: Config, device=None) -> nn.Module:
         return builder(cfg, device=device)
     builders = {"vae": nets.build_vae, "unet": nets.build_unet, "controlnet": nets.build_controlnet}
     if kind not in builders:
-        raise ValueError(f"unknown network kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise InvalidInput(f"unknown network kind {kind!r}; expected one of {', '.join(KINDS)}")
     return builders[kind](cfg, device=device)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint, overwrite: bool = True) -> Path:
     """Write `ckpt` atomically (a crash never leaves a truncated checkpoint)."""
     if ckpt.kind not in KINDS:
-        raise ValueError(f"unknown checkpoint kind {ckpt.kind!r}")
+        raise InvalidInput(f"unknown checkpoint kind {ckpt.kind!r}")
     payload = {
         "format": FORMAT, "version": VERSION, "kind": ckpt.kind, "config": ckpt.config.to_json(),
         "state_dict": _cpu(ckpt.state_dict),
@@ -132,7 +133,7 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu", 
     say what went wrong: missing, unreadable (permissions), code inside, or damaged."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingInput(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:
@@ -141,13 +142,13 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu", 
         text = str(err)
         if "GLOBAL" in text or "global" in text:
             name = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln.lower()), "")
-            raise ValueError(
+            raise InvalidInput(
                 f"{path} is not a weights-only {what}: loading it would run pickled code, which maisi2 "
                 f"refuses for safety ({name}). {remedy}"
             ) from None
-        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated?). {remedy}") from None
+        raise InvalidInput(f"{path} is not a readable {what} (corrupt or truncated?). {remedy}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{path} is not a readable {what} (corrupt or truncated?): {_first_line(err)}. {remedy}") from None
+        raise InvalidInput(f"{path} is not a readable {what} (corrupt or truncated?): {_first_line(err)}. {remedy}") from None
 
 
 def read_safetensors(path: str | Path, what: str = "weights file") -> dict[str, torch.Tensor]:
@@ -156,13 +157,13 @@ def read_safetensors(path: str | Path, what: str = "weights file") -> dict[str, 
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingInput(f"{what} {path} does not exist")
     try:
         return load_file(str(path))
     except PermissionError:
         raise PermissionError(f"cannot read {what} {path}: permission denied; check the file's permissions") from None
     except Exception as err:  # safetensors raises its own error types for bad headers and short files
-        raise ValueError(f"{path} is not a readable safetensors {what} (corrupt or truncated?): {_first_line(err)}; "
+        raise InvalidInput(f"{path} is not a readable safetensors {what} (corrupt or truncated?): {_first_line(err)}; "
                          "re-export or re-download it") from None
 
 
@@ -178,13 +179,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         hint = ""
         if isinstance(data, dict) and ({"unet_state_dict", "controlnet_state_dict"} & set(data) or "encoder.blocks.0.conv.conv.weight" in data):
             hint = " It looks like a released MAISI-v2 file: point --model at its folder instead."
-        raise ValueError(f"{path} is not a maisi2 checkpoint.{hint}")
+        raise InvalidInput(f"{path} is not a maisi2 checkpoint.{hint}")
     if data.get("version", 0) > VERSION:
-        raise ValueError(f"{path} was written by a newer maisi2 (format version {data['version']}); upgrade maisi2")
+        raise InvalidInput(f"{path} was written by a newer maisi2 (format version {data['version']}); upgrade maisi2")
     try:
         cfg = _config_class(data.get("kind")).from_json(data["config"])
     except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{path} carries an invalid config: {err}") from None
+        raise InvalidInput(f"{path} carries an invalid config: {err}") from None
     return Checkpoint(
         kind=data["kind"], config=cfg, state_dict=data["state_dict"], ema_state_dict=data.get("ema_state_dict"),
         scale_factor=data.get("scale_factor"), step=int(data.get("step", 0)), extra=data.get("extra") or {},
@@ -243,19 +244,19 @@ def _describe_mismatch(expected, got) -> str:
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], kind: str, source: str, preset: str) -> nn.Module:
     """Strictly load `state_dict`, or fail naming a few mismatched keys and the preset that fits."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{source}: expected a {kind} state dict (names -> tensors)")
+        raise InvalidInput(f"{source}: expected a {kind} state dict (names -> tensors)")
     expected, got = _shapes(model.state_dict()), _shapes(state_dict)
     if expected != got:
         fits = _fitting_presets(kind, got)
         advice = (f"these weights fit the preset(s) {', '.join(fits)}" if fits
                   else "no built-in preset fits them; check the config overrides they were trained with")
-        raise ValueError(
+        raise InvalidInput(
             f"{source}: the {kind} weights do not match the '{preset}' {kind} network.\n  "
             f"{_describe_mismatch(expected, got)}\n  {advice}."
         )
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN/inf values, e.g. {bad[0]}; the file is damaged")
+        raise InvalidInput(f"{source}: {len(bad)} tensor(s) hold NaN/inf values, e.g. {bad[0]}; the file is damaged")
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -275,7 +276,7 @@ def read_released(model_dir: str | Path, map_location: str | torch.device = "cpu
     model_dir = Path(model_dir)
     missing = [f for k, f in RELEASED_FILES.items() if k != "controlnet" and not (model_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{model_dir} lacks {', '.join(missing)}; expected the released MAISI-v2 files "
             f"({', '.join(RELEASED_FILES.values())}) in that folder"
         )
@@ -283,15 +284,15 @@ def read_released(model_dir: str | Path, map_location: str | torch.device = "cpu
     unet_file = read_torch_file(model_dir / RELEASED_FILES["unet"], map_location)
     for name, value, key in (("unet", unet_file, "unet_state_dict"),):
         if not isinstance(value, dict) or key not in value:
-            raise ValueError(f"{model_dir / RELEASED_FILES[name]} has no '{key}' entry; is it the rflow-ct UNet file?")
+            raise InvalidInput(f"{model_dir / RELEASED_FILES[name]} has no '{key}' entry; is it the rflow-ct UNet file?")
     if "scale_factor" not in unet_file:
-        raise ValueError(f"{model_dir / RELEASED_FILES['unet']} has no 'scale_factor' entry")
+        raise InvalidInput(f"{model_dir / RELEASED_FILES['unet']} has no 'scale_factor' entry")
     controlnet = None
     cn_path = model_dir / RELEASED_FILES["controlnet"]
     if cn_path.is_file():
         cn_file = read_torch_file(cn_path, map_location)
         if not isinstance(cn_file, dict) or "controlnet_state_dict" not in cn_file:
-            raise ValueError(f"{cn_path} has no 'controlnet_state_dict' entry")
+            raise InvalidInput(f"{cn_path} has no 'controlnet_state_dict' entry")
         controlnet = cn_file["controlnet_state_dict"]
     return ReleasedWeights(vae=vae, unet=unet_file["unet_state_dict"], controlnet=controlnet,
                            scale_factor=float(torch.as_tensor(unet_file["scale_factor"]).reshape(-1)[0]))
@@ -309,9 +310,9 @@ def read_controlnet_weights(path: str | Path, map_location: str | torch.device =
     if isinstance(data, dict) and data.get("format") == FORMAT:
         ckpt = load_checkpoint(path, map_location)
         if ckpt.kind != "controlnet":
-            raise ValueError(f"{path} holds a {ckpt.kind} checkpoint, not a ControlNet")
+            raise InvalidInput(f"{path} holds a {ckpt.kind} checkpoint, not a ControlNet")
         return ckpt.weights(prefer_ema=True)
-    raise ValueError(f"{path} is neither the released {RELEASED_FILES['controlnet']} (a dict with "
+    raise InvalidInput(f"{path} is neither the released {RELEASED_FILES['controlnet']} (a dict with "
                      "'controlnet_state_dict') nor a maisi2 controlnet checkpoint")
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from maisi2.errors import InvalidInput
+
 __all__ = ["CpuCapabilities", "NetworkCompute", "ComputePlan", "choose_plan", "bf16_pays", "measure_bf16_gain",
            "PRECISIONS", "NETWORKS", "BF16_NETWORKS", "AUTO_BF16_NETWORKS", "PROBE_MIN_GAIN"]
 
@@ -205,7 +207,7 @@ def choose_plan(precision: str = "auto", device: str | torch.device = "cpu", cpu
     networks ``auto`` may lower (default `AUTO_BF16_NETWORKS`).
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = str(torch.device(device))
     if torch.device(device).type != "cpu":
         return _cuda_plan(precision, device, half)

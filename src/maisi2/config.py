@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from maisi2.errors import InvalidInput
+
 __all__ = [
     "VAEConfig",
     "UNetConfig",
@@ -148,23 +150,23 @@ def _validate(cfg: Config) -> None:
     vae, unet, cn = cfg.vae, cfg.unet, cfg.controlnet
     n = len(vae.num_channels)
     if not (len(vae.num_res_blocks) == len(vae.attention_levels) == n):
-        raise ValueError("vae.num_channels, vae.num_res_blocks and vae.attention_levels must have equal length")
+        raise InvalidInput("vae.num_channels, vae.num_res_blocks and vae.attention_levels must have equal length")
     m = len(unet.num_channels)
     if not (len(unet.attention_levels) == len(unet.num_head_channels) == m):
-        raise ValueError("unet.num_channels, unet.attention_levels and unet.num_head_channels must have equal length")
+        raise InvalidInput("unet.num_channels, unet.attention_levels and unet.num_head_channels must have equal length")
     for name, chans, groups in (("vae", vae.num_channels, vae.norm_num_groups), ("unet", unet.num_channels, unet.norm_num_groups)):
         bad = [c for c in chans if c % groups]
         if bad:
-            raise ValueError(f"{name}.num_channels {list(chans)} must all be divisible by {name}.norm_num_groups={groups}")
+            raise InvalidInput(f"{name}.num_channels {list(chans)} must all be divisible by {name}.norm_num_groups={groups}")
     if len(cn.conditioning_embedding_num_channels) - 1 != n - 1:
-        raise ValueError(
+        raise InvalidInput(
             "controlnet.conditioning_embedding_num_channels must have len(vae.num_channels) entries "
             f"({n}) so the mask embedding reaches the latent grid; got {len(cn.conditioning_embedding_num_channels)}"
         )
     if cfg.flow.sample_method not in ("uniform", "logit-normal"):
-        raise ValueError(f"flow.sample_method must be 'uniform' or 'logit-normal', got {cfg.flow.sample_method!r}")
+        raise InvalidInput(f"flow.sample_method must be 'uniform' or 'logit-normal', got {cfg.flow.sample_method!r}")
     if cfg.flow.loss not in ("l1", "l2"):  # the forms of maisi2.losses.flow_loss
-        raise ValueError(f"flow.loss must be 'l1' (the official code) or 'l2' (the paper's squared error), got {cfg.flow.loss!r}")
+        raise InvalidInput(f"flow.loss must be 'l1' (the official code) or 'l2' (the paper's squared error), got {cfg.flow.loss!r}")
 
 
 def dataclass_from_dict(cls: type, data: Any, path: str = "") -> Any:
@@ -172,12 +174,12 @@ def dataclass_from_dict(cls: type, data: Any, path: str = "") -> Any:
     shared by the config and the training recipes, which are stored as JSON in checkpoints.
     `path` prefixes key names in error messages."""
     if not isinstance(data, dict):
-        raise ValueError(f"config section {path or '<root>'} must be an object, got {type(data).__name__}")
+        raise InvalidInput(f"config section {path or '<root>'} must be an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}")
+        raise InvalidInput(f"unknown config key(s) {', '.join(path + k for k in unknown)}; valid: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -194,23 +196,23 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if origin is tuple:
         (item_type, _) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
+            raise InvalidInput(f"{name} must be a list, got {value!r}")
         return tuple(_coerce(v, item_type, name) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise InvalidInput(f"{name} must be true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise InvalidInput(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise InvalidInput(f"{name} must be a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
+            raise InvalidInput(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type for {name}: {hint}")
 
@@ -257,7 +259,7 @@ PRESETS = {"tiny": _tiny, "small": _small, "maisi-v2": Config}
 def get_config(preset: str = "maisi-v2", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a named preset and apply dotted ``key=value`` overrides."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return apply_overrides(PRESETS[preset](), overrides)
 
 
@@ -266,7 +268,7 @@ def set_dotted(data: dict[str, Any], overrides: list[str] | tuple[str, ...], wha
     string) and return it. The one override parser for configs and training recipes."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"{what} override {item!r} must look like section.key=value")
+            raise InvalidInput(f"{what} override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         try:
             value = json.loads(raw)
@@ -277,10 +279,10 @@ def set_dotted(data: dict[str, Any], overrides: list[str] | tuple[str, ...], wha
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 sections = ", ".join(k for k, v in node.items() if isinstance(v, dict))
-                raise ValueError(f"{what} override {key!r}: {part!r} is not a {what} section ({sections})")
+                raise InvalidInput(f"{what} override {key!r}: {part!r} is not a {what} section ({sections})")
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"{what} override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
+            raise InvalidInput(f"{what} override {key!r}: no such key; valid here: {', '.join(sorted(node))}")
         node[parts[-1]] = value
     return data
 

@@ -41,6 +41,7 @@ from nibabel.orientations import io_orientation
 
 from maisi2 import volume_io
 from maisi2.atomic import atomic_output
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.labels import load_resource_json
 
 __all__ = [
@@ -106,7 +107,7 @@ class DataItem:
         if self.spacing is not None:
             object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
         if self.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
+            raise InvalidInput(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
 
     @property
     def modality_id(self) -> int:
@@ -132,7 +133,7 @@ class DatalistSource:
             return Path(self.path).parent
         root = Path(self.data_root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"data root {root} is not an existing folder")
+            raise MissingInput(f"data root {root} is not an existing folder")
         return root
 
 
@@ -141,7 +142,7 @@ def read_datalist(source: str | os.PathLike | DatalistSource) -> list[DataItem]:
     source = DatalistSource.of(source)
     path = Path(source.path)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist")
+        raise MissingInput(f"datalist {path} does not exist")
     fmt = _format(path)
     root = source.root()
     if fmt == "json":
@@ -149,12 +150,12 @@ def read_datalist(source: str | os.PathLike | DatalistSource) -> list[DataItem]:
         items = [_parse_row({k: v for k, v in raw.items() if k in FIELDS}, root, where) for where, raw in rows]
     else:
         if source.key is not None:
-            raise ValueError(f"datalist {path}: a list key ({source.key!r}) applies to decathlon-style .json datalists only")
+            raise InvalidInput(f"datalist {path}: a list key ({source.key!r}) applies to decathlon-style .json datalists only")
         text = path.read_text()
         rows = _jsonl_rows(path, text) if fmt == "jsonl" else _csv_rows(path, text)
         items = [_parse_row(raw, root, f"{path}, line {line}") for line, raw in rows]
     if not items:
-        raise ValueError(f"datalist {path} holds no rows")
+        raise InvalidInput(f"datalist {path} holds no rows")
     return items
 
 
@@ -169,14 +170,14 @@ def decathlon_rows(source: str | os.PathLike | DatalistSource) -> list[tuple[str
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"datalist {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise InvalidInput(f"datalist {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     lists = [k for k, v in content.items() if isinstance(v, list)] if isinstance(content, dict) else []
     if key not in lists:
-        raise ValueError(f"datalist {path} has no {key!r} list (lists: {', '.join(lists) or 'none'}); "
+        raise InvalidInput(f"datalist {path} has no {key!r} list (lists: {', '.join(lists) or 'none'}); "
                          "a decathlon-style datalist is {\"training\": [{\"image\": ..., \"label\": ...}]}; "
                          "choose the list with --datalist-key")
     if any(not isinstance(e, (dict, str)) for e in content[key]):
-        raise ValueError(f"datalist {path}: each entry of {key!r} must be an object like {{\"image\": ...}} or a path")
+        raise InvalidInput(f"datalist {path}: each entry of {key!r} must be an object like {{\"image\": ...}} or a path")
     entries = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=source.root())
     return [(f"{path}, {key}[{i}]", entry) for i, entry in enumerate(entries)]
 
@@ -184,7 +185,7 @@ def decathlon_rows(source: str | os.PathLike | DatalistSource) -> list[tuple[str
 def _format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv", ".json"):
-        raise ValueError(f"datalist {path}: unknown format {suffix!r}; name it *.jsonl (JSON lines), *.csv, "
+        raise InvalidInput(f"datalist {path}: unknown format {suffix!r}; name it *.jsonl (JSON lines), *.csv, "
                          "or *.json (decathlon style)")
     return suffix[1:]
 
@@ -196,9 +197,9 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         try:
             raw = json.loads(content)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line}: not valid JSON ({err.msg}); each line holds one object") from None
+            raise InvalidInput(f"{path}, line {line}: not valid JSON ({err.msg}); each line holds one object") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}, line {line}: expected a JSON object like {{\"image\": ...}}, got {type(raw).__name__}")
+            raise InvalidInput(f"{path}, line {line}: expected a JSON object like {{\"image\": ...}}, got {type(raw).__name__}")
         yield line, raw
 
 
@@ -207,10 +208,10 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
     header = reader.fieldnames or []
     unknown = [c for c in header if c not in FIELDS]
     if unknown:
-        raise ValueError(f"{path}, line 1: unknown column(s) {', '.join(map(repr, unknown))}; valid: {', '.join(FIELDS)}")
+        raise InvalidInput(f"{path}, line 1: unknown column(s) {', '.join(map(repr, unknown))}; valid: {', '.join(FIELDS)}")
     for row in reader:
         if None in row:  # DictReader files surplus cells under the key None
-            raise ValueError(f"{path}, line {reader.line_num}: more cells than columns (quote spacing as \"sx,sy,sz\")")
+            raise InvalidInput(f"{path}, line {reader.line_num}: more cells than columns (quote spacing as \"sx,sy,sz\")")
         # Empty cells mean "not given", so defaults apply as in JSONL.
         yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
 
@@ -218,12 +219,12 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
 def _parse_row(raw: Mapping, root: Path, where: str) -> DataItem:
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; valid: {', '.join(FIELDS)}")
+        raise InvalidInput(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; valid: {', '.join(FIELDS)}")
     if not raw.get("image"):
-        raise ValueError(f"{where}: missing 'image' (the CT path)")
+        raise InvalidInput(f"{where}: missing 'image' (the CT path)")
     modality = raw.get("modality", "ct")
     if modality not in MODALITIES:
-        raise ValueError(f"{where}: unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
+        raise InvalidInput(f"{where}: unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
     return DataItem(
         image=_existing(raw["image"], root, where),
         label=_existing(raw["label"], root, where) if raw.get("label") else None,
@@ -236,11 +237,11 @@ def _parse_row(raw: Mapping, root: Path, where: str) -> DataItem:
 
 def _existing(value, root: Path, where: str) -> Path:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: paths must be strings, got {value!r}")
+        raise InvalidInput(f"{where}: paths must be strings, got {value!r}")
     # abspath, not resolve: keeps symlinked data folders as the user named them.
     path = Path(os.path.abspath(root / Path(value).expanduser()))
     if not path.exists():
-        raise FileNotFoundError(f"{where}: {path} does not exist (relative paths start at the datalist's folder)")
+        raise MissingInput(f"{where}: {path} does not exist (relative paths start at the datalist's folder)")
     return path
 
 
@@ -253,7 +254,7 @@ def _parse_spacing(value, where: str) -> tuple[float, float, float] | None:
     except (TypeError, ValueError):
         spacing = ()
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"{where}: spacing must be three positive numbers in mm (\"sx,sy,sz\" or [sx, sy, sz]), got {value!r}")
+        raise InvalidInput(f"{where}: spacing must be three positive numbers in mm (\"sx,sy,sz\" or [sx, sy, sz]), got {value!r}")
     return spacing
 
 
@@ -263,7 +264,7 @@ def _parse_fold(value, where: str) -> int:
     except (TypeError, ValueError):
         fold = None
     if isinstance(value, bool) or fold is None or str(fold) != str(value).strip():
-        raise ValueError(f"{where}: fold must be an integer, got {value!r}")
+        raise InvalidInput(f"{where}: fold must be an integer, got {value!r}")
     return fold
 
 
@@ -357,7 +358,7 @@ class CTDataset(torch.utils.data.Dataset):
                  shape: Sequence[int] | Mapping[int, Sequence[int]] | None = None, divisor: int = 1,
                  load_labels: bool = True):
         if divisor < 1:
-            raise ValueError(f"divisor must be a positive integer, got {divisor}")
+            raise InvalidInput(f"divisor must be a positive integer, got {divisor}")
         self.items = list(items)
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.divisor = int(divisor)
@@ -370,7 +371,7 @@ class CTDataset(torch.utils.data.Dataset):
     def _check_shape(self, shape) -> Shape3:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or any(s < 1 or s % self.divisor for s in shape):
-            raise ValueError(f"target shape {shape} must be three positive multiples of divisor={self.divisor}")
+            raise InvalidInput(f"target shape {shape} must be three positive multiples of divisor={self.divisor}")
         return shape
 
     def __len__(self) -> int:
@@ -408,7 +409,7 @@ class CTDataset(torch.utils.data.Dataset):
         ct = volume_io.load_ct(item.image)
         label = volume_io.load_label_map(item.label) if item.label is not None and self.load_labels else None
         if label is not None and not (label.shape == ct.shape and np.allclose(label.affine, ct.affine, atol=1e-2)):
-            raise ValueError(
+            raise InvalidInput(
                 f"label map {item.label} (shape {label.shape}) is not on the grid of its image {item.image} "
                 f"(shape {ct.shape}) or has another origin/orientation; resample it onto the image grid (nearest neighbour)"
             )
@@ -422,10 +423,10 @@ def collate_samples(samples: Sequence[dict]) -> dict:
     """Batch `CTDataset` samples of one shape (use with `BucketBatchSampler`); labels all or none."""
     shapes = {tuple(s["image"].shape) for s in samples}
     if len(shapes) > 1:
-        raise ValueError(f"cannot batch volumes of different shapes {sorted(shapes)}; bucket them by size first")
+        raise InvalidInput(f"cannot batch volumes of different shapes {sorted(shapes)}; bucket them by size first")
     has_label = [s["label"] is not None for s in samples]
     if any(has_label) and not all(has_label):
-        raise ValueError("some samples of the batch have label maps and some do not")
+        raise InvalidInput("some samples of the batch have label maps and some do not")
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "label": torch.stack([s["label"] for s in samples]) if all(has_label) else None,
@@ -479,10 +480,10 @@ def bucket_by_size(
     keys sorted; pass the result to `shape_per_item` for `CTDataset` and to `BucketBatchSampler`.
     """
     if bucket_edges is not None and num_buckets is not None:
-        raise ValueError("give bucket_edges or num_buckets, not both")
+        raise InvalidInput("give bucket_edges or num_buckets, not both")
     shapes = [scan_shape(s, spacing) if isinstance(s, DataItem) else tuple(int(v) for v in s) for s in items_or_shapes]
     if any(len(s) != 3 for s in shapes):
-        raise ValueError("shapes must be (X, Y, Z) triples")
+        raise InvalidInput("shapes must be (X, Y, Z) triples")
     if bucket_edges is not None:
         targets = _snap_to_edges(shapes, bucket_edges)
     elif num_buckets is not None:
@@ -498,7 +499,7 @@ def bucket_by_size(
 def _snap_to_edges(shapes: list[Shape3], edges) -> list[Shape3]:
     per_axis = [edges] * 3 if all(np.isscalar(e) for e in edges) else list(edges)
     if len(per_axis) != 3 or any(len(e) == 0 for e in per_axis):
-        raise ValueError("bucket_edges must be one list of sizes, or three (x, y, z)")
+        raise InvalidInput("bucket_edges must be one list of sizes, or three (x, y, z)")
     per_axis = [np.sort(np.asarray(e, dtype=int)) for e in per_axis]
     snapped = []
     for shape in shapes:
@@ -509,7 +510,7 @@ def _snap_to_edges(shapes: list[Shape3], edges) -> list[Shape3]:
 
 def _group_by_count(shapes: list[Shape3], num_buckets: int) -> list[Shape3]:
     if num_buckets < 1:
-        raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
+        raise InvalidInput(f"num_buckets must be at least 1, got {num_buckets}")
     order = sorted(range(len(shapes)), key=lambda i: (int(np.prod(shapes[i])), shapes[i]))
     targets: list[Shape3] = [()] * len(shapes)
     for group in np.array_split(np.asarray(order, dtype=int), min(num_buckets, max(len(shapes), 1))):
@@ -538,23 +539,23 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def __init__(self, buckets: Mapping[Shape3, Sequence[int]], batch_size: int | Mapping[Shape3, int],
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise InvalidInput(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.buckets = {tuple(k): list(v) for k, v in sorted(buckets.items()) if len(v)}
         if not self.buckets:
-            raise ValueError("no buckets with items to sample from")
+            raise InvalidInput("no buckets with items to sample from")
         self.batch_size = {k: self._size_for(batch_size, k) for k in self.buckets}
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.drop_last, self.epoch = shuffle, drop_last, 0
         self.ranks_of = self._deal_buckets()
         self._length = max(self._rank_batch_count(r) for r in range(world_size))
         if self._rank_batch_count(rank) == 0:
-            raise ValueError(f"rank {rank} gets no batch: fewer items than ranks, or all buckets smaller than their batch size with drop_last")
+            raise InvalidInput(f"rank {rank} gets no batch: fewer items than ranks, or all buckets smaller than their batch size with drop_last")
 
     @staticmethod
     def _size_for(batch_size, key) -> int:
         size = batch_size[key] if isinstance(batch_size, Mapping) else batch_size
         if int(size) < 1:
-            raise ValueError(f"batch size for bucket {key} must be at least 1, got {size}")
+            raise InvalidInput(f"batch size for bucket {key} must be at least 1, got {size}")
         return int(size)
 
     def _batches_in(self, n_items: int, key) -> int:
@@ -628,10 +629,10 @@ def weighted_source_sampler(items: Sequence[DataItem | str], weights: Mapping[st
     counts = {s: sources.count(s) for s in set(sources)}
     missing, unused = sorted(set(counts) - set(weights)), sorted(set(weights) - set(counts))
     if missing or unused:
-        raise ValueError(f"weights must name exactly the datalist's sources {sorted(counts)}; "
+        raise InvalidInput(f"weights must name exactly the datalist's sources {sorted(counts)}; "
                          f"missing: {missing}, not in the datalist: {unused}")
     if any(w < 0 or not np.isfinite(w) for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"source weights must be finite, non-negative and not all zero, got {dict(weights)}")
+        raise InvalidInput(f"source weights must be finite, non-negative and not all zero, got {dict(weights)}")
     per_item = torch.tensor([weights[s] / counts[s] for s in sources], dtype=torch.double)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.WeightedRandomSampler(per_item, num_samples or len(sources), replacement=True, generator=generator)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from maisi2.errors import InvalidInput
+
 __all__ = [
     "MAISI_DDPM_SCHEDULE",
     "make_scheduler",
@@ -50,13 +52,13 @@ def make_scheduler(
 ) -> DDPMScheduler | DDIMScheduler:
     """A fresh MONAI scheduler (``kind`` "ddpm" or "ddim") with the MAISI schedule, no clipping."""
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+        raise InvalidInput(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
     args = dict(MAISI_DDPM_SCHEDULE if schedule is None else schedule)
     if kind == "ddpm":
         return DDPMScheduler(clip_sample=False, prediction_type=prediction_type, **args)
     if kind == "ddim":
         return DDIMScheduler(clip_sample=False, prediction_type=prediction_type, **args)
-    raise ValueError(f"kind must be 'ddpm' or 'ddim'; got {kind!r}")
+    raise InvalidInput(f"kind must be 'ddpm' or 'ddim'; got {kind!r}")
 
 
 def alphas_cumprod(schedule: Mapping[str, Any] | None = None) -> torch.Tensor:
@@ -68,7 +70,7 @@ def _signal_noise_scales(t: torch.Tensor, like: torch.Tensor, schedule) -> tuple
     """``sqrt(a_t)`` and ``sqrt(1 - a_t)`` shaped (B, 1, ...) to broadcast against ``like``."""
     t = torch.as_tensor(t, device=like.device).long()
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"t must have shape ({like.shape[0]},), one integer time per sample; got {tuple(t.shape)}")
+        raise InvalidInput(f"t must have shape ({like.shape[0]},), one integer time per sample; got {tuple(t.shape)}")
     # Same order of operations as MONAI's add_noise (cast the table, index, then ** 0.5).
     a = alphas_cumprod(schedule).to(device=like.device, dtype=like.dtype)[t]
     view = (-1,) + (1,) * (like.ndim - 1)
@@ -80,7 +82,7 @@ def ddpm_add_noise(
 ) -> torch.Tensor:
     """``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise``; x0, noise (B, C, *spatial), t (B,) integers."""
     if x0.shape != noise.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
+        raise InvalidInput(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
     signal, sigma = _signal_noise_scales(t, x0, schedule)
     return signal * x0 + sigma * noise
 
@@ -103,7 +105,7 @@ def ddpm_training_target(
     if prediction_type == "v_prediction":
         signal, sigma = _signal_noise_scales(t, x0, schedule)
         return signal * noise - sigma * x0
-    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
+    raise InvalidInput(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {prediction_type!r}")
 
 
 def predicted_x0_from_eps(
@@ -137,7 +139,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Ten
     exactly on the next grid time; the step from 0 goes to the clean end (a = 1).
     """
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}; got {num_steps}")
+        raise InvalidInput(f"num_steps must be between 1 and num_train_timesteps={num_train_timesteps}; got {num_steps}")
     stride = num_train_timesteps // num_steps
     return torch.arange(num_steps - 1, -1, -1, dtype=torch.int64) * stride
 
@@ -176,7 +178,7 @@ def sample_ddpm(
     """
     sched = make_scheduler("ddpm", prediction_type, schedule)
     if num_steps != sched.num_train_timesteps:
-        raise ValueError(
+        raise InvalidInput(
             f"DDPM sampling needs all {sched.num_train_timesteps} steps (got num_steps={num_steps}); "
             "use sample_ddim for fewer steps"
         )

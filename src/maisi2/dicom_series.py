@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from maisi2.errors import InvalidInput, OutputExists
+
 __all__ = ["write_ct_series", "CT_IMAGE_STORAGE"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -40,7 +42,7 @@ def write_ct_series(folder: str | os.PathLike, volume, description: str = "maisi
 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty; DICOM series are written into a new folder")
+        raise OutputExists(f"{folder} is not empty; DICOM series are written into a new folder")
     array, affine_lps = _scanner_layout(volume)
     hu = np.clip(np.rint(array), _INT16.min, _INT16.max).astype(np.int16)
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def _scanner_layout(volume) -> tuple[np.ndarray, np.ndarray]:
     columns = affine_lps[:3, :3] / np.linalg.norm(affine_lps[:3, :3], axis=0)
     normal = np.cross(columns[:, 0], columns[:, 1])
     if abs(float(columns[:, 0] @ columns[:, 1])) > 1e-4 or float(normal @ columns[:, 2]) < 1 - 1e-4:
-        raise ValueError("the volume's axes are sheared or not right-handed after the DICOM flip; a DICOM series "
+        raise InvalidInput("the volume's axes are sheared or not right-handed after the DICOM flip; a DICOM series "
                          "needs slices perpendicular to rows and columns (resample it first)")
     return array[::-1, ::-1, :], affine_lps
 
@@ -126,4 +128,4 @@ def _ds_number(value: float) -> str:
         text = f"{value:.{digits}g}"
         if len(text) <= 16:
             return text
-    raise ValueError(f"{value} does not fit a DICOM decimal string")
+    raise InvalidInput(f"{value} does not fit a DICOM decimal string")

@@ -31,6 +31,7 @@ import torch
 from maisi2 import latents
 from maisi2.config import Config
 from maisi2.data import HU_MIN, CTDataset, DataItem, center_pad_or_crop, hu_to_unit, read_datalist
+from maisi2.errors import InvalidInput
 
 __all__ = ["EncodeReport", "encode_datalist", "image_divisor", "cache_name", "input_key", "DEFAULT_TILE"]
 
@@ -114,7 +115,7 @@ def encode_datalist(
     loaded = load_vae(vae, device=resolve_device(device))
     tile = tile or None
     if norm_stats not in NORM_STATS:
-        raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {norm_stats!r}")
+        raise InvalidInput(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {norm_stats!r}")
     overlap = encoder_context(loaded.model) if overlap is None else int(overlap)
     names = [cache_name(item) for item in items]
     _check_unique(items, names)
@@ -151,7 +152,7 @@ def _check_unique(items: list[DataItem], names: list[str]) -> None:
     seen: dict[str, DataItem] = {}
     for item, name in zip(items, names):
         if name in seen:
-            raise ValueError(f"{item.image} is listed twice in the datalist; each image is encoded once, keep one row")
+            raise InvalidInput(f"{item.image} is listed twice in the datalist; each image is encoded once, keep one row")
         seen[name] = item
 
 
@@ -161,7 +162,7 @@ def _check_same_vae(existing: dict, listed: set[str], fingerprint: str, cache: P
     foreign = sorted(f for f, r in existing.items()
                      if f not in listed and r.extra.get("key", {}).get("vae") != fingerprint)
     if foreign:
-        raise ValueError(
+        raise InvalidInput(
             f"{cache} holds {len(foreign)} latent(s) made with another VAE (e.g. {foreign[0]}) that are not in "
             "this datalist; encode into a new --out folder, or list those volumes too so they are re-encoded"
         )

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from maisi2.checkpoint import build_network, load_checkpoint, load_weights
+from maisi2.errors import InvalidInput
 from maisi2.latents import read_index
 
 __all__ = ["export_model", "trained_fov_mm", "trained_domain"]
@@ -54,21 +55,21 @@ def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | Non
 
     unknown = sorted(set(raw) - {"vae", "unet", "controlnet"})
     if unknown:
-        raise ValueError(f"raw: unknown network(s) {', '.join(unknown)}; choose from vae, unet, controlnet")
+        raise InvalidInput(f"raw: unknown network(s) {', '.join(unknown)}; choose from vae, unet, controlnet")
     ckpts = {"vae": load_checkpoint(vae), "unet": load_checkpoint(unet)}
     if controlnet is not None:
         ckpts["controlnet"] = load_checkpoint(controlnet)
     for kind, ck in ckpts.items():
         if ck.kind != kind:
-            raise ValueError(f"the {kind} checkpoint given holds a {ck.kind!r} network")
+            raise InvalidInput(f"the {kind} checkpoint given holds a {ck.kind!r} network")
     cfg = ckpts["unet"].config
     if ckpts["vae"].config.vae != cfg.vae:
-        raise ValueError("the VAE checkpoint's VAE config differs from the one the UNet was trained with")
+        raise InvalidInput("the VAE checkpoint's VAE config differs from the one the UNet was trained with")
     if "controlnet" in ckpts and ckpts["controlnet"].config.unet != cfg.unet:
-        raise ValueError("the ControlNet's trunk config differs from the UNet's; was it trained on this UNet?")
+        raise InvalidInput("the ControlNet's trunk config differs from the UNet's; was it trained on this UNet?")
     scale = ckpts["unet"].scale_factor
     if scale is None:
-        raise ValueError(f"{unet} carries no scale_factor; train it with `maisi2 train-flow` on an encoded cache")
+        raise InvalidInput(f"{unet} carries no scale_factor; train it with `maisi2 train-flow` on an encoded cache")
     networks = {}
     for kind, ck in ckpts.items():
         weights = ck.weights(prefer_ema=kind not in raw)

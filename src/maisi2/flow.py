@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from maisi2.errors import InvalidInput
+
 from .config import FlowConfig
 
 __all__ = [
@@ -53,7 +55,7 @@ def _per_sample(t: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype)
     if t.ndim == 0:
         return t
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"t must be a scalar or have shape ({like.shape[0]},) to match the batch; got {tuple(t.shape)}")
+        raise InvalidInput(f"t must be a scalar or have shape ({like.shape[0]},) to match the batch; got {tuple(t.shape)}")
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -65,7 +67,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float, T:
     result is bit-identical to ``RFlowScheduler.add_noise`` in float32.
     """
     if x0.shape != noise.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
+        raise InvalidInput(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
     # float32 at least (MONAI's t.float()), float64 when the data is float64.
     dtype = torch.promote_types(x0.dtype, torch.float32)
     keep = 1 - _per_sample(t, x0, dtype) / T
@@ -93,9 +95,9 @@ def resolution_ratio(
     """
     shape = tuple(int(s) for s in latent_spatial_shape)
     if not shape or min(shape) < 1:
-        raise ValueError(f"latent_spatial_shape must be positive sizes, e.g. (32, 32, 32); got {latent_spatial_shape}")
+        raise InvalidInput(f"latent_spatial_shape must be positive sizes, e.g. (32, 32, 32); got {latent_spatial_shape}")
     if base_numel < 1:
-        raise ValueError(f"base_numel must be positive (flow.base_img_size_numel); got {base_numel}")
+        raise InvalidInput(f"base_numel must be positive (flow.base_img_size_numel); got {base_numel}")
     numel = torch.tensor(math.prod(shape), dtype=torch.int64).to(dtype)
     return (numel / base_numel) ** (1.0 / len(shape))
 
@@ -136,7 +138,7 @@ def sample_training_t(
         eps = torch.finfo(z.dtype)
         t = torch.sigmoid(z).clamp(min=eps.tiny, max=1.0 - eps.eps) * T
     else:
-        raise ValueError(f"cfg.sample_method must be 'uniform' or 'logit-normal', got {cfg.sample_method!r}")
+        raise InvalidInput(f"cfg.sample_method must be 'uniform' or 'logit-normal', got {cfg.sample_method!r}")
     if cfg.use_discrete_timesteps:
         t = t.long()
     if cfg.use_timestep_transform:
@@ -159,7 +161,7 @@ def inference_timesteps(
     """
     T = cfg.num_train_timesteps
     if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be between 1 and num_train_timesteps={T}; got {num_steps}")
+        raise InvalidInput(f"num_steps must be between 1 and num_train_timesteps={T}; got {num_steps}")
     if exact:
         return _exact_grid(num_steps, latent_spatial_shape, cfg)
     return _monai_grid(num_steps, latent_spatial_shape, cfg)
@@ -225,7 +227,7 @@ def sample_euler(
     ``callback`` (if given) is called after each step with ``{"i", "x", "t", "t_next", "v"}``.
     """
     if len(timesteps) != len(next_timesteps):
-        raise ValueError(f"timesteps ({len(timesteps)}) and next_timesteps ({len(next_timesteps)}) must have equal length")
+        raise InvalidInput(f"timesteps ({len(timesteps)}) and next_timesteps ({len(next_timesteps)}) must have equal length")
     steps = zip(timesteps.tolist(), next_timesteps.tolist())
     if progress:
         from tqdm.auto import tqdm

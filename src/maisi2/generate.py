@@ -58,6 +58,7 @@ from maisi2 import label_tables, volume_io
 from maisi2 import labels as L
 from maisi2.atomic import check_free_space, check_outputs, output_set
 from maisi2.dicom_series import write_ct_series
+from maisi2.errors import InvalidInput, MissingInput, OutputExists
 from maisi2.preview import PREVIEW_WINDOW_HU, preview_centre, render_preview
 
 __all__ = [
@@ -144,9 +145,9 @@ class OutputPaths:
         if options.out_format == "dicom":
             ct = ct.with_name(stem)
         elif ct.is_dir():
-            raise ValueError(f"{ct} is a folder; name the output file itself (e.g. {ct / 'ct.nii.gz'})")
+            raise InvalidInput(f"{ct} is a folder; name the output file itself (e.g. {ct / 'ct.nii.gz'})")
         elif not ct.name.endswith((".nii.gz", ".nii")):
-            raise ValueError(f"{ct}: the output CT is NIfTI; name it *.nii.gz (or pass --out-format dicom for a DICOM series)")
+            raise InvalidInput(f"{ct}: the output CT is NIfTI; name it *.nii.gz (or pass --out-format dicom for a DICOM series)")
         label = ct.with_name(f"{stem}_label.nii.gz") if options.write_label else None
         slicer, itksnap = label_tables.table_paths(label) if label is not None else (None, None)
         return cls(ct=ct, report=ct.with_name(f"{stem}_report.json"), label=label,
@@ -333,24 +334,24 @@ def check_options(options: GenerateOptions) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
+            raise InvalidInput(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
         if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number from {low:g} to "
+            raise InvalidInput(f"{name} (--{name.replace('_', '-')}) must be a finite number from {low:g} to "
                              f"{high:g}, got {value!r}")
     if not isinstance(options.steps, (int, np.integer)) or not isinstance(options.seed, (int, np.integer)):
-        raise ValueError(f"steps and seed must be whole numbers, got {options.steps!r} and {options.seed!r}")
+        raise InvalidInput(f"steps and seed must be whole numbers, got {options.steps!r} and {options.seed!r}")
     if options.spacing is not None:
         _check_spacing(options.spacing, "spacing (--spacing)")
     if options.decode_statistics not in ("volume", "tile"):
-        raise ValueError(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
+        raise InvalidInput(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
     from maisi2 import compute
 
     if options.precision not in compute.PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(compute.PRECISIONS)}, got {options.precision!r}")
+        raise InvalidInput(f"precision must be one of {', '.join(compute.PRECISIONS)}, got {options.precision!r}")
     if options.out_format not in ("nifti", "dicom"):
-        raise ValueError(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
+        raise InvalidInput(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
     if options.spill_dir is not None and not Path(options.spill_dir).expanduser().is_dir():
-        raise ValueError(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
+        raise InvalidInput(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
 
 
 def _check_spacing(spacing, what: str) -> None:
@@ -358,7 +359,7 @@ def _check_spacing(spacing, what: str) -> None:
     values = list(spacing)
     if len(values) != 3 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in values) \
             or not all(math.isfinite(v) and low <= v <= high for v in values):
-        raise ValueError(f"{what} must be three finite voxel sizes from {low:g} to {high:g} mm, got {values}")
+        raise InvalidInput(f"{what} must be three finite voxel sizes from {low:g} to {high:g} mm, got {values}")
 
 
 def check_request(out: PathLike, options: GenerateOptions, mask=None) -> OutputPaths:
@@ -388,7 +389,7 @@ def _check_not_the_mask(paths: OutputPaths, mask: Path) -> None:
     for target in paths.all():
         same = target.resolve() == mask.resolve() or (target.exists() and mask.exists() and os.path.samefile(target, mask))
         if same:
-            raise ValueError(f"output {target} is the input mask {mask}; choose another --out")
+            raise InvalidInput(f"output {target} is the input mask {mask}; choose another --out")
 
 
 def _check_series_folder(folder: Path, overwrite: bool) -> None:
@@ -396,12 +397,12 @@ def _check_series_folder(folder: Path, overwrite: bool) -> None:
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder; DICOM output goes into a new folder")
+        raise OutputExists(f"{folder} exists and is not a folder; DICOM output goes into a new folder")
     if not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputExists(f"{folder} already exists; pass --overwrite (overwrite=True) to replace it")
     others = [p.name for p in folder.iterdir() if not p.name.endswith(".dcm")]
     if others:
-        raise FileExistsError(f"{folder} holds files other than a DICOM series ({others[0]} ...); "
+        raise OutputExists(f"{folder} holds files other than a DICOM series ({others[0]} ...); "
                               "it is not replaced: choose a new output folder")
 
 
@@ -413,11 +414,11 @@ def _model_info(model):
 
     if isinstance(model, M.Models):
         if model.info is None or model.controlnet is None:
-            raise ValueError("generation needs Models with a ControlNet and `info` (a ModelInfo, for the checks)")
+            raise InvalidInput("generation needs Models with a ControlNet and `info` (a ModelInfo, for the checks)")
         return model.info, model
     info = model if isinstance(model, M.ModelInfo) else M.read_model_info(model)
     if not info.has_controlnet:
-        raise ValueError(f"{info.model_dir} has no ControlNet weights; generating from a mask needs them")
+        raise InvalidInput(f"{info.model_dir} has no ControlNet weights; generating from a mask needs them")
     return info, None
 
 
@@ -471,7 +472,7 @@ def plan_grid(mask, info, options: GenerateOptions = GenerateOptions()) -> GridP
     network_shape = _network_shape(shape, spacing, info.cfg, domain if options.fit_to_model else None, fitted)
     problems = domain.grid_problems(network_shape, spacing, options.fov_tolerance)
     if problems and not options.force:
-        raise ValueError(_out_of_domain_message(info, domain, problems, grid, spacing, network_shape))
+        raise InvalidInput(_out_of_domain_message(info, domain, problems, grid, spacing, network_shape))
     return GridPlan(grid, shape, spacing, network_shape, tuple(problems), tuple(fitted))
 
 
@@ -589,7 +590,7 @@ def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release:
     device = resolve_device(options.device)
     budget, prepare = memory_budget_bytes(options.max_memory_gb, device), _prepare_bytes(grid)
     if prepare > budget:
-        raise ValueError(
+        raise InvalidInput(
             f"reading the {_mm(grid.mask.shape)} mask and resampling it to {_mm(grid.network_shape)} voxels needs "
             f"about {prepare / 2**30:.1f} GB, over the {budget / 2**30:.1f} GB budget. Raise "
             "--max-memory, choose a coarser --spacing, or crop the mask")
@@ -621,13 +622,13 @@ def _decode_plan(grid: GridPlan, cfg, fit: dict, spill_dir: str | None = None):
 
     budget, size = fit["budget"], "x".join(map(str, grid.network_shape))
     if fit["sampling"] > budget:
-        raise ValueError(
+        raise InvalidInput(
             f"sampling a {size} volume needs about {fit['sampling'] / 2**30:.1f} GB, over the "
             f"{budget / 2**30:.1f} GB budget. Raise --max-memory, choose a coarser --spacing, or crop the mask"
         )
     held = fit["decode_weights"]  # what stays loaded while decoding
     if held + fit["host"] >= budget:
-        raise ValueError(
+        raise InvalidInput(
             f"the networks ({held / 2**30:.2f} GB) and the output arrays ({fit['host'] / 2**30:.2f} GB) "
             f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
         )
@@ -693,7 +694,7 @@ def _unseen_labels(volume: volume_io.Volume, domain, options: GenerateOptions, s
     share = sum(unseen.values()) / max(labelled, 1)
     if share > UNSEEN_LABEL_SHARE and not options.force:
         names = ", ".join(f"{L.label_name(i)} ({i})" for i in sorted(unseen, key=unseen.get, reverse=True)[:6])
-        raise ValueError(
+        raise InvalidInput(
             f"mask {source}: {share:.0%} of its labelled voxels carry labels the model never saw in training "
             f"({names}{' ...' if len(unseen) > 6 else ''}); its output there would be a guess. Pass --fit-to-model "
             "(fit_to_model=True) to replace them with the nearest labels it knows, or --force to run anyway")
@@ -704,7 +705,7 @@ def _load_mask(mask) -> tuple[volume_io.Volume, str]:
     if isinstance(mask, volume_io.Volume):
         array = np.asarray(mask.array)
         if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError("the mask Volume must hold integer MAISI label ids")
+            raise InvalidInput("the mask Volume must hold integer MAISI label ids")
         L.check_label_ids(array, what="mask")
         return mask.with_array(array.astype(np.int16)), "volume given in code"
     return volume_io.load_label_map(mask), str(mask)  # checks the ids
@@ -716,7 +717,7 @@ def _with_body(volume: volume_io.Volume, source: str) -> tuple[volume_io.Volume,
 
     labels = volume.array
     if not np.any(labels != L.BACKGROUND):
-        raise ValueError(f"mask {source} holds no labels (every voxel is 0); pass a MAISI label map with the "
+        raise InvalidInput(f"mask {source} holds no labels (every voxel is 0); pass a MAISI label map with the "
                          "body (200) and organ labels")
     if np.any(labels == L.BODY):
         return volume, 0
@@ -837,7 +838,7 @@ def _check_finite(values, what: str, seed: int, options: GenerateOptions) -> Non
 
     bad = int((~torch.isfinite(values)).sum())
     if bad:
-        raise ValueError(
+        raise InvalidInput(
             f"{what} holds {bad} NaN/inf values (seed {seed}, cfg scale {options.cfg_scale}, control scale "
             f"{options.control_scale}); nothing was written. Lower --cfg-scale / --control-scale, or check the "
             "model's weights")
@@ -967,10 +968,10 @@ def batch_from_dir(mask_dir: PathLike, out_dir: PathLike) -> list[BatchItem]:
     """Every *.nii / *.nii.gz in `mask_dir` -> out_dir/<name>_ct.nii.gz."""
     mask_dir, out_dir = Path(mask_dir).expanduser(), Path(out_dir).expanduser()
     if not mask_dir.is_dir():
-        raise FileNotFoundError(f"mask folder {mask_dir} does not exist")
+        raise MissingInput(f"mask folder {mask_dir} does not exist")
     masks = sorted(p for p in mask_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
     if not masks:
-        raise ValueError(f"{mask_dir} holds no NIfTI masks (*.nii.gz)")
+        raise InvalidInput(f"{mask_dir} holds no NIfTI masks (*.nii.gz)")
     return [BatchItem(m, out_dir / _output_name(m), where=str(m)) for m in masks]
 
 
@@ -988,18 +989,18 @@ def batch_from_datalist(path, out_dir: PathLike) -> list[BatchItem]:
     source = DatalistSource.of(path)
     path, out_dir = source.path, Path(out_dir).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist")
+        raise MissingInput(f"datalist {path} does not exist")
     if path.suffix.lower() == ".json":
         items = [_batch_item(row, source.root(), where, out_dir) for where, row in decathlon_rows(source)]
         if not items:
-            raise ValueError(f"datalist {path} lists no masks")
+            raise InvalidInput(f"datalist {path} lists no masks")
         return items
     items = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
             items.append(_datalist_item(line, path, number, out_dir))
     if not items:
-        raise ValueError(f"datalist {path} lists no masks")
+        raise InvalidInput(f"datalist {path} lists no masks")
     return items
 
 
@@ -1011,37 +1012,37 @@ def _datalist_item(line: str, path: Path, number: int, out_dir: Path) -> BatchIt
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        raise InvalidInput(f"{where}: not valid JSON ({err.msg})") from None
     if isinstance(row, dict):
         unknown = set(row) - {"mask", "label", "spacing", "seed", "out", "image", "modality", "source", "fold"}
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: mask, spacing, seed, out")
+            raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: mask, spacing, seed, out")
     return _batch_item(row, path.parent, where, out_dir)
 
 
 def _batch_item(row, root: Path, where: str, out_dir: Path) -> BatchItem:
     if not isinstance(row, dict) or not (row.get("mask") or row.get("label")):
-        raise ValueError(f"{where}: each row needs a \"mask\" (or \"label\") path")
+        raise InvalidInput(f"{where}: each row needs a \"mask\" (or \"label\") path")
     mask = root / (row.get("mask") or row["label"])
     spacing, seed = row.get("spacing"), row.get("seed")
     if spacing is not None:
         if not isinstance(spacing, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing):
-            raise ValueError(f"{where}: \"spacing\" must be a list of three numbers in mm, got {spacing!r}")
+            raise InvalidInput(f"{where}: \"spacing\" must be a list of three numbers in mm, got {spacing!r}")
         _check_spacing(spacing, f"{where}: \"spacing\"")
         spacing = tuple(float(v) for v in spacing)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"{where}: \"seed\" must be a whole number >= 0, got {seed!r}")
+        raise InvalidInput(f"{where}: \"seed\" must be a whole number >= 0, got {seed!r}")
     return BatchItem(mask, _inside(out_dir, row.get("out") or _output_name(mask), where), spacing, seed, where)
 
 
 def _inside(out_dir: Path, name, where: str) -> Path:
     """out_dir / name, refused when `name` would lead outside `out_dir` (absolute, `..`, a symlink out)."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{where}: \"out\" must be a file name, got {name!r}")
+        raise InvalidInput(f"{where}: \"out\" must be a file name, got {name!r}")
     target = out_dir / name
     root = out_dir.resolve()
     if Path(name).is_absolute() or not target.resolve().is_relative_to(root):
-        raise ValueError(f"{where}: \"out\" {name!r} leads outside --out-dir {out_dir}; give a name inside it")
+        raise InvalidInput(f"{where}: \"out\" {name!r} leads outside --out-dir {out_dir}; give a name inside it")
     return target
 
 
@@ -1090,7 +1091,7 @@ def _finished(item: BatchItem, options: GenerateOptions) -> bool:
     present = [p for p in paths if p.exists()]
     if present and len(present) < len(paths):
         missing = ", ".join(str(p) for p in paths if not p.exists())
-        raise FileExistsError(f"{item.where or item.mask}: some outputs exist but {missing} does not (written by "
+        raise OutputExists(f"{item.where or item.mask}: some outputs exist but {missing} does not (written by "
                               "another version, or removed since?); remove the others or pass --overwrite")
     return bool(present)
 
@@ -1114,8 +1115,8 @@ def _naming(item: BatchItem):
 def _check_distinct(items: Sequence[BatchItem]) -> None:
     outs = [Path(i.out).resolve() for i in items]
     if len(set(outs)) != len(outs):
-        raise ValueError("two batch items would write the same output file; give them distinct \"out\" names")
+        raise InvalidInput("two batch items would write the same output file; give them distinct \"out\" names")
     masks = {Path(i.mask).resolve() for i in items}
     clash = [o for o in outs if o in masks]
     if clash:
-        raise ValueError(f"output {clash[0]} is also an input mask; choose another --out-dir")
+        raise InvalidInput(f"output {clash[0]} is also an input mask; choose another --out-dir")

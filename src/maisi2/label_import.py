@@ -29,6 +29,7 @@ import numpy as np
 from maisi2 import totalseg, volume_io
 from maisi2.atomic import check_writable
 from maisi2.envelope import body_envelope_from_ct, body_envelope_from_labels
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.labels import BACKGROUND, BODY, ID_TO_NAME, LABELS, VALID_IDS, check_label_ids, label_name
 
 __all__ = [
@@ -107,19 +108,19 @@ def read_class_table(path: str | os.PathLike) -> dict[int, str]:
     object {name: id}."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"class table {path} does not exist")
+        raise MissingInput(f"class table {path} does not exist")
     text = path.read_text()
     if path.suffix.lower() == ".json":
         try:
             pairs = list(json.loads(text).items())
         except (json.JSONDecodeError, AttributeError):
-            raise ValueError(f"class table {path}: expected a JSON object {{\"class name\": id, ...}}") from None
+            raise InvalidInput(f"class table {path}: expected a JSON object {{\"class name\": id, ...}}") from None
     else:
         rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].lstrip().startswith("#")]
         if rows and rows[0][-1].strip().lower() in ("id", "label", "value"):
             rows = rows[1:]  # a header row
         if any(len(r) != 2 for r in rows):
-            raise ValueError(f"class table {path}: each CSV row must be 'name,id'")
+            raise InvalidInput(f"class table {path}: each CSV row must be 'name,id'")
         pairs = [(r[0], r[1]) for r in rows]
     return _table_from_pairs(pairs, path)
 
@@ -130,14 +131,14 @@ def _table_from_pairs(pairs, path: Path) -> dict[int, str]:
         try:
             idx = int(str(raw_id).strip())
         except ValueError:
-            raise ValueError(f"class table {path}: id {raw_id!r} of {name!r} is not an integer") from None
+            raise InvalidInput(f"class table {path}: id {raw_id!r} of {name!r} is not an integer") from None
         if not 0 < idx <= _MAX_INPUT_ID:
-            raise ValueError(f"class table {path}: id {idx} of {name!r} must be in 1..{_MAX_INPUT_ID}")
+            raise InvalidInput(f"class table {path}: id {idx} of {name!r} must be in 1..{_MAX_INPUT_ID}")
         if idx in table:
-            raise ValueError(f"class table {path}: id {idx} is given twice ({table[idx]!r} and {name!r})")
+            raise InvalidInput(f"class table {path}: id {idx} is given twice ({table[idx]!r} and {name!r})")
         table[idx] = str(name).strip()
     if not table:
-        raise ValueError(f"class table {path} lists no classes")
+        raise InvalidInput(f"class table {path} lists no classes")
     return table
 
 
@@ -156,13 +157,13 @@ def convert_label_map(
     """
     labels = np.asarray(labels)
     if ct is not None and np.shape(ct) != labels.shape:
-        raise ValueError(f"CT shape {np.shape(ct)} differs from label map shape {labels.shape}; resample the CT onto the label grid")
+        raise InvalidInput(f"CT shape {np.shape(ct)} differs from label map shape {labels.shape}; resample the CT onto the label grid")
     counts = _voxel_counts(labels)
     present = [int(i) for i in np.flatnonzero(counts) if i > 0]
     missing = [i for i in present if i not in classes]
     if missing:
         shown = ", ".join(f"{i} ({counts[i]} voxels)" for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"label map holds ids that the {numbering} class table does not name: {shown}")
+        raise InvalidInput(f"label map holds ids that the {numbering} class table does not name: {shown}")
     lut, targets = _lookup({i: classes[i] for i in present}, numbering)
     seg = labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int16)
     out = lut[seg]
@@ -186,9 +187,9 @@ def convert_label_map(
 def _voxel_counts(labels: np.ndarray) -> np.ndarray:
     """Voxels per input id (index = id), after checking the map holds non-negative integers."""
     if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
-        raise ValueError("label map holds non-integer values; was the CT passed in place of the label map?")
+        raise InvalidInput("label map holds non-integer values; was the CT passed in place of the label map?")
     if labels.size and labels.min() < 0:
-        raise ValueError("label map holds negative values; was the CT passed in place of the label map?")
+        raise InvalidInput("label map holds negative values; was the CT passed in place of the label map?")
     # bincount beats np.unique (a full sort) on 512 x 512 x 768 maps.
     return np.bincount(labels.astype(np.intp, copy=False).ravel())
 
@@ -203,7 +204,7 @@ def _lookup(classes: Mapping[int, str], numbering: str) -> tuple[np.ndarray, dic
         except KeyError:
             unknown[idx] = name
     if unknown:
-        raise ValueError(
+        raise InvalidInput(
             f"{numbering}: class names with no MAISI label: {_unknown_names_text(unknown)}. "
             "Name them as in `maisi2 labels list` (or 'body' / 'background') in a --classes table"
         )
@@ -224,19 +225,19 @@ def convert_totalseg(
     top = int(labels.max()) if labels.size else 0
     v2_top = max(totalseg.CLASS_MAPS["v2"])
     if top > v2_top:
-        raise ValueError(
+        raise InvalidInput(
             f"label map holds ids up to {top}, outside the TotalSegmentator 'total' classes (1..{v2_top}); "
             "expected the multi-label file of the 'total' task (`TotalSegmentator --ml`), or pass --classes "
             "with a table naming its ids"
         )
     v1_top = max(totalseg.CLASS_MAPS["v1"])
     if version == "v1" and top > v1_top:
-        raise ValueError(f"label map holds ids up to {top}, above v1's {v1_top} classes: it is in v2 numbering "
+        raise InvalidInput(f"label map holds ids up to {top}, above v1's {v1_top} classes: it is in v2 numbering "
                          "(leave out --version, or pass --version v2)")
     if version is None:
         version, why = totalseg.detect_version(labels)
     elif version not in totalseg.VERSIONS:
-        raise ValueError(f"TotalSegmentator version must be one of {', '.join(totalseg.VERSIONS)}, got {version!r}")
+        raise InvalidInput(f"TotalSegmentator version must be one of {', '.join(totalseg.VERSIONS)}, got {version!r}")
     else:
         why = "as given"
     numbering = f"TotalSegmentator {version} 'total' numbering ({why})"
@@ -249,7 +250,7 @@ def _vista3d_classes(labels: np.ndarray) -> dict[int, str]:
     foreign = [int(i) for i in present if int(i) not in VALID_IDS]
     if foreign:
         shown = ", ".join(map(str, foreign[:10])) + (" ..." if len(foreign) > 10 else "")
-        raise ValueError(
+        raise InvalidInput(
             f"label map holds ids that are not in the MAISI label dictionary, which VISTA3D uses: {shown}. "
             "Was it made by another tool? Pass a --classes table naming its ids (`maisi2 labels import`)"
         )
@@ -320,7 +321,7 @@ def _ct_on_grid(ct_path, seg: volume_io.Volume, seg_path) -> np.ndarray | None:
         return None
     ct = volume_io.load_ct(ct_path)
     if not _same_grid(ct, seg):
-        raise ValueError(
+        raise InvalidInput(
             f"CT {Path(ct_path)} ({_grid_text(ct)}) is not on the grid of label map {Path(seg_path)} "
             f"({_grid_text(seg)}); pass the CT that was segmented, or resample it onto the label grid first"
         )

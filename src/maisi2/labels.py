@@ -16,6 +16,8 @@ from importlib import resources
 import numpy as np
 from scipy import ndimage
 
+from maisi2.errors import InvalidInput, UnknownName
+
 __all__ = [
     "LABELS",
     "ID_TO_NAME",
@@ -64,7 +66,7 @@ def label_id(name: str) -> int:
     except KeyError:
         close = difflib.get_close_matches(name, list(LABELS), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise KeyError(f"unknown MAISI label name {name!r}{hint}") from None
+        raise UnknownName(f"unknown MAISI label name {name!r}{hint}") from None
 
 
 def label_name(idx: int) -> str:
@@ -73,7 +75,7 @@ def label_name(idx: int) -> str:
     try:
         return ID_TO_NAME[int(idx)]
     except KeyError:
-        raise KeyError(f"unknown MAISI label id {idx}") from None
+        raise UnknownName(f"unknown MAISI label id {idx}") from None
 
 
 def _ids(*names: str) -> tuple[int, ...]:
@@ -132,7 +134,7 @@ def tumor_kind(name: str) -> str:
     choices = [*TUMOR_KINDS, *(n for names in TUMOR_KINDS.values() for n in names)]
     close = difflib.get_close_matches(text, choices, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-    raise ValueError(f"unknown tumour kind {name!r}{hint}; kinds: {', '.join(TUMOR_KINDS)}")
+    raise InvalidInput(f"unknown tumour kind {name!r}{hint}; kinds: {', '.join(TUMOR_KINDS)}")
 
 
 def tumor_parent_ids(tumor: int) -> tuple[int, ...]:
@@ -159,7 +161,7 @@ def check_label_ids(labels: np.ndarray, what: str = "label map") -> None:
     unknown = sorted(int(v) for v in present if int(v) not in VALID_IDS)
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-        raise ValueError(
+        raise InvalidInput(
             f"{what} holds label ids that are not MAISI ids: {shown}. MAISI ids are 0, 1..132 "
             "(without the unused 'dummy' slots) and 200 for the body; convert the map first "
             "(e.g. `maisi2 labels import-totalseg` for TotalSegmentator output)."
@@ -261,7 +263,7 @@ def channels_to_ids(channels: np.ndarray) -> np.ndarray:
     lookup = np.asarray(MASK_GENERATOR_CHANNEL_IDS, dtype=np.int16)
     channels = np.asarray(channels)
     if channels.size and (channels.min() < 0 or channels.max() >= len(lookup)):
-        raise ValueError(f"mask-generator classes must lie in 0..{len(lookup) - 1}")
+        raise InvalidInput(f"mask-generator classes must lie in 0..{len(lookup) - 1}")
     return lookup[channels]
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from maisi2.atomic import atomic_output
 from maisi2.checkpoint import read_torch_file, save_torch_file
+from maisi2.errors import InvalidInput, MissingInput
 
 __all__ = ["LatentRecord", "write_latent", "read_index", "compute_scale_factor", "write_stats",
            "read_stats", "LatentDataset"]
@@ -49,11 +50,11 @@ def write_latent(cache: str | Path, name: str, latent: torch.Tensor, record: Lat
     """Store one latent (and its label map) and append its record to the index (atomically)."""
     cache = Path(cache)
     if latent.dim() != 4 or not torch.isfinite(latent).all():
-        raise ValueError(f"latent for {name} must be a finite (C, x, y, z) tensor, got shape {tuple(latent.shape)}")
+        raise InvalidInput(f"latent for {name} must be a finite (C, x, y, z) tensor, got shape {tuple(latent.shape)}")
     payload = {"latent": latent.detach().float().cpu().contiguous()}
     if label is not None:
         if label.max() > 255 or label.min() < 0:
-            raise ValueError(f"label map for {name} holds ids outside 0..255")
+            raise InvalidInput(f"label map for {name} holds ids outside 0..255")
         payload["label"] = label.detach().to(torch.uint8).cpu().reshape(1, *label.shape[-3:]).contiguous()
     with atomic_output(cache / f"{name}.pt", overwrite=True) as tmp:
         save_torch_file(payload, tmp)
@@ -75,7 +76,7 @@ def _write_index(cache: Path, records: list[LatentRecord]) -> None:
 def read_index(cache: str | Path) -> list[LatentRecord]:
     path = Path(cache) / INDEX
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `maisi2 encode` to build the latent cache first")
+        raise MissingInput(f"{path} not found: run `maisi2 encode` to build the latent cache first")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -84,7 +85,7 @@ def read_index(cache: str | Path) -> list[LatentRecord]:
                 d["spacing"], d["latent_shape"] = tuple(d["spacing"]), tuple(d["latent_shape"])
                 records.append(LatentRecord(**d))
             except (json.JSONDecodeError, TypeError, KeyError) as err:
-                raise ValueError(f"{path}:{n}: not a latent record ({err})") from None
+                raise InvalidInput(f"{path}:{n}: not a latent record ({err})") from None
     return records
 
 
@@ -97,11 +98,11 @@ def compute_scale_factor(cache: str | Path) -> dict[str, float]:
         total_sq += (z * z).sum().item()
         count += z.numel()
     if count == 0:
-        raise ValueError(f"{cache} holds no latents")
+        raise InvalidInput(f"{cache} holds no latents")
     mean = total / count
     std = max(total_sq / count - mean * mean, 0.0) ** 0.5
     if std == 0:
-        raise ValueError(f"the latents in {cache} are constant; the VAE is broken or the data empty")
+        raise InvalidInput(f"the latents in {cache} are constant; the VAE is broken or the data empty")
     return {"scale_factor": 1.0 / std, "std": std, "mean": mean, "count": count}
 
 
@@ -113,14 +114,14 @@ def write_stats(cache: str | Path, stats: dict[str, float]) -> None:
 def read_stats(cache: str | Path) -> dict[str, float]:
     path = Path(cache) / STATS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `maisi2 encode` (it writes the scale factor)")
+        raise MissingInput(f"{path} not found: run `maisi2 encode` (it writes the scale factor)")
     return json.loads(path.read_text())
 
 
 def _load(path: Path) -> dict:
     data = read_torch_file(path, what="latent file", remedy="Delete it and run `maisi2 encode` again.")
     if not isinstance(data, dict) or not isinstance(data.get("latent"), torch.Tensor):
-        raise ValueError(f"{path} is not a latent file of `maisi2 encode` (no \"latent\" tensor); delete it and "
+        raise InvalidInput(f"{path} is not a latent file of `maisi2 encode` (no \"latent\" tensor); delete it and "
                          "run `maisi2 encode` again")
     return data
 
@@ -157,6 +158,6 @@ class LatentDataset(Dataset):
         }
         if self.with_labels:
             if "label" not in data:
-                raise ValueError(f"{record.file} has no label map; re-encode with labels in the datalist")
+                raise InvalidInput(f"{record.file} has no label map; re-encode with labels in the datalist")
             item["label"] = data["label"]
         return item

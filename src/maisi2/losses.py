@@ -19,7 +19,7 @@ FLOW_LOSS_FORMS = ("l1", "l2")
 
 def check_flow_loss_form(form: str) -> str:
     if form not in FLOW_LOSS_FORMS:
-        raise ValueError(f"flow.loss must be one of {', '.join(FLOW_LOSS_FORMS)} (l1: the official code, "
+        raise InvalidInput(f"flow.loss must be one of {', '.join(FLOW_LOSS_FORMS)} (l1: the official code, "
                          f"l2: the paper's squared error); got {form!r}")
     return form
 
@@ -71,6 +71,8 @@ from typing import Sequence  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
+from maisi2.errors import InvalidInput
+
 __all__ += [
     "pool_any",
     "dilate",
@@ -99,19 +101,19 @@ def pool_any(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """
     size = tuple(int(s) for s in size)
     if mask.dim() != 5 or len(size) != 3:
-        raise ValueError(f"expected a (B, 1, X, Y, Z) mask and a 3-d size; got {tuple(mask.shape)} and {size}")
+        raise InvalidInput(f"expected a (B, 1, X, Y, Z) mask and a 3-d size; got {tuple(mask.shape)} and {size}")
     m = mask.float()
     if tuple(m.shape[2:]) == size:
         return m
     if any(s > S for s, S in zip(size, m.shape[2:])):
-        raise ValueError(f"cannot pool a {tuple(m.shape[2:])} mask up to {size}; pooling only shrinks")
+        raise InvalidInput(f"cannot pool a {tuple(m.shape[2:])} mask up to {size}; pooling only shrinks")
     return F.adaptive_max_pool3d(m, size)
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Grow a (B, 1, x, y, z) 0/1 mask by `radius` voxels (a cube of side 2*radius+1, via max pooling)."""
     if radius < 0:
-        raise ValueError(f"dilation radius must be >= 0, got {radius}")
+        raise InvalidInput(f"dilation radius must be >= 0, got {radius}")
     m = mask.float()
     if radius == 0:
         return m
@@ -150,7 +152,7 @@ def contrast_regions(labels: torch.Tensor, perturbed: torch.Tensor, size: Sequen
     background is the complement of the ROI dilated by `dilation` latent voxels.
     """
     if labels.shape != perturbed.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} and perturbed {tuple(perturbed.shape)} must have the same shape")
+        raise InvalidInput(f"labels {tuple(labels.shape)} and perturbed {tuple(perturbed.shape)} must have the same shape")
     roi = pool_any(labels != perturbed, size)
     return ContrastRegions(roi, 1.0 - dilate(roi, dilation))
 
@@ -187,7 +189,7 @@ class ContrastiveTerms:
         """
         n = batch_size if batch_size is not None else self.roi.shape[0]
         if n < self.roi.shape[0]:
-            raise ValueError(f"batch_size {n} is smaller than the {self.roi.shape[0]} samples given")
+            raise InvalidInput(f"batch_size {n} is smaller than the {self.roi.shape[0]} samples given")
         return self.roi.sum() / max(n, 1), self.background.sum() / max(n, 1)
 
 
@@ -226,13 +228,13 @@ def region_contrastive_loss(
     compares the perturbed prediction with the flow target `v_target` (as the released code does).
     """
     if v_orig.shape != v_pert.shape:
-        raise ValueError(f"v_orig {tuple(v_orig.shape)} and v_pert {tuple(v_pert.shape)} must have the same shape")
+        raise InvalidInput(f"v_orig {tuple(v_orig.shape)} and v_pert {tuple(v_pert.shape)} must have the same shape")
     if background_form not in BACKGROUND_FORMS:
-        raise ValueError(f"background_form must be one of {', '.join(BACKGROUND_FORMS)}; got {background_form!r}")
+        raise InvalidInput(f"background_form must be one of {', '.join(BACKGROUND_FORMS)}; got {background_form!r}")
     diff = (v_orig.float() - v_pert.float()).abs()
     if background_form == "official":
         if v_target is None:
-            raise ValueError("background_form='official' compares with the flow target: pass v_target")
+            raise InvalidInput("background_form='official' compares with the flow target: pass v_target")
         bg_err = (v_pert.float() - v_target.float()).abs()
     else:
         bg_err = diff
@@ -254,11 +256,11 @@ def feature_contrastive_loss(
     clamp at delta applies once, to the mean (one delta for the whole term, as at the output).
     """
     if len(feats_orig) != len(feats_pert) or not feats_orig:
-        raise ValueError(f"need two equal, non-empty lists of features; got {len(feats_orig)} and {len(feats_pert)}")
+        raise InvalidInput(f"need two equal, non-empty lists of features; got {len(feats_orig)} and {len(feats_pert)}")
     d_levels, bg_levels = [], []
     for f_orig, f_pert in zip(feats_orig, feats_pert):
         if f_orig.shape != f_pert.shape:
-            raise ValueError(f"feature shapes differ: {tuple(f_orig.shape)} vs {tuple(f_pert.shape)}")
+            raise InvalidInput(f"feature shapes differ: {tuple(f_orig.shape)} vs {tuple(f_pert.shape)}")
         level = regions.at(f_orig.shape[2:])
         diff = (f_orig.float() - f_pert.float()).abs()
         d_levels.append(_masked_mean(diff, level.roi))
@@ -284,14 +286,14 @@ def check_lambda_schedule(schedule: Sequence[Sequence[float]]) -> LambdaSchedule
     try:
         pairs = tuple((float(start), float(value)) for start, value in schedule)
     except (TypeError, ValueError):
-        raise ValueError(f"a lambda schedule is a list of (fraction_start, value) pairs, {example}; got {schedule!r}") from None
+        raise InvalidInput(f"a lambda schedule is a list of (fraction_start, value) pairs, {example}; got {schedule!r}") from None
     if not pairs or pairs[0][0] != 0.0:
-        raise ValueError(f"a lambda schedule must start at fraction 0.0, {example}; got {schedule!r}")
+        raise InvalidInput(f"a lambda schedule must start at fraction 0.0, {example}; got {schedule!r}")
     starts = [s for s, _ in pairs]
     if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= 1.0:
-        raise ValueError(f"lambda schedule fractions must increase strictly within [0, 1), {example}; got {schedule!r}")
+        raise InvalidInput(f"lambda schedule fractions must increase strictly within [0, 1), {example}; got {schedule!r}")
     if any(v < 0 or not math.isfinite(v) for _, v in pairs):
-        raise ValueError(f"lambda values must be finite and >= 0; got {schedule!r}")
+        raise InvalidInput(f"lambda values must be finite and >= 0; got {schedule!r}")
     return pairs
 
 
@@ -306,13 +308,13 @@ def parse_lambda_schedule(text: str) -> LambdaSchedule:
     except ValueError as err:
         if "schedule" in str(err) or "lambda" in str(err):
             raise
-        raise ValueError(f"cannot read lambda schedule {text!r}: write START:VALUE pairs, e.g. '0:0.01,0.5:0.001'") from None
+        raise InvalidInput(f"cannot read lambda schedule {text!r}: write START:VALUE pairs, e.g. '0:0.01,0.5:0.001'") from None
 
 
 def lambda_at(schedule: LambdaSchedule, step: int, total_steps: int) -> float:
     """The weight of the contrastive terms at optimiser step `step` (0-based) of `total_steps`."""
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise InvalidInput(f"total_steps must be >= 1, got {total_steps}")
     fraction = step / total_steps
     value = schedule[0][1]
     for start, v in schedule:
@@ -371,6 +373,6 @@ def normalised_lambdas(lam: float, roi_voxels: torch.Tensor, weight_sum: float |
     latent grid; weight_sum: the batch's S (`flow_weight_sum` summed over the batch)."""
     ref_n, ref_roi = int(reference[0]), int(reference[1])
     if not 0 < ref_roi <= ref_n:
-        raise ValueError(f"the reference geometry needs 0 < ROI voxels <= latent voxels; got {tuple(reference)}")
+        raise InvalidInput(f"the reference geometry needs 0 < ROI voxels <= latent voxels; got {tuple(reference)}")
     target = contrastive_relative_strength(lam, ref_roi, flow_weight_sum(ref_n, ref_roi, label_weight, normalise), label_weight)
     return target * batch_size * float(label_weight) * roi_voxels.float() / weight_sum

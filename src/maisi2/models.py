@@ -47,6 +47,7 @@ from maisi2 import allocator
 from maisi2 import checkpoint as ckpt
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.config import Config, get_config
+from maisi2.errors import InvalidInput, MissingInput
 
 __all__ = [
     "MODEL_JSON",
@@ -239,7 +240,7 @@ class Models:
         """Let go of the UNet and ControlNet (~1 GB for maisi-v2) while only the decoder is left to run,
         so a generation's peak memory is the larger of its two phases, not their sum."""
         if self.info is None:
-            raise ValueError("these networks were not loaded from a model folder: releasing them could not be undone")
+            raise InvalidInput("these networks were not loaded from a model folder: releasing them could not be undone")
         self.unet = self.controlnet = None
         gc.collect()
         allocator.give_back_freed_memory()  # their freed weights would otherwise stay in the heap
@@ -279,14 +280,14 @@ def read_model_info(model_dir: str | Path | None = None) -> ModelInfo:
         metadata = {**RELEASED_METADATA, **(spec or {}).get("metadata", {})}
         return ModelInfo(model_dir, "released", get_config("maisi-v2"), metadata, None)
     if spec is None:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{model_dir} is not a model folder: it has neither {MODEL_JSON} (a maisi2 model) nor the released "
             f"MAISI-v2 files ({', '.join(ckpt.RELEASED_FILES.values())})"
         )
     layout = _our_layout(model_dir)
     scale = spec.get("scale_factor")
     if layout == "safetensors" and scale is None:
-        raise ValueError(f"{meta_file} needs a 'scale_factor' entry: safetensors weights do not carry it")
+        raise InvalidInput(f"{meta_file} needs a 'scale_factor' entry: safetensors weights do not carry it")
     return ModelInfo(model_dir, layout, _config_from_spec(spec, meta_file), dict(spec.get("metadata", {})),
                      None if scale is None else float(scale))
 
@@ -295,7 +296,7 @@ def _existing_dir(model_dir) -> Path:
     if model_dir is None:
         model_dir = default_model_dir()
         if not (model_dir / MODEL_JSON).is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"no bundled model yet ({model_dir} is empty: the default model has not been trained and "
                 "packaged). Pass --model DIR with a folder holding a maisi2 model (model.json + weights) or "
                 "the released MAISI-v2 files (autoencoder_v1.pt, diff_unet_3d_rflow-ct.pt, controlnet_3d_rflow-ct.pt)"
@@ -303,7 +304,7 @@ def _existing_dir(model_dir) -> Path:
         return model_dir
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder {model_dir} does not exist (pass --model with an existing folder)")
+        raise MissingInput(f"model folder {model_dir} does not exist (pass --model with an existing folder)")
     return model_dir
 
 
@@ -311,11 +312,11 @@ def _read_model_json(path: Path) -> dict:
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+        raise InvalidInput(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a maisi2 model description (expected \"format\": \"{FORMAT}\")")
+        raise InvalidInput(f"{path} is not a maisi2 model description (expected \"format\": \"{FORMAT}\")")
     if int(spec.get("version", 0)) > VERSION:
-        raise ValueError(f"{path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
+        raise InvalidInput(f"{path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
     return spec
 
 
@@ -326,15 +327,15 @@ def _config_from_spec(spec: dict, where: Path) -> Config:
         if "preset" in spec:
             return get_config(spec["preset"], spec.get("overrides", []))
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: invalid model config: {err}") from None
-    raise ValueError(f"{where} names no network config: add \"preset\" (tiny, small, maisi-v2) or \"config\"")
+        raise InvalidInput(f"{where}: invalid model config: {err}") from None
+    raise InvalidInput(f"{where} names no network config: add \"preset\" (tiny, small, maisi-v2) or \"config\"")
 
 
 def _our_layout(model_dir: Path) -> str:
     for layout in ("safetensors", "pt"):
         if all((model_dir / f"{kind}.{layout}").is_file() for kind in ("vae", "unet")):
             return layout
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{model_dir} has {MODEL_JSON} but not its weights: expected vae.pt, unet.pt, controlnet.pt "
         "(maisi2 checkpoints) or vae.safetensors, unet.safetensors, controlnet.safetensors"
     )
@@ -357,7 +358,7 @@ def load_model(model_dir: str | Path | ModelInfo | None = None, device: str | to
     device = resolve_device(device)
     unknown = set(kinds) - set(NETWORK_KINDS)
     if unknown:
-        raise ValueError(f"unknown network kinds {sorted(unknown)}; choose from {NETWORK_KINDS}")
+        raise InvalidInput(f"unknown network kinds {sorted(unknown)}; choose from {NETWORK_KINDS}")
     weights, scale_factor = _read_weights(info, prefer_ema, kinds)
     cfg = inference_config(info.cfg)
     built = {}
@@ -402,12 +403,12 @@ def _read_weights(info: ModelInfo, prefer_ema: bool, kinds: tuple[str, ...] = NE
             continue
         loaded = ckpt.load_checkpoint(path)
         if loaded.kind != kind:
-            raise ValueError(f"{path} holds a '{loaded.kind}' checkpoint, expected '{kind}'")
+            raise InvalidInput(f"{path} holds a '{loaded.kind}' checkpoint, expected '{kind}'")
         weights[kind] = loaded.weights(prefer_ema)
         if kind == "unet" and scale is None:
             scale = loaded.scale_factor
     if scale is None:
-        raise ValueError(f"neither {info.model_dir / MODEL_JSON} nor unet.pt records the latent scale_factor; "
+        raise InvalidInput(f"neither {info.model_dir / MODEL_JSON} nor unet.pt records the latent scale_factor; "
                          "add \"scale_factor\" to model.json (it is stats.json's value from `maisi2 encode`)")
     return weights, float(scale)
 
@@ -419,7 +420,7 @@ def save_model_folder(model_dir: str | Path, cfg: Config, vae: nn.Module, unet: 
                       layout: str = "pt", overwrite: bool = False) -> Path:
     """Write a model folder (ours) that `load_model` reads: model.json + weights, each file atomic."""
     if layout not in ("pt", "safetensors"):
-        raise ValueError(f"layout must be 'pt' or 'safetensors', got {layout!r}")
+        raise InvalidInput(f"layout must be 'pt' or 'safetensors', got {layout!r}")
     model_dir = Path(model_dir)
     nets = {"vae": vae, "unet": unet, "controlnet": controlnet}
     targets = [model_dir / MODEL_JSON] + [model_dir / f"{k}.{layout}" for k, n in nets.items() if n is not None]

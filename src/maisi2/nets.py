@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from maisi2.config import Config
+from maisi2.errors import CannotRun, InvalidInput
 from maisi2.fastops import accelerate
 from maisi2.labels import load_resource_json
 
@@ -58,7 +59,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise CannotRun("--device cuda was requested but no CUDA device is available; use --device cpu")
     return device
 
 
@@ -68,7 +69,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def autocast(device: str | torch.device, precision: str = "fp32"):
     """Mixed precision for network calls on `device`: "bf16"/"fp16" autocast, "fp32" none."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -162,7 +163,7 @@ def modality_id(name: str) -> int:
     """Class id of a modality name (packaged modality_mapping.json; 'ct' = 1)."""
     table = load_resource_json("modality_mapping.json")
     if name not in table:
-        raise ValueError(f"unknown modality {name!r}; choose one of {', '.join(table)}")
+        raise InvalidInput(f"unknown modality {name!r}; choose one of {', '.join(table)}")
     return int(table[name])
 
 
@@ -172,10 +173,10 @@ def mask_to_bitplanes(labels: torch.Tensor) -> torch.Tensor:
     Ids must lie in 0..255 (MAISI ids do: 1..132 and 200).
     """
     if labels.dim() != 5 or labels.shape[1] != 1:
-        raise ValueError(f"label map must have shape (B, 1, X, Y, Z), got {tuple(labels.shape)}")
+        raise InvalidInput(f"label map must have shape (B, 1, X, Y, Z), got {tuple(labels.shape)}")
     ids = labels.to(torch.int32)
     if ids.min() < 0 or ids.max() > 255:
-        raise ValueError("label ids must lie in 0..255 to be encoded as 8 bit-planes")
+        raise InvalidInput("label ids must lie in 0..255 to be encoded as 8 bit-planes")
     bits = torch.arange(_MASK_BITS, device=labels.device, dtype=torch.int32).view(1, -1, 1, 1, 1)
     return ((ids >> bits) & 1).float()
 
@@ -230,7 +231,7 @@ def predict_velocity(
 def embed_mask(controlnet: nn.Module, cond: Conditioning) -> Conditioning:
     """`cond` with the ControlNet's mask embedding computed once (what every sampling step reuses)."""
     if cond.mask_bits is None:
-        raise ValueError("embed_mask needs the mask bit-planes in the conditioning")
+        raise InvalidInput("embed_mask needs the mask bit-planes in the conditioning")
     weight = next(controlnet.controlnet_cond_embedding.parameters())
     embedding = controlnet.controlnet_cond_embedding(cond.mask_bits.to(weight.device, weight.dtype))
     return Conditioning(cond.spacing, cond.modality, cond.mask_bits, embedding)
@@ -254,6 +255,6 @@ def controlnet_residuals(controlnet: nn.Module, x_t: torch.Tensor, t: torch.Tens
         down, mid = controlnet._apply_controlnet_blocks(h, down)
         return [d * scale for d in down], mid * scale
     if cond.mask_bits is None:
-        raise ValueError("a ControlNet needs the mask bit-planes (or their embedding) in the conditioning")
+        raise InvalidInput("a ControlNet needs the mask bit-planes (or their embedding) in the conditioning")
     return controlnet(x=x_t, timesteps=t, controlnet_cond=cond.mask_bits, conditioning_scale=scale,
                       class_labels=cond.modality)

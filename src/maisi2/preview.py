@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from maisi2 import label_tables
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 
 __all__ = ["PREVIEW_WINDOW_HU", "preview_centre", "render_preview"]
 
@@ -35,7 +36,7 @@ def preview_centre(labels: np.ndarray, focus: str | int | None = None) -> tuple[
     if focus is not None:
         target = L.label_id(focus) if isinstance(focus, str) else int(focus)
         if not np.any(labels == target):
-            raise ValueError(f"the preview was asked to centre on {L.label_name(target)!r}, which the label map "
+            raise InvalidInput(f"the preview was asked to centre on {L.label_name(target)!r}, which the label map "
                              "does not hold; leave it out or name a label that is present")
         return _largest_component_centre(labels == target), f"centred on {L.label_name(target)}"
     present = [t for t in L.TUMOR_IDS if np.any(labels == t)]

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from maisi2.errors import InvalidInput
 from maisi2.labels import QC_ORGAN_GROUPS, load_resource_json
 
 __all__ = [
@@ -87,7 +88,7 @@ def hu_ranges() -> dict[str, tuple[float, float]]:
     stats = load_resource_json(STATISTICS_FILE)
     missing = [organ for organ in QC_ORGAN_GROUPS if organ not in stats]
     if missing:
-        raise ValueError(f"{STATISTICS_FILE} lacks statistics for {', '.join(missing)}; the package is damaged")
+        raise InvalidInput(f"{STATISTICS_FILE} lacks statistics for {', '.join(missing)}; the package is damaged")
     return {organ: (float(stats[organ][LOW_KEY]), float(stats[organ][HIGH_KEY])) for organ in QC_ORGAN_GROUPS}
 
 
@@ -113,7 +114,7 @@ def quality_check(ct_hu: np.ndarray, labels: np.ndarray,
     """Check every QC organ group of a CT (HU) against its label map (MAISI ids), same shape."""
     ct_hu, labels = np.asarray(ct_hu), np.asarray(labels)
     if ct_hu.shape != labels.shape:
-        raise ValueError(f"CT shape {ct_hu.shape} and label map shape {labels.shape} differ; "
+        raise InvalidInput(f"CT shape {ct_hu.shape} and label map shape {labels.shape} differ; "
                          "the quality check needs the label map on the CT's grid")
     ranges = hu_ranges() if ranges is None else ranges
     organs = []
@@ -134,7 +135,7 @@ def check_files(ct_path: str | Path, mask_path: str | Path, out: str | Path | No
     ct = volume_io.load_ct(ct_path)
     mask = volume_io.load_label_map(mask_path)
     if ct.shape != mask.shape or not np.allclose(ct.affine, mask.affine, atol=1e-3):
-        raise ValueError(f"{ct_path} (shape {ct.shape}) and {mask_path} (shape {mask.shape}) are not on the same "
+        raise InvalidInput(f"{ct_path} (shape {ct.shape}) and {mask_path} (shape {mask.shape}) are not on the same "
                          "voxel grid; pass the label map the CT was generated from (maisi2 generate writes it "
                          "beside the CT as *_label.nii.gz)")
     report = quality_check(ct.array, mask.array)

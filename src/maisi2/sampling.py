@@ -35,6 +35,7 @@ from torch import nn
 from maisi2 import compute as compute_plan
 from maisi2 import flow, nets
 from maisi2.config import Config, FlowConfig
+from maisi2.errors import InvalidInput
 
 __all__ = [
     "initial_noise",
@@ -55,7 +56,7 @@ def initial_noise(latent_shape: Sequence[int], seed: int, device: str | torch.de
     """
     shape = tuple(int(s) for s in latent_shape)
     if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"latent_shape must be (C, x, y, z) positive sizes, got {latent_shape}")
+        raise InvalidInput(f"latent_shape must be (C, x, y, z) positive sizes, got {latent_shape}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn((1, *shape), generator=generator, dtype=torch.float32).to(device)
 
@@ -83,7 +84,7 @@ def velocity_function(
     when `autocast`); the ControlNet runs under the UNet's, since its residuals feed the UNet.
     """
     if (uncond is None) != (cfg_scale is None):
-        raise ValueError("classifier-free guidance needs both `uncond` and `cfg_scale` (or neither)")
+        raise InvalidInput("classifier-free guidance needs both `uncond` and `cfg_scale` (or neither)")
     plan = _plan(compute, next(unet.parameters()).device, autocast)
 
     if controlnet is not None and not torch.is_grad_enabled():

@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from maisi2 import volume_io
+from maisi2.errors import InvalidInput
 from maisi2.labels import load_resource_json
 
 __all__ = [
@@ -99,7 +100,7 @@ def detect_version(labels: np.ndarray) -> tuple[str, str]:
     best, other = sorted(VERSIONS, key=share.get, reverse=True)
     if share[best] >= _MIN_AGREEMENT and share[best] - share[other] >= _MIN_MARGIN:
         return best, f"anatomy ({text})"
-    raise ValueError(
+    raise InvalidInput(
         f"cannot tell TotalSegmentator v1 from v2 numbering (ids up to {top}; {text}); "
         "pass --version v1 or --version v2 (TotalSegmentator >= 2.0 writes v2)"
     )
@@ -109,7 +110,7 @@ def _counts_by_x(labels: np.ndarray) -> np.ndarray:
     """Voxels per (x index, class id): one bincount per sagittal slab, no full-size temporaries."""
     labels = np.asarray(labels)
     if labels.min() < 0:
-        raise ValueError("label map holds negative values; was the CT passed in place of the label map?")
+        raise InvalidInput("label map holds negative values; was the CT passed in place of the label map?")
     width = int(labels.max()) + 1
     return np.stack([np.bincount(labels[x].ravel().astype(np.intp), minlength=width) for x in range(labels.shape[0])])
 
@@ -143,14 +144,14 @@ def read_class_folder(folder: str | os.PathLike) -> tuple[volume_io.Volume, dict
     folder = Path(folder).expanduser()
     files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
     if not files:
-        raise ValueError(f"{folder} holds no NIfTI masks (*.nii.gz); expected TotalSegmentator's one-file-per-class output")
+        raise InvalidInput(f"{folder} holds no NIfTI masks (*.nii.gz); expected TotalSegmentator's one-file-per-class output")
     _check_one_grid(files)
     names: dict[int, str] = {}
     merged = None
     for idx, path in enumerate(files, start=1):
         mask = volume_io.load_label_map(path, check_ids=False)
         if mask.array.min() < 0 or mask.array.max() > 1:
-            raise ValueError(f"{path} holds values other than 0 and 1; a per-class folder holds binary masks")
+            raise InvalidInput(f"{path} holds values other than 0 and 1; a per-class folder holds binary masks")
         if merged is None:
             merged = mask.with_array(np.zeros(mask.shape, dtype=np.int16))
         merged.array[mask.array > 0] = idx
@@ -163,7 +164,7 @@ def _check_one_grid(files: list[Path]) -> None:
     for path in files[1:]:
         image = nib.load(path)
         if image.shape != first.shape or not np.allclose(image.affine, first.affine, atol=1e-3):
-            raise ValueError(
+            raise InvalidInput(
                 f"{path.name} (shape {image.shape}) is not on the grid of {files[0].name} (shape {first.shape}); "
                 "the masks of one folder must come from one TotalSegmentator run"
             )

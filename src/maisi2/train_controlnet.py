@@ -48,6 +48,7 @@ from maisi2 import flow, losses, nets
 from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_controlnet_weights, read_torch_file
 from maisi2.config import Config, FlowConfig, dataclass_from_dict, apply_overrides, get_config, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size
+from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS, remove_tumors
 from maisi2.latents import LatentDataset, read_index, read_stats
 from maisi2.train_flow import prepare_batch
@@ -97,19 +98,19 @@ class ControlNetLossSettings:
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
+            raise InvalidInput(f"placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
         if self.background_form not in losses.BACKGROUND_FORMS:
-            raise ValueError(f"background_form must be one of {', '.join(losses.BACKGROUND_FORMS)}; got {self.background_form!r}")
+            raise InvalidInput(f"background_form must be one of {', '.join(losses.BACKGROUND_FORMS)}; got {self.background_form!r}")
         if self.background_form == "official" and self.placement == "encoder":
-            raise ValueError("background_form='official' compares with the flow target, which only exists at "
+            raise InvalidInput("background_form='official' compares with the flow target, which only exists at "
                              "the output: use placement 'output' (or 'auto') with it, or background_form='paper'")
         if self.lambda_mode not in losses.LAMBDA_MODES:
-            raise ValueError(f"lambda_mode must be one of {', '.join(losses.LAMBDA_MODES)}; got {self.lambda_mode!r}")
+            raise InvalidInput(f"lambda_mode must be one of {', '.join(losses.LAMBDA_MODES)}; got {self.lambda_mode!r}")
         if len(self.lambda_reference) != 2 or not 0 < self.lambda_reference[1] <= self.lambda_reference[0]:
-            raise ValueError("lambda_reference is (latent voxels, ROI voxels) with 0 < ROI voxels <= latent voxels; "
+            raise InvalidInput("lambda_reference is (latent voxels, ROI voxels) with 0 < ROI voxels <= latent voxels; "
                              f"got {self.lambda_reference!r}")
         if self.delta <= 0 or self.dilation < 0 or self.label_weight <= 0 or self.auto_output_max_voxels < 1:
-            raise ValueError("delta and label_weight must be > 0, dilation >= 0, auto_output_max_voxels >= 1")
+            raise InvalidInput("delta and label_weight must be > 0, dilation >= 0, auto_output_max_voxels >= 1")
         object.__setattr__(self, "lambda_schedule", losses.check_lambda_schedule(self.lambda_schedule))
         object.__setattr__(self, "weighted_labels", tuple(int(i) for i in self.weighted_labels))
 
@@ -281,13 +282,13 @@ class ControlNetRecipe:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.voxels_per_batch < 1 or self.num_workers < 0:
-            raise ValueError("batch_size and voxels_per_batch must be at least 1 and num_workers >= 0")
+            raise InvalidInput("batch_size and voxels_per_batch must be at least 1 and num_workers >= 0")
         if self.crop and (len(self.crop) != 3 or min(self.crop) < 1):
-            raise ValueError(f"crop must be three positive latent sizes (x, y, z) or empty, got {list(self.crop)}")
+            raise InvalidInput(f"crop must be three positive latent sizes (x, y, z) or empty, got {list(self.crop)}")
         if not 0 <= self.tumor_crops <= 1:
-            raise ValueError(f"tumor_crops must be a share in [0, 1], got {self.tumor_crops}")
+            raise InvalidInput(f"tumor_crops must be a share in [0, 1], got {self.tumor_crops}")
         if self.tumor_crops and not self.crop:
-            raise ValueError("tumor_crops needs crop: windows can only be centred on a tumour when there are windows")
+            raise InvalidInput("tumor_crops needs crop: windows can only be centred on a tumour when there are windows")
         self.settings()  # the engine's own checks (steps, lr, schedule, amp, ...)
 
     def settings(self, device: str = "auto", progress: bool | None = None) -> TrainSettings:
@@ -334,7 +335,7 @@ def _labelled_latents(cache, scale: float, info: DistInfo) -> LatentDataset:
     records = read_index(cache)
     keep = [i for i, r in enumerate(records) if r.label]
     if not keep:
-        raise ValueError(f"no volume in {cache} has a label map; encode a datalist with a label column")
+        raise InvalidInput(f"no volume in {cache} has a label map; encode a datalist with a label column")
     if len(keep) < len(records):
         _say(info, f"controlnet: skipping {len(records) - len(keep)} cached volume(s) without a label map")
     return LatentDataset(cache, scale_factor=scale, with_labels=True, indices=keep)
@@ -395,7 +396,7 @@ class ControlNetStepLoss:
         self.unet, self.cfg, self.recipe = unet, cfg, recipe
         self.multiple = 2 ** (len(cfg.unet.num_channels) - 1)
         if any(s % self.multiple for s in recipe.crop):
-            raise ValueError(f"crop {list(recipe.crop)} must be a multiple of {self.multiple} on every axis (the UNet "
+            raise InvalidInput(f"crop {list(recipe.crop)} must be a multiple of {self.multiple} on every axis (the UNet "
                              f"halves the grid {len(cfg.unet.num_channels) - 1} times)")
         self.step = 0
 
@@ -411,7 +412,7 @@ class ControlNetStepLoss:
         x0, cond = prepare_batch(items, generator, device, multiple=self.multiple)
         labels = torch.stack([item["label"] for item in items]).to(device)
         if tuple(labels.shape[2:]) != tuple(s * factor for s in x0.shape[2:]):
-            raise ValueError(f"label map {tuple(labels.shape[2:])} does not match latent {tuple(x0.shape[2:])} x {factor}; "
+            raise InvalidInput(f"label map {tuple(labels.shape[2:])} does not match latent {tuple(x0.shape[2:])} x {factor}; "
                              "re-encode the cache with labels on the image grid")
         perturbed = None
         if "label_perturbed" in items[0]:
@@ -440,9 +441,9 @@ def _unet_weights(path: Path, preset: str | None) -> tuple[dict, Config | None, 
         return data["unet_state_dict"], None, None if scale is None else float(torch.as_tensor(scale).reshape(-1)[0])
     ckpt = load_checkpoint(path)
     if ckpt.kind != "unet":
-        raise ValueError(f"--unet {path} holds a {ckpt.kind} checkpoint; give the trained flow UNet (kind unet)")
+        raise InvalidInput(f"--unet {path} holds a {ckpt.kind} checkpoint; give the trained flow UNet (kind unet)")
     if preset is not None and preset != ckpt.config.preset:
-        raise ValueError(f"--unet {path} was trained with preset {ckpt.config.preset!r}, not {preset!r}; drop --preset")
+        raise InvalidInput(f"--unet {path} was trained with preset {ckpt.config.preset!r}, not {preset!r}; drop --preset")
     return ckpt.weights(prefer_ema=True), ckpt.config, ckpt.scale_factor
 
 

@@ -47,6 +47,7 @@ from maisi2 import ddpm, flow, losses, nets
 from maisi2.checkpoint import load_checkpoint, load_weights
 from maisi2.config import Config, FlowConfig, dataclass_from_dict, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.latents import LatentDataset
 from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed,
                              shuffled_batches, train)
@@ -142,7 +143,7 @@ class FlowRecipe:
 
     def stage(self, k: int) -> LowResStage | BucketStage | BalancedStage:
         if k not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {k!r}")
+            raise InvalidInput(f"stage must be one of {STAGES}, got {k!r}")
         return (self.stage1, self.stage2, self.stage3)[k - 1]
 
     def to_dict(self) -> dict:
@@ -173,12 +174,12 @@ def _check_recipe(r: FlowRecipe) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise InvalidInput(message)
     for k in STAGES:  # the engine's own checks (steps, lr, schedule, amp, ...), reported per stage
         try:
             stage_settings(r, k)
         except ValueError as err:
-            raise ValueError(f"stage{k}: {err}") from None
+            raise InvalidInput(f"stage{k}: {err}") from None
 
 
 def default_recipe(cfg: Config) -> FlowRecipe:
@@ -225,9 +226,9 @@ def resize_latent(latent: torch.Tensor, spacing: torch.Tensor, size: Sequence[in
         resized = F.interpolate(latent[None], size=tuple(size), mode="area")[0]
         return resized, spacing * (old / new).to(spacing.device)
     if mode != "crop":
-        raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+        raise InvalidInput(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
     if (old < new).any():
-        raise ValueError(f"cannot crop a latent of shape {tuple(latent.shape[1:])} to {tuple(size)}: lower "
+        raise InvalidInput(f"cannot crop a latent of shape {tuple(latent.shape[1:])} to {tuple(size)}: lower "
                          "stage1.latent_size or use stage1.resize=downsample")
     starts = [int(torch.randint(0, o - n + 1, (1,), generator=generator, device=generator.device))
               for o, n in zip(latent.shape[1:], size)]
@@ -252,9 +253,9 @@ def prepare_batch(items: list[dict], generator: torch.Generator, device: torch.d
         spacings.append(spacing)
     shapes = sorted({tuple(z.shape) for z in latents})
     if len(shapes) != 1:
-        raise ValueError(f"a batch mixes latent shapes {shapes}; bucket the data by size")
+        raise InvalidInput(f"a batch mixes latent shapes {shapes}; bucket the data by size")
     if any(s % multiple for s in shapes[0][1:]):
-        raise ValueError(f"latent shape {shapes[0][1:]} is not a multiple of {multiple} on every axis, which the "
+        raise InvalidInput(f"latent shape {shapes[0][1:]} is not a multiple of {multiple} on every axis, which the "
                          "UNet needs; re-encode the volumes padded to a multiple of that times the VAE factor")
     modality = torch.tensor([int(item["modality"]) for item in items], dtype=torch.long, device=device)
     if modality_dropout > 0:
@@ -327,7 +328,7 @@ def source_weights(spec: str, sources: Sequence[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"stage3.source_weights {spec!r}: use 'inverse', 'uniform' or 'name=weight,name=weight'")
+            raise InvalidInput(f"stage3.source_weights {spec!r}: use 'inverse', 'uniform' or 'name=weight,name=weight'")
     return weights
 
 
@@ -378,7 +379,7 @@ def _initial_unet(cfg: Config, recipe: FlowRecipe, device: str,
         return model, None, None, 0
     ckpt = load_checkpoint(init)
     if ckpt.kind != "unet":
-        raise ValueError(f"--init {init} holds a {ckpt.kind} checkpoint; the flow model needs a unet checkpoint")
+        raise InvalidInput(f"--init {init} holds a {ckpt.kind} checkpoint; the flow model needs a unet checkpoint")
     load_weights(model, ckpt.state_dict, "unet", str(init), cfg.preset)
     ema = ckpt.ema_state_dict
     if ema is not None and {k: v.shape for k, v in ema.items()} != {k: v.shape for k, v in ckpt.state_dict.items()}:
@@ -417,7 +418,7 @@ def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, rec
 def _check_low_res_size(cfg: Config, recipe: FlowRecipe) -> None:
     multiple = 2 ** (len(cfg.unet.num_channels) - 1)
     if any(s % multiple for s in recipe.stage1.latent_size):
-        raise ValueError(f"stage1.latent_size {recipe.stage1.latent_size} must be multiples of {multiple} for this UNet")
+        raise InvalidInput(f"stage1.latent_size {recipe.stage1.latent_size} must be multiples of {multiple} for this UNet")
 
 
 def _init_for(k: int, stages: Sequence[int], out_dir: Path, init: str | Path | None) -> Path | None:
@@ -428,7 +429,7 @@ def _init_for(k: int, stages: Sequence[int], out_dir: Path, init: str | Path | N
         return None
     previous = stage_dir(out_dir, k - 1) / LAST
     if not previous.is_file():
-        raise FileNotFoundError(f"stage {k} starts from {previous}, which does not exist: run stage {k - 1} "
+        raise MissingInput(f"stage {k} starts from {previous}, which does not exist: run stage {k - 1} "
                                 "first (--stage all), or give a unet checkpoint with --init")
     return previous
 
@@ -445,7 +446,7 @@ def train_flow(cache: str | Path, out_dir: str | Path, cfg: Config, recipe: Flow
     recipe = recipe if recipe is not None else default_recipe(cfg)
     stages = sorted(set(int(k) for k in stages))
     if not stages or any(k not in STAGES for k in stages):
-        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
+        raise InvalidInput(f"stages must be a non-empty subset of {STAGES}, got {stages}")
     out_dir = Path(out_dir)
     results = {}
     with distributed(device):

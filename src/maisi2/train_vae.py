@@ -37,6 +37,7 @@ from torch import nn
 from maisi2.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from maisi2.config import Config
 from maisi2.data import HU_MIN, CTDataset, DataItem, center_pad_or_crop, hu_to_unit, read_datalist
+from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS
 from maisi2.losses import mask_weights
 from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, train
@@ -85,7 +86,7 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 def _check_kind(kind: str) -> None:
     if kind not in ADVERSARIAL_KINDS:
-        raise ValueError(f"adversarial loss must be one of {', '.join(ADVERSARIAL_KINDS)}, got {kind!r}")
+        raise InvalidInput(f"adversarial loss must be one of {', '.join(ADVERSARIAL_KINDS)}, got {kind!r}")
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -186,7 +187,7 @@ class VAETrainOptions:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidInput(message)
 
     @property
     def adversarial(self) -> bool:
@@ -222,11 +223,11 @@ class RandomCrops(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[DataItem], patch: Sequence[int], spacing=None, cache_volumes: int = 32,
                  region_ids: Sequence[int] | None = None, region_crops: float = 0.0):
         if not items:
-            raise ValueError("no scans to crop from")
+            raise InvalidInput("no scans to crop from")
         if region_ids is not None:
             unlabelled = [str(item.image) for item in items if item.label is None]
             if unlabelled:
-                raise ValueError(f"region weights and region crops need a label map for every scan; "
+                raise InvalidInput(f"region weights and region crops need a label map for every scan; "
                                  f"{len(unlabelled)} have none (first: {unlabelled[0]}): add a 'label' column")
         self.region_ids = None if region_ids is None else np.asarray(sorted(region_ids))
         self.region_crops = float(region_crops)
@@ -380,7 +381,7 @@ def _latent_shape(model: nn.Module, image: torch.Tensor) -> tuple[int, ...]:
 
 def _check_preset(cfg: Config, force: bool) -> None:
     if cfg.preset == "maisi-v2" and not force:
-        raise ValueError(
+        raise InvalidInput(
             "the maisi-v2 preset uses the released MAISI VAE unchanged (as the paper does): pass "
             "autoencoder_v1.pt to `maisi2 encode --vae` instead of training one. Train a VAE for the "
             "tiny or small preset (--preset tiny|small), or pass --force to train/fine-tune a "
@@ -393,7 +394,7 @@ def _check_patch_fits(discriminator: nn.Module, patch: Sequence[int], layers: in
         with torch.no_grad():
             discriminator_logits(discriminator, torch.zeros(1, 1, *patch))
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"the patch {tuple(patch)} is too small for a discriminator with {layers} layers "
+        raise InvalidInput(f"the patch {tuple(patch)} is too small for a discriminator with {layers} layers "
                          f"({err}); use a larger --patch or fewer --adv-layers") from None
 
 
@@ -404,7 +405,7 @@ def _check_same_options(out_dir: Path, options: VAETrainOptions) -> None:
     saved = load_checkpoint(last).extra.get("vae_options")
     if saved is not None and saved != options.to_dict():
         changed = sorted(k for k in saved if saved.get(k) != options.to_dict().get(k))
-        raise ValueError(f"{last} was trained with other VAE options ({', '.join(changed)} differ); resume with "
+        raise InvalidInput(f"{last} was trained with other VAE options ({', '.join(changed)} differ); resume with "
                          "the same options, or choose another output folder")
 
 
@@ -445,7 +446,7 @@ def train_vae(datalist: str | os.PathLike, out_dir: str | os.PathLike, cfg: Conf
     if resume:
         _check_same_options(out_dir, options)
     if options.decoder_only and init is None:
-        raise ValueError("decoder-only training fine-tunes the decoder of a trained VAE: give its weights as --init")
+        raise InvalidInput("decoder-only training fine-tunes the decoder of a trained VAE: give its weights as --init")
     items = read_datalist(datalist)
 
     # 2. networks, initialised from the seed (two runs with one seed start from the same weights)

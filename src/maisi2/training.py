@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from maisi2 import allocator, nets
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.config import Config
+from maisi2.errors import CannotRun, InvalidInput, OutputExists
 
 __all__ = [
     "TrainSettings",
@@ -128,7 +129,7 @@ class TrainSettings:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidInput(message)
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
@@ -151,7 +152,7 @@ class EMA:
         current = model.state_dict()
         source = current if state is None else state
         if set(source) != set(current):
-            raise ValueError("the EMA weights to start from do not have the model's keys")
+            raise InvalidInput("the EMA weights to start from do not have the model's keys")
         self.decay = decay
         self.state = {k: source[k].detach().clone().to(current[k].device, current[k].dtype) for k in current}
 
@@ -213,7 +214,7 @@ class BatchStream:
         self.generator.set_state(rng_state)
         plan = [list(b) for b in self.source.plan(self.generator)]
         if not plan or not all(plan):
-            raise ValueError("the batch planner returned an empty epoch (or an empty batch): is the dataset empty?")
+            raise InvalidInput("the batch planner returned an empty epoch (or an empty batch): is the dataset empty?")
         self.epoch, self.position, self._epoch_rng = epoch, position, rng_state
         self._batches = self._load(plan[position:])
 
@@ -309,7 +310,7 @@ def _amp_mode(amp: str, device: torch.device) -> str:
 
         return "bf16" if bf16_pays()[0] else "fp32"
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device (its GradScaler is CUDA-only); use amp='fp32' or 'bf16' on CPU")
+        raise InvalidInput("amp='fp16' needs a CUDA device (its GradScaler is CUDA-only); use amp='fp32' or 'bf16' on CPU")
     return amp
 
 
@@ -329,7 +330,7 @@ class _Trainer:
         self.amp = _amp_mode(settings.amp, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError("the model has no trainable parameters")
+            raise InvalidInput("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.ema: EMA | None = None
@@ -363,7 +364,7 @@ class _Trainer:
     def restore(self, ckpt: Checkpoint) -> None:
         state = ckpt.extra.get("trainer")
         if not state:
-            raise ValueError("the checkpoint holds no trainer state (was it written by another tool?); "
+            raise InvalidInput("the checkpoint holds no trainer state (was it written by another tool?); "
                              "start a new run from it as an initialisation instead")
         self.model.load_state_dict(ckpt.state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -424,7 +425,7 @@ class _Trainer:
         self.skipped += 1
         self.nonfinite_run += 1
         if self.nonfinite_run >= self.settings.max_nonfinite:
-            raise RuntimeError(
+            raise CannotRun(
                 f"{self.nonfinite_run} training steps in a row had a non-finite loss or gradient "
                 f"(step {self.step}, loss {loss}); stopped without updating the weights. Try a lower learning "
                 "rate, full precision (amp='fp32', --amp fp32), a smaller grad_clip, or check the data for "
@@ -567,7 +568,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
         extra.update({k: ckpt.extra[k] for k in keep_on_resume if k in ckpt.extra})
         _say(info, f"resuming {last} at step {trainer.step}")
     elif last.is_file():
-        raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, or choose another output folder")
+        raise OutputExists(f"{last} exists: pass resume=True (--resume) to continue that run, or choose another output folder")
     elif resume:
         origin = f"from {extra['init']}" if extra.get("init") else "from scratch"
         _say(info, f"no checkpoint in {out_dir}; starting {origin}")
@@ -587,9 +588,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
 
 def _check_resumable(ckpt: Checkpoint, path: Path, kind: str, config: Config) -> None:
     if ckpt.kind != kind:
-        raise ValueError(f"{path} holds a {ckpt.kind} checkpoint, this run trains a {kind}; choose another output folder")
+        raise InvalidInput(f"{path} holds a {ckpt.kind} checkpoint, this run trains a {kind}; choose another output folder")
     if ckpt.config != config:
-        raise ValueError(f"{path} was trained with another network config (preset {ckpt.config.preset!r}); "
+        raise InvalidInput(f"{path} was trained with another network config (preset {ckpt.config.preset!r}); "
                          "resume with the same --preset/--set options, or choose another output folder")
 
 

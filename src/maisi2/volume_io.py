@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from maisi2 import label_tables
 from maisi2.atomic import atomic_output, check_writable
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.labels import check_label_ids
 
 __all__ = [
@@ -65,7 +66,7 @@ class Volume:
 
     def __post_init__(self):
         if np.ndim(self.array) != 3:
-            raise ValueError(f"a Volume holds a 3D array, got shape {np.shape(self.array)}")
+            raise InvalidInput(f"a Volume holds a 3D array, got shape {np.shape(self.array)}")
         object.__setattr__(self, "affine", _checked_affine(self.affine, "Volume.affine"))
         if self.original_affine is not None:
             object.__setattr__(
@@ -84,7 +85,7 @@ class Volume:
     def with_array(self, array: np.ndarray) -> "Volume":
         """Same geometry (and saved orientation), new voxel data of the same shape."""
         if np.shape(array) != self.shape:
-            raise ValueError(f"new array has shape {np.shape(array)}, the volume has {self.shape}")
+            raise InvalidInput(f"new array has shape {np.shape(array)}, the volume has {self.shape}")
         return dataclasses.replace(self, array=array)
 
 
@@ -98,7 +99,7 @@ def ras_affine(spacing, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
 def _spacing3(spacing) -> np.ndarray:
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or not np.all(spacing > 0):
-        raise ValueError(f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
+        raise InvalidInput(f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
     return spacing
 
 
@@ -124,7 +125,7 @@ def load_label_map(path: PathLike, check_ids: bool = True) -> Volume:
     """
     path = _existing(path)
     if path.is_dir():
-        raise ValueError(
+        raise InvalidInput(
             f"{path} is a folder; label maps are read from NIfTI files (.nii/.nii.gz). "
             "Convert a DICOM SEG / image series to NIfTI first."
         )
@@ -143,7 +144,7 @@ def read_grid(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, float,
     """
     path = _existing(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; label maps are read from NIfTI files (.nii/.nii.gz)")
+        raise InvalidInput(f"{path} is a folder; label maps are read from NIfTI files (.nii/.nii.gz)")
     try:
         image = nib.load(path)  # header only: nibabel reads voxels lazily
         shape = tuple(int(n) for n in image.shape)
@@ -151,12 +152,12 @@ def read_grid(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, float,
     except PermissionError:
         raise PermissionError(f"cannot read {path}: permission denied; check the file's permissions") from None
     except _READ_ERRORS as err:
-        raise ValueError(f"cannot read {path} as a NIfTI image ({type(err).__name__}: {err}); the file is corrupt, "
+        raise InvalidInput(f"cannot read {path} as a NIfTI image ({type(err).__name__}: {err}); the file is corrupt, "
                          "truncated or not an image. Re-export or re-download it.") from err
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{path} has shape {shape}; expected a non-empty 3D volume (x, y, z)")
+        raise InvalidInput(f"{path} has shape {shape}; expected a non-empty 3D volume (x, y, z)")
     affine = _checked_affine(image.affine, f"affine of {path}")
     ornt = io_orientation(affine)
     canonical = affine @ inv_ornt_aff(ornt, shape)
@@ -171,7 +172,7 @@ def read_grid(path: PathLike) -> tuple[tuple[int, int, int], tuple[float, float,
 def _existing(path: PathLike) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} does not exist; check the path (expected a NIfTI file, or for a CT a folder of DICOM slices)"
         )
     return path
@@ -187,7 +188,7 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
         raise PermissionError(f"cannot read {path}: permission denied; check the file's permissions") from None
     except _READ_ERRORS as err:
         hint = " For DICOM, pass the folder holding the series, not one slice." if path.suffix.lower() == ".dcm" else ""
-        raise ValueError(
+        raise InvalidInput(
             f"cannot read {path} as a NIfTI image ({type(err).__name__}: {err}); the file is corrupt, "
             f"truncated or not an image. Re-export or re-download it.{hint}"
         ) from err
@@ -199,13 +200,13 @@ def _validated(array: np.ndarray, source) -> np.ndarray:
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        raise ValueError(f"{source} has shape {array.shape}; expected a 3D volume (x, y, z)")
+        raise InvalidInput(f"{source} has shape {array.shape}; expected a 3D volume (x, y, z)")
     if array.size == 0:
-        raise ValueError(f"{source} is empty (shape {array.shape}); it holds no voxels")
+        raise InvalidInput(f"{source} is empty (shape {array.shape}); it holds no voxels")
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise ValueError(
+            raise InvalidInput(
                 f"{source} holds {bad} NaN/inf voxels; replace them with finite values "
                 "(e.g. -1000 HU for CT, 0 for labels) before using it"
             )
@@ -220,23 +221,23 @@ def _as_int16_labels(array: np.ndarray, what: str) -> np.ndarray:
         fractional = array != np.round(array)
         if fractional.any():
             example = float(array[fractional][0])
-            raise ValueError(
+            raise InvalidInput(
                 f"{what} holds non-integer values (e.g. {example:g}); a label map holds integer ids. "
                 "Was a CT image passed as the mask, or the map resampled with interpolation "
                 "instead of nearest neighbour?"
             )
     low, high = array.min(), array.max()
     if low < _INT16.min or high > _INT16.max:
-        raise ValueError(f"{what} holds ids from {low} to {high}, outside the int16 range of label maps")
+        raise InvalidInput(f"{what} holds ids from {low} to {high}, outside the int16 range of label maps")
     return array.astype(np.int16)
 
 
 def _checked_affine(affine, what: str) -> np.ndarray:
     affine = np.array(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise ValueError(f"{what} must be a finite 4x4 matrix, got {affine.tolist()}")
+        raise InvalidInput(f"{what} must be a finite 4x4 matrix, got {affine.tolist()}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"{what} is degenerate (a zero voxel size or collinear axes): {affine.tolist()}")
+        raise InvalidInput(f"{what} is degenerate (a zero voxel size or collinear axes): {affine.tolist()}")
     return affine
 
 
@@ -259,7 +260,7 @@ def _stored_orientation(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     array = apply_orientation(volume.array, to_stored)
     affine = volume.affine @ inv_ornt_aff(to_stored, volume.shape)
     if not np.allclose(affine, volume.original_affine, rtol=1e-6, atol=1e-4):
-        raise ValueError(
+        raise InvalidInput(
             "Volume.original_affine does not describe the same voxel grid as Volume.affine (was the "
             "array resampled without updating it?); build the Volume with original_affine=None to "
             "save it with its own affine"
@@ -304,7 +305,7 @@ def check_label_map_writable(path: PathLike, overwrite: bool = False) -> None:
 def _write_nifti(path: PathLike, volume: Volume, overwrite: bool) -> Path:
     path = Path(path).expanduser()
     if not path.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{path}: outputs are NIfTI; name the file *.nii.gz (or *.nii)")
+        raise InvalidInput(f"{path}: outputs are NIfTI; name the file *.nii.gz (or *.nii)")
     array, affine = _stored_orientation(volume)
     image = nib.Nifti1Image(np.ascontiguousarray(array), affine)
     # Both codes set to scanner space so every reader (qform- or sform-first) sees the same geometry.
@@ -336,7 +337,7 @@ def resample_to_spacing(volume: Volume, spacing, order: int) -> Volume:
     new grid's affine in the stored axis order (the old one no longer describes the voxels).
     """
     if order not in (0, 1):
-        raise ValueError(f"order must be 0 (nearest, label maps) or 1 (linear, CT), got {order}")
+        raise InvalidInput(f"order must be 0 (nearest, label maps) or 1 (linear, CT), got {order}")
     new_spacing = _spacing3(spacing)
     old_spacing = np.asarray(volume.spacing)
     old_shape = np.asarray(volume.shape)
@@ -385,7 +386,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM patient space is LPS
     array = np.stack([_slice_hu(path, folder).T for path, _ in slices], axis=-1)
     if array.shape[:2] != shape:
-        raise ValueError(f"DICOM pixel data in {folder} does not match Rows/Columns {shape[::-1]}")
+        raise InvalidInput(f"DICOM pixel data in {folder} does not match Rows/Columns {shape[::-1]}")
     return array, ras
 
 
@@ -403,7 +404,7 @@ def _dicom_headers(folder: Path) -> list:
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
             found.append((path, ds))
     if not found:
-        raise ValueError(
+        raise InvalidInput(
             f"{folder} holds no DICOM image slices (files with ImagePositionPatient); "
             "pass the folder of one CT series, or a NIfTI file"
         )
@@ -419,7 +420,7 @@ def _one_series(folder: Path, headers: list) -> list:
             f"{uid} ({len(items)} slices, {str(items[0][1].get('SeriesDescription', '')) or 'no description'})"
             for uid, items in series.items()
         )
-        raise ValueError(
+        raise InvalidInput(
             f"{folder} mixes {len(series)} DICOM series: {listing}. Which one do you mean? "
             "Move that series' files into a folder of their own and pass that folder."
         )
@@ -444,7 +445,7 @@ def _common_geometry(folder: Path, slices: list):
             and other_shape == shape
         )
         if not same:
-            raise ValueError(
+            raise InvalidInput(
                 f"slices in {folder} differ in orientation, pixel spacing or size ({path.name} vs "
                 f"{slices[0][0].name}); the series mixes several stacks, split them into separate folders"
             )
@@ -462,12 +463,12 @@ def _slice_step(folder: Path, positions: np.ndarray, normal: np.ndarray, first) 
         return normal * thickness
     gaps = np.diff(positions @ normal)
     if np.any(gaps < 1e-3):
-        raise ValueError(
+        raise InvalidInput(
             f"{folder} holds several slices at the same position; the series mixes acquisitions "
             "(e.g. echoes or phases): split them into separate folders"
         )
     if np.ptp(gaps) > 0.01 * np.median(gaps) + 1e-3:
-        raise ValueError(
+        raise InvalidInput(
             f"slices in {folder} are not evenly spaced (gaps {gaps.min():.3g} to {gaps.max():.3g} mm); "
             "slices may be missing: check the export, or convert it with a tool that resamples (dcm2niix)"
         )
@@ -482,12 +483,12 @@ def _slice_hu(path: Path, folder: Path) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pydicom raises assorted types for missing codecs and bad data
-        raise ValueError(
+        raise InvalidInput(
             f"cannot decode the pixel data of {path} in {folder} ({err}); install a decoder for its "
             "transfer syntax (e.g. pylibjpeg) or convert the series to NIfTI (dcm2niix)"
         ) from err
     if pixels.ndim != 2:
-        raise ValueError(f"{path} is a multi-frame DICOM (shape {pixels.shape}); convert it to NIfTI (dcm2niix)")
+        raise InvalidInput(f"{path} is a multi-frame DICOM (shape {pixels.shape}); convert it to NIfTI (dcm2niix)")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)

@@ -50,6 +50,7 @@ from maisi2.autoencoder.memory import (DECODER_FIXED_BYTES, STREAM_SLAB_BYTES, e
 from maisi2.autoencoder.streamed import decode_streamed, streamable, streamable_decoder
 from maisi2.autoencoder.tiles import Tiling, axis_profiles, axis_starts
 from maisi2.config import VAEConfig
+from maisi2.errors import InvalidInput
 
 __all__ = ["TILED_DECODE_TOLERANCE", "decoder_context", "TilePlan", "plan_tiles", "decode_tiled", "decode"]
 
@@ -124,7 +125,7 @@ def plan_tiles(latent_shape: Sequence[int], cfg: VAEConfig, budget_bytes: float,
     shape = tuple(int(n) for n in latent_shape)[-3:]
     halo = decoder_context(cfg) if halo is None else int(halo)
     if halo < 0 or ramp < 0:
-        raise ValueError(f"halo ({halo}) and ramp ({ramp}) must be >= 0")
+        raise InvalidInput(f"halo ({halo}) and ramp ({ramp}) must be >= 0")
     if streamable(cfg):
         # One streamed whole-volume decode when it fits: exact statistics in one pass, no halos.
         # float16 storage before tiling: it costs far less accuracy than per-tile statistics.
@@ -146,7 +147,7 @@ def plan_tiles(latent_shape: Sequence[int], cfg: VAEConfig, budget_bytes: float,
         axis = int(np.argmax(tile))
         if tile[axis] <= smallest:
             need = estimate_decode_bytes(cfg, [min(n, smallest) for n in shape], dtype_bytes)
-            raise ValueError(
+            raise InvalidInput(
                 f"the VAE cannot decode within {budget_bytes / 2**30:.2f} GB: even the smallest tile "
                 f"({smallest}^3 latent voxels) needs about {need / 2**30:.2f} GB. Raise --max-memory or "
                 "generate a smaller volume"
@@ -181,9 +182,9 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
     `autocast`: fp16 autocast on CUDA (how the released weights run); nothing elsewhere.
     """
     if statistics not in ("volume", "tile"):
-        raise ValueError(f"statistics must be 'volume' or 'tile', got {statistics!r}")
+        raise InvalidInput(f"statistics must be 'volume' or 'tile', got {statistics!r}")
     if z.dim() != 5 or z.shape[0] != 1 or tuple(z.shape[2:]) != plan.latent_shape:
-        raise ValueError(f"latent must be (1, C, {', '.join(map(str, plan.latent_shape))}), got {tuple(z.shape)}")
+        raise InvalidInput(f"latent must be (1, C, {', '.join(map(str, plan.latent_shape))}), got {tuple(z.shape)}")
     device = next(vae.parameters()).device
     if plan.count == 1:
         with nets.inference_autocast(device, autocast):

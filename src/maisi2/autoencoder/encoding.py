@@ -23,6 +23,7 @@ from torch import nn
 
 from maisi2.autoencoder.group_norm import VolumeStatistics
 from maisi2.autoencoder.tiles import Tiling
+from maisi2.errors import InvalidInput
 
 __all__ = ["encode_mean", "tiled_encode_mean", "downsample_factor", "encoder_context", "NORM_STATS",
            "TILED_ENCODE_TOLERANCE"]
@@ -58,10 +59,10 @@ def encoder_context(vae: nn.Module) -> int:
 
 def _check_image(vae: nn.Module, image: torch.Tensor) -> int:
     if image.dim() != 5:
-        raise ValueError(f"the VAE takes (B, C, X, Y, Z) images, got shape {tuple(image.shape)}")
+        raise InvalidInput(f"the VAE takes (B, C, X, Y, Z) images, got shape {tuple(image.shape)}")
     factor = downsample_factor(vae)
     if any(n % factor for n in image.shape[2:]):
-        raise ValueError(f"every axis must be a multiple of {factor} for the VAE, got {tuple(image.shape[2:])}; "
+        raise InvalidInput(f"every axis must be a multiple of {factor} for the VAE, got {tuple(image.shape[2:])}; "
                          "pad first")
     return factor
 
@@ -101,10 +102,10 @@ def tiled_encode_mean(vae: nn.Module, image: torch.Tensor, tile: int, overlap: i
     factor = _check_image(vae, image)
     overlap = encoder_context(vae) if overlap is None else overlap
     if tile < factor or tile % factor or overlap < 0 or overlap % factor:
-        raise ValueError(f"tile ({tile}) must be a positive multiple of {factor} and overlap ({overlap}) a "
+        raise InvalidInput(f"tile ({tile}) must be a positive multiple of {factor} and overlap ({overlap}) a "
                          f"non-negative multiple of {factor}")
     if norm_stats not in NORM_STATS:
-        raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {norm_stats!r}")
+        raise InvalidInput(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {norm_stats!r}")
     tiling = Tiling.around_cores([n // factor for n in image.shape[2:]], tile // factor, overlap // factor)
     tiles = list(tiling)
     everything = (slice(None), slice(None))

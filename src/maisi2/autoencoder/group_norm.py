@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from maisi2.errors import InvalidInput
+
 __all__ = ["Moments", "group_statistics", "normalise", "scale_and_shift", "VolumeStatistics"]
 
 Statistics = tuple[torch.Tensor, torch.Tensor]  # per (sample, group) mean and variance, float64
@@ -98,7 +100,7 @@ def scale_and_shift(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -
     one sample's statistics (1, G): scale = weight / sqrt(var + eps), shift = bias - mean * scale.
     Only for norms that stay in float32 (no ``norm_float16``): the fold skips the float16 cast."""
     if getattr(norm, "norm_float16", False):
-        raise ValueError("a float16 group norm cannot be folded into a float32 multiply-add")
+        raise InvalidInput("a float16 group norm cannot be folded into a float32 multiply-add")
     per_group = norm.num_channels // norm.num_groups
     inv_std = (var[0] + norm.eps).rsqrt().repeat_interleave(per_group)
     weight = norm.weight.double() if norm.affine else torch.ones_like(inv_std)

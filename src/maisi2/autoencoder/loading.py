@@ -11,6 +11,7 @@ from torch import nn
 
 from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_torch_file
 from maisi2.config import Config, get_config
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.nets import build_vae
 
 __all__ = ["LoadedVAE", "load_vae", "vae_state_only", "file_fingerprint"]
@@ -38,19 +39,19 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", prefer_ema: b
     if path.is_dir():
         path = path / RELEASED_FILES["vae"]
         if not path.is_file():
-            raise FileNotFoundError(f"{path.parent} holds no {RELEASED_FILES['vae']}; pass the VAE checkpoint file")
+            raise MissingInput(f"{path.parent} holds no {RELEASED_FILES['vae']}; pass the VAE checkpoint file")
     data = read_torch_file(path, map_location="cpu")
     if isinstance(data, dict) and data.get("format") == "maisi2":
         ckpt = load_checkpoint(path)
         if ckpt.kind != "vae":
-            raise ValueError(f"{path} is a '{ckpt.kind}' checkpoint; --vae needs a VAE checkpoint "
+            raise InvalidInput(f"{path} is a '{ckpt.kind}' checkpoint; --vae needs a VAE checkpoint "
                              "(made by `maisi2 train-vae`, or the released autoencoder_v1.pt)")
         cfg, state, used_ema = ckpt.config, ckpt.weights(prefer_ema), prefer_ema and ckpt.ema_state_dict is not None
         state = vae_state_only(state)
     elif isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
         cfg, state, used_ema = get_config("maisi-v2"), data, False  # the released VAE: maisi-v2 architecture
     else:
-        raise ValueError(f"{path} is neither a maisi2 VAE checkpoint nor a VAE state dict")
+        raise InvalidInput(f"{path} is neither a maisi2 VAE checkpoint nor a VAE state dict")
     model = build_vae(cfg)
     load_weights(model, state, "vae", str(path), cfg.preset)
     model = model.to(device).eval()

@@ -35,6 +35,7 @@ from torch import nn
 from maisi2.autoencoder.group_norm import Moments, group_statistics, scale_and_shift
 from maisi2.autoencoder.memory import STREAM_SLAB_BYTES
 from maisi2.config import VAEConfig
+from maisi2.errors import InvalidInput
 
 __all__ = ["decode_streamed", "streamable", "streamable_decoder", "STREAM_FLOAT16_TOLERANCE"]
 
@@ -257,7 +258,7 @@ def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torc
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock, MaisiUpsample
 
     if z.dim() != 5 or z.shape[0] != 1:
-        raise ValueError(f"latent must be (1, C, x, y, z), got {tuple(z.shape)}")
+        raise InvalidInput(f"latent must be (1, C, x, y, z), got {tuple(z.shape)}")
     if not streamable_decoder(vae):
         raise NotImplementedError("decode_streamed supports MAISI decoders without attention or transposed convs")
     device = next(vae.parameters()).device

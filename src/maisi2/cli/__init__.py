@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from contextlib import contextmanager
+
+from maisi2.errors import Maisi2Error
 
 # Explicit list, in the order `maisi2 --help` shows them.
 COMMAND_MODULES = [
@@ -56,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_stops_cleanly():
             return int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError, RuntimeError) as err:
-        # Expected user errors: one clear line, no traceback. Set MAISI2_DEBUG=1 for the trace.
-        import os
-
+    except (Maisi2Error, OSError) as err:
+        # What the user can fix: our own errors, and the system's I/O errors (a full disk, a
+        # folder without write permission). One clear line, no traceback (MAISI2_DEBUG=1 shows
+        # it). Any other exception - a ValueError, KeyError or RuntimeError from inside - is a
+        # bug and keeps its traceback.
+        if isinstance(err, OSError) and not isinstance(err, Maisi2Error) and err.errno is None:
+            raise
         if os.environ.get("MAISI2_DEBUG"):
             raise
         print(f"maisi2 {args.command}: error: {_one_line(err)}", file=sys.stderr)
@@ -70,9 +76,7 @@ def _one_line(err: BaseException) -> str:
     """The message of an expected error; an OSError from the system gets its file and what to do."""
     import errno
 
-    if isinstance(err, KeyError) and err.args:
-        return str(err.args[0])
-    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+    if isinstance(err, OSError) and not isinstance(err, Maisi2Error) and err.errno is not None and err.strerror:
         hint = {errno.ENOSPC: "free some space or choose another folder",
                 errno.EDQUOT: "free some space or choose another folder",
                 errno.EACCES: "check the permissions of the file and its folder",

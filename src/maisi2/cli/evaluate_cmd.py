@@ -14,6 +14,7 @@ glob pattern, a datalist (.jsonl/.csv with image and label columns, or a decathl
 from __future__ import annotations
 
 from maisi2.cli.datalist_args import add_datalist_options, datalist_source
+from maisi2.errors import InvalidInput
 
 _SET_HELP = "folder, glob pattern, datalist (.jsonl/.csv/decathlon-style .json) or NIfTI file"
 
@@ -145,7 +146,7 @@ def _fid(args) -> int:
         if args.save_real_stats:
             real.save(args.save_real_stats, overwrite=args.overwrite)
     elif real.settings()["spacing"] != list(args.spacing) or real.settings()["shape"] != list(args.shape):
-        raise ValueError(f"{args.real} was computed with spacing {real.spacing} and shape {real.shape}; "
+        raise InvalidInput(f"{args.real} was computed with spacing {real.spacing} and shape {real.shape}; "
                          "pass the same --spacing/--shape")
     gen = volume_set_stats(generated, extractor, desc="generated", **settings)
     result = fid(real, gen, extractor)
@@ -165,7 +166,7 @@ def _fidelity(args) -> int:
     if args.real:
         reals = collect_volumes(args.real, "--real", datalist_source(args.real, args))
         if len(reals) != len(pairs):
-            raise ValueError(f"--real holds {len(reals)} volumes but the generated set {len(pairs)}; they are "
+            raise InvalidInput(f"--real holds {len(reals)} volumes but the generated set {len(pairs)}; they are "
                              "matched by sorted order, one real CT per generated CT")
     cases = [(gen, mask, real) for (gen, mask), real in zip(pairs, reals)]
     results = fidelity_files(cases, segmenter=args.segmenter, shell_mm=args.shell_mm, progress=not args.no_progress)
@@ -213,7 +214,7 @@ def _train_segmenter(args) -> int:
     pairs = [pair for spec in args.data for pair in collect_pairs(spec, "--data", datalist_source(spec, args))]
     unlabeled = [str(img) for img, lab in pairs if lab is None]
     if unlabeled:
-        raise ValueError(f"{len(unlabeled)} training image(s) have no label map (e.g. {unlabeled[0]}); give a datalist "
+        raise InvalidInput(f"{len(unlabeled)} training image(s) have no label map (e.g. {unlabeled[0]}); give a datalist "
                          "with a label column or put X_label.nii.gz beside X.nii.gz")
     depth = len(args.channels) - 1
     config = SegmenterConfig(channels=tuple(args.channels), strides=(2,) * depth, patch=tuple(args.patch))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from maisi2.cli.datalist_args import add_datalist_options, datalist_source
+from maisi2.errors import InvalidInput
 
 def register(sub) -> None:
     _register_generate(sub)
@@ -167,18 +168,18 @@ def _generate(args) -> int:
 
     options = _options(args)
     if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        raise InvalidInput(f"--num-samples must be >= 1, got {args.num_samples}")
     intent = args.region is not None or args.anatomy is not None
     sources = [bool(args.mask), args.phantom, bool(args.mask_dir), bool(args.datalist), bool(args.requests),
                bool(args.anatomy_size), intent]
     if sum(sources) != 1:
-        raise ValueError("give one mask source: --mask, --phantom, --mask-dir, --datalist, --requests, --anatomy-size, "
+        raise InvalidInput("give one mask source: --mask, --phantom, --mask-dir, --datalist, --requests, --anatomy-size, "
                          "or --region/--anatomy (a mask chosen from the library)")
     if args.requests:
         return _run_requests(args, options)
     batch = args.mask_dir or args.datalist
     if bool(batch) != bool(args.out_dir) or not (args.out or args.out_dir):
-        raise ValueError("--mask-dir / --datalist write to --out-dir; --mask / --phantom / --anatomy-size / --region "
+        raise InvalidInput("--mask-dir / --datalist write to --out-dir; --mask / --phantom / --anatomy-size / --region "
                          "write to --out")
     if batch:
         items = (G.batch_from_dir(args.mask_dir, args.out_dir) if args.mask_dir
@@ -249,7 +250,7 @@ def _run_requests(args, options) -> int:
     from maisi2.masks.shards import run_requests_distributed
 
     if not args.out_dir:
-        raise ValueError("--requests writes into --out-dir")
+        raise InvalidInput("--requests writes into --out-dir")
     summary = run_requests_distributed(args.requests, args.out_dir, model=args.model, options=options,
                                        library=args.library)
     import os

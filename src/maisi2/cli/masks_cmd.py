@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from maisi2.errors import InvalidInput
+
 
 def register(sub) -> None:
     p = sub.add_parser("masks", help="edit tumours in MAISI label maps; index a mask library")
@@ -64,7 +66,7 @@ def _edit(args) -> int:
     from maisi2.masks.tumors import TumorEdits, parse_add, parse_scale
 
     if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        raise InvalidInput(f"--seed must be >= 0, got {args.seed}")
     edits = TumorEdits(add=tuple(parse_add(a) for a in args.add), remove=tuple(tumor_kind(k) for k in args.remove),
                        scale=tuple(parse_scale(s) for s in args.scale), augment=args.augment, seed=args.seed)
     changes = edit_file(args.mask, args.out, edits, overwrite=args.overwrite)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from maisi2.errors import InvalidInput
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -35,7 +37,7 @@ def _run(args) -> int:
     from maisi2.phantom import parse_tumor_specs, write_phantom, write_phantom_set
 
     if len(args.shape) != len(args.spacing):
-        raise ValueError("give one --spacing per --shape")
+        raise InvalidInput("give one --spacing per --shape")
     tumors = parse_tumor_specs(args.tumors, radius_mm=args.tumor_radius_mm)
     if args.count is not None:
         grids = list(zip(args.shape, args.spacing))
@@ -44,7 +46,7 @@ def _run(args) -> int:
         print(f"wrote {args.count} phantoms and {datalist}")
         return 0
     if len(args.shape) > 1:
-        raise ValueError("several --shape/--spacing grids only make sense with --count")
+        raise InvalidInput("several --shape/--spacing grids only make sense with --count")
     ct_path, label_path = write_phantom(args.out, args.shape[0], args.spacing[0], tumors, seed=args.seed,
                                         overwrite=args.overwrite)
     print(f"wrote {ct_path}")

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from maisi2.errors import InvalidInput
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -41,9 +43,9 @@ def _serve(args) -> int:
     from maisi2.web.workspace import Workspace
 
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+        raise InvalidInput(f"--port must be between 1 and 65535, got {args.port}")
     if not args.max_upload_mb > 0:
-        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+        raise InvalidInput(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     models = _models(args.model)
     if args.library is not None:
         from maisi2.masks.library import load_library
@@ -53,7 +55,7 @@ def _serve(args) -> int:
         try:
             probe.bind((args.host, args.port))
         except OSError as err:
-            raise ValueError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port") from None
+            raise InvalidInput(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port") from None
     workspace = Workspace(args.out, models, library=args.library, max_upload_bytes=int(args.max_upload_mb * 2**20))
     token = secrets.token_urlsafe(24)
     print(f"maisi2 serve: masks and results in {workspace.root}")

@@ -7,6 +7,7 @@ same command; rank 0 writes the checkpoints and logs).
 from __future__ import annotations
 
 from maisi2.cli.config_cmd import add_config_args
+from maisi2.errors import InvalidInput, MissingInput
 
 
 def register(sub) -> None:
@@ -45,11 +46,11 @@ def _recipe(args, cfg, stages):
     if args.recipe:
         path = Path(args.recipe)
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file {path} does not exist")
+            raise MissingInput(f"recipe file {path} does not exist")
         try:
             recipe = FlowRecipe.from_json(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"recipe file {path} is not valid JSON: {err}") from None
+            raise InvalidInput(f"recipe file {path} is not valid JSON: {err}") from None
     else:
         recipe = default_recipe(cfg)
     overrides = list(args.recipe_overrides)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from maisi2.data import hu_to_unit
+from maisi2.errors import InvalidInput
 
 __all__ = ["MS_SSIM_WEIGHTS", "MSSSIMSettings", "ms_ssim_settings", "ms_ssim", "DiversityResult", "diversity"]
 
@@ -48,7 +49,7 @@ def ms_ssim_settings(shape: Sequence[int]) -> MSSSIMSettings:
             if _fits(size, scales, kernel):
                 w = np.asarray(MS_SSIM_WEIGHTS[:scales])
                 return MSSSIMSettings(scales, kernel, 1.5 * kernel / 11, tuple(float(v) for v in w / w.sum()))
-    raise ValueError(f"volumes of shape {tuple(shape)} are too small for MS-SSIM: need at least {MIN_SIZE} voxels "
+    raise InvalidInput(f"volumes of shape {tuple(shape)} are too small for MS-SSIM: need at least {MIN_SIZE} voxels "
                      "per axis (176 for the standard 5 scales with an 11-voxel window)")
 
 
@@ -58,7 +59,7 @@ def ms_ssim(a_hu: np.ndarray, b_hu: np.ndarray, settings: MSSSIMSettings | None 
 
     a, b = np.asarray(a_hu), np.asarray(b_hu)
     if a.shape != b.shape or a.ndim != 3:
-        raise ValueError(f"MS-SSIM needs two 3D volumes of one shape, got {a.shape} and {b.shape}")
+        raise InvalidInput(f"MS-SSIM needs two 3D volumes of one shape, got {a.shape} and {b.shape}")
     settings = ms_ssim_settings(a.shape) if settings is None else settings
     metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=settings.kernel_size,
                                   kernel_sigma=settings.kernel_sigma, weights=settings.weights)
@@ -95,13 +96,13 @@ def diversity(volumes: Sequence[np.ndarray | str | os.PathLike], progress: bool 
 
     arrays = [volume_io.load_ct(v).array if isinstance(v, (str, os.PathLike)) else np.asarray(v) for v in volumes]
     if len(arrays) < 2:
-        raise ValueError(f"diversity needs at least 2 samples generated from one mask, got {len(arrays)}")
+        raise InvalidInput(f"diversity needs at least 2 samples generated from one mask, got {len(arrays)}")
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"samples have different shapes {sorted(shapes)}; samples from one mask share its grid")
+        raise InvalidInput(f"samples have different shapes {sorted(shapes)}; samples from one mask share its grid")
     for i, a in enumerate(arrays):
         if not np.all(np.isfinite(a)):
-            raise ValueError(f"sample {i} holds NaN/inf voxels")
+            raise InvalidInput(f"sample {i} holds NaN/inf voxels")
     settings = ms_ssim_settings(arrays[0].shape)
     pairs = list(itertools.combinations(range(len(arrays)), 2))
     values = [ms_ssim(arrays[i], arrays[j], settings) for i, j in tqdm(pairs, desc="MS-SSIM pairs", disable=not progress)]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maisi2.data import HU_MAX, HU_MIN
+from maisi2.errors import InvalidInput, MissingInput
 
 __all__ = [
     "SliceFeatures",
@@ -135,7 +136,7 @@ class ResNet50Trunk(nn.Module):
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"ResNet-50 weights file {path} does not exist; give a RadImageNet or torchvision ResNet-50 state "
             "dict (.pt/.pth/.safetensors), or leave out --weights to use the offline hu-texture features"
         )
@@ -146,7 +147,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise InvalidInput(f"{path} does not hold a state dict (a mapping of names to tensors)")
     prefix = "module."  # saved from DataParallel / DDP
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in data.items()}
 
@@ -179,11 +180,11 @@ def load_resnet50(path: str | Path, layout: ResNetLayout | None = None) -> ResNe
         if unexpected:
             parts.append(f"unexpected keys: {_shown(unexpected)}")
         parts.append("expected torchvision-style names (conv1.weight, bn1.*, layer1.0.conv1.weight, ...)")
-        raise ValueError("; ".join(parts))
+        raise InvalidInput("; ".join(parts))
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{path}: tensors of the wrong shape: {_shown(wrong, 5)}; is it a ResNet-50?")
+        raise InvalidInput(f"{path}: tensors of the wrong shape: {_shown(wrong, 5)}; is it a ResNet-50?")
     merged = {**expected, **{k: v.to(expected[k].dtype) for k, v in state.items()}}
     model.load_state_dict(merged, strict=True)
     return model.eval()
@@ -237,7 +238,7 @@ class HUTextureFeatures:
         for scale in self.SCALES:
             xs = F.avg_pool2d(x, scale) if scale > 1 else x
             if min(xs.shape[-2:]) < 3:
-                raise ValueError(f"slices of {tuple(x.shape[-2:])} voxels are too small for hu-texture features "
+                raise InvalidInput(f"slices of {tuple(x.shape[-2:])} voxels are too small for hu-texture features "
                                  f"at {scale}x downsampling; use volumes of at least {3 * max(self.SCALES)} voxels per axis")
             feats.append(self._stats(self._gradient(xs)) / self.TEXTURE_UNIT_HU)
             feats.append(self._stats(self._local_sd(xs)) / self.TEXTURE_UNIT_HU)

@@ -38,6 +38,7 @@ from scipy import linalg
 
 from maisi2 import volume_io
 from maisi2.data import HU_MAX, HU_MIN, center_pad_or_crop
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.evaluate.features import HUTextureFeatures, SliceFeatures
 
 __all__ = [
@@ -74,10 +75,10 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps: float = 1e-6) -> float:
     cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(f"shapes do not match: means {mu1.shape}, {mu2.shape}; covariances {cov1.shape}, {cov2.shape}")
+        raise InvalidInput(f"shapes do not match: means {mu1.shape}, {mu2.shape}; covariances {cov1.shape}, {cov2.shape}")
     for name, value in (("mu1", mu1), ("mu2", mu2), ("cov1", cov1), ("cov2", cov2)):
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"{name} holds NaN/inf; were the features computed from volumes with NaNs?")
+            raise InvalidInput(f"{name} holds NaN/inf; were the features computed from volumes with NaNs?")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular products are handled below
         covmean = linalg.sqrtm(cov1 @ cov2)
@@ -87,7 +88,7 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps: float = 1e-6) -> float:
     if np.iscomplexobj(covmean):
         diag = np.diagonal(covmean)
         if np.max(np.abs(diag.imag)) > 1e-3 * max(1.0, float(np.max(np.abs(diag.real)))):
-            raise ValueError(f"sqrtm(S1 S2) has a large imaginary part ({np.max(np.abs(diag.imag)):.3g}); "
+            raise InvalidInput(f"sqrtm(S1 S2) has a large imaginary part ({np.max(np.abs(diag.imag)):.3g}); "
                              "the covariances are badly conditioned (too few samples?)")
         covmean = covmean.real
     diff = mu1 - mu2
@@ -116,9 +117,9 @@ class FeatureStats:
     def update(self, feats) -> None:
         feats = np.asarray(feats, np.float64)
         if feats.ndim != 2 or feats.shape[1] != self.dim:
-            raise ValueError(f"expected features of shape (batch, {self.dim}), got {feats.shape}")
+            raise InvalidInput(f"expected features of shape (batch, {self.dim}), got {feats.shape}")
         if not np.all(np.isfinite(feats)):
-            raise ValueError("the feature network returned NaN/inf features; check the input volumes")
+            raise InvalidInput("the feature network returned NaN/inf features; check the input volumes")
         m = feats.shape[0]
         if m == 0:
             return
@@ -133,7 +134,7 @@ class FeatureStats:
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """The statistics of both sets of vectors together (Chan et al.'s pairwise merge); new object."""
         if other.dim != self.dim:
-            raise ValueError(f"cannot merge features of dimension {self.dim} and {other.dim}")
+            raise InvalidInput(f"cannot merge features of dimension {self.dim} and {other.dim}")
         total = self.n + other.n
         if total == 0:
             return FeatureStats(self.dim)
@@ -145,7 +146,7 @@ class FeatureStats:
     def cov(self) -> np.ndarray:
         """Unbiased covariance (divides by n - 1, as numpy.cov and MONAI's FIDMetric do)."""
         if self.n < 2:
-            raise ValueError(f"a covariance needs at least 2 feature vectors, have {self.n}")
+            raise InvalidInput(f"a covariance needs at least 2 feature vectors, have {self.n}")
         return self.scatter / (self.n - 1)
 
 
@@ -179,7 +180,7 @@ class SetStats:
     def load(cls, path: str | os.PathLike) -> "SetStats":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"feature statistics file {path} does not exist")
+            raise MissingInput(f"feature statistics file {path} does not exist")
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
@@ -188,7 +189,7 @@ class SetStats:
                     mean = z[f"{name}_mean"]
                     planes[name] = FeatureStats(mean.shape[0], int(z[f"{name}_n"]), mean, z[f"{name}_scatter"])
         except (KeyError, ValueError, OSError) as err:
-            raise ValueError(f"{path} is not a maisi2 FID statistics file ({err})") from None
+            raise InvalidInput(f"{path} is not a maisi2 FID statistics file ({err})") from None
         spacing, shape = meta.get("spacing"), meta.get("shape")
         return cls(planes, meta["extractor"], None if spacing is None else tuple(spacing),
                    None if shape is None else tuple(shape), int(meta.get("volumes", 0)))
@@ -233,13 +234,13 @@ def prepare_volume(volume: VolumeLike, spacing=DEFAULT_SPACING, shape=DEFAULT_SH
     else:
         array = np.asarray(volume)
         if array.ndim != 3:
-            raise ValueError(f"expected a 3D volume, got shape {array.shape}")
+            raise InvalidInput(f"expected a 3D volume, got shape {array.shape}")
         if spacing is not None:
-            raise ValueError("a bare array has no voxel spacing to resample from; pass a Volume or a path, "
+            raise InvalidInput("a bare array has no voxel spacing to resample from; pass a Volume or a path, "
                              "or spacing=None when the arrays already share one grid")
     array = np.asarray(array, np.float32)
     if not np.all(np.isfinite(array)):
-        raise ValueError("volume holds NaN/inf voxels; replace them (e.g. with -1000 HU) first")
+        raise InvalidInput("volume holds NaN/inf voxels; replace them (e.g. with -1000 HU) first")
     if shape is not None:
         array = center_pad_or_crop(array, tuple(int(s) for s in shape), fill=HU_MIN)
     return np.clip(array, HU_MIN, HU_MAX)
@@ -262,9 +263,9 @@ def volume_set_stats(volumes: Sequence[VolumeLike], extractor: SliceFeatures | N
     extractor = HUTextureFeatures() if extractor is None else extractor
     volumes = list(volumes)
     if not volumes:
-        raise ValueError(f"the {desc} set is empty; give at least one volume")
+        raise InvalidInput(f"the {desc} set is empty; give at least one volume")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
     planes = {name: FeatureStats(extractor.dim) for name in PLANES}
     for volume in tqdm(volumes, desc=f"FID features ({desc})", unit="vol", disable=not progress):
         array = prepare_volume(volume, spacing, shape)
@@ -280,14 +281,14 @@ def fid_from_stats(real: SetStats, generated: SetStats, comparable_to_paper: boo
                    eps: float = 1e-6) -> FIDResult:
     """Step 6: per-plane Fréchet distances and their mean; both sets must share their settings."""
     if real.settings() != generated.settings():
-        raise ValueError(f"the two sets were featurised differently: real {real.settings()} vs generated "
+        raise InvalidInput(f"the two sets were featurised differently: real {real.settings()} vs generated "
                          f"{generated.settings()}; recompute one with the other's settings")
     per_plane, notes = {}, []
     for name in PLANES:
         a, b = real.planes[name], generated.planes[name]
         for label, st in (("real", a), ("generated", b)):
             if st.n < 2:
-                raise ValueError(f"the {label} set gives {st.n} {name.upper()} slice(s); the FID needs at least 2 "
+                raise InvalidInput(f"the {label} set gives {st.n} {name.upper()} slice(s); the FID needs at least 2 "
                                  "per plane (and, for a stable estimate, many more than the feature dimension "
                                  f"{st.dim}): add volumes")
             if st.n <= st.dim:
@@ -314,7 +315,7 @@ def fid(real: Sequence[VolumeLike] | SetStats, generated: Sequence[VolumeLike] |
 
     real_stats, gen_stats = stats(real, "real"), stats(generated, "generated")
     if real_stats.extractor != extractor.name or gen_stats.extractor != extractor.name:
-        raise ValueError(f"precomputed statistics use {real_stats.extractor!r}/{gen_stats.extractor!r} features, "
+        raise InvalidInput(f"precomputed statistics use {real_stats.extractor!r}/{gen_stats.extractor!r} features, "
                          f"not {extractor.name!r}")
     return fid_from_stats(real_stats, gen_stats, comparable_to_paper=extractor.comparable_to_paper)
 
@@ -323,10 +324,10 @@ def merge_set_stats(parts: Sequence[SetStats]) -> SetStats:
     """One `SetStats` for the union of several sets featurised with the same settings (e.g. per-volume
     statistics from `volume_set_stats([v])`, which a bootstrap recombines without re-featurising)."""
     if not parts:
-        raise ValueError("nothing to merge: give at least one SetStats")
+        raise InvalidInput("nothing to merge: give at least one SetStats")
     first = parts[0]
     if any(p.settings() != first.settings() for p in parts):
-        raise ValueError("the sets were featurised with different settings; they cannot be merged")
+        raise InvalidInput("the sets were featurised with different settings; they cannot be merged")
     planes = {}
     for name in PLANES:
         merged = FeatureStats(first.planes[name].dim)
@@ -342,7 +343,7 @@ def bootstrap_fid(real: SetStats, generated_per_volume: Sequence[SetStats], resa
     volumes (drawn with replacement, `resamples` times; the reference set stays fixed), so the
     interval reflects how many volumes were generated, not the reference set's own variability."""
     if not 0 < level < 1 or resamples < 1 or len(generated_per_volume) < 2:
-        raise ValueError("bootstrap_fid needs 0 < level < 1, resamples >= 1 and at least 2 generated volumes")
+        raise InvalidInput("bootstrap_fid needs 0 < level < 1, resamples >= 1 and at least 2 generated volumes")
     point = fid_from_stats(real, merge_set_stats(generated_per_volume)).average
     rng = np.random.default_rng(seed)
     n = len(generated_per_volume)

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS, label_name, remove_tumors
 
 __all__ = ["TumorContrast", "TumorFidelity", "FidelityResult", "tumor_contrasts", "fidelity", "fidelity_files"]
@@ -123,11 +124,11 @@ def tumor_contrasts(ct_hu: np.ndarray, labels: np.ndarray, spacing=(1.0, 1.0, 1.
     """HU contrast of every tumour component against its parent-organ shell (see the module docstring)."""
     ct, labels = np.asarray(ct_hu, np.float32), np.asarray(labels)
     if ct.shape != labels.shape or ct.ndim != 3:
-        raise ValueError(f"CT shape {ct.shape} and label map shape {labels.shape} must be one 3D grid")
+        raise InvalidInput(f"CT shape {ct.shape} and label map shape {labels.shape} must be one 3D grid")
     if not np.all(np.isfinite(ct)):
-        raise ValueError("the CT holds NaN/inf voxels")
+        raise InvalidInput("the CT holds NaN/inf voxels")
     if shell_mm <= 0:
-        raise ValueError(f"shell_mm must be > 0, got {shell_mm}")
+        raise InvalidInput(f"shell_mm must be > 0, got {shell_mm}")
     spacing = np.asarray(spacing, np.float64)
     radius = max(float(shell_mm), float(spacing.max()))
     parents = remove_tumors(labels)
@@ -167,7 +168,7 @@ def fidelity(generated_hu: np.ndarray, labels: np.ndarray, spacing=(1.0, 1.0, 1.
     real = [None] * len(generated)
     if real_hu is not None:
         if np.shape(real_hu) != np.shape(labels):
-            raise ValueError(f"real CT shape {np.shape(real_hu)} differs from the mask's {np.shape(labels)}")
+            raise InvalidInput(f"real CT shape {np.shape(real_hu)} differs from the mask's {np.shape(labels)}")
         real = tumor_contrasts(real_hu, labels, spacing, shell_mm)
     tumors = [TumorFidelity(g, r) for g, r in zip(generated, real)]
     dice = None
@@ -193,21 +194,21 @@ def fidelity_files(cases: Sequence[tuple[str | os.PathLike, str | os.PathLike, s
     from maisi2.evaluate import seg
 
     if not cases:
-        raise ValueError("fidelity needs at least one (generated CT, mask) pair")
+        raise InvalidInput("fidelity needs at least one (generated CT, mask) pair")
     if isinstance(segmenter, (str, os.PathLike)):
         segmenter = seg.load_segmenter(segmenter)
     results = []
     for gen_path, mask_path, real_path in tqdm(cases, desc="fidelity", disable=not progress):
         if mask_path is None:
-            raise ValueError(f"{gen_path} has no mask: put it beside the CT as *_label.nii.gz or use a datalist")
+            raise InvalidInput(f"{gen_path} has no mask: put it beside the CT as *_label.nii.gz or use a datalist")
         gen, mask = volume_io.load_ct(gen_path), volume_io.load_label_map(mask_path)
         if gen.shape != mask.shape:
-            raise ValueError(f"{gen_path} (shape {gen.shape}) and its mask {mask_path} (shape {mask.shape}) differ")
+            raise InvalidInput(f"{gen_path} (shape {gen.shape}) and its mask {mask_path} (shape {mask.shape}) differ")
         real = None
         if real_path is not None:
             real = volume_io.load_ct(real_path)
             if real.shape != mask.shape:
-                raise ValueError(f"real CT {real_path} (shape {real.shape}) is not on the grid of mask {mask_path} "
+                raise InvalidInput(f"real CT {real_path} (shape {real.shape}) is not on the grid of mask {mask_path} "
                                  f"(shape {mask.shape}); give the real CT the mask was drawn from")
             real = real.array
         results.append(fidelity(gen.array, mask.array, gen.spacing, real_hu=real, segmenter=segmenter,

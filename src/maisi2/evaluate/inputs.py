@@ -14,6 +14,8 @@ import glob
 import os
 from pathlib import Path
 
+from maisi2.errors import InvalidInput, MissingInput
+
 __all__ = ["NIFTI_SUFFIXES", "collect_volumes", "collect_pairs", "label_beside"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -59,10 +61,10 @@ def collect_pairs(spec: str | os.PathLike, what: str = "set", source=None) -> li
     elif path.is_file():
         files, where = [path], str(path)
     else:
-        raise FileNotFoundError(f"{what} {text!r} is neither a folder, a glob pattern with matches, a datalist "
+        raise MissingInput(f"{what} {text!r} is neither a folder, a glob pattern with matches, a datalist "
                                 "(.jsonl/.csv/.json) nor a file")
     if not files:
-        raise ValueError(f"{what}: {where} holds no NIfTI volumes (*.nii.gz; *_label.nii.gz files are label maps)")
+        raise InvalidInput(f"{what}: {where} holds no NIfTI volumes (*.nii.gz; *_label.nii.gz files are label maps)")
     pairs = []
     for f in files:
         label = label_beside(f)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from maisi2.errors import InvalidInput
+
 __all__ = ["NearestTraining", "nearest_training"]
 
 
@@ -28,10 +30,10 @@ def nearest_training(samples: torch.Tensor, training: torch.Tensor, chunk: int =
     """samples (S, *shape), training (N, *shape) of one shape; the training set is read in chunks of
     `chunk` latents, so memory stays O(chunk x latent size)."""
     if samples.shape[1:] != training.shape[1:]:
-        raise ValueError(f"samples {tuple(samples.shape[1:])} and training latents {tuple(training.shape[1:])} "
+        raise InvalidInput(f"samples {tuple(samples.shape[1:])} and training latents {tuple(training.shape[1:])} "
                          "must have the same shape")
     if len(training) == 0 or len(samples) == 0:
-        raise ValueError("need at least one sample and one training latent")
+        raise InvalidInput("need at least one sample and one training latent")
     s = samples.reshape(len(samples), -1).double()
     best = torch.full((len(s),), float("inf"), dtype=torch.float64)
     index = torch.zeros(len(s), dtype=torch.int64)

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from maisi2.errors import InvalidInput
 from maisi2.quality import QualityReport, quality_check
 
 __all__ = ["QCRateResult", "qc_rate", "qc_rate_files"]
@@ -45,7 +46,7 @@ def _tally(reports: Iterable[tuple[str, QualityReport]]) -> QCRateResult:
         failures.update(report.failed_organs())
         per_volume.append({"volume": name, **report.to_dict()})
     if not per_volume:
-        raise ValueError("qc-rate needs at least one generated volume")
+        raise InvalidInput("qc-rate needs at least one generated volume")
     passed = sum(v["passed"] for v in per_volume)
     return QCRateResult(passed, len(per_volume), dict(failures), per_volume)
 
@@ -65,11 +66,11 @@ def qc_rate_files(pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike | N
     def reports():
         for ct_path, mask_path in tqdm(pairs, desc="quality check", disable=not progress):
             if mask_path is None:
-                raise ValueError(f"{ct_path} has no label map: put it beside the CT as *_label.nii.gz "
+                raise InvalidInput(f"{ct_path} has no label map: put it beside the CT as *_label.nii.gz "
                                  "(as maisi2 generate does) or give a datalist with a label column")
             ct, mask = volume_io.load_ct(ct_path), volume_io.load_label_map(mask_path)
             if ct.shape != mask.shape:
-                raise ValueError(f"{ct_path} (shape {ct.shape}) and {mask_path} (shape {mask.shape}) differ in shape")
+                raise InvalidInput(f"{ct_path} (shape {ct.shape}) and {mask_path} (shape {mask.shape}) differ in shape")
             yield str(ct_path), quality_check(ct.array, mask.array)
 
     return _tally(reports())

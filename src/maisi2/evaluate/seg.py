@@ -33,6 +33,7 @@ from torch import nn
 
 from maisi2.checkpoint import save_torch_file
 from maisi2.data import hu_to_unit
+from maisi2.errors import InvalidInput, OutputExists
 from maisi2.labels import TUMOR_IDS
 
 __all__ = [
@@ -68,12 +69,12 @@ class SegmenterConfig:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         object.__setattr__(self, "patch", tuple(int(p) for p in self.patch))
         if not self.classes or any(not c for c in self.classes):
-            raise ValueError("classes must be a non-empty list of non-empty label-id groups")
+            raise InvalidInput("classes must be a non-empty list of non-empty label-id groups")
         if len(self.strides) != len(self.channels) - 1:
-            raise ValueError(f"need one stride per channel transition: {len(self.channels) - 1}, got {len(self.strides)}")
+            raise InvalidInput(f"need one stride per channel transition: {len(self.channels) - 1}, got {len(self.strides)}")
         factor = int(np.prod(self.strides))
         if len(self.patch) != 3 or any(p % factor for p in self.patch):
-            raise ValueError(f"patch {self.patch} must be 3 sizes divisible by {factor} (the product of the strides)")
+            raise InvalidInput(f"patch {self.patch} must be 3 sizes divisible by {factor} (the product of the strides)")
 
     @property
     def num_classes(self) -> int:
@@ -125,9 +126,9 @@ def _load_pair(image: ArrayOrPath, label: ArrayOrPath, config: SegmenterConfig, 
     ct = volume_io.load_ct(image).array if isinstance(image, (str, os.PathLike)) else np.asarray(image, np.float32)
     lab = volume_io.load_label_map(label).array if isinstance(label, (str, os.PathLike)) else np.asarray(label)
     if ct.shape != lab.shape or ct.ndim != 3:
-        raise ValueError(f"training pair {index}: image shape {ct.shape} and label shape {lab.shape} must be one 3D grid")
+        raise InvalidInput(f"training pair {index}: image shape {ct.shape} and label shape {lab.shape} must be one 3D grid")
     if not np.all(np.isfinite(ct)):
-        raise ValueError(f"training pair {index}: the image holds NaN/inf voxels")
+        raise InvalidInput(f"training pair {index}: the image holds NaN/inf voxels")
     x = hu_to_unit(ct).astype(np.float32)
     y = labels_to_classes(lab, config.classes).astype(np.uint8)
     # Pad (air, background) up to the patch so every crop fits.
@@ -163,7 +164,7 @@ def _read(path: Path) -> dict:
 
     data = read_torch_file(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a maisi2 segmenter checkpoint (train one with `maisi2 evaluate train-segmenter`)")
+        raise InvalidInput(f"{path} is not a maisi2 segmenter checkpoint (train one with `maisi2 evaluate train-segmenter`)")
     return data
 
 
@@ -181,14 +182,14 @@ def train_segmenter(pairs: Sequence[tuple[ArrayOrPath, ArrayOrPath]], out: str |
 
     out = Path(out).expanduser()
     if not pairs:
-        raise ValueError("train_segmenter needs at least one (image, label) pair")
+        raise InvalidInput("train_segmenter needs at least one (image, label) pair")
     if out.exists() and not resume:
-        raise FileExistsError(f"{out} exists; pass resume=True (--resume) to continue it or choose another path")
+        raise OutputExists(f"{out} exists; pass resume=True (--resume) to continue it or choose another path")
     device = torch.device(device)
     data = [_load_pair(img, lab, config, i) for i, (img, lab) in enumerate(pairs)]
     foreground = [np.flatnonzero(y) for _, y in data]
     if not any(f.size for f in foreground):
-        raise ValueError(f"no training label map holds any voxel of the classes {config.classes}; nothing to learn")
+        raise InvalidInput(f"no training label map holds any voxel of the classes {config.classes}; nothing to learn")
 
     torch.manual_seed(settings.seed)
     model = build_segmenter(config).to(device)
@@ -197,7 +198,7 @@ def train_segmenter(pairs: Sequence[tuple[ArrayOrPath, ArrayOrPath]], out: str |
     if out.exists():
         ckpt = _read(out)
         if SegmenterConfig.from_json(ckpt["config"]) != config:
-            raise ValueError(f"{out} was trained with another network config; choose another output to start afresh")
+            raise InvalidInput(f"{out} was trained with another network config; choose another output to start afresh")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the learning rate asked for now, not the stored one
@@ -252,10 +253,10 @@ def segment(model: nn.Module | str | os.PathLike, ct_hu: np.ndarray, config: Seg
     if isinstance(model, (str, os.PathLike)):
         model, config = load_segmenter(model, device)
     if config is None:
-        raise ValueError("pass the SegmenterConfig the model was built with (load_segmenter returns it)")
+        raise InvalidInput("pass the SegmenterConfig the model was built with (load_segmenter returns it)")
     ct = np.asarray(ct_hu, np.float32)
     if ct.ndim != 3 or not np.all(np.isfinite(ct)):
-        raise ValueError(f"segment needs a finite 3D HU volume, got shape {ct.shape}")
+        raise InvalidInput(f"segment needs a finite 3D HU volume, got shape {ct.shape}")
     model = model.to(device).eval()
     inferer = SlidingWindowInferer(roi_size=config.patch, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
     x = torch.from_numpy(hu_to_unit(ct).astype(np.float32))[None, None].to(device)
@@ -267,6 +268,6 @@ def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
     """Dice of two binary masks of one shape; 1.0 when both are empty."""
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
     if pred.shape != target.shape:
-        raise ValueError(f"masks differ in shape: {pred.shape} vs {target.shape}")
+        raise InvalidInput(f"masks differ in shape: {pred.shape} vs {target.shape}")
     total = int(pred.sum()) + int(target.sum())
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & target)) / total

@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 
 from maisi2.config import FlowConfig, dataclass_from_dict, set_dotted
+from maisi2.errors import InvalidInput
 
 __all__ = [
     "MaskAutoencoderConfig",
@@ -143,7 +144,7 @@ def _validate(cfg: MaskGenConfig) -> None:
                    f"latent_shape {cfg.latent_shape[1:]} must be multiples of {multiple} (the UNet's downsampling)"))
     for ok, message in checks:
         if not ok:
-            raise ValueError(f"mask generator config: {message}")
+            raise InvalidInput(f"mask generator config: {message}")
 
 
 def _small() -> MaskGenConfig:
@@ -177,7 +178,7 @@ MASK_PRESETS = {"tiny": _tiny, "small": _small, "maisi-v2": MaskGenConfig}
 def get_mask_config(preset: str = "maisi-v2", overrides: list[str] | tuple[str, ...] = ()) -> MaskGenConfig:
     """A named mask-generator preset with dotted ``key=value`` overrides (values parsed as JSON)."""
     if preset not in MASK_PRESETS:
-        raise ValueError(f"unknown mask generator preset {preset!r}; choose one of {', '.join(MASK_PRESETS)}")
+        raise InvalidInput(f"unknown mask generator preset {preset!r}; choose one of {', '.join(MASK_PRESETS)}")
     cfg = MASK_PRESETS[preset]()
     if not overrides:
         return cfg

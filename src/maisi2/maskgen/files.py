@@ -30,6 +30,7 @@ from torch import nn
 
 from maisi2 import checkpoint as ckpt
 from maisi2.atomic import atomic_output, check_writable
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.maskgen.config import MaskGenConfig, get_mask_config
 from maisi2.maskgen.sizes import RELEASE_TABLE_FILES, SizeScale, SizeTable
 
@@ -88,7 +89,7 @@ def mask_generator_dir(choice: str | Path | None, model_dir: str | Path | None =
         choice = "released" if model_dir is not None and is_released_mask_folder(model_dir) else "bundled"
     if choice == "released":
         if model_dir is None or not is_released_mask_folder(model_dir):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"--mask-generator released reads the release's {RELEASED_MASK_FILES['mask_autoencoder']} and "
                 f"{RELEASED_MASK_FILES['mask_unet']} from the --model folder"
                 + ("" if model_dir is None else f"; {model_dir} lacks them")
@@ -97,7 +98,7 @@ def mask_generator_dir(choice: str | Path | None, model_dir: str | Path | None =
     if choice == "bundled":
         folder = bundled_mask_generator_dir()
         if not is_our_mask_folder(folder):
-            raise FileNotFoundError(
+            raise MissingInput(
                 "maisi2 bundles no mask generator yet (none trained here has passed the bar in "
                 "docs/mask_generator.md); pass --mask-generator DIR with one from `maisi2 train-maskgen`, or "
                 "--mask-generator released with --model holding the release's mask generation files"
@@ -105,7 +106,7 @@ def mask_generator_dir(choice: str | Path | None, model_dir: str | Path | None =
         return folder
     folder = Path(choice).expanduser()
     if not (is_released_mask_folder(folder) or is_our_mask_folder(folder)):
-        raise FileNotFoundError(f"--mask-generator {folder}: no mask generator there ({MASKGEN_JSON} or the "
+        raise MissingInput(f"--mask-generator {folder}: no mask generator there ({MASKGEN_JSON} or the "
                                 f"release's {RELEASED_MASK_FILES['mask_unet']})")
     return folder
 
@@ -128,7 +129,7 @@ def load_mask_generator(model_dir: str | Path, device: str | torch.device | None
         return _load_released(model_dir, device)
     if is_our_mask_folder(model_dir):
         return _load_ours(model_dir, device)
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{model_dir} holds no mask generator: expected the release's {RELEASED_MASK_FILES['mask_autoencoder']} and "
         f"{RELEASED_MASK_FILES['mask_unet']}, or a maisi2 mask generator ({MASKGEN_JSON}; `maisi2 train-maskgen`)"
     )
@@ -148,13 +149,13 @@ def _built(cfg: MaskGenConfig, weights: dict, device, sources: dict[str, str]) -
 def _load_released(model_dir: Path, device) -> MaskGenerator:
     paths = {k: model_dir / f for k, f in RELEASED_MASK_FILES.items()}
     if not paths["mask_autoencoder"].is_file():
-        raise FileNotFoundError(f"{model_dir} has {paths['mask_unet'].name} but not {paths['mask_autoencoder'].name}; "
+        raise MissingInput(f"{model_dir} has {paths['mask_unet'].name} but not {paths['mask_autoencoder'].name}; "
                                 "the released mask generator needs both files")
     autoencoder = ckpt.read_torch_file(paths["mask_autoencoder"])
     unet_file = ckpt.read_torch_file(paths["mask_unet"])
     for key in ("unet_state_dict", "scale_factor"):
         if not isinstance(unet_file, dict) or key not in unet_file:
-            raise ValueError(f"{paths['mask_unet']} has no '{key}' entry; is it the release's mask generation UNet?")
+            raise InvalidInput(f"{paths['mask_unet']} has no '{key}' entry; is it the release's mask generation UNet?")
     cfg = get_mask_config("maisi-v2")
     weights = {"mask_autoencoder": autoencoder, "mask_unet": unet_file["unet_state_dict"]}
     ae, unet = _built(cfg, weights, device, {k: str(p) for k, p in paths.items()})
@@ -171,22 +172,22 @@ def _load_ours(model_dir: Path, device) -> MaskGenerator:
     try:
         spec = json.loads(spec_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{spec_path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+        raise InvalidInput(f"{spec_path} is not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ValueError(f"{spec_path} is not a maisi2 mask generator description (\"format\": \"{FORMAT}\")")
+        raise InvalidInput(f"{spec_path} is not a maisi2 mask generator description (\"format\": \"{FORMAT}\")")
     if int(spec.get("version", 0)) > VERSION:
-        raise ValueError(f"{spec_path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
+        raise InvalidInput(f"{spec_path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
     try:
         cfg = MaskGenConfig.from_dict(spec["config"])
         scale = SizeScale(tuple(float(v) for v in spec["size_scale"]))
         table = SizeTable(np.asarray(spec["size_table"]), str(spec_path))
         scale_factor = float(spec["scale_factor"])
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{spec_path}: invalid mask generator description: {err}") from None
+        raise InvalidInput(f"{spec_path}: invalid mask generator description: {err}") from None
     paths = {k: model_dir / f"{k}.safetensors" for k in ckpt.MASK_KINDS}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{model_dir} has {MASKGEN_JSON} but lacks {', '.join(missing)}")
+        raise MissingInput(f"{model_dir} has {MASKGEN_JSON} but lacks {', '.join(missing)}")
     weights = {k: load_file(str(p)) for k, p in paths.items()}
     ae, unet = _built(cfg, weights, device, {k: str(p) for k, p in paths.items()})
     return MaskGenerator(cfg, ae, unet, scale_factor, "ours", model_dir, scale, table, dict(spec.get("metadata", {})))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from maisi2.errors import InvalidInput
 from maisi2.fastops import accelerate
 from maisi2.maskgen.config import MaskGenConfig
 from maisi2.nets import mask_to_bitplanes
@@ -74,7 +75,7 @@ def predict(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sizes: torch.Te
     as the release conditions its mask UNet.
     """
     if sizes.dim() != 2:
-        raise ValueError(f"sizes must have shape (B, slots), got {tuple(sizes.shape)}")
+        raise InvalidInput(f"sizes must have shape (B, slots), got {tuple(sizes.shape)}")
     t = t.to(x_t.device, torch.float32).reshape(-1).expand(x_t.shape[0])
     return unet(x=x_t, timesteps=t, context=sizes.to(x_t.device, x_t.dtype)[:, None, :])
 

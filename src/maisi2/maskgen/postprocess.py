@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 
 __all__ = ["classes_to_ids", "logits_to_ids", "clean_mask", "SINGLE_COMPONENT_ORGANS", "MULTI_COMPONENT_TUMORS"]
 
@@ -45,7 +46,7 @@ def logits_to_ids(logits) -> np.ndarray:
 
     logits = torch.as_tensor(logits)
     if logits.dim() != 4 or logits.shape[0] != len(L.MASK_GENERATOR_CHANNEL_IDS):
-        raise ValueError(f"expected ({len(L.MASK_GENERATOR_CHANNEL_IDS)}, X, Y, Z) logits, got {tuple(logits.shape)}")
+        raise InvalidInput(f"expected ({len(L.MASK_GENERATOR_CHANNEL_IDS)}, X, Y, Z) logits, got {tuple(logits.shape)}")
     return L.channels_to_ids(logits.argmax(dim=0).cpu().numpy())
 
 

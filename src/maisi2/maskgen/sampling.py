@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from maisi2 import ddpm, flow, volume_io
+from maisi2.errors import InvalidInput
 from maisi2.maskgen import networks, postprocess
 from maisi2.maskgen.files import MaskGenerator
 from maisi2.maskgen.sizes import SLOTS, check_requested, requested_tumor
@@ -52,14 +53,14 @@ def size_vector(generator: MaskGenerator, sizes: Mapping[str, float] | Sequence[
     if not isinstance(sizes, Mapping):
         vector = np.asarray(sizes, dtype=np.float32)
         if vector.shape != (len(SLOTS),):
-            raise ValueError(f"a size vector needs {len(SLOTS)} values ({', '.join(SLOTS)}), got shape {vector.shape}")
+            raise InvalidInput(f"a size vector needs {len(SLOTS)} values ({', '.join(SLOTS)}), got shape {vector.shape}")
         check_requested(dict(zip(SLOTS, vector.tolist())))
         return vector
     check_requested(sizes)
     if len(sizes) == len(SLOTS):
         return np.asarray([sizes[n] for n in SLOTS], dtype=np.float32)
     if generator.size_table is None:
-        raise ValueError(
+        raise InvalidInput(
             f"{generator.model_dir} has no table of known anatomy sizes to fill the slots not given "
             f"({', '.join(n for n in SLOTS if n not in sizes)}): give all ten, or put the release's "
             "all_anatomy_size_conditions.json in that folder"
@@ -84,7 +85,7 @@ def sample_latent(generator: MaskGenerator, vectors: torch.Tensor, noise: torch.
 
     if cfg.objective == "ddpm":
         if steps not in (None, 1000):
-            raise ValueError(f"the DDPM mask generator samples with all 1000 steps; got steps={steps}")
+            raise InvalidInput(f"the DDPM mask generator samples with all 1000 steps; got steps={steps}")
         return ddpm.sample_ddpm(model, noise, 1000, generator=rng, progress=progress)
     steps = steps or cfg.flow.num_inference_steps or DEFAULT_FLOW_STEPS
     timesteps, next_timesteps = flow.inference_timesteps(steps, noise.shape[2:], cfg.flow, exact=True)

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 
 __all__ = [
     "SLOTS",
@@ -58,11 +59,11 @@ def parse_anatomy_sizes(text: str) -> dict[str, float]:
         name, sep, value = part.rpartition("=")
         name = name.strip().strip("'\"").strip()
         if not sep or not name:
-            raise ValueError(f"--anatomy-size item {part!r} must look like NAME=SIZE, e.g. liver=0.6")
+            raise InvalidInput(f"--anatomy-size item {part!r} must look like NAME=SIZE, e.g. liver=0.6")
         try:
             sizes[name] = float(value)
         except ValueError:
-            raise ValueError(f"--anatomy-size {name}: {value!r} is not a number") from None
+            raise InvalidInput(f"--anatomy-size {name}: {value!r} is not a number") from None
     check_requested(sizes)
     return sizes
 
@@ -84,15 +85,15 @@ def _split_outside_quotes(text: str) -> list[str]:
 def check_requested(sizes: Mapping[str, float]) -> None:
     """One clear line for a bad request: unknown slot, size outside [0, 1] and not -1, two tumours."""
     if not sizes:
-        raise ValueError("no anatomy sizes given; name at least one of: " + ", ".join(SLOTS))
+        raise InvalidInput("no anatomy sizes given; name at least one of: " + ", ".join(SLOTS))
     for name, value in sizes.items():
         if name not in SLOTS:
-            raise ValueError(f"{name!r} has no anatomy-size slot; the mask generator controls: {', '.join(SLOTS)}")
+            raise InvalidInput(f"{name!r} has no anatomy-size slot; the mask generator controls: {', '.join(SLOTS)}")
         if not (value == ABSENT or 0.0 <= value <= 1.0):
-            raise ValueError(f"anatomy size of {name} must lie in [0, 1] or be -1 (absent), got {value}")
+            raise InvalidInput(f"anatomy size of {name} must lie in [0, 1] or be -1 (absent), got {value}")
     tumors = [n for n in sizes if n in TUMOR_SLOTS and sizes[n] != ABSENT]
     if len(tumors) > 1:
-        raise ValueError(f"the mask generator makes one tumour kind per mask; got {', '.join(tumors)}")
+        raise InvalidInput(f"the mask generator makes one tumour kind per mask; got {', '.join(tumors)}")
 
 
 def requested_tumor(vector: Sequence[float]) -> int | None:
@@ -116,7 +117,7 @@ class SizeScale:
 
     def __post_init__(self):
         if len(self.reference_ml) != len(SLOTS) or not all(v > 0 for v in self.reference_ml):
-            raise ValueError(f"a size scale needs {len(SLOTS)} positive reference volumes, got {self.reference_ml}")
+            raise InvalidInput(f"a size scale needs {len(SLOTS)} positive reference volumes, got {self.reference_ml}")
 
     @classmethod
     def from_volumes(cls, volumes_ml: np.ndarray) -> "SizeScale":
@@ -146,7 +147,7 @@ class SizeTable:
     def __post_init__(self):
         v = np.asarray(self.vectors, dtype=np.float32)
         if v.ndim != 2 or v.shape[1] != len(SLOTS) or len(v) == 0:
-            raise ValueError(f"{self.source}: a size table needs vectors of {len(SLOTS)} slots, got shape {v.shape}")
+            raise InvalidInput(f"{self.source}: a size table needs vectors of {len(SLOTS)} slots, got shape {v.shape}")
         object.__setattr__(self, "vectors", v)
 
     def complete(self, requested: Mapping[str, float]) -> np.ndarray:
@@ -173,10 +174,10 @@ class SizeTable:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the anatomy-size table {path}: {err}") from None
+            raise InvalidInput(f"cannot read the anatomy-size table {path}: {err}") from None
         if isinstance(data, dict) and "vectors" in data:
             return cls(np.asarray(data["vectors"]), str(path))
         if isinstance(data, list) and data and all(isinstance(d, dict) and "organ_size" in d for d in data):
             return cls(np.asarray([d["organ_size"] for d in data]), str(path))
-        raise ValueError(f"{path} is not an anatomy-size table (expected {{\"vectors\": ...}} or "
+        raise InvalidInput(f"{path} is not an anatomy-size table (expected {{\"vectors\": ...}} or "
                          "a list of {\"organ_size\": [...]})")

@@ -44,6 +44,7 @@ from maisi2 import ddpm, flow, losses, volume_io
 from maisi2 import labels as L
 from maisi2.checkpoint import load_checkpoint
 from maisi2.config import dataclass_from_dict, set_dotted
+from maisi2.errors import InvalidInput
 from maisi2.maskgen import networks
 from maisi2.maskgen.config import MaskGenConfig
 from maisi2.maskgen.files import save_mask_generator
@@ -128,9 +129,9 @@ def load_library(datalist: str | Path, cfg: MaskGenConfig, folds: str = "train",
     elif folds == "holdout":
         items = [it for it in items if it.fold == holdout_fold]
     elif folds != "all":
-        raise ValueError(f"folds must be 'train', 'holdout' or 'all', got {folds!r}")
+        raise InvalidInput(f"folds must be 'train', 'holdout' or 'all', got {folds!r}")
     if not items:
-        raise ValueError(f"{datalist} has no label maps in the {folds!r} folds (holdout fold {holdout_fold}); "
+        raise InvalidInput(f"{datalist} has no label maps in the {folds!r} folds (holdout fold {holdout_fold}); "
                          "the mask generator trains on label maps (`maisi2 phantom --count N` writes a set)")
     masks = [mask_on_grid(volume_io.load_label_map(it.label), cfg) for it in items]
     spacing = [cfg.spacing_mm] * 3
@@ -258,7 +259,7 @@ def _say(message: str) -> None:
 def _ema_network(kind: str, cfg: MaskGenConfig, path: Path, device) -> nn.Module:
     ckpt = load_checkpoint(path)
     if ckpt.kind != kind or ckpt.config != cfg:
-        raise ValueError(f"{path} is not a {kind} checkpoint of this mask-generator config; "
+        raise InvalidInput(f"{path} is not a {kind} checkpoint of this mask-generator config; "
                          "train with the same --preset/--set options, or choose another output folder")
     build = networks.build_mask_autoencoder if kind == "mask_autoencoder" else networks.build_mask_unet
     net = build(cfg, device=device)
@@ -281,11 +282,11 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
 
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
-        raise ValueError(f"stages must be a non-empty subset of {', '.join(STAGES)}; got {list(stages)}")
+        raise InvalidInput(f"stages must be a non-empty subset of {', '.join(STAGES)}; got {list(stages)}")
     if cfg.objective == "ddpm" and cfg.preset == "maisi-v2":
         _say("training the release-size mask generator: expect days on a GPU, not a CPU run")
     if recipe.autoencoder_crop % cfg.autoencoder.downsample_factor:
-        raise ValueError(f"autoencoder_crop must be a multiple of {cfg.autoencoder.downsample_factor} (the "
+        raise InvalidInput(f"autoencoder_crop must be a multiple of {cfg.autoencoder.downsample_factor} (the "
                          f"autoencoder's downsampling), got {recipe.autoencoder_crop}")
     out_dir = Path(out_dir)
     library = load_library(datalist, cfg, "train", recipe.holdout_fold)

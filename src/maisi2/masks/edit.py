@@ -15,6 +15,7 @@ from pathlib import Path
 
 from maisi2 import label_tables, volume_io
 from maisi2.atomic import atomic_output, check_writable
+from maisi2.errors import InvalidInput
 from maisi2.masks.tumors import TumorChange, TumorEdits, edit_tumors
 
 __all__ = ["edit_file", "changes_path"]
@@ -32,9 +33,9 @@ def edit_file(mask: str | os.PathLike, out: str | os.PathLike, edits: TumorEdits
     """Apply `edits` to the MAISI label map `mask` and write `out` plus its `_edits.json`."""
     out = Path(out).expanduser()
     if not out.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{out}: the edited mask is NIfTI; name it *.nii.gz")
+        raise InvalidInput(f"{out}: the edited mask is NIfTI; name it *.nii.gz")
     if edits.is_empty():
-        raise ValueError("no edit asked for; give --add, --remove, --scale or --augment")
+        raise InvalidInput("no edit asked for; give --add, --remove, --scale or --augment")
     report_path = changes_path(out)
     slicer, itksnap = label_tables.table_paths(out)
     for path in (out, report_path, slicer, itksnap):

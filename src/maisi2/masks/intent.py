@@ -23,6 +23,7 @@ import numpy as np
 
 from maisi2 import volume_io
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 from maisi2.masks import tumors as T
 from maisi2.masks.library import load_library
 from maisi2.masks.select import MaskRequest, fit_mask, select_masks
@@ -55,7 +56,7 @@ def parse_tumor_counts(items: Sequence[str]) -> list[TumorCount]:
         except ValueError:
             n = -1
         if n < 1:
-            raise ValueError(f"bad tumour request {item!r}; write KIND or KIND:COUNT with COUNT >= 1, e.g. hepatic:2")
+            raise InvalidInput(f"bad tumour request {item!r}; write KIND or KIND:COUNT with COUNT >= 1, e.g. hepatic:2")
         out.append(TumorCount(L.tumor_kind(kind), n))
     return out
 
@@ -118,7 +119,7 @@ def generate_from_intent(request: MaskRequest, out: str | os.PathLike, library: 
     options = options or G.GenerateOptions()
     # 1. check everything cheap first: outputs, options, the library, the selection
     if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+        raise InvalidInput(f"--num-samples must be >= 1, got {num_samples}")
     outs = numbered_outputs(out, num_samples)
     for path in outs:
         G.check_request(path, options)

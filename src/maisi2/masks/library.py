@@ -24,6 +24,7 @@ import numpy as np
 from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.atomic import atomic_output
+from maisi2.errors import InvalidInput, MissingInput
 from maisi2.masks.regions import covered_regions
 
 __all__ = ["MaskEntry", "LibraryIndex", "INDEX_NAME", "index_library", "load_library", "default_library_dir",
@@ -118,7 +119,7 @@ def index_library(folder: str | os.PathLike, write: bool = True, trust_sizes: bo
     (the bundled library, whose files only change with the package) its size alone."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"mask library {folder} is not a folder")
+        raise MissingInput(f"mask library {folder} is not a folder")
     previous = _previous(folder)
     entries, skipped, read = [], [], 0
     for path in _candidates(folder):
@@ -156,11 +157,11 @@ def load_library(folder: str | os.PathLike | None = None) -> LibraryIndex:
     bundled = folder is None
     folder = default_library_dir() if bundled else Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"mask library {folder} is not a folder")
+        raise MissingInput(f"mask library {folder} is not a folder")
     index = index_library(folder, write=not bundled and os.access(folder, os.W_OK), trust_sizes=bundled)
     if not index.entries:
         why = f"; skipped {len(index.skipped)}: {index.skipped[0]['reason']}" if index.skipped else ""
-        raise ValueError(f"mask library {folder} holds no usable MAISI label maps{why}. "
+        raise InvalidInput(f"mask library {folder} holds no usable MAISI label maps{why}. "
                          "Point --library at a folder of MAISI label maps (*.nii.gz) or leave it out for the bundled one")
     return index
 

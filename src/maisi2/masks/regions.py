@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 
 __all__ = ["REGIONS", "REGION_ALIASES", "MIN_MARKER_ML", "region_name", "covered_regions"]
 
@@ -58,7 +59,7 @@ def region_name(text: str) -> str:
         return key
     close = difflib.get_close_matches(key, [*REGIONS, *REGION_ALIASES], n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-    raise ValueError(f"unknown body region {text!r}{hint}; regions: {', '.join(REGIONS)}")
+    raise InvalidInput(f"unknown body region {text!r}{hint}; regions: {', '.join(REGIONS)}")
 
 
 def covered_regions(volumes_ml: dict[str, float]) -> dict[str, list[str]]:

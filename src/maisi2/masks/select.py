@@ -30,6 +30,7 @@ import numpy as np
 
 from maisi2 import volume_io
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 from maisi2.masks.library import LibraryIndex, MaskEntry
 from maisi2.masks.regions import region_name
 
@@ -82,7 +83,7 @@ def anatomy_name(text: str) -> str:
         return lowered[key]
     close = difflib.get_close_matches(key, list(lowered), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(lowered[c]) for c in close)}?)" if close else ""
-    raise ValueError(f"unknown anatomy {text!r}{hint}; anatomy names are MAISI label names "
+    raise InvalidInput(f"unknown anatomy {text!r}{hint}; anatomy names are MAISI label names "
                      "(those of maisi2/resources/label_dict.json, e.g. 'liver', 'hepatic tumor')")
 
 
@@ -98,13 +99,13 @@ def make_request(region: str | Sequence[str] | None = None, anatomy: str | Seque
     if size is not None:
         size = tuple(int(n) for n in size)
         if len(size) != 3 or any(n < divisor or n % divisor for n in size):
-            raise ValueError(f"--size must be three multiples of {divisor} (the networks halve each axis "
+            raise InvalidInput(f"--size must be three multiples of {divisor} (the networks halve each axis "
                              f"{int(math.log2(divisor))} times), got {' '.join(map(str, size))}; "
                              f"e.g. {' '.join(str(max(divisor, round(n / divisor) * divisor)) for n in size)}")
     if spacing is not None:
         spacing = tuple(float(s) for s in spacing)
         if len(spacing) != 3 or not all(math.isfinite(s) and 0.2 <= s <= 20 for s in spacing):
-            raise ValueError(f"--spacing must be three numbers between 0.2 and 20 mm, got {spacing}")
+            raise InvalidInput(f"--spacing must be three numbers between 0.2 and 20 mm, got {spacing}")
     return MaskRequest(regions, names, size, spacing)
 
 
@@ -188,7 +189,7 @@ def select_masks(index: LibraryIndex, request: MaskRequest, seed: int = 0,
     repeats until the group is used up). Raises ValueError saying why the closest masks fail."""
     kept, rejected = rank(index, request)
     if not kept:
-        raise ValueError(_nothing_fits(index, request, rejected))
+        raise InvalidInput(_nothing_fits(index, request, rejected))
     head = kept[0]
     best = [v for v in kept if (v.exact, len(v.to_add)) == (head.exact, len(head.to_add))
             and v.score <= head.score + BEST_TOLERANCE]
@@ -243,7 +244,7 @@ def _window_start(labels: np.ndarray, request: MaskRequest) -> list[int]:
         if len(where):
             lo, hi = int(where[:, axis].min()), int(where[:, axis].max()) + 1
             if hi - lo > want:
-                raise ValueError(f"the requested structures span {hi - lo} voxels along {'xyz'[axis]}, more than "
+                raise InvalidInput(f"the requested structures span {hi - lo} voxels along {'xyz'[axis]}, more than "
                                  f"the requested size {want}; raise --size or --spacing")
             preferred = min(max(preferred, hi - want), lo)
         start.append(preferred)

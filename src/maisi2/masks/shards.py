@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maisi2.atomic import atomic_output
+from maisi2.errors import InvalidInput, MissingInput
 
 __all__ = ["RequestLine", "read_requests", "run_requests", "run_requests_distributed", "shard_of"]
 
@@ -46,7 +47,7 @@ def read_requests(path: str | os.PathLike) -> list[RequestLine]:
     """Every non-empty, non-comment line; a line that is not a JSON object of known keys keeps its error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"requests file {path} does not exist")
+        raise MissingInput(f"requests file {path} does not exist")
     lines = []
     for number, text in enumerate(path.read_text().splitlines(), start=1):
         if not text.strip() or text.lstrip().startswith("#"):
@@ -54,17 +55,17 @@ def read_requests(path: str | os.PathLike) -> list[RequestLine]:
         try:
             row = json.loads(text)
             if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
+                raise InvalidInput("not a JSON object")
             unknown = set(row) - _KEYS
             if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_KEYS))}")
+                raise InvalidInput(f"unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_KEYS))}")
             if not (row.get("region") or row.get("anatomy") or row.get("mask")):
-                raise ValueError("a request needs a region, an anatomy or a mask")
+                raise InvalidInput("a request needs a region, an anatomy or a mask")
             lines.append(RequestLine(number, row))
         except ValueError as err:
             lines.append(RequestLine(number, None, f"line {number}: {err}"))
     if not lines:
-        raise ValueError(f"requests file {path} holds no requests")
+        raise InvalidInput(f"requests file {path} holds no requests")
     return lines
 
 
@@ -109,7 +110,7 @@ def run_requests(requests: str | os.PathLike, out_dir: str | os.PathLike, model=
         started = time.perf_counter()
         try:
             if line.row is None:
-                raise ValueError(line.error)
+                raise InvalidInput(line.error)
             _run_line(line, out_dir, models, options, library, Path(requests).expanduser().parent, rank, world_size)
             summary["done"] += 1
         except Exception as err:  # recorded per line; the batch goes on

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 
 __all__ = [
     "TumorChange",
@@ -121,10 +122,10 @@ def _confine_ids(kind: str, parent: int) -> tuple[int, ...]:
 def _check_labels(labels: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"a label map is a 3D integer array, got {labels.dtype} of shape {labels.shape}")
+        raise InvalidInput(f"a label map is a 3D integer array, got {labels.dtype} of shape {labels.shape}")
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ValueError(f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
+        raise InvalidInput(f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
     return labels, spacing
 
 
@@ -169,17 +170,17 @@ def add_tumor(labels: np.ndarray, spacing: Sequence[float], kind: str, radius_mm
     kind = L.tumor_kind(kind)
     radius_mm = float(radius_mm)
     if not math.isfinite(radius_mm) or radius_mm < float(spacing.max()) / 2:
-        raise ValueError(f"a {kind} tumour's radius must be at least half a voxel ({spacing.max() / 2:g} mm "
+        raise InvalidInput(f"a {kind} tumour's radius must be at least half a voxel ({spacing.max() / 2:g} mm "
                          f"at this spacing), got {radius_mm:g} mm")
     parents = _parent_to_tumor(kind)
     rng = np.random.default_rng(seed)
     depth = _organ_depth(labels, tuple(parents), spacing, kind)
     if depth is None:
-        raise ValueError(f"this mask has no {_organ_words(kind)}, so it cannot hold a {kind} tumour; "
+        raise InvalidInput(f"this mask has no {_organ_words(kind)}, so it cannot hold a {kind} tumour; "
                          "choose a mask that contains it (or another tumour kind)")
     deepest = float(depth.max())
     if deepest < radius_mm:
-        raise ValueError(f"{_organ_words(kind)} is too small for a {kind} tumour of radius {radius_mm:g} mm "
+        raise InvalidInput(f"{_organ_words(kind)} is too small for a {kind} tumour of radius {radius_mm:g} mm "
                          f"(it is at most {deepest:.1f} mm deep); ask for radius <= {deepest:.0f} mm")
     centre = _chosen_centre(labels, depth, radius_mm, at, rng, kind, parents)
     parent = int(labels[centre])
@@ -227,12 +228,12 @@ def _chosen_centre(labels, depth, radius_mm, at, rng, kind, parents) -> tuple[in
     try:
         centre = tuple(int(round(float(v))) for v in at)
     except (TypeError, ValueError):
-        raise ValueError(f"at must be three voxel indices x,y,z, got {at!r}") from None
+        raise InvalidInput(f"at must be three voxel indices x,y,z, got {at!r}") from None
     if len(centre) != 3 or any(not 0 <= c < n for c, n in zip(centre, labels.shape)):
-        raise ValueError(f"at={at} is outside the mask (shape {labels.shape}); give a voxel index x,y,z inside it")
+        raise InvalidInput(f"at={at} is outside the mask (shape {labels.shape}); give a voxel index x,y,z inside it")
     if int(labels[centre]) not in parents:
         deepest = tuple(int(v) for v in np.unravel_index(int(np.argmax(depth)), depth.shape))
-        raise ValueError(f"at={centre} lies in {L.label_name(int(labels[centre]))!r}, not in {_organ_words(kind)}; "
+        raise InvalidInput(f"at={centre} lies in {L.label_name(int(labels[centre]))!r}, not in {_organ_words(kind)}; "
                          f"a {kind} tumour must start inside it (its deepest voxel is {deepest})")
     return centre
 
@@ -292,7 +293,7 @@ def scale_tumors(labels: np.ndarray, spacing: Sequence[float], kind: str,
     kind = L.tumor_kind(kind)
     factor = float(factor)
     if not (math.isfinite(factor) and 0.1 <= factor <= 4.0):
-        raise ValueError(f"a scale factor is a length ratio between 0.1 and 4, got {factor:g}")
+        raise InvalidInput(f"a scale factor is a length ratio between 0.1 and 4, got {factor:g}")
     out = L.remove_tumors(labels, only=_kind_ids(kind))
     changes = []
     for tumor, mask in _tumor_components(labels, kind):
@@ -422,14 +423,14 @@ def parse_add(text: str) -> AddTumor:
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key.strip() not in ("radius", "at"):
-            raise ValueError(f"bad tumour option {option!r} in {text!r}; write KIND[:radius=12mm][:at=x,y,z]")
+            raise InvalidInput(f"bad tumour option {option!r} in {text!r}; write KIND[:radius=12mm][:at=x,y,z]")
         values[key.strip()] = value.strip()
     radius = 10.0
     if "radius" in values:
         try:
             radius = float(values["radius"].removesuffix("mm"))
         except ValueError:
-            raise ValueError(f"bad radius in {text!r}; write radius=12mm") from None
+            raise InvalidInput(f"bad radius in {text!r}; write radius=12mm") from None
     at = None
     if "at" in values:
         try:
@@ -437,7 +438,7 @@ def parse_add(text: str) -> AddTumor:
         except ValueError:
             at = ()
         if len(at) != 3:
-            raise ValueError(f"bad position in {text!r}; write at=x,y,z as three voxel indices")
+            raise InvalidInput(f"bad position in {text!r}; write at=x,y,z as three voxel indices")
     return AddTumor(L.tumor_kind(kind), radius, at)
 
 
@@ -449,7 +450,7 @@ def parse_scale(text: str) -> tuple[str, float]:
     except ValueError:
         sep = ""
     if not sep:
-        raise ValueError(f"bad scale {text!r}; write KIND=FACTOR, e.g. hepatic=0.8")
+        raise InvalidInput(f"bad scale {text!r}; write KIND=FACTOR, e.g. hepatic=0.8")
     return L.tumor_kind(kind), factor
 
 
@@ -462,7 +463,7 @@ def implant_random_balls(labels: np.ndarray, rng: np.random.Generator, radius_mm
     in the lungs, whichever lobes the ball then covers). What the experiments' masks are made of;
     `add_tumor` is the general, irregular-shaped edit."""
     if kind not in ("hepatic", "lung"):
-        raise ValueError(f"unknown tumour kind {kind!r}; choose from ['hepatic', 'lung']")
+        raise InvalidInput(f"unknown tumour kind {kind!r}; choose from ['hepatic', 'lung']")
     organ_ids, tumor_id = tuple(_parent_to_tumor(kind)), _kind_ids(kind)[0]
     edited = L.remove_tumors(labels)
     depth = ndimage.distance_transform_edt(np.isin(edited, organ_ids), sampling=spacing)

@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from maisi2.errors import InvalidInput, OutputExists
 from maisi2.phantom.anatomy import _Anatomy
 from maisi2.phantom.fields import _Fields
 from maisi2.phantom.lesions import TUMOR_KINDS, _place_lesions
@@ -61,15 +62,15 @@ class TumorSpec:
 
     def __post_init__(self):
         if self.kind not in TUMOR_KINDS:
-            raise ValueError(f"unknown tumour kind {self.kind!r}; choose from {', '.join(TUMOR_KINDS)}")
+            raise InvalidInput(f"unknown tumour kind {self.kind!r}; choose from {', '.join(TUMOR_KINDS)}")
         if isinstance(self.count, bool) or not isinstance(self.count, (int, np.integer)) or self.count < 0:
-            raise ValueError(f"tumour count must be a whole number >= 0, got {self.count!r}")
+            raise InvalidInput(f"tumour count must be a whole number >= 0, got {self.count!r}")
         try:
             low, high = (float(r) for r in self.radius_mm)
         except (TypeError, ValueError):
-            raise ValueError(f"radius_mm must be two numbers (MIN MAX, mm), got {self.radius_mm!r}") from None
+            raise InvalidInput(f"radius_mm must be two numbers (MIN MAX, mm), got {self.radius_mm!r}") from None
         if not (math.isfinite(high) and 0 < low <= high):
-            raise ValueError(f"radius_mm must satisfy 0 < MIN <= MAX (finite, mm), got {self.radius_mm!r}")
+            raise InvalidInput(f"radius_mm must satisfy 0 < MIN <= MAX (finite, mm), got {self.radius_mm!r}")
         object.__setattr__(self, "radius_mm", (low, high))
 
 
@@ -80,7 +81,7 @@ def parse_tumor_specs(items: Sequence[str], radius_mm: Sequence[float] | None = 
         kind, sep, count_text = str(item).strip().partition(":")
         kind = kind.strip().lower()
         if kind not in TUMOR_KINDS:
-            raise ValueError(
+            raise InvalidInput(
                 f"unknown tumour kind {kind!r} in {item!r}; choose from {', '.join(TUMOR_KINDS)} "
                 "written KIND or KIND:COUNT, e.g. hepatic:2"
             )
@@ -89,7 +90,7 @@ def parse_tumor_specs(items: Sequence[str], radius_mm: Sequence[float] | None = 
             try:
                 count = int(count_text)
             except ValueError:
-                raise ValueError(
+                raise InvalidInput(
                     f"bad tumour count in {item!r}; write KIND:COUNT with a whole number, e.g. hepatic:2") from None
         extra = {} if radius_mm is None else {"radius_mm": tuple(radius_mm)}
         specs.append(TumorSpec(kind, count, **extra))
@@ -109,7 +110,7 @@ def make_phantom(shape, spacing, tumors: Sequence[TumorSpec] = (), seed: int = 0
     seed = _check_seed(seed)
     tumors = list(tumors)
     if not all(isinstance(t, TumorSpec) for t in tumors):
-        raise ValueError("tumors must be TumorSpec objects (see parse_tumor_specs for 'hepatic:2' strings)")
+        raise InvalidInput("tumors must be TumorSpec objects (see parse_tumor_specs for 'hepatic:2' strings)")
     origin = -(np.asarray(shape) - 1) / 2.0 * spacing
     axes = tuple(origin[i] + np.arange(shape[i]) * spacing[i] for i in range(3))
     fov_lo, fov_hi = origin, origin + (np.asarray(shape) - 1) * spacing
@@ -134,7 +135,7 @@ def write_phantom(out_dir, shape, spacing, tumors: Sequence[TumorSpec] = (), see
 
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a folder; --out names the folder to write into")
+        raise InvalidInput(f"{out_dir} exists and is not a folder; --out names the folder to write into")
     ct_path, label_path = out_dir / "ct.nii.gz", out_dir / "label.nii.gz"
     for path in (ct_path, label_path):
         check_writable(path, overwrite)
@@ -168,11 +169,11 @@ def write_phantom_set(out_dir, count: int, grids: Sequence[tuple[Sequence[int], 
     from maisi2.data import DataItem, write_datalist
 
     if count < 1 or not grids:
-        raise ValueError("a phantom set needs count >= 1 and at least one (shape, spacing) grid")
+        raise InvalidInput("a phantom set needs count >= 1 and at least one (shape, spacing) grid")
     out_dir = Path(out_dir).expanduser()
     datalist = out_dir / "datalist.jsonl"
     if datalist.exists() and not overwrite:
-        raise FileExistsError(f"{datalist} already exists; pass --overwrite to replace the set")
+        raise OutputExists(f"{datalist} already exists; pass --overwrite to replace the set")
     items = []
     cases = range(count)
     if progress:
@@ -211,20 +212,20 @@ def _check_grid(shape, spacing) -> tuple[tuple[int, int, int], np.ndarray]:
     except TypeError:
         ok = False
     if not ok:
-        raise ValueError(f"shape must be three positive integers (voxels along x, y, z), got {shape!r}")
+        raise InvalidInput(f"shape must be three positive integers (voxels along x, y, z), got {shape!r}")
     if math.prod(dims) > MAX_PHANTOM_VOXELS:
-        raise ValueError(f"shape {' x '.join(map(str, dims))} is {math.prod(dims):.3g} voxels; a phantom has at most "
+        raise InvalidInput(f"shape {' x '.join(map(str, dims))} is {math.prod(dims):.3g} voxels; a phantom has at most "
                          f"{MAX_PHANTOM_VOXELS:.3g} (e.g. 1024 x 1024 x 1024), which a CPU can make in memory")
     try:
         mm = np.asarray(spacing, dtype=np.float64)
     except (TypeError, ValueError):
         mm = np.zeros(0)
     if mm.shape != (3,) or not np.all(np.isfinite(mm)) or np.any(mm <= 0):
-        raise ValueError(f"spacing must be three positive finite numbers (mm per voxel), got {spacing!r}")
+        raise InvalidInput(f"spacing must be three positive finite numbers (mm per voxel), got {spacing!r}")
     return dims, mm
 
 
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+        raise InvalidInput(f"seed must be a whole number >= 0, got {seed!r}")
     return int(seed)

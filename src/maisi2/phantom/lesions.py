@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_KINDS, label_id
 from maisi2.phantom.anatomy import _Anatomy
 from maisi2.phantom.fields import _DISP_MAX_MM, _Fields, _Points, _STREAM_LESIONS
@@ -78,7 +79,7 @@ def _fit_lesion(spec, rng, anatomy, fields, fov_lo, fov_hi, margin, placed):
             if radius == low and attempt >= 4:
                 break
             radius = max(low, radius * 0.75)
-    raise ValueError(
+    raise InvalidInput(
         f"could not fit a {spec.kind} lesion of radius >= {low:g} mm (plus one voxel, {margin:g} mm, of "
         "margin) inside its parent organ within the field of view; the organ may lie outside the view "
         "or be too small at this spacing. Enlarge the field of view, use a finer spacing, lower "

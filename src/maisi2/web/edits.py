@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from maisi2.errors import InvalidInput
 from maisi2.masks.tumors import AddTumor, TumorEdits, edit_tumors
 
 __all__ = ["apply_edit"]
@@ -27,17 +28,17 @@ def apply_edit(labels: np.ndarray, spacing: Sequence[float], edit: dict) -> tupl
 def _request(edit: dict) -> tuple[TumorEdits, str]:
     op, kind = edit.get("op"), edit.get("kind")
     if not kind:
-        raise ValueError("a tumour edit names the tumour kind (e.g. hepatic)")
+        raise InvalidInput("a tumour edit names the tumour kind (e.g. hepatic)")
     if op == "add":
         at = edit.get("at")
         if edit.get("radius_mm") is None or at is None:
-            raise ValueError("adding a tumour needs a radius (mm) and a position (click on the organ)")
+            raise InvalidInput("adding a tumour needs a radius (mm) and a position (click on the organ)")
         add = AddTumor(kind, float(edit["radius_mm"]), tuple(int(v) for v in at))
         return TumorEdits(add=(add,), seed=int(edit.get("seed", 0))), f"{kind} {add.radius_mm:g} mm at {list(add.at)}"
     if op == "remove":
         return TumorEdits(remove=(kind,)), f"{kind} removed"
     if op == "scale":
         if edit.get("factor") is None:
-            raise ValueError("resizing tumours needs a factor (a length ratio, e.g. 0.8)")
+            raise InvalidInput("resizing tumours needs a factor (a length ratio, e.g. 0.8)")
         return TumorEdits(scale=((kind, float(edit["factor"])),)), f"{kind} x{float(edit['factor']):g}"
-    raise ValueError(f"unknown tumour edit {op!r}; the page offers add, remove and scale")
+    raise InvalidInput(f"unknown tumour edit {op!r}; the page offers add, remove and scale")

@@ -23,13 +23,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from maisi2.errors import Maisi2Error
+
 __all__ = ["Cancelled", "Job", "JobQueue", "Task", "USER_ERRORS"]
 
 log = logging.getLogger(__name__)
 
-# The exceptions the `maisi2` command reports as one-line user errors (maisi2.cli.main): the web
-# app shows their message in the page; anything else is a bug and is logged with its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
+# What the `maisi2` command reports as one-line user errors (maisi2.cli.main): the web app shows
+# their message in the page; anything else is a bug and is logged with its traceback.
+USER_ERRORS = (Maisi2Error,)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)

@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from maisi2 import volume_io
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 from maisi2.web.jobs import Job, JobQueue
 
 __all__ = ["Workspace", "UploadTooLarge", "GenerationSettings", "WINDOW_PRESETS", "ID_PATTERN", "RESULT_FILES", "tumor_list"]
@@ -65,7 +66,7 @@ class GenerationSettings:
         from maisi2.generate import GenerateOptions, check_options
 
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         options = GenerateOptions(steps=self.steps, seed=self.seed,
                                   spacing=None if self.spacing is None else tuple(self.spacing),
                                   half_precision=PRECISIONS[self.precision], qc_retries=self.qc_retries)
@@ -169,7 +170,7 @@ class Workspace:
         from maisi2.phantom import parse_tumor_specs
 
         if len(shape) != 3 or int(np.prod([int(n) for n in shape])) > MAX_PHANTOM_VOXELS:
-            raise ValueError(f"a phantom here has three sizes and at most {MAX_PHANTOM_VOXELS:,} voxels "
+            raise InvalidInput(f"a phantom here has three sizes and at most {MAX_PHANTOM_VOXELS:,} voxels "
                              f"(e.g. 128 128 96), got {list(shape)}; use `maisi2 phantom` for larger ones")
         volume = phantom_mask(shape, spacing, parse_tumor_specs(tumors), seed)
         name = f"phantom {'x'.join(map(str, shape))} @ {'x'.join(f'{s:g}' for s in spacing)} mm, seed {seed}"
@@ -274,10 +275,10 @@ class Workspace:
     def view_slice(self, kind: str, item_id: str, layer: str, axis: int, index: int) -> np.ndarray:
         """One slice of a volume in array order: int16 HU for layer "ct", uint8 label ids for "labels"."""
         if axis not in (0, 1, 2):
-            raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+            raise InvalidInput(f"axis must be 0, 1 or 2, got {axis}")
         volume = load_volume(self._volume_path(kind, item_id, layer), layer)
         if not 0 <= index < volume.shape[axis]:
-            raise ValueError(f"slice {index} is outside 0..{volume.shape[axis] - 1} along axis {axis}")
+            raise InvalidInput(f"slice {index} is outside 0..{volume.shape[axis] - 1} along axis {axis}")
         return np.ascontiguousarray(np.take(volume.array, index, axis=axis))
 
     def _volume_path(self, kind: str, item_id: str, layer: str) -> Path:
@@ -285,7 +286,7 @@ class Workspace:
             return self.mask_path(item_id)
         if kind == "result" and layer in ("ct", "labels"):
             return self.result_file(item_id, "ct" if layer == "ct" else "label")
-        raise ValueError(f"no {layer!r} layer for a {kind!r} (masks have labels; results have ct and labels)")
+        raise InvalidInput(f"no {layer!r} layer for a {kind!r} (masks have labels; results have ct and labels)")
 
     # -- generation --------------------------------------------------------------------------
 
@@ -294,7 +295,7 @@ class Workspace:
         record = self.mask(mask_id)
         options = settings.options()
         if settings.model not in self.models:
-            raise ValueError(f"unknown model {settings.model!r}; this server offers {', '.join(self.models)}")
+            raise InvalidInput(f"unknown model {settings.model!r}; this server offers {', '.join(self.models)}")
         details = {"mask": record.id, "mask_name": record.name, "settings": asdict(settings)}
 
         def task(on_progress):
@@ -359,7 +360,7 @@ class Workspace:
         return _StagedFolder(self.root / area)
 
 
-class UploadTooLarge(ValueError):
+class UploadTooLarge(InvalidInput):
     """An upload past the server's size limit."""
 
     @classmethod
@@ -391,7 +392,7 @@ class UploadWriter:
         self._file.close()
         if exc_type is None and self.size == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
-            raise ValueError(f"{self.given_name} is empty")
+            raise InvalidInput(f"{self.given_name} is empty")
         if exc_type is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -474,7 +475,7 @@ def _nifti_name(name: str) -> str:
     lower = base.lower()
     suffix = next((s for s in NIFTI_SUFFIXES if lower.endswith(s)), None)
     if suffix is None:
-        raise ValueError(f"{name!r} is not a NIfTI file; upload a label map as .nii.gz or .nii")
+        raise InvalidInput(f"{name!r} is not a NIfTI file; upload a label map as .nii.gz or .nii")
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", base[: -len(suffix)])[:80].strip(".") or "upload"
     return stem + suffix
 
@@ -491,7 +492,7 @@ def _in_users_words(fn, path: Path, *args, **kwargs):
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         for location in (str(path), str(path.parent)):
             message = message.replace(location, path.name)
-        raise ValueError(message) from None
+        raise InvalidInput(message) from None
 
 
 def _read_mask_record(path: Path) -> MaskRecord:
