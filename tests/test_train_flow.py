@@ -19,11 +19,10 @@ from maisi2 import latents, nets
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.cli import main
 from maisi2.config import get_config
-from maisi2.latents import LatentRecord
+from maisi2.latents import LatentRecord, prepare_batch, resize_latent
 from maisi2.training import LAST, LOG, DistInfo
-from maisi2.train_flow import (FlowRecipe, bucket_batch_sizes, default_recipe, prepare_batch,
-                               recipe_with_overrides, resize_latent, source_weights, stage_dir, stage_source,
-                               train_flow, train_stage)
+from maisi2.train_flow import (FlowRecipe, bucket_batch_sizes, default_recipe, recipe_with_overrides, source_weights,
+                               stage_dir, stage_source, train_flow, train_stage)
 
 CFG = get_config("tiny")
 SMALL, LONG = (4, 8, 8, 8), (4, 16, 8, 8)

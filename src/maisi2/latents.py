@@ -17,19 +17,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from maisi2 import nets
 from maisi2.atomic import atomic_output
 from maisi2.checkpoint import read_torch_file, save_torch_file
 from maisi2.errors import InvalidInput, MissingInput
 
 __all__ = ["LatentRecord", "write_latent", "read_index", "compute_scale_factor", "write_stats",
-           "read_stats", "LatentDataset"]
+           "read_stats", "LatentDataset", "RESIZE_MODES", "resize_latent", "prepare_batch"]
 
 INDEX = "index.jsonl"
 STATS = "stats.json"
+RESIZE_MODES = ("downsample", "crop")
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,57 @@ class LatentDataset(Dataset):
                 raise InvalidInput(f"{record.file} has no label map; re-encode with labels in the datalist")
             item["label"] = data["label"]
         return item
+
+
+# -- batches of cached latents, as the flow and ControlNet recipes train on them -----------------
+
+def resize_latent(latent: torch.Tensor, spacing: torch.Tensor, size: Sequence[int], mode: str,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring one (C, x, y, z) latent to `size`; returns it with the image spacing (mm) it now has.
+
+    "downsample": area averaging (MONAI-free `F.interpolate(mode="area")`); each axis's spacing
+    grows by old/new size so the conditioning still tells the true voxel size.
+    "crop": a random window (offsets from `generator`), spacing unchanged.
+    """
+    old = torch.tensor(latent.shape[1:], dtype=torch.float32)
+    new = torch.tensor(tuple(size), dtype=torch.float32)
+    if mode == "downsample":
+        resized = F.interpolate(latent[None], size=tuple(size), mode="area")[0]
+        return resized, spacing * (old / new).to(spacing.device)
+    if mode != "crop":
+        raise InvalidInput(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    if (old < new).any():
+        raise InvalidInput(f"cannot crop a latent of shape {tuple(latent.shape[1:])} to {tuple(size)}: lower "
+                         "stage1.latent_size or use stage1.resize=downsample")
+    starts = [int(torch.randint(0, o - n + 1, (1,), generator=generator, device=generator.device))
+              for o, n in zip(latent.shape[1:], size)]
+    window = tuple(slice(s, s + n) for s, n in zip(starts, size))
+    return latent[(slice(None), *window)], spacing
+
+
+def prepare_batch(items: list[dict], generator: torch.Generator, device: torch.device, *,
+                  latent_size: Sequence[int] | None = None, resize: str = "downsample",
+                  modality_dropout: float = 0.0, multiple: int = 1) -> tuple[torch.Tensor, nets.Conditioning]:
+    """`LatentDataset` items -> x0 (B, C, x, y, z) on `device` and its conditioning.
+
+    latent_size: resize every latent to it first (stage 1). multiple: every spatial size must be
+    a multiple of it (the UNet halves the grid len(num_channels)-1 times).
+    """
+    latents, spacings = [], []
+    for item in items:
+        latent, spacing = item["latent"].to(device), item["spacing"].to(device, torch.float32)
+        if latent_size is not None:
+            latent, spacing = resize_latent(latent, spacing, latent_size, resize, generator)
+        latents.append(latent)
+        spacings.append(spacing)
+    shapes = sorted({tuple(z.shape) for z in latents})
+    if len(shapes) != 1:
+        raise InvalidInput(f"a batch mixes latent shapes {shapes}; bucket the data by size")
+    if any(s % multiple for s in shapes[0][1:]):
+        raise InvalidInput(f"latent shape {shapes[0][1:]} is not a multiple of {multiple} on every axis, which the "
+                         "UNet needs; re-encode the volumes padded to a multiple of that times the VAE factor")
+    modality = torch.tensor([int(item["modality"]) for item in items], dtype=torch.long, device=device)
+    if modality_dropout > 0:
+        dropped = torch.rand(len(items), generator=generator, device=generator.device) < modality_dropout
+        modality = torch.where(dropped.to(device), torch.zeros_like(modality), modality)
+    return torch.stack(latents), nets.Conditioning(spacing=torch.stack(spacings), modality=modality)

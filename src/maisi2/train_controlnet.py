@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,9 +49,8 @@ from maisi2.config import Config, FlowConfig, dataclass_from_dict, apply_overrid
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS, remove_tumors
-from maisi2.latents import LatentDataset, read_index, read_stats
-from maisi2.train_flow import prepare_batch
-from maisi2.training import BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, train
+from maisi2.latents import LatentDataset, prepare_batch, read_index, read_stats
+from maisi2.training import BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, say, train
 
 __all__ = [
     "PLACEMENTS",
@@ -337,7 +335,7 @@ def _labelled_latents(cache, scale: float, info: DistInfo) -> LatentDataset:
     if not keep:
         raise InvalidInput(f"no volume in {cache} has a label map; encode a datalist with a label column")
     if len(keep) < len(records):
-        _say(info, f"controlnet: skipping {len(records) - len(keep)} cached volume(s) without a label map")
+        say(info, f"controlnet: skipping {len(records) - len(keep)} cached volume(s) without a label map")
     return LatentDataset(cache, scale_factor=scale, with_labels=True, indices=keep)
 
 
@@ -425,11 +423,6 @@ class ControlNetStepLoss:
 
 # -- running it -----------------------------------------------------------------------------
 
-def _say(info: DistInfo, message: str) -> None:
-    if info.is_main:
-        print(f"maisi2: {message}", file=sys.stderr, flush=True)
-
-
 def _unet_weights(path: Path, preset: str | None) -> tuple[dict, Config | None, float | None]:
     """(state dict, config or None, scale factor) from a maisi2 unet checkpoint, a released
     ``diff_unet_3d_rflow-ct.pt`` or a folder holding one."""
@@ -500,7 +493,7 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
         if scale is None:
             scale = cache_scale
         elif abs(scale - cache_scale) > 1e-3 * abs(cache_scale):
-            _say(info, f"the UNet was trained with scale_factor {scale:.5g}, the cache has {cache_scale:.5g}; "
+            say(info, f"the UNet was trained with scale_factor {scale:.5g}, the cache has {cache_scale:.5g}; "
                        "using the UNet's (encode with the same VAE to keep them equal)")
         dataset = _labelled_latents(cache, scale, info)
         init = None if init_controlnet is None or (resume and (Path(out_dir) / "last.pt").is_file()) else Path(init_controlnet)
@@ -512,7 +505,7 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
             if on_batch is not None:
                 on_batch(step, batch)
 
-        _say(info, f"controlnet: {len(dataset)} latents, {recipe.steps} steps, contrastive "
+        say(info, f"controlnet: {len(dataset)} latents, {recipe.steps} steps, contrastive "
                    f"{'on (' + recipe.loss.placement + ')' if recipe.loss.contrastive else 'off'} -> {out_dir}")
         extra = {"recipe": recipe.to_json(), "unet": str(unet), "cache": str(cache),
                  "init": "" if init is None else str(init)}

@@ -34,13 +34,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from maisi2 import ddpm, flow, losses, nets
@@ -48,8 +46,8 @@ from maisi2.checkpoint import load_checkpoint, load_weights
 from maisi2.config import Config, FlowConfig, dataclass_from_dict, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
 from maisi2.errors import InvalidInput, MissingInput
-from maisi2.latents import LatentDataset
-from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed,
+from maisi2.latents import RESIZE_MODES, LatentDataset, prepare_batch
+from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, say,
                              shuffled_batches, train)
 
 __all__ = [
@@ -62,8 +60,6 @@ __all__ = [
     "recipe_with_overrides",
     "stage_dir",
     "stage_settings",
-    "resize_latent",
-    "prepare_batch",
     "flow_matching_loss",
     "ddpm_loss",
     "FlowStepLoss",
@@ -75,7 +71,6 @@ __all__ = [
 ]
 
 STAGES = (1, 2, 3)
-RESIZE_MODES = ("downsample", "crop")
 OBJECTIVES = ("rflow", "ddpm")
 
 
@@ -212,58 +207,6 @@ def stage_settings(recipe: FlowRecipe, k: int, device: str = "auto", progress: b
 
 # -- batches --------------------------------------------------------------------------------
 
-def resize_latent(latent: torch.Tensor, spacing: torch.Tensor, size: Sequence[int], mode: str,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring one (C, x, y, z) latent to `size`; returns it with the image spacing (mm) it now has.
-
-    "downsample": area averaging (MONAI-free `F.interpolate(mode="area")`); each axis's spacing
-    grows by old/new size so the conditioning still tells the true voxel size.
-    "crop": a random window (offsets from `generator`), spacing unchanged.
-    """
-    old = torch.tensor(latent.shape[1:], dtype=torch.float32)
-    new = torch.tensor(tuple(size), dtype=torch.float32)
-    if mode == "downsample":
-        resized = F.interpolate(latent[None], size=tuple(size), mode="area")[0]
-        return resized, spacing * (old / new).to(spacing.device)
-    if mode != "crop":
-        raise InvalidInput(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
-    if (old < new).any():
-        raise InvalidInput(f"cannot crop a latent of shape {tuple(latent.shape[1:])} to {tuple(size)}: lower "
-                         "stage1.latent_size or use stage1.resize=downsample")
-    starts = [int(torch.randint(0, o - n + 1, (1,), generator=generator, device=generator.device))
-              for o, n in zip(latent.shape[1:], size)]
-    window = tuple(slice(s, s + n) for s, n in zip(starts, size))
-    return latent[(slice(None), *window)], spacing
-
-
-def prepare_batch(items: list[dict], generator: torch.Generator, device: torch.device, *,
-                  latent_size: Sequence[int] | None = None, resize: str = "downsample",
-                  modality_dropout: float = 0.0, multiple: int = 1) -> tuple[torch.Tensor, nets.Conditioning]:
-    """`LatentDataset` items -> x0 (B, C, x, y, z) on `device` and its conditioning.
-
-    latent_size: resize every latent to it first (stage 1). multiple: every spatial size must be
-    a multiple of it (the UNet halves the grid len(num_channels)-1 times).
-    """
-    latents, spacings = [], []
-    for item in items:
-        latent, spacing = item["latent"].to(device), item["spacing"].to(device, torch.float32)
-        if latent_size is not None:
-            latent, spacing = resize_latent(latent, spacing, latent_size, resize, generator)
-        latents.append(latent)
-        spacings.append(spacing)
-    shapes = sorted({tuple(z.shape) for z in latents})
-    if len(shapes) != 1:
-        raise InvalidInput(f"a batch mixes latent shapes {shapes}; bucket the data by size")
-    if any(s % multiple for s in shapes[0][1:]):
-        raise InvalidInput(f"latent shape {shapes[0][1:]} is not a multiple of {multiple} on every axis, which the "
-                         "UNet needs; re-encode the volumes padded to a multiple of that times the VAE factor")
-    modality = torch.tensor([int(item["modality"]) for item in items], dtype=torch.long, device=device)
-    if modality_dropout > 0:
-        dropped = torch.rand(len(items), generator=generator, device=generator.device) < modality_dropout
-        modality = torch.where(dropped.to(device), torch.zeros_like(modality), modality)
-    return torch.stack(latents), nets.Conditioning(spacing=torch.stack(spacings), modality=modality)
-
-
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, cond: nets.Conditioning, flow_cfg: FlowConfig,
                        generator: torch.Generator) -> torch.Tensor:
     """Rectified-flow loss of one batch: |model(x_t, t | cond) - (x0 - noise)| (``flow_cfg.loss``: L1 or squared)."""
@@ -364,11 +307,6 @@ def stage_source(k: int, dataset: LatentDataset, recipe: FlowRecipe, info: DistI
 
 # -- running the stages -----------------------------------------------------------------------
 
-def _say(info: DistInfo, message: str) -> None:
-    if info.is_main:
-        print(f"maisi2: {message}", file=sys.stderr, flush=True)
-
-
 def _initial_unet(cfg: Config, recipe: FlowRecipe, device: str,
                   init: Path | None) -> tuple[nn.Module, dict | None, float | None, int]:
     """A fresh UNet (seeded), or one with `init`'s raw weights; returns (model, its EMA, its scale
@@ -403,9 +341,9 @@ def train_stage(k: int, cache: str | Path, out_dir: str | Path, cfg: Config, rec
     dataset = LatentDataset(cache)
     model, ema, init_scale, steps_before = _initial_unet(cfg, recipe, device, init)
     if init_scale is not None and abs(init_scale - dataset.scale_factor) > 1e-3 * abs(dataset.scale_factor):
-        _say(info, f"{init} was trained with scale_factor {init_scale:.5g}, the cache has {dataset.scale_factor:.5g}; "
+        say(info, f"{init} was trained with scale_factor {init_scale:.5g}, the cache has {dataset.scale_factor:.5g}; "
                    "using the cache's (encode with the same VAE to keep them equal)")
-    _say(info, f"flow stage {k}: {len(dataset)} latents, {recipe.stage(k).steps} steps -> {folder}")
+    say(info, f"flow stage {k}: {len(dataset)} latents, {recipe.stage(k).steps} steps -> {folder}")
     extra = {"recipe": recipe.to_json(), "stage": k, "init": "" if init is None else str(init), "cache": str(cache),
              "steps_before": steps_before}
     return train(model, FlowStepLoss(cfg, recipe, k), stage_source(k, dataset, recipe, info),

@@ -54,6 +54,7 @@ from maisi2.errors import CannotRun, InvalidInput, OutputExists
 
 __all__ = [
     "TrainSettings",
+    "say",
     "lr_at",
     "EMA",
     "BatchSource",
@@ -314,7 +315,8 @@ def _amp_mode(amp: str, device: torch.device) -> str:
     return amp
 
 
-def _say(info: DistInfo, message: str) -> None:
+def say(info: DistInfo, message: str) -> None:
+    """A one-line status message on stderr, from the main process only (every recipe's voice)."""
     if info.is_main:
         print(f"maisi2: {message}", file=sys.stderr, flush=True)
 
@@ -376,7 +378,7 @@ class _Trainer:
         self.nonfinite_run, self.elapsed_before = int(state["nonfinite_run"]), float(state["elapsed"])
         ranks = state["ranks"]
         if len(ranks) != self.info.world_size:
-            _say(self.info, f"the checkpoint was written by {len(ranks)} process(es), this run has "
+            say(self.info, f"the checkpoint was written by {len(ranks)} process(es), this run has "
                             f"{self.info.world_size}: data order and noise restart from fresh seeds")
             return
         mine = ranks[self.info.rank]
@@ -518,7 +520,7 @@ def _tensorboard(out_dir: Path, start: int, info: DistInfo):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        _say(info, "tensorboard is not installed, logging to log.csv only (pip install tensorboard)")
+        say(info, "tensorboard is not installed, logging to log.csv only (pip install tensorboard)")
         return None
     # purge_step drops events a resumed run is about to log again.
     return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start or None)
@@ -566,12 +568,12 @@ def train(model: nn.Module, loss_fn: LossFn, data: BatchSource, settings: TrainS
         _check_resumable(ckpt, last, kind, config)
         trainer.restore(ckpt)
         extra.update({k: ckpt.extra[k] for k in keep_on_resume if k in ckpt.extra})
-        _say(info, f"resuming {last} at step {trainer.step}")
+        say(info, f"resuming {last} at step {trainer.step}")
     elif last.is_file():
         raise OutputExists(f"{last} exists: pass resume=True (--resume) to continue that run, or choose another output folder")
     elif resume:
         origin = f"from {extra['init']}" if extra.get("init") else "from scratch"
-        _say(info, f"no checkpoint in {out_dir}; starting {origin}")
+        say(info, f"no checkpoint in {out_dir}; starting {origin}")
     net = _wrap(model, info, device)
     trainer.start_ema(ema_init)  # after DDP's broadcast, so every rank starts from rank 0's weights
     if info.is_main:
