@@ -19,13 +19,12 @@ import torch
 
 from maisi2 import ddpm, flow, latents, nets, volume_io
 from maisi2.atomic import atomic_output
-from maisi2.checkpoint import load_checkpoint
 from maisi2.data import center_pad_or_crop, hu_to_unit, unit_to_hu
 from maisi2.label_import import convert_totalseg
 from maisi2.labels import BACKGROUND, LUNG_IDS, label_id
 from maisi2.latents import LatentRecord
 from maisi2.masks.tumors import implant_random_balls
-from maisi2.models import load_model
+from maisi2.models import load_model, load_network
 from maisi2.phantom import TumorSpec, make_phantom, random_tumors
 from maisi2.sampling import sample_latent
 
@@ -240,10 +239,8 @@ def slug(name: str) -> str:
 
 
 def load_controlnet(path: Path):
-    ckpt = load_checkpoint(path)
-    net = nets.build_controlnet(ckpt.config)
-    net.load_state_dict(ckpt.weights(prefer_ema=True))
-    return net.eval()
+    """A trained ControlNet (EMA weights), eval mode."""
+    return load_network(path, "controlnet")[0]
 
 
 @torch.no_grad()
@@ -257,14 +254,10 @@ def generate_ct(unet, controlnet, cfg, scale, vae, labels: np.ndarray, seed: int
 
 
 def load_unet(path: Path):
-    return unet_of(load_checkpoint(path))
-
-
-def unet_of(ckpt):
-    """(UNet with the checkpoint's EMA weights, eval mode; its config; its latent scale factor)."""
-    unet = nets.build_unet(ckpt.config)
-    unet.load_state_dict(ckpt.weights(prefer_ema=True))
-    return unet.eval(), ckpt.config, ckpt.scale_factor
+    """(UNet with the checkpoint's EMA weights, eval mode; its config; its latent scale factor;
+    the training steps its weights have had in all)."""
+    unet, cfg, weights = load_network(path, "unet")
+    return unet, cfg, weights.scale_factor, weights.steps
 
 
 @torch.no_grad()

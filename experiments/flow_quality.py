@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from common import (GRID_SHAPE, bundled_vae, cached_volumes, decode_hu, environment, phantom_arrays,
-                    reconstruct_hu, reference_seeds, say, slices_figure, train_seeds, write_json, sample, unet_of)
+                    reconstruct_hu, reference_seeds, say, slices_figure, train_seeds, write_json, load_unet, sample)
 
-from maisi2.checkpoint import load_checkpoint
 from maisi2.evaluate.fid import fid, volume_set_stats
 
 # HU bands of the tissues a phantom is made of, low edge inclusive; what falls between is "other".
@@ -59,9 +58,7 @@ def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
 def samples_of(path: Path, count: int, vae, work: Path, name: str) -> tuple[np.ndarray, int]:
     """`count` RF-30 samples (HU) of a checkpoint, and the training steps its weights have had in
     all (those of the run it continued included)."""
-    ckpt = load_checkpoint(path)
-    unet, cfg, scale = unet_of(ckpt)
-    step = ckpt.steps_in_all
+    unet, cfg, scale, step = load_unet(path)
     latent_shape = (cfg.vae.latent_channels, *(s // cfg.vae.downsample_factor for s in GRID_SHAPE))
 
     def make():

@@ -119,7 +119,7 @@ def main() -> None:
         objective, kind, steps = setting
         if f"{kind}-{steps}" in args.skip:
             continue
-        unet, cfg, scale = load_unet(ckpts[objective])
+        unet, cfg, scale, _ = load_unet(ckpts[objective])
         say(f"sampling {kind}-{steps}")
         hu, sec = samples_for(setting, unet, cfg, scale, vae, work, args)
         result = fid(ref_stats, hu, **fid_kw)

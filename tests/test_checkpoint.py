@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from maisi2 import nets
-from maisi2.checkpoint import (Checkpoint, load_checkpoint, load_weights, read_released, save_checkpoint,
-                               write_released)
+from maisi2.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint, write_released
 from maisi2.config import get_config
+from maisi2.models import read_released
 
 
 def _tiny_unet(seed=0):

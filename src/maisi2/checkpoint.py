@@ -1,4 +1,7 @@
-"""Checkpoint files: our own format, the released MAISI-v2 files, and strict, explained loading.
+"""Checkpoint files: our own format, writing the released MAISI-v2 layout, strict, explained loading.
+
+Reading a network from any file (these, the released files, model folders, raw exports) goes
+through the one loader, `maisi2.models.read_network` / `load_network`.
 
 Our checkpoint is a plain dict that `torch.load(weights_only=True)` can read (tensors, numbers,
 strings; no pickled code):
@@ -35,9 +38,7 @@ __all__ = [
     "read_torch_file",
     "load_weights",
     "RELEASED_FILES",
-    "ReleasedWeights",
-    "read_released",
-    "read_controlnet_weights",
+    "checkpoint_from_payload",
     "write_released",
     "build_network",
 ]
@@ -174,7 +175,11 @@ def _first_line(err: BaseException) -> str:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read one of our checkpoints; a released file gets a pointer to the right loader."""
-    data = read_torch_file(path, map_location)
+    return checkpoint_from_payload(read_torch_file(path, map_location), path)
+
+
+def checkpoint_from_payload(data: Any, path: str | Path) -> Checkpoint:
+    """The `Checkpoint` in what `read_torch_file` returned for `path` (checked: format, version, config)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         hint = ""
         if isinstance(data, dict) and ({"unet_state_dict", "controlnet_state_dict"} & set(data) or "encoder.blocks.0.conv.conv.weight" in data):
@@ -262,59 +267,6 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], kind: st
 
 
 # -- released MAISI-v2 files ---------------------------------------------------------------
-
-@dataclass
-class ReleasedWeights:
-    vae: dict[str, torch.Tensor]
-    unet: dict[str, torch.Tensor]
-    controlnet: dict[str, torch.Tensor] | None
-    scale_factor: float
-
-
-def read_released(model_dir: str | Path, map_location: str | torch.device = "cpu") -> ReleasedWeights:
-    """Read the released MAISI-v2 checkpoint files from a local folder (weights only)."""
-    model_dir = Path(model_dir)
-    missing = [f for k, f in RELEASED_FILES.items() if k != "controlnet" and not (model_dir / f).is_file()]
-    if missing:
-        raise MissingInput(
-            f"{model_dir} lacks {', '.join(missing)}; expected the released MAISI-v2 files "
-            f"({', '.join(RELEASED_FILES.values())}) in that folder"
-        )
-    vae = read_torch_file(model_dir / RELEASED_FILES["vae"], map_location)
-    unet_file = read_torch_file(model_dir / RELEASED_FILES["unet"], map_location)
-    for name, value, key in (("unet", unet_file, "unet_state_dict"),):
-        if not isinstance(value, dict) or key not in value:
-            raise InvalidInput(f"{model_dir / RELEASED_FILES[name]} has no '{key}' entry; is it the rflow-ct UNet file?")
-    if "scale_factor" not in unet_file:
-        raise InvalidInput(f"{model_dir / RELEASED_FILES['unet']} has no 'scale_factor' entry")
-    controlnet = None
-    cn_path = model_dir / RELEASED_FILES["controlnet"]
-    if cn_path.is_file():
-        cn_file = read_torch_file(cn_path, map_location)
-        if not isinstance(cn_file, dict) or "controlnet_state_dict" not in cn_file:
-            raise InvalidInput(f"{cn_path} has no 'controlnet_state_dict' entry")
-        controlnet = cn_file["controlnet_state_dict"]
-    return ReleasedWeights(vae=vae, unet=unet_file["unet_state_dict"], controlnet=controlnet,
-                           scale_factor=float(torch.as_tensor(unet_file["scale_factor"]).reshape(-1)[0]))
-
-
-def read_controlnet_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """ControlNet weights from the released ``controlnet_3d_rflow-ct.pt``, a folder holding it, or
-    one of our controlnet checkpoints (its EMA weights when present, as sampling uses)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / RELEASED_FILES["controlnet"]
-    data = read_torch_file(path, map_location)
-    if isinstance(data, dict) and "controlnet_state_dict" in data:
-        return data["controlnet_state_dict"]
-    if isinstance(data, dict) and data.get("format") == FORMAT:
-        ckpt = load_checkpoint(path, map_location)
-        if ckpt.kind != "controlnet":
-            raise InvalidInput(f"{path} holds a {ckpt.kind} checkpoint, not a ControlNet")
-        return ckpt.weights(prefer_ema=True)
-    raise InvalidInput(f"{path} is neither the released {RELEASED_FILES['controlnet']} (a dict with "
-                     "'controlnet_state_dict') nor a maisi2 controlnet checkpoint")
-
 
 def write_released(model_dir: str | Path, vae: nn.Module | None, unet: nn.Module | None, controlnet: nn.Module | None,
                    scale_factor: float, overwrite: bool = False) -> Path:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from maisi2.checkpoint import build_network, load_checkpoint, load_weights
+from maisi2.checkpoint import build_network, load_weights
 from maisi2.errors import InvalidInput
 from maisi2.latents import read_index
 
@@ -51,32 +51,30 @@ def export_model(vae: str | Path, unet: str | Path, controlnet: str | Path | Non
                  overwrite: bool = False, raw: Sequence[str] = ()) -> Path:
     """Write `out_dir` (model.json + weights) from our vae/unet/controlnet checkpoints; the
     networks named in `raw` ("vae", "unet", "controlnet") take their raw weights, not their EMA."""
-    from maisi2.models import save_model_folder
+    from maisi2.models import read_network, save_model_folder
 
     unknown = sorted(set(raw) - {"vae", "unet", "controlnet"})
     if unknown:
         raise InvalidInput(f"raw: unknown network(s) {', '.join(unknown)}; choose from vae, unet, controlnet")
-    ckpts = {"vae": load_checkpoint(vae), "unet": load_checkpoint(unet)}
-    if controlnet is not None:
-        ckpts["controlnet"] = load_checkpoint(controlnet)
-    for kind, ck in ckpts.items():
-        if ck.kind != kind:
-            raise InvalidInput(f"the {kind} checkpoint given holds a {ck.kind!r} network")
-    cfg = ckpts["unet"].config
-    if ckpts["vae"].config.vae != cfg.vae:
+    paths = {"vae": vae, "unet": unet, **({"controlnet": controlnet} if controlnet is not None else {})}
+    found = {kind: read_network(path, kind, prefer_ema=kind not in raw) for kind, path in paths.items()}
+    for kind, weights in found.items():
+        if weights.config is None:
+            raise InvalidInput(f"{paths[kind]} carries no config; export-model takes maisi2 checkpoints "
+                               "(from `maisi2 train-vae`, `train-flow`, `train-controlnet`)")
+    cfg = found["unet"].config
+    if found["vae"].config.vae != cfg.vae:
         raise InvalidInput("the VAE checkpoint's VAE config differs from the one the UNet was trained with")
-    if "controlnet" in ckpts and ckpts["controlnet"].config.unet != cfg.unet:
+    if "controlnet" in found and found["controlnet"].config.unet != cfg.unet:
         raise InvalidInput("the ControlNet's trunk config differs from the UNet's; was it trained on this UNet?")
-    scale = ckpts["unet"].scale_factor
+    scale = found["unet"].scale_factor
     if scale is None:
         raise InvalidInput(f"{unet} carries no scale_factor; train it with `maisi2 train-flow` on an encoded cache")
-    networks = {}
-    for kind, ck in ckpts.items():
-        weights = ck.weights(prefer_ema=kind not in raw)
-        networks[kind] = load_weights(build_network(kind, cfg), weights, kind, str(ck), cfg.preset).eval()
+    networks = {kind: load_weights(build_network(kind, cfg), w.state_dict, kind, w.source, cfg.preset).eval()
+                for kind, w in found.items()}
     # steps in all: a flow UNet's stages (and the runs it was initialised from) add up
-    metadata = {"trained_steps": {k: ck.steps_in_all for k, ck in ckpts.items()},
-                "weights": {k: "raw" if k in raw or ck.ema_state_dict is None else "ema" for k, ck in ckpts.items()},
+    metadata = {"trained_steps": {k: w.steps for k, w in found.items()},
+                "weights": {k: "ema" if w.used_ema else "raw" for k, w in found.items()},
                 **(notes or {})}
     if cache is not None:
         metadata["fov_mm"] = trained_fov_mm(cache, cfg.vae.downsample_factor)

@@ -1,4 +1,11 @@
-"""Model folders: what `maisi2 generate --model DIR` reads.
+"""Network files and model folders: the one loader (`read_network`, `load_network`) and what
+`maisi2 generate --model DIR` reads.
+
+`read_network(path, kind)` knows every file a network comes in: one of our checkpoints
+(`maisi2.checkpoint`; EMA weights when present; a train-vae run state gives its ``vae.*`` part), a
+model folder (below), a released MAISI-v2 file or a folder holding it, and raw exports (a
+``.safetensors`` file or a plain state dict of tensors). Files without a config are built with the
+``maisi-v2`` preset (or the one asked for). `load_network` builds the network and loads it strictly.
 
 A model folder is one of
 
@@ -7,7 +14,7 @@ A model folder is one of
 * **ours, safetensors** (the bundled model): ``model.json`` + ``vae.safetensors``,
   ``unet.safetensors``, ``controlnet.safetensors`` (plain tensors, a format that cannot carry code);
 * **the released MAISI-v2 files**: ``autoencoder_v1.pt``, ``diff_unet_3d_rflow-ct.pt``,
-  ``controlnet_3d_rflow-ct.pt`` (`checkpoint.read_released`), built with the ``maisi-v2`` preset
+  ``controlnet_3d_rflow-ct.pt`` (`read_released`), built with the ``maisi-v2`` preset
   and loaded strictly. An optional ``model.json`` beside them may carry metadata.
 
 ``model.json``::
@@ -341,6 +348,95 @@ def _our_layout(model_dir: Path) -> str:
     )
 
 
+# -- one network, from any file ---------------------------------------------------------------
+
+KIND_NAMES = {"vae": "VAE", "unet": "UNet", "controlnet": "ControlNet"}
+_RELEASED_KEYS = {"unet": "unet_state_dict", "controlnet": "controlnet_state_dict"}
+
+
+@dataclass
+class NetworkWeights:
+    """One network's weights as a file holds them, and what the file says about them."""
+
+    kind: str
+    state_dict: dict[str, torch.Tensor]
+    config: Config | None  # None: the file carries no config (released files, raw exports)
+    scale_factor: float | None
+    source: str  # the file read
+    used_ema: bool = False
+    steps: int | None = None  # training steps these weights have had in all (our checkpoints)
+
+
+def read_network(path: str | Path, kind: str, prefer_ema: bool = True) -> NetworkWeights:
+    """The `kind` weights ("vae", "unet", "controlnet") in `path`: a file or a folder (see the module)."""
+    if kind not in NETWORK_KINDS:
+        raise InvalidInput(f"unknown network kind {kind!r}; choose from {', '.join(NETWORK_KINDS)}")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _read_from_folder(path, kind, prefer_ema)
+    if not path.is_file():
+        raise MissingInput(f"{path} does not exist: give a {KIND_NAMES[kind]} weights file or a folder holding one")
+    if path.suffix == ".safetensors":
+        return NetworkWeights(kind, ckpt.read_safetensors(path, f"{kind} weights"), None, None, str(path))
+    data = ckpt.read_torch_file(path)
+    if isinstance(data, dict) and data.get("format") == ckpt.FORMAT:
+        found = ckpt.checkpoint_from_payload(data, path)
+        if found.kind != kind and kind == "vae":
+            raise InvalidInput(f"{path} is a '{found.kind}' checkpoint; --vae needs a VAE checkpoint "
+                               "(made by `maisi2 train-vae`, or the released autoencoder_v1.pt)")
+        if found.kind != kind:
+            raise InvalidInput(f"{path} holds a {found.kind} checkpoint, not a {KIND_NAMES[kind]}")
+        state = found.weights(prefer_ema)
+        if kind == "vae":
+            state = vae_state_only(state)
+        return NetworkWeights(kind, state, found.config, found.scale_factor, str(path),
+                              prefer_ema and found.ema_state_dict is not None, found.steps_in_all)
+    key = _RELEASED_KEYS.get(kind)
+    if key and isinstance(data, dict) and key in data:  # a released UNet / ControlNet file
+        scale = data.get("scale_factor")
+        scale = None if scale is None else float(torch.as_tensor(scale).reshape(-1)[0])
+        return NetworkWeights(kind, data[key], None, scale, str(path))
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return NetworkWeights(kind, data, None, None, str(path))  # a plain state dict (the released VAE)
+    raise InvalidInput(f"{path} holds no {KIND_NAMES[kind]} weights maisi2 knows: neither a maisi2 checkpoint, "
+                       f"the released {ckpt.RELEASED_FILES[kind]} nor a state dict of tensors")
+
+
+def _read_from_folder(folder: Path, kind: str, prefer_ema: bool) -> NetworkWeights:
+    """A model folder's `kind` file (its config and scale factor from model.json), else the released file."""
+    if (folder / MODEL_JSON).is_file() and not (folder / ckpt.RELEASED_FILES["unet"]).is_file():
+        info = read_model_info(folder)
+        found = read_network(folder / f"{kind}.{info.layout}", kind, prefer_ema)
+        return dataclasses.replace(found, config=info.cfg, scale_factor=info.scale_factor or found.scale_factor)
+    released = folder / ckpt.RELEASED_FILES[kind]
+    if not released.is_file():
+        raise MissingInput(f"{folder} holds no {ckpt.RELEASED_FILES[kind]} and no {MODEL_JSON}; "
+                           f"pass the {KIND_NAMES[kind]} weights file")
+    return read_network(released, kind, prefer_ema)
+
+
+def vae_state_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VAE weights of a train-vae run state (``vae.*`` beside ``discriminator.*``), else `state`."""
+    if state and all(k.startswith(("vae.", "discriminator.")) for k in state):
+        return {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
+    return state
+
+
+def load_network(path: str | Path, kind: str, device: str | torch.device | None = "cpu", prefer_ema: bool = True,
+                 preset: str | None = None, overrides=()) -> tuple[nn.Module, Config, NetworkWeights]:
+    """Build the `kind` network for the file's config (files without one: `preset`, default
+    maisi-v2), with config `overrides`, and load the weights strictly; eval mode."""
+    from maisi2.config import apply_overrides
+
+    weights = read_network(path, kind, prefer_ema)
+    if weights.config is not None and preset is not None and preset != weights.config.preset:
+        raise InvalidInput(f"{path} was trained with preset {weights.config.preset!r}, not {preset!r}; drop --preset")
+    cfg = apply_overrides(weights.config or get_config(preset or "maisi-v2"), list(overrides))
+    net = ckpt.build_network(kind, cfg, device=device)
+    ckpt.load_weights(net, weights.state_dict, kind, weights.source, cfg.preset)
+    return net.eval(), cfg, weights
+
+
 # -- loading ---------------------------------------------------------------------------------
 
 def load_model(model_dir: str | Path | ModelInfo | None = None, device: str | torch.device | None = "cpu",
@@ -384,33 +480,53 @@ def _read_weights(info: ModelInfo, prefer_ema: bool, kinds: tuple[str, ...] = NE
     """State dicts by kind (controlnet may be None) and the latent scale factor.
 
     Files of kinds not asked for are not read, except the UNet's when it carries the scale factor
-    and the released files (one reader for the three).
+    and the released files (read together).
     """
     if info.layout == "released":
-        released = ckpt.read_released(info.model_dir)
+        released = read_released(info.model_dir)
         return {"vae": released.vae, "unet": released.unet, "controlnet": released.controlnet}, released.scale_factor
-    if info.layout == "safetensors":
-        files = {k: info.model_dir / f"{k}.safetensors" for k in kinds}
-        return ({k: ckpt.read_safetensors(p, f"{k} weights") if p.is_file() else None for k, p in files.items()},
-                float(info.scale_factor))
     weights, scale = {}, info.scale_factor
     for kind in NETWORK_KINDS:
-        path = info.model_dir / f"{kind}.pt"
+        path = info.model_dir / f"{kind}.{info.layout}"
         if kind not in kinds and not (kind == "unet" and scale is None):
             continue
         if not path.is_file():
             weights[kind] = None
             continue
-        loaded = ckpt.load_checkpoint(path)
-        if loaded.kind != kind:
-            raise InvalidInput(f"{path} holds a '{loaded.kind}' checkpoint, expected '{kind}'")
-        weights[kind] = loaded.weights(prefer_ema)
-        if kind == "unet" and scale is None:
-            scale = loaded.scale_factor
+        found = read_network(path, kind, prefer_ema)
+        weights[kind] = found.state_dict
+        if scale is None:
+            scale = found.scale_factor
     if scale is None:
         raise InvalidInput(f"neither {info.model_dir / MODEL_JSON} nor unet.pt records the latent scale_factor; "
-                         "add \"scale_factor\" to model.json (it is stats.json's value from `maisi2 encode`)")
+                           "add \"scale_factor\" to model.json (it is stats.json's value from `maisi2 encode`)")
     return weights, float(scale)
+
+
+@dataclass
+class ReleasedWeights:
+    vae: dict[str, torch.Tensor]
+    unet: dict[str, torch.Tensor]
+    controlnet: dict[str, torch.Tensor] | None
+    scale_factor: float
+
+
+def read_released(model_dir: str | Path) -> ReleasedWeights:
+    """The released MAISI-v2 files of a local folder (weights only); the ControlNet is optional."""
+    model_dir = Path(model_dir)
+    files = {kind: model_dir / name for kind, name in ckpt.RELEASED_FILES.items()}
+    missing = [f.name for k, f in files.items() if k != "controlnet" and not f.is_file()]
+    if missing:
+        raise MissingInput(
+            f"{model_dir} lacks {', '.join(missing)}; expected the released MAISI-v2 files "
+            f"({', '.join(ckpt.RELEASED_FILES.values())}) in that folder"
+        )
+    unet = read_network(files["unet"], "unet")
+    if unet.scale_factor is None:
+        raise InvalidInput(f"{files['unet']} has no 'scale_factor' entry; is it the rflow-ct UNet file?")
+    controlnet = read_network(files["controlnet"], "controlnet").state_dict if files["controlnet"].is_file() else None
+    return ReleasedWeights(vae=read_network(files["vae"], "vae").state_dict, unet=unet.state_dict,
+                           controlnet=controlnet, scale_factor=unet.scale_factor)
 
 
 # -- writing ---------------------------------------------------------------------------------

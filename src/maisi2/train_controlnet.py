@@ -44,12 +44,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from maisi2 import flow, losses, nets
-from maisi2.checkpoint import RELEASED_FILES, load_checkpoint, load_weights, read_controlnet_weights, read_torch_file
-from maisi2.config import Config, FlowConfig, dataclass_from_dict, apply_overrides, get_config, set_dotted
+from maisi2.checkpoint import load_weights
+from maisi2.config import Config, FlowConfig, dataclass_from_dict, set_dotted
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS, remove_tumors
 from maisi2.latents import LatentDataset, prepare_batch, read_index, read_stats
+from maisi2.models import load_network, read_network
 from maisi2.training import BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, say, train
 
 __all__ = [
@@ -423,23 +424,6 @@ class ControlNetStepLoss:
 
 # -- running it -----------------------------------------------------------------------------
 
-def _unet_weights(path: Path, preset: str | None) -> tuple[dict, Config | None, float | None]:
-    """(state dict, config or None, scale factor) from a maisi2 unet checkpoint, a released
-    ``diff_unet_3d_rflow-ct.pt`` or a folder holding one."""
-    if path.is_dir():
-        path = path / RELEASED_FILES["unet"]
-    data = read_torch_file(path)
-    if isinstance(data, dict) and "unet_state_dict" in data:  # a released file: the config is the preset's
-        scale = data.get("scale_factor")
-        return data["unet_state_dict"], None, None if scale is None else float(torch.as_tensor(scale).reshape(-1)[0])
-    ckpt = load_checkpoint(path)
-    if ckpt.kind != "unet":
-        raise InvalidInput(f"--unet {path} holds a {ckpt.kind} checkpoint; give the trained flow UNet (kind unet)")
-    if preset is not None and preset != ckpt.config.preset:
-        raise InvalidInput(f"--unet {path} was trained with preset {ckpt.config.preset!r}, not {preset!r}; drop --preset")
-    return ckpt.weights(prefer_ema=True), ckpt.config, ckpt.scale_factor
-
-
 def load_frozen_unet(path: str | Path, preset: str | None = None, overrides: Sequence[str] = (),
                      device: str | torch.device | None = None) -> tuple[nn.Module, Config, float | None]:
     """The trained flow UNet, frozen: (unet in eval mode without gradients, config, scale factor).
@@ -447,13 +431,9 @@ def load_frozen_unet(path: str | Path, preset: str | None = None, overrides: Seq
     The config is the checkpoint's (released files: `preset`, default maisi-v2), with `overrides`
     applied (e.g. controlnet.* settings); EMA weights are preferred, as for sampling.
     """
-    path = Path(path)
-    state, cfg, scale = _unet_weights(path, preset)
-    cfg = apply_overrides(cfg if cfg is not None else get_config(preset or "maisi-v2"), overrides)
-    unet = nets.build_unet(cfg, device=device)
-    load_weights(unet, state, "unet", str(path), cfg.preset)
-    unet.eval().requires_grad_(False)
-    return unet, cfg, scale
+    unet, cfg, weights = load_network(path, "unet", device=device, preset=preset, overrides=overrides)
+    unet.requires_grad_(False)
+    return unet, cfg, weights.scale_factor
 
 
 def _initial_controlnet(unet: nn.Module, cfg: Config, seed: int, device: torch.device,
@@ -464,7 +444,7 @@ def _initial_controlnet(unet: nn.Module, cfg: Config, seed: int, device: torch.d
     if init is None:
         nets.controlnet_from_unet(controlnet, unet)
     else:
-        load_weights(controlnet, read_controlnet_weights(init), "controlnet", str(init), cfg.preset)
+        load_weights(controlnet, read_network(init, "controlnet").state_dict, "controlnet", str(init), cfg.preset)
     return controlnet
 
 

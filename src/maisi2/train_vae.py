@@ -41,7 +41,8 @@ from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS
 from maisi2.losses import mask_weights
 from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, train
-from maisi2.autoencoder import downsample_factor, load_vae, vae_state_only
+from maisi2.autoencoder import downsample_factor, load_vae
+from maisi2.models import vae_state_only
 
 __all__ = ["reconstruction_l1", "kl_loss", "generator_adversarial_loss", "discriminator_loss", "build_discriminator",
            "discriminator_logits", "freeze_encoder", "ADVERSARIAL_KINDS", "VAETrainOptions", "RandomCrops", "crop_plan",
