@@ -81,13 +81,9 @@ def our_decode(vae, cfg, z, device, budget_gb, spill_dir=None):
 
 
 def phantom_conditioning(size: int):
-    import numpy as np
-    import torch
-
+    """The conditioning of a procedural phantom mask of size^3 voxels at 1.5 mm (seed SEED)."""
     from maisi2 import nets
     from maisi2.generate import phantom_mask
 
     volume = phantom_mask((size,) * 3, (1.5, 1.5, 1.5), seed=SEED)
-    labels = torch.from_numpy(volume.array.astype(np.int64))[None, None]
-    spacing = torch.tensor([volume.spacing], dtype=torch.float32)
-    return nets.Conditioning(spacing, torch.ones(1, dtype=torch.long), nets.mask_to_bitplanes(labels))
+    return nets.condition_on(volume.array, volume.spacing)

@@ -245,9 +245,7 @@ def load_controlnet(path: Path):
 
 @torch.no_grad()
 def generate_ct(unet, controlnet, cfg, scale, vae, labels: np.ndarray, seed: int) -> np.ndarray:
-    mask = torch.from_numpy(labels.astype(np.int64))[None, None]
-    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING], dtype=torch.float32),
-                             modality=torch.tensor([nets.modality_id("ct")]), mask_bits=nets.mask_to_bitplanes(mask))
+    cond = nets.condition_on(labels, GRID_SPACING)
     shape = (cfg.vae.latent_channels, *(s // cfg.vae.downsample_factor for s in labels.shape))
     z = sample_latent(unet, cond, shape, cfg.flow, controlnet=controlnet, steps=30, seed=seed)
     return decode_hu(vae, z / scale)[0]
@@ -264,8 +262,7 @@ def load_unet(path: Path):
 def sample(unet, cfg, kind: str, steps: int, seeds: list[int], latent_shape) -> torch.Tensor:
     """Scaled latents (B, C, x, y, z) for these noise seeds with one sampler."""
     noise = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    cond = nets.Conditioning(spacing=torch.tensor([GRID_SPACING] * len(seeds), dtype=torch.float32),
-                             modality=torch.full((len(seeds),), nets.modality_id("ct"), dtype=torch.long))
+    cond = nets.condition_on(None, GRID_SPACING, batch=len(seeds))
     net = lambda x, t: nets.predict_velocity(unet, x, t, cond)  # noqa: E731
     if kind == "rf":
         grid, nxt = flow.inference_timesteps(steps, latent_shape[1:], cfg.flow)

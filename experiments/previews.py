@@ -66,7 +66,7 @@ def flow_samples(models, shape, spacing, seeds):
     """Unconditional (no ControlNet) samples on one grid, decoded to HU."""
     cfg = models.cfg
     latent_shape = (cfg.vae.latent_channels, *(n // cfg.vae.downsample_factor for n in shape))
-    cond = nets.Conditioning(torch.tensor([spacing], dtype=torch.float32), torch.tensor([nets.modality_id("ct")]))
+    cond = nets.condition_on(None, spacing)
     out = []
     for seed in seeds:
         z = sample_latent(models.unet, cond, latent_shape, cfg.flow, steps=30, seed=seed)

@@ -69,9 +69,7 @@ def main() -> None:
         for seed in range(args.seeds):
             sampled = []
             for lab in (labels, parents):
-                cond = nets.Conditioning(torch.tensor([SPACING], dtype=torch.float32),
-                                         torch.tensor([nets.modality_id("ct")]),
-                                         nets.mask_to_bitplanes(torch.from_numpy(lab.astype(np.int64))[None, None]))
+                cond = nets.condition_on(lab, SPACING)
                 z = sample_latent(models.unet, cond, latent_shape, models.cfg.flow, controlnet=models.controlnet,
                                   seed=seed)
                 sampled.append(z / models.scale_factor)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,14 @@ def test_a_precomputed_mask_embedding_gives_the_same_velocity():
     assert embedded.to("cpu").mask_embedding is not None
     with pytest.raises(ValueError, match="bit-planes"):
         nets.embed_mask(controlnet, nets.Conditioning(cond.spacing, cond.modality))
+
+
+def test_condition_on_builds_what_the_networks_take():
+    labels = np.random.default_rng(0).integers(0, 133, (8, 6, 4)).astype(np.int16)
+    cond = nets.condition_on(labels, (1.5, 2.0, 3.0))
+    assert torch.equal(cond.mask_bits, nets.mask_to_bitplanes(torch.from_numpy(labels.astype(np.int64))[None, None]))
+    assert torch.equal(cond.spacing, torch.tensor([[1.5, 2.0, 3.0]]))
+    assert cond.modality.tolist() == [nets.modality_id("ct")] and cond.modality.dtype == torch.long
+    batch = nets.condition_on(None, (4.0, 4.0, 4.0), modality="ct_contrast", batch=3)
+    assert batch.mask_bits is None and batch.spacing.shape == (3, 3)
+    assert batch.modality.tolist() == [nets.modality_id("ct_contrast")] * 3

@@ -755,10 +755,7 @@ def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> d
     device = models.device
 
     def condition(labels: np.ndarray) -> nets.Conditioning:
-        bits = nets.mask_to_bitplanes(torch.from_numpy(labels.astype(np.int64))[None, None])
-        spacing = torch.tensor([prepared.volume.spacing], dtype=torch.float32)
-        modality = torch.tensor([nets.modality_id(options.modality)], dtype=torch.long)
-        return nets.Conditioning(spacing, modality, bits).to(device)
+        return nets.condition_on(labels, prepared.volume.spacing, options.modality, device=device)
 
     cond = condition(prepared.padded)
     uncond = None

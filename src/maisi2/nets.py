@@ -42,6 +42,7 @@ __all__ = [
     "controlnet_residuals",
     "controlnet_from_unet",
     "resolve_device",
+    "condition_on",
     "autocast",
     "inference_autocast",
     "PRECISIONS",
@@ -202,6 +203,19 @@ class Conditioning:
         bits = None if self.mask_bits is None else self.mask_bits.to(device)
         embedding = None if self.mask_embedding is None else self.mask_embedding.to(device)
         return Conditioning(self.spacing.to(device), self.modality.to(device), bits, embedding)
+
+
+def condition_on(labels, spacing, modality: str = "ct", batch: int = 1, device=None) -> Conditioning:
+    """The conditioning of `batch` samples on one grid: `spacing` (mm, three numbers) and the
+    modality for each, and, when `labels` (an (X, Y, Z) integer MAISI label map, numpy or torch) is
+    given, its bit-planes for the ControlNet. What a caller would otherwise assemble by hand."""
+    mask_bits = None
+    if labels is not None:
+        ids = torch.as_tensor(labels).to(torch.int64)[None, None]
+        mask_bits = mask_to_bitplanes(ids).expand(batch, -1, -1, -1, -1) if batch > 1 else mask_to_bitplanes(ids)
+    cond = Conditioning(torch.tensor([tuple(spacing)] * batch, dtype=torch.float32),
+                        torch.full((batch,), modality_id(modality), dtype=torch.long), mask_bits)
+    return cond if device is None else cond.to(device)
 
 
 def predict_velocity(

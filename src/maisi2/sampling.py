@@ -19,7 +19,7 @@ in `maisi2.flow` (`inference_timesteps`, `sample_euler`), the network call with 
 
 Usage::
 
-    cond = nets.Conditioning(spacing, modality, nets.mask_to_bitplanes(mask))
+    cond = nets.condition_on(labels, spacing, "ct")
     z = sample_latent(unet, cond, (4, 32, 32, 32), cfg.flow, controlnet=controlnet, seed=7)
 """
 
