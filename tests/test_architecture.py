@@ -1,5 +1,5 @@
-"""The package's import graph runs one way: no module imports (even lazily, inside a function) a
-module that imports it back, directly or through others."""
+"""The package's import graph runs one way: no module imports (even lazily, inside a function, or
+through a package's __init__) a module that imports it back, directly or through others."""
 
 import ast
 from pathlib import Path
@@ -25,7 +25,10 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
-        found.update(name for name in names if name in modules)
+        for name in names:
+            # importing maisi2.a.b runs maisi2/a/__init__.py first: that is an import too
+            parts = name.split(".")
+            found.update(".".join(parts[:k]) for k in range(2, len(parts) + 1) if ".".join(parts[:k]) in modules)
     return found
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,8 +45,11 @@ __all__ = [
 
 FORMAT = "maisi2"
 VERSION = 1
-MASK_KINDS = ("mask_autoencoder", "mask_unet")  # the mask generator's (maisi2.maskgen)
-KINDS = ("vae", "unet", "controlnet") + MASK_KINDS
+KINDS = ("vae", "unet", "controlnet")
+# Kinds that packages above this one add (the mask generator's, from maisi2.maskgen.files): kind ->
+# (network builder, config class, preset lookup). A registry keeps this module below them: it never
+# imports the packages that use its format.
+_REGISTERED: dict[str, tuple[Callable, type, Callable]] = {}
 RELEASED_FILES = {
     "vae": "autoencoder_v1.pt",
     "unet": "diff_unet_3d_rflow-ct.pt",
@@ -75,24 +78,32 @@ class Checkpoint:
         return int(self.extra.get("steps_before", 0)) + int(self.step)
 
 
+def register_kind(kind: str, build: Callable, config_class: type, preset_config: Callable) -> None:
+    """Let checkpoints of another network `kind` be written, read and strictly loaded here:
+    `build(cfg, device=...)` makes the network, `config_class.from_json` reads its config,
+    `preset_config(name)` gives a named preset's (to say which preset a file fits)."""
+    _REGISTERED[kind] = (build, config_class, preset_config)
+
+
+def _kinds() -> tuple[str, ...]:
+    return KINDS + tuple(_REGISTERED)
+
+
 def build_network(kind: str, cfg: Config, device=None) -> nn.Module:
-    """The network of `kind` for `cfg` (a `Config`; a `MaskGenConfig` for the mask kinds)."""
+    """The network of `kind` for `cfg` (a `Config`; a registered kind's own config class)."""
     from maisi2 import nets
 
-    if kind in MASK_KINDS:
-        from maisi2.maskgen import networks
-
-        builder = networks.build_mask_autoencoder if kind == "mask_autoencoder" else networks.build_mask_unet
-        return builder(cfg, device=device)
+    if kind in _REGISTERED:
+        return _REGISTERED[kind][0](cfg, device=device)
     builders = {"vae": nets.build_vae, "unet": nets.build_unet, "controlnet": nets.build_controlnet}
     if kind not in builders:
-        raise InvalidInput(f"unknown network kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise InvalidInput(f"unknown network kind {kind!r}; expected one of {', '.join(_kinds())}")
     return builders[kind](cfg, device=device)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint, overwrite: bool = True) -> Path:
     """Write `ckpt` atomically (a crash never leaves a truncated checkpoint)."""
-    if ckpt.kind not in KINDS:
+    if ckpt.kind not in _kinds():
         raise InvalidInput(f"unknown checkpoint kind {ckpt.kind!r}")
     payload = {
         "format": FORMAT, "version": VERSION, "kind": ckpt.kind, "config": ckpt.config.to_json(),
@@ -198,19 +209,11 @@ def checkpoint_from_payload(data: Any, path: str | Path) -> Checkpoint:
 
 
 def _config_class(kind: str | None):
-    if kind in MASK_KINDS:
-        from maisi2.maskgen.config import MaskGenConfig
-
-        return MaskGenConfig
-    return Config
+    return _REGISTERED[kind][1] if kind in _REGISTERED else Config
 
 
 def _preset_config(kind: str, name: str):
-    if kind in MASK_KINDS:
-        from maisi2.maskgen.config import get_mask_config
-
-        return get_mask_config(name)
-    return get_config(name)
+    return _REGISTERED[kind][2](name) if kind in _REGISTERED else get_config(name)
 
 
 # -- strict loading with explanations ------------------------------------------------------

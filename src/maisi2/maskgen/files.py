@@ -32,6 +32,7 @@ from maisi2 import checkpoint as ckpt
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.errors import InvalidInput, MissingInput
 from maisi2.maskgen.config import MaskGenConfig, get_mask_config
+from maisi2.maskgen.networks import build_mask_autoencoder, build_mask_unet
 from maisi2.maskgen.sizes import RELEASE_TABLE_FILES, SizeScale, SizeTable
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "save_mask_generator",
 ]
 
+MASK_KINDS = ("mask_autoencoder", "mask_unet")
 RELEASED_MASK_FILES = {"mask_autoencoder": "mask_generation_autoencoder.pt", "mask_unet": "mask_generation_diffusion_unet.pt"}
 MASKGEN_JSON = "maskgen.json"
 FORMAT = "maisi2-maskgen"
@@ -139,7 +141,7 @@ def _built(cfg: MaskGenConfig, weights: dict, device, sources: dict[str, str]) -
     # Tensor splitting off for inference: same keys, outputs within ~1e-5, and it fails on thin tiles.
     inference = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder, num_splits=1))
     nets = []
-    for kind in ckpt.MASK_KINDS:
+    for kind in MASK_KINDS:
         net = ckpt.build_network(kind, inference, device=device)
         ckpt.load_weights(net, weights[kind], kind, sources[kind], cfg.preset)
         nets.append(net.eval())
@@ -184,7 +186,7 @@ def _load_ours(model_dir: Path, device) -> MaskGenerator:
         scale_factor = float(spec["scale_factor"])
     except (KeyError, TypeError, ValueError) as err:
         raise InvalidInput(f"{spec_path}: invalid mask generator description: {err}") from None
-    paths = {k: model_dir / f"{k}.safetensors" for k in ckpt.MASK_KINDS}
+    paths = {k: model_dir / f"{k}.safetensors" for k in MASK_KINDS}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
         raise MissingInput(f"{model_dir} has {MASKGEN_JSON} but lacks {', '.join(missing)}")
@@ -219,10 +221,10 @@ def save_mask_generator(model_dir: str | Path, cfg: MaskGenConfig, autoencoder: 
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
-    targets = [model_dir / MASKGEN_JSON] + [model_dir / f"{k}.safetensors" for k in ckpt.MASK_KINDS]
+    targets = [model_dir / MASKGEN_JSON] + [model_dir / f"{k}.safetensors" for k in MASK_KINDS]
     for path in targets:
         check_writable(path, overwrite)  # all or nothing: refuse before writing anything
-    for kind, net in zip(ckpt.MASK_KINDS, (autoencoder, unet)):
+    for kind, net in zip(MASK_KINDS, (autoencoder, unet)):
         with atomic_output(model_dir / f"{kind}.safetensors", overwrite) as tmp:
             save_file(_state(net), str(tmp))
     spec = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "scale_factor": float(scale_factor),
@@ -231,3 +233,8 @@ def save_mask_generator(model_dir: str | Path, cfg: MaskGenConfig, autoencoder: 
     with atomic_output(model_dir / MASKGEN_JSON, overwrite) as tmp:
         tmp.write_text(json.dumps(spec, indent=1))
     return model_dir
+
+
+# Our checkpoint format (maisi2.checkpoint) carries the mask generator's networks too.
+for _kind, _build in zip(MASK_KINDS, (build_mask_autoencoder, build_mask_unet)):
+    ckpt.register_kind(_kind, _build, MaskGenConfig, get_mask_config)
