@@ -1,16 +1,11 @@
 """experiments/mask_generator.py end to end on label maps of boxes and a tiny, barely trained generator."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import mask_generator  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_maskgen_train import _blob_masks  # noqa: E402
+import mask_generator  # experiments/mask_generator.py: conftest puts experiments/ on the path
+from test_maskgen_train import _blob_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # One UNet level on a 4^3 latent: DDPM-1000 in ~15 s on a busy 2-core machine.

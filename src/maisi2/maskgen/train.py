@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +49,7 @@ from maisi2.maskgen.config import MaskGenConfig
 from maisi2.maskgen.files import save_mask_generator
 from maisi2.maskgen.sizes import SizeScale, SizeTable, slot_volumes_ml
 from maisi2.nets import mask_to_bitplanes
-from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, distributed, shuffled_batches, train
+from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, distributed, say, shuffled_batches, train
 
 __all__ = ["MaskRecipe", "MaskLibrary", "load_library", "mask_on_grid", "autoencoder_loss", "train_mask_generator",
            "STAGES"]
@@ -251,11 +250,6 @@ class _UNetStep:
 
 # -- the stages ---------------------------------------------------------------------------------
 
-def _say(message: str) -> None:
-    if dist_info().is_main:
-        print(f"maisi2: {message}", file=sys.stderr, flush=True)
-
-
 def _ema_network(kind: str, cfg: MaskGenConfig, path: Path, device) -> nn.Module:
     ckpt = load_checkpoint(path)
     if ckpt.kind != kind or ckpt.config != cfg:
@@ -284,7 +278,7 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
     if unknown or not stages:
         raise InvalidInput(f"stages must be a non-empty subset of {', '.join(STAGES)}; got {list(stages)}")
     if cfg.objective == "ddpm" and cfg.preset == "maisi-v2":
-        _say("training the release-size mask generator: expect days on a GPU, not a CPU run")
+        say(dist_info(), "training the release-size mask generator: expect days on a GPU, not a CPU run")
     if recipe.autoencoder_crop % cfg.autoencoder.downsample_factor:
         raise InvalidInput(f"autoencoder_crop must be a multiple of {cfg.autoencoder.downsample_factor} (the "
                          f"autoencoder's downsampling), got {recipe.autoencoder_crop}")
@@ -296,7 +290,7 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
     done: dict[str, Path] = {}
     with distributed(device):
         if "autoencoder" in stages:
-            _say(f"mask autoencoder: {len(library)} masks on a {cfg.mask_shape} grid of {cfg.spacing_mm} mm")
+            say(dist_info(), f"mask autoencoder: {len(library)} masks on a {cfg.mask_shape} grid of {cfg.spacing_mm} mm")
             torch.manual_seed(recipe.seed)
             source = BatchSource(_Masks(library.masks),
                                  plan=lambda g: shuffled_batches(len(library), recipe.autoencoder_batch, g,
@@ -310,7 +304,7 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
             ae = _ema_network("mask_autoencoder", cfg, out_dir / "autoencoder" / LAST, resolve_device(device))
         if "unet" in stages:
             latents, scale_factor = _encode_library(ae, library, resolve_device(device))
-            _say(f"mask UNet ({cfg.objective}): {len(library)} latents of {tuple(latents.shape[1:])}, "
+            say(dist_info(), f"mask UNet ({cfg.objective}): {len(library)} latents of {tuple(latents.shape[1:])}, "
                  f"scale factor {scale_factor:.4g}")
             torch.manual_seed(recipe.seed + 1)
             source = BatchSource(_Latents(latents * scale_factor, sizes),
