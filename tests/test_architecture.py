@@ -2,6 +2,7 @@
 through a package's __init__) a module that imports it back, directly or through others."""
 
 import ast
+import re
 from pathlib import Path
 
 import maisi2
@@ -72,3 +73,14 @@ def test_the_package_import_graph_is_acyclic():
     graph = import_graph()
     assert "maisi2.generate" in graph and "maisi2.autoencoder.decoding" in graph  # the walk saw the package
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_no_sys_path_edits_outside_the_tests_conftest():
+    """Shared code lives in the package or one helper module imported normally, never reached by
+    editing sys.path (tests/conftest.py alone puts experiments/ on it for the tests)."""
+    root = PACKAGE.parents[1]
+    edits = [str(path.relative_to(root)) for folder in ("src", "tests", "experiments", "benchmarks")
+             for path in (root / folder).rglob("*.py")
+             if path != root / "tests" / "conftest.py" and re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*=",
+                                                                    path.read_text())]
+    assert edits == []

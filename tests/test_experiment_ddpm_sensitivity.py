@@ -1,13 +1,9 @@
 """experiments/ddpm_sensitivity.py: the closed-form optimal outputs really are optimal for the
 project's samplers (exact outputs reproduce the data's scale), and the grid's path fractions."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import ddpm_sensitivity as exp  # noqa: E402
+import ddpm_sensitivity as exp  # experiments/ddpm_sensitivity.py: conftest puts experiments/ on the path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
