@@ -748,8 +748,6 @@ def _load_networks(info, models, options: GenerateOptions):
 
 def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> dict:
     """Conditioning on the networks' device; with guidance also the tumour-free mask's."""
-    import torch
-
     from maisi2 import nets
 
     device = models.device
