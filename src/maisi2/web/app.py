@@ -22,7 +22,7 @@ from typing import Optional
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from maisi2.web.jobs import USER_ERRORS, _message
@@ -43,10 +43,12 @@ class ImportRequest(BaseModel):
 
 
 class PhantomRequest(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)  # "tumors" or the page's "tumours"
+
     shape: list[int] = Field(default=[128, 128, 96], min_length=3, max_length=3)
     spacing: list[float] = Field(default=[3.0, 3.0, 3.0], min_length=3, max_length=3)
     seed: int = 0
-    tumors: list[str] = []
+    tumors: list[str] = Field(default=[], alias="tumours")  # the JSON key the page sends
 
 
 class LibraryRequest(BaseModel):
