@@ -26,15 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 PAIRS = [("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"), ("fp16", "fp16")]
 
 
 def _networks(model: str):
     """(cfg, unet, controlnet, vae, scale_factor, spacing) for the released architecture or the bundled model."""
     if model == "released":
-        from generation_speed import _networks as released
+        from common import networks as released
 
         cfg, net = released(("vae", "unet", "controlnet"), torch.device("cpu"), reference=False)
         return cfg, net["unet"], net["controlnet"], net["vae"], 1.0, (1.5, 1.5, 1.5)
