@@ -216,7 +216,7 @@ class _AutoencoderStep:
         return (labels.shape[0], self.channels, *(n // self.factor for n in labels.shape[2:]))
 
     def __call__(self, model: nn.Module, labels: torch.Tensor, generator: torch.Generator):
-        from maisi2.autoencoder import kl_loss
+        from maisi2.train_vae import kl_loss
 
         device = next(model.parameters()).device
         labels = _random_crop(labels, self.recipe.autoencoder_crop, generator).to(device)
