@@ -326,7 +326,7 @@ def test_generation_refusals_come_back_as_the_clis_messages(client):
     for body, status, message in (
         ({"steps": 0}, 400, "steps (--steps) must be a finite number from 1 to 1000"),
         ({"seed": -1}, 400, "seed (--seed) must be a finite number from 0 to"),
-        ({"precision": "fp8"}, 400, "precision must be one of auto, fp32, fp16"),
+        ({"precision": "fp8"}, 400, "precision must be one of auto, fp32, bf16, fp16"),
         ({"model": "huge"}, 400, "unknown model 'huge'; this server offers tiny"),
         ({"spacing": [1, 1, -1]}, 400, "spacing (--spacing) must be three finite voxel sizes"),
     ):
@@ -399,3 +399,14 @@ def test_serve_command_refuses_bad_settings_before_starting(tmp_path, capsys, mo
     assert cli.main(["serve", "--model", str(tmp_path), "--out", out]) == 1
     assert "is not a model folder" in capsys.readouterr().err
     assert not (tmp_path / "web").exists()  # nothing was made
+
+
+def test_page_precision_reaches_the_compute_plan_option():
+    """The page offers the CLI's --precision choices (and CUDA's fp16); each reaches GenerateOptions."""
+    from maisi2.web.workspace import GenerationSettings
+
+    assert GenerationSettings(precision="bf16").options().precision == "bf16"
+    fp32 = GenerationSettings(precision="fp32").options()
+    assert (fp32.precision, fp32.half_precision) == ("fp32", False)
+    fp16 = GenerationSettings(precision="fp16").options()
+    assert (fp16.precision, fp16.half_precision) == ("auto", True)

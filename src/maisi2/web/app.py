@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from maisi2.web.jobs import USER_ERRORS, _message
-from maisi2.web.workspace import RESULT_FILES, WINDOW_PRESETS, GenerationSettings, UploadTooLarge, Workspace
+from maisi2.web.workspace import (PRECISIONS, RESULT_FILES, WINDOW_PRESETS, GenerationSettings, UploadTooLarge,
+                                  Workspace)
 
 __all__ = ["create_app", "COOKIE", "HEADER"]
 
@@ -130,7 +131,7 @@ def _api_routes(ws: Workspace):
         from maisi2.labels import TUMOR_KINDS
 
         return {"models": list(ws.models), "tumour_kinds": list(TUMOR_KINDS), "windows": WINDOW_PRESETS,
-                "precisions": ["auto", "fp32", "fp16"], "defaults": GenerationSettings().__dict__,
+                "precisions": list(PRECISIONS), "defaults": GenerationSettings().__dict__,
                 "max_upload_bytes": ws.max_upload_bytes, "result_files": list(RESULT_FILES),
                 "library": str(ws.library) if ws.library is not None else "bundled"}
 

@@ -47,7 +47,9 @@ RESULT_FILES = {"ct": "ct.nii.gz", "label": "ct_label.nii.gz", "report": "ct_rep
                 "preview": "ct_preview.png"}
 # Display windows (width, level) in HU, as radiology viewers name them.
 WINDOW_PRESETS = {"soft tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1800.0, 400.0)}
-PRECISIONS = {"auto": None, "fp32": False, "fp16": True}  # -> GenerateOptions.half_precision
+# The page's precision choice -> (GenerateOptions.precision, GenerateOptions.half_precision): the CLI's
+# `--precision auto|fp32|bf16` (the compute plan), plus fp16, the release's autocast on CUDA.
+PRECISIONS = {"auto": ("auto", None), "fp32": ("fp32", False), "bf16": ("bf16", None), "fp16": ("auto", True)}
 MAX_PHANTOM_VOXELS = 256**3  # a phantom is painted in the request: keep it to seconds
 
 
@@ -58,7 +60,7 @@ class GenerationSettings:
     steps: int = 30
     seed: int = 0
     spacing: tuple[float, float, float] | None = None  # mm; None: the mask's own
-    precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 on the CPU
+    precision: str = "auto"  # auto: the machine's compute plan (fp16 autocast on CUDA)
     model: str = "bundled"  # a name from Workspace.models
     qc_retries: int = 0
 
@@ -67,9 +69,10 @@ class GenerationSettings:
 
         if self.precision not in PRECISIONS:
             raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        precision, half = PRECISIONS[self.precision]
         options = GenerateOptions(steps=self.steps, seed=self.seed,
                                   spacing=None if self.spacing is None else tuple(self.spacing),
-                                  half_precision=PRECISIONS[self.precision], qc_retries=self.qc_retries)
+                                  precision=precision, half_precision=half, qc_retries=self.qc_retries)
         check_options(options)  # the CLI's refusals, before the job is queued
         return options
 
