@@ -36,8 +36,8 @@ def _worker(policy: str, steps: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from common import peak_rss_mib
-    from common import SEED, latent_from_seed, networks, our_decode, phantom_conditioning
+    from maisi2.benchmarking import peak_rss_mib
+    from maisi2.benchmarking import SEED, latent_from_seed, networks, our_decode, phantom_conditioning
 
     from maisi2 import allocator, sampling
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from common import reset_peak_rss, status_mib
+from maisi2.benchmarking import reset_peak_rss, status_mib
 
 VARIANTS = ("flow-only", "output", "encoder")
 

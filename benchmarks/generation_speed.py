@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import SEED, latent_from_seed, networks, our_decode, peak_rss_mib, phantom_conditioning
+from maisi2.benchmarking import SEED, latent_from_seed, networks, our_decode, peak_rss_mib, phantom_conditioning
 
 WINDOW = 80  # latent voxels per axis of the release's sliding-window decode
 OVERLAP = 0.4

@@ -33,7 +33,7 @@ PAIRS = [("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp16"), ("fp16", "fp16")]
 def _networks(model: str):
     """(cfg, unet, controlnet, vae, scale_factor, spacing) for the released architecture or the bundled model."""
     if model == "released":
-        from common import networks as released
+        from maisi2.benchmarking import networks as released
 
         cfg, net = released(("vae", "unet", "controlnet"), torch.device("cpu"), reference=False)
         return cfg, net["unet"], net["controlnet"], net["vae"], 1.0, (1.5, 1.5, 1.5)

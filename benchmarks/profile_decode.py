@@ -3,7 +3,7 @@
     python benchmarks/profile_decode.py --latent 32 --storage float32      # 128^3 output, ~75 s on a Zen 3
     python benchmarks/profile_decode.py --shape 16 128 32 --plan-shape 128 128 32 --storage float16   # 1/8 of 512x512x128
 
-The maisi-v2 VAE with the benchmark's random weights (`common.networks`), one
+The maisi-v2 VAE with the benchmark's random weights (`benchmarking.networks`), one
 `autoencoder.decode_streamed` call; `F.conv3d` is wrapped to time each call (and count its FLOPs:
 2 x multiply-adds), so the rest of the wall time is what the decoder does between convolutions
 (group-norm statistics, activation, upsampling, copies). Prints the total, the convolutions' share
@@ -18,9 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common
-
-from maisi2 import autoencoder
+from maisi2 import autoencoder, benchmarking
 
 
 def main() -> None:
@@ -37,7 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, net = common.networks(("vae",), "cpu", reference=False)
+    cfg, net = benchmarking.networks(("vae",), "cpu", reference=False)
     shape = tuple(args.shape or (args.latent,) * 3)
     z = torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(0))
     storage = getattr(torch, args.storage)
