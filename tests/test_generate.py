@@ -800,10 +800,10 @@ def test_a_rerun_skips_finished_items_and_a_failure_names_its_line(small_mask_fi
     options = G.GenerateOptions(steps=1, write_preview=False)
     real = G._generate_prepared
 
-    def second_fails(prepared, paths, *args, **kwargs):
-        if paths.ct.name.startswith("b"):
+    def second_fails(plan, *args, **kwargs):
+        if plan.paths.ct.name.startswith("b"):
             raise ValueError("the sampler diverged")
-        return real(prepared, paths, *args, **kwargs)
+        return real(plan, *args, **kwargs)
 
     monkeypatch.setattr(G, "_generate_prepared", second_fails)
     with pytest.raises(ValueError, match=r"list.jsonl, line 2: the sampler diverged"):

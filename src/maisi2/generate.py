@@ -53,12 +53,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
-from maisi2 import label_tables, volume_io
+from maisi2 import __version__, allocator, autoencoder, compute, label_tables, nets, quality, sampling, volume_io
+from maisi2 import checkpoint as ckpt
 from maisi2 import labels as L
+from maisi2 import models as M
 from maisi2.atomic import check_free_space, check_outputs, output_set
+from maisi2.autoencoder import decode_tiled
+from maisi2.batches import BatchItem, batch_from_datalist, batch_from_dir
+from maisi2.data import center_pad_or_crop, unit_to_hu
 from maisi2.dicom_series import write_ct_series
-from maisi2.errors import InvalidInput, MissingInput, OutputExists
+from maisi2.envelope import body_envelope_from_labels
+from maisi2.errors import InvalidInput, OutputExists
+from maisi2.maskgen import files as maskgen_files
+from maisi2.maskgen import generate_mask
+from maisi2.maskgen import sampling as maskgen_sampling
+from maisi2.maskgen.sizes import parse_anatomy_sizes
+from maisi2.phantom import make_phantom
 from maisi2.preview import PREVIEW_WINDOW_HU, preview_centre, render_preview
 
 __all__ = [
@@ -217,6 +229,60 @@ class PreparedMask:
                 "labels_present": present}
 
 
+@dataclass(frozen=True)
+class MemoryFit:
+    """Step 4's result: the request checked against the memory budget (bytes throughout).
+
+    release: the UNet and ControlNet are let go before decoding, so the decoder's share counts only
+    the VAE's weights (`decode_weights`). host: the CPU's output arrays, which share the budget with
+    the decoder. compute: the precision plan (`compute.ComputePlan`); decode: the decoder's tiles
+    (`autoencoder.plan_tiles`).
+    """
+
+    device: str
+    budget: int
+    prepare: int
+    weights: int
+    release: bool
+    decode_weights: int
+    host: int
+    compute: Any
+    sampling: int
+    decode: Any
+
+    def to_dict(self) -> dict:
+        return {"budget_bytes": self.budget, "weights_bytes": self.weights, "prepare_bytes": self.prepare,
+                "weights_while_decoding_bytes": self.decode_weights, "sampling_bytes": self.sampling,
+                "host_bytes": self.host, "decode": self.decode.to_dict()}
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Step 7's result: the conditioning on the networks' device; `uncond` (the tumour-free mask's)
+    only with classifier-free guidance and a mask that has tumours."""
+
+    cond: Any
+    uncond: Any = None
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything one generation works from, worked out once before the networks run: the outputs,
+    the grid, the memory fit, the prepared mask and the options (`generate` builds one; `generate_batch`
+    one per item). `guidance` is added once the networks are loaded (`with_guidance`)."""
+
+    paths: OutputPaths
+    info: Any  # the model's `models.ModelInfo`
+    grid: GridPlan
+    fit: MemoryFit
+    prepared: PreparedMask
+    options: GenerateOptions
+    guidance: Guidance | None = None
+
+    def with_guidance(self, guidance: Guidance) -> "GenerationPlan":
+        return dataclasses.replace(self, guidance=guidance)
+
+
 @dataclass
 class GenerationResult:
     paths: OutputPaths
@@ -246,16 +312,14 @@ def generate(mask: PathLike | volume_io.Volume, out: PathLike, model=None,
     32 MiB are kept for reuse) and gives the freed memory back to the system before returning.
     """
     started = time.perf_counter()
-    # 1.-4. settings, outputs, the model's domain, memory and disk: all from headers, no voxel read
-    paths, info, models, grid, fit = preflight(mask, out, model, options)
-    # 5. prepare the mask: ids, labels the model never saw, resampled, body envelope, padded
-    prepared = prepare_mask(mask, info.cfg, grid=grid, domain=info.domain, options=options)
-    _check_preview_focus(prepared, options)
+    # 1.-4. settings, outputs, the model's domain, memory and disk: all from headers, no voxel read;
+    # 5. the prepared mask: ids, unseen labels, resampled, body envelope, padded. One plan from here on.
+    plan, models = _plan(mask, out, model, options)
     # 6. load the networks (those loaded here are ours alone: let go while the decoder runs)
     if on_progress is not None:
         on_progress({"phase": "loading"})
-    models, load_seconds = _load_networks(info, models, options)
-    return _generate_prepared(prepared, paths, models, fit, options, started, load_seconds, on_progress, grid)
+    models, load_seconds = _load_networks(plan.info, models, options)
+    return _generate_prepared(plan, models, started, load_seconds, on_progress)
 
 
 def preflight(mask, out: PathLike, model=None, options: GenerateOptions = GenerateOptions(),
@@ -278,15 +342,20 @@ def preflight(mask, out: PathLike, model=None, options: GenerateOptions = Genera
     return paths, info, models, grid, fit
 
 
-def _generate_prepared(prepared, paths, models, fit, options, started, load_seconds,
-                       on_progress: ProgressFn | None = None, grid: GridPlan | None = None) -> GenerationResult:
-    """Steps 7-10 for a checked, prepared mask and loaded networks (shared with `generate_batch`)."""
-    from maisi2 import allocator
+def _plan(mask, out: PathLike, model, options: GenerateOptions, release: bool | None = None):
+    """Steps 1-5: (the `GenerationPlan`, the `Models` passed in or None)."""
+    paths, info, models, grid, fit = preflight(mask, out, model, options, release)
+    prepared = prepare_mask(mask, info.cfg, grid=grid, domain=info.domain, options=options)
+    _check_preview_focus(prepared, options)
+    return GenerationPlan(paths, info, grid, fit, prepared, options), models
 
+
+def _generate_prepared(plan: GenerationPlan, models, started: float, load_seconds: float,
+                       on_progress: ProgressFn | None = None) -> GenerationResult:
+    """Steps 7-10 for a plan and loaded networks (shared with `generate_batch`)."""
     allocator.reuse_freed_memory()  # steps and decode slabs reuse freed blocks: no page-fault churn
     try:
-        return _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds,
-                                    on_progress or _no_progress, grid)
+        return _sample_decode_write(plan, models, started, load_seconds, on_progress or _no_progress)
     finally:
         allocator.give_back_freed_memory()
 
@@ -295,17 +364,18 @@ def _no_progress(event: dict) -> None:
     pass
 
 
-def _sample_decode_write(prepared, paths, models, fit, options, started, load_seconds,
-                         on_progress: ProgressFn, grid: GridPlan | None) -> GenerationResult:
+def _sample_decode_write(plan: GenerationPlan, models, started: float, load_seconds: float,
+                         on_progress: ProgressFn) -> GenerationResult:
     # 7. conditioning: mask bit-planes, spacing, modality (and the tumour-free mask for guidance)
-    conditioning = _conditioning(prepared, models, options)
+    plan = plan.with_guidance(_conditioning(plan.prepared, models, plan.options))
     # 8. denoising loop, tiled decoding, quality check; again with the next seed while it fails
-    attempts, best = _attempts(prepared, models, conditioning, fit, options, on_progress)
+    attempts, best = _attempts(plan, models, on_progress)
     # 9. the report
     timings = {"load_model": load_seconds, "total": time.perf_counter() - started}
-    report = _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings, grid)
+    report = _report(plan, models, attempts, best, timings)
     # 10. write everything as one set
     on_progress({"phase": "writing"})
+    paths, prepared, options = plan.paths, plan.prepared, plan.options
     if paths.preview is not None:
         centre, what = preview_centre(prepared.volume.array, options.preview_focus)
         report["preview"] = {"centre_voxel": list(centre), "centred_on": what, "window_hu": list(PREVIEW_WINDOW_HU)}
@@ -323,8 +393,6 @@ _NUMERIC_RANGES = {
     "cfg_scale": (0.0, 100.0), "control_scale": (0.0, 100.0), "max_memory_gb": (1e-3, 2**20),
     "fov_tolerance": (1.0, 100.0),
 }
-# Voxel sizes outside this are not CT (a 1-micron voxel, a 10 cm voxel).
-_SPACING_RANGE_MM = (0.01, 100.0)
 
 
 def check_options(options: GenerateOptions) -> None:
@@ -341,25 +409,15 @@ def check_options(options: GenerateOptions) -> None:
     if not isinstance(options.steps, (int, np.integer)) or not isinstance(options.seed, (int, np.integer)):
         raise InvalidInput(f"steps and seed must be whole numbers, got {options.steps!r} and {options.seed!r}")
     if options.spacing is not None:
-        _check_spacing(options.spacing, "spacing (--spacing)")
+        volume_io.check_spacing(options.spacing, "spacing (--spacing)")
     if options.decode_statistics not in ("volume", "tile"):
         raise InvalidInput(f"decode_statistics must be 'volume' or 'tile', got {options.decode_statistics!r}")
-    from maisi2 import compute
-
     if options.precision not in compute.PRECISIONS:
         raise InvalidInput(f"precision must be one of {', '.join(compute.PRECISIONS)}, got {options.precision!r}")
     if options.out_format not in ("nifti", "dicom"):
         raise InvalidInput(f"out_format must be 'nifti' or 'dicom', got {options.out_format!r}")
     if options.spill_dir is not None and not Path(options.spill_dir).expanduser().is_dir():
         raise InvalidInput(f"spill_dir {options.spill_dir} is not an existing folder; create it or leave it out")
-
-
-def _check_spacing(spacing, what: str) -> None:
-    low, high = _SPACING_RANGE_MM
-    values = list(spacing)
-    if len(values) != 3 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in values) \
-            or not all(math.isfinite(v) and low <= v <= high for v in values):
-        raise InvalidInput(f"{what} must be three finite voxel sizes from {low:g} to {high:g} mm, got {values}")
 
 
 def check_request(out: PathLike, options: GenerateOptions, mask=None) -> OutputPaths:
@@ -410,8 +468,6 @@ def _check_series_folder(folder: Path, overwrite: bool) -> None:
 
 def _model_info(model):
     """(ModelInfo, Models or None): accepts a folder, a ModelInfo, loaded Models, or None."""
-    from maisi2 import models as M
-
     if isinstance(model, M.Models):
         if model.info is None or model.controlnet is None:
             raise InvalidInput("generation needs Models with a ControlNet and `info` (a ModelInfo, for the checks)")
@@ -440,14 +496,11 @@ def mask_from_anatomy_sizes(sizes, out: PathLike, model=None, mask_generator: st
     outputs beside `out`) is checked before any network is read. Seeded with ``options.seed``.
     Returns (the mask as an `volume_io.Volume` on the generator's grid, a dict describing how it was made).
     """
-    from maisi2.maskgen import files, generate_mask, sampling
-    from maisi2.maskgen.sizes import parse_anatomy_sizes
-
     sizes = parse_anatomy_sizes(sizes) if isinstance(sizes, str) else dict(sizes)
     _check_request(out, options)
-    folder = files.mask_generator_dir(mask_generator, model)
-    generator = files.load_mask_generator(folder, device=options.device)
-    sampling.size_vector(generator, sizes)  # a request the generator cannot complete fails here
+    folder = maskgen_files.mask_generator_dir(mask_generator, model)
+    generator = maskgen_files.load_mask_generator(folder, device=options.device)
+    maskgen_sampling.size_vector(generator, sizes)  # a request the generator cannot complete fails here
     sample = generate_mask(generator, sizes, seed=options.seed, steps=mask_steps, progress=options.progress)
     return sample.native, {"generator": str(folder), "kind": generator.source, **sample.describe()}
 
@@ -510,15 +563,9 @@ def _out_of_domain_message(info, domain, problems, grid: MaskGrid, spacing, netw
         hints.append(f"a mask cropped to at most {_mm(domain.fov_mm[1], 0)} mm")
     fit = "--fit-to-model (fit_to_model=True) resamples and pads to the trained grid"
     suggestion = f"{' and '.join(hints)}; or {fit}" if hints else fit
-    name = "the bundled model" if info.model_dir == _default_model_dir() else f"the model in {info.model_dir}"
+    name = "the bundled model" if info.model_dir == M.default_model_dir() else f"the model in {info.model_dir}"
     return (f"{name} was trained on {domain.describe()}, but {'; '.join(problems)}. Nearest valid request: "
             f"{suggestion}; --force (force=True) runs anyway and marks the output out of domain")
-
-
-def _default_model_dir() -> Path:
-    from maisi2.models import default_model_dir
-
-    return default_model_dir()
 
 
 def _mm(values, digits: int | None = None) -> str:
@@ -533,8 +580,6 @@ def _fov_of(shape, spacing) -> tuple[float, ...]:
 
 def memory_budget_bytes(max_memory_gb: float | None, device) -> int:
     """The budget: as given, else free CUDA memory or available RAM (both x 0.9 for headroom)."""
-    import torch
-
     if max_memory_gb is not None:
         return int(max_memory_gb * 2**30)
     if torch.device(device).type == "cuda":
@@ -555,16 +600,11 @@ def _available_ram() -> int:
 
 def _weight_bytes(info, models) -> dict[str, int]:
     """fp32 bytes of each network's parameters, by kind (counted on the meta device: nothing allocated)."""
-    import torch
-
-    from maisi2 import checkpoint as ckpt
-    from maisi2.models import NETWORK_KINDS
-
     if models is not None:
-        return {kind: models.weight_bytes((kind,)) for kind in NETWORK_KINDS}
+        return {kind: models.weight_bytes((kind,)) for kind in M.NETWORK_KINDS}
     with torch.device("meta"):
         return {kind: sum(p.numel() * 4 for p in ckpt.build_network(kind, info.cfg).parameters())
-                for kind in NETWORK_KINDS}
+                for kind in M.NETWORK_KINDS}
 
 
 def _prepare_bytes(grid: GridPlan) -> int:
@@ -578,16 +618,14 @@ def _output_bytes(grid: GridPlan, options: GenerateOptions) -> int:
     return math.prod(grid.shape) * (2 + (1 if options.write_label else 0)) + 4 * 2**20
 
 
-def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release: bool = False) -> dict:
+def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release: bool = False) -> MemoryFit:
     """Refuse (ValueError) a request over the memory budget: preparing the mask, sampling, decoding.
 
     Returns the memory plan: budget, weights, sampling peak, host arrays, decode tiles, device, and
     `release` (the UNet and ControlNet are let go before decoding, so the decoder's budget counts
     only the VAE's weights).
     """
-    from maisi2.nets import resolve_device
-
-    device = resolve_device(options.device)
+    device = nets.resolve_device(options.device)
     budget, prepare = memory_budget_bytes(options.max_memory_gb, device), _prepare_bytes(grid)
     if prepare > budget:
         raise InvalidInput(
@@ -595,53 +633,47 @@ def _check_fits(grid: GridPlan, info, models, options: GenerateOptions, release:
             f"about {prepare / 2**30:.1f} GB, over the {budget / 2**30:.1f} GB budget. Raise "
             "--max-memory, choose a coarser --spacing, or crop the mask")
     weights = _weight_bytes(info, models)
-    fit = {"device": str(device), "budget": budget, "prepare": prepare,
-           "weights": sum(weights.values()), "release": release,
-           "decode_weights": weights["vae"] if release else sum(weights.values()),
-           # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
-           "host": math.prod(grid.network_shape) * 12 if device.type == "cpu" else 0}
-    from maisi2 import compute
-
-    fit["compute"] = compute.choose_plan(options.precision, device, half=_half(options, device))
-    fit["sampling"] = fit["weights"] + _sampling_bytes(grid, info.cfg, options, device, fit["compute"])
-    fit["plan"] = _decode_plan(grid, info.cfg, fit, options.spill_dir if device.type == "cpu" else None)
-    return fit
+    total = sum(weights.values())
+    held = weights["vae"] if release else total  # what stays loaded while decoding
+    # On the CPU the blended output volume and the HU arrays share the budget with the decoder.
+    host = math.prod(grid.network_shape) * 12 if device.type == "cpu" else 0
+    plan = compute.choose_plan(options.precision, device, half=_half(options, device))
+    sampling_peak = total + _sampling_bytes(grid, info.cfg, options, device, plan)
+    decode = _decode_plan(grid, info.cfg, budget, sampling_peak, held, host,
+                          options.spill_dir if device.type == "cpu" else None)
+    return MemoryFit(device=str(device), budget=budget, prepare=prepare, weights=total, release=release,
+                     decode_weights=held, host=host, compute=plan, sampling=sampling_peak, decode=decode)
 
 
 def _sampling_bytes(grid: GridPlan, cfg, options: GenerateOptions, device, plan) -> int:
-    from maisi2 import sampling
-
     latent = tuple(n // cfg.vae.downsample_factor for n in grid.network_shape)
     flash = device.type == "cuda" and cfg.unet.use_flash_attention
     half = plan.name == "fp16"  # the CUDA estimate halves; bf16 on the CPU keeps the (measured) float32 one
     return sampling.estimate_sampling_bytes(cfg, latent, flash, options.cfg_scale is not None, half)
 
 
-def _decode_plan(grid: GridPlan, cfg, fit: dict, spill_dir: str | None = None):
-    from maisi2 import autoencoder
-
-    budget, size = fit["budget"], "x".join(map(str, grid.network_shape))
-    if fit["sampling"] > budget:
+def _decode_plan(grid: GridPlan, cfg, budget: int, sampling_peak: int, held: int, host: int,
+                 spill_dir: str | None = None):
+    """The decoder's tiles for what the budget leaves beside the weights held and the host arrays."""
+    size = "x".join(map(str, grid.network_shape))
+    if sampling_peak > budget:
         raise InvalidInput(
-            f"sampling a {size} volume needs about {fit['sampling'] / 2**30:.1f} GB, over the "
+            f"sampling a {size} volume needs about {sampling_peak / 2**30:.1f} GB, over the "
             f"{budget / 2**30:.1f} GB budget. Raise --max-memory, choose a coarser --spacing, or crop the mask"
         )
-    held = fit["decode_weights"]  # what stays loaded while decoding
-    if held + fit["host"] >= budget:
+    if held + host >= budget:
         raise InvalidInput(
-            f"the networks ({held / 2**30:.2f} GB) and the output arrays ({fit['host'] / 2**30:.2f} GB) "
+            f"the networks ({held / 2**30:.2f} GB) and the output arrays ({host / 2**30:.2f} GB) "
             f"alone exceed the {budget / 2**30:.2f} GB budget; raise --max-memory or generate a smaller volume"
         )
     latent = tuple(n // cfg.vae.downsample_factor for n in grid.network_shape)
-    return autoencoder.plan_tiles(latent, cfg.vae, budget - held - fit["host"], spill_dir=spill_dir)
+    return autoencoder.plan_tiles(latent, cfg.vae, budget - held - host, spill_dir=spill_dir)
 
 
 # -- 5. prepare the mask -----------------------------------------------------------------------
 
 def phantom_mask(shape: Sequence[int], spacing: Sequence[float], tumors=(), seed: int = 0) -> volume_io.Volume:
     """The label map of a procedural phantom (`maisi2.phantom`), as a mask to generate from."""
-    from maisi2.phantom import make_phantom
-
     _, labels, affine = make_phantom(tuple(shape), tuple(spacing), tumors, seed)
     return volume_io.Volume(labels.astype(np.int16), affine)
 
@@ -654,8 +686,6 @@ def prepare_mask(mask: PathLike | volume_io.Volume, cfg, spacing=None, grid: Gri
     model's `ModelDomain`; labels it never saw are refused when they cover more than
     `UNSEEN_LABEL_SHARE` of the body, replaced with `options.fit_to_model`, and always reported.
     """
-    from maisi2.data import center_pad_or_crop
-
     volume, source = _load_mask(mask)
     input_shape, input_spacing = volume.shape, volume.spacing
     target = grid.spacing if grid is not None else spacing
@@ -713,8 +743,6 @@ def _load_mask(mask) -> tuple[volume_io.Volume, str]:
 
 def _with_body(volume: volume_io.Volume, source: str) -> tuple[volume_io.Volume, int]:
     """Add the body envelope (label 200) to unlabelled voxels inside the labels' filled hull."""
-    from maisi2.envelope import body_envelope_from_labels
-
     labels = volume.array
     if not np.any(labels != L.BACKGROUND):
         raise InvalidInput(f"mask {source} holds no labels (every voxel is 0); pass a MAISI label map with the "
@@ -735,21 +763,17 @@ def _fov(volume: volume_io.Volume) -> tuple[float, float, float]:
 # -- 6. load the networks --------------------------------------------------------------------
 
 def _load_networks(info, models, options: GenerateOptions):
-    from maisi2.models import load_model
-
     if models is not None:
         return models, 0.0
     start = time.perf_counter()
-    models = load_model(info, device=options.device)
+    models = M.load_model(info, device=options.device)
     return models, time.perf_counter() - start
 
 
 # -- 7.-8. one attempt: sample, decode, check --------------------------------------------------
 
-def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> dict:
+def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> Guidance:
     """Conditioning on the networks' device; with guidance also the tumour-free mask's."""
-    from maisi2 import nets
-
     device = models.device
 
     def condition(labels: np.ndarray) -> nets.Conditioning:
@@ -761,21 +785,19 @@ def _conditioning(prepared: PreparedMask, models, options: GenerateOptions) -> d
         tumor_free = L.remove_tumors(prepared.padded)
         # Without tumours both branches agree and guidance changes nothing: skip the second call.
         uncond = condition(tumor_free) if np.any(tumor_free != prepared.padded) else None
-    return {"cond": cond, "uncond": uncond}
+    return Guidance(cond, uncond)
 
 
 def _half(options: GenerateOptions, device) -> bool:
-    import torch
-
     return torch.device(device).type == "cuda" if options.half_precision is None else bool(options.half_precision)
 
 
-def _attempts(prepared, models, conditioning, fit, options: GenerateOptions,
-              on_progress: ProgressFn) -> tuple[list[dict], int]:
+def _attempts(plan: GenerationPlan, models, on_progress: ProgressFn) -> tuple[list[dict], int]:
     """Attempts with seeds seed, seed+1, ... until one passes the quality check (or retries run out)."""
+    options = plan.options
     attempts: list[dict] = []
     for retry in range(options.qc_retries + 1):
-        attempts.append(_attempt(prepared, models, conditioning, fit, options, options.seed + retry,
+        attempts.append(_attempt(plan, models, options.seed + retry,
                                  _attempt_progress(on_progress, retry + 1, options.steps)))
         best = _best_attempt(attempts)
         for i, other in enumerate(attempts):
@@ -796,27 +818,25 @@ def _attempt_progress(on_progress: ProgressFn, attempt: int, steps: int) -> Prog
     return report
 
 
-def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed: int,
-             on_progress: ProgressFn = _no_progress) -> dict:
+def _attempt(plan: GenerationPlan, models, seed: int, on_progress: ProgressFn = _no_progress) -> dict:
     """One sample: the denoising loop, decoding to HU, the quality check; with their timings."""
-    from maisi2 import quality, sampling
-
+    options, fit, prepared = plan.options, plan.fit, plan.prepared
     half = _half(options, models.device)
-    latent_shape = (models.cfg.vae.latent_channels, *fit["plan"].latent_shape)
-    uncond = conditioning["uncond"]
+    latent_shape = (models.cfg.vae.latent_channels, *fit.decode.latent_shape)
+    uncond = plan.guidance.uncond
     reload_seconds = models.restore_diffusion()  # released by an earlier attempt (a QC retry)
     start = time.perf_counter()
     latent = sampling.sample_latent(
-        models.unet, conditioning["cond"], latent_shape, models.cfg.flow, controlnet=models.controlnet,
+        models.unet, plan.guidance.cond, latent_shape, models.cfg.flow, controlnet=models.controlnet,
         uncond=uncond, cfg_scale=options.cfg_scale if uncond is not None else None, steps=options.steps,
-        seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, compute=fit["compute"],
+        seed=seed, exact_grid=options.exact_grid, control_scale=options.control_scale, compute=fit.compute,
         progress=options.progress, callback=on_progress)
     _check_finite(latent, "the sampled latent", seed, options)
     sampled = time.perf_counter()
-    if fit["release"]:
+    if fit.release:
         models.release_diffusion()  # the decode plan counted only the VAE's weights
     on_progress({"phase": "decoding"})
-    hu = _decode_to_hu(latent, prepared, models, fit["plan"], half, options.progress, options.decode_statistics,
+    hu = _decode_to_hu(latent, prepared, models, fit.decode, half, options.progress, options.decode_statistics,
                        lambda image: _check_finite(image, "the decoded CT", seed, options))
     decoded = time.perf_counter()
     on_progress({"phase": "checking"})
@@ -829,8 +849,6 @@ def _attempt(prepared, models, conditioning, fit, options: GenerateOptions, seed
 
 def _check_finite(values, what: str, seed: int, options: GenerateOptions) -> None:
     """NaN or inf must never reach the int16 cast, where they would be written as tissue."""
-    import torch
-
     bad = int((~torch.isfinite(values)).sum())
     if bad:
         raise InvalidInput(
@@ -845,9 +863,6 @@ def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, prog
 
     `check(image)` sees the decoded image before its values are clipped and cast.
     """
-    from maisi2.data import center_pad_or_crop, unit_to_hu
-    from maisi2.autoencoder import decode_tiled
-
     image = decode_tiled(models.vae, latent / models.scale_factor, plan, autocast=half, progress=progress,
                          statistics=statistics)
     if check is not None:
@@ -868,29 +883,26 @@ def _best_attempt(attempts: list[dict]) -> int:
 
 # -- 9.-10. the report and the outputs -------------------------------------------------------
 
-def _report(prepared, models, fit, options, conditioning, attempts, best, paths, timings, grid=None) -> dict:
-    from maisi2 import __version__
-
+def _report(plan: GenerationPlan, models, attempts: list[dict], best: int, timings: dict) -> dict:
+    prepared, options, fit = plan.prepared, plan.options, plan.fit
     info = models.info
     return {
         "maisi2_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "outputs": {k: (None if v is None else str(v)) for k, v in dataclasses.asdict(paths).items()},
+        "outputs": {k: (None if v is None else str(v)) for k, v in dataclasses.asdict(plan.paths).items()},
         "mask": prepared.describe(),
         "model": {"dir": None if info is None else str(info.model_dir),
                   "layout": None if info is None else info.layout, "preset": models.cfg.preset,
                   "scale_factor": models.scale_factor, "metadata": models.metadata},
         "settings": {k: v for k, v in dataclasses.asdict(options).items() if k != "request"},
         **({"request": options.request} if options.request is not None else {}),
-        "domain": _domain_report(prepared, info, grid),
-        "device": fit["device"],
-        "precision": fit["compute"].name,
-        "compute_plan": fit["compute"].to_dict(),
-        "guidance": {"scale": options.cfg_scale, "applied": conditioning["uncond"] is not None,
+        "domain": _domain_report(prepared, info, plan.grid),
+        "device": fit.device,
+        "precision": fit.compute.name,
+        "compute_plan": fit.compute.to_dict(),
+        "guidance": {"scale": options.cfg_scale, "applied": plan.guidance.uncond is not None,
                      "unconditional_mask": "tumours replaced by their parent organs (labels.remove_tumors)"},
-        "memory": {"budget_bytes": fit["budget"], "weights_bytes": fit["weights"], "prepare_bytes": fit.get("prepare"),
-                   "weights_while_decoding_bytes": fit["decode_weights"],
-                   "sampling_bytes": fit["sampling"], "host_bytes": fit["host"], "decode": fit["plan"].to_dict()},
+        "memory": fit.to_dict(),
         "seed": attempts[best]["seed"],
         "chosen_attempt": best,
         "attempts": [{"seed": a["seed"], "timings_s": a["timings"], "quality": a["qc"].to_dict()} for a in attempts],
@@ -899,16 +911,16 @@ def _report(prepared, models, fit, options, conditioning, attempts, best, paths,
     }
 
 
-def _domain_report(prepared: PreparedMask, info, grid: GridPlan | None) -> dict:
+def _domain_report(prepared: PreparedMask, info, grid: GridPlan) -> dict:
     """What of this request lies outside what the model was trained on, and what was fitted to it."""
-    reasons = list(grid.out_of_domain) if grid is not None else []
+    reasons = list(grid.out_of_domain)
     unseen = {i: n for i, n in prepared.unseen_labels.items() if i not in prepared.replaced_labels}
     if unseen:
         names = ", ".join(f"{L.label_name(i)} ({i})" for i in sorted(unseen))
         reasons.append(f"{sum(unseen.values())} voxels carry labels the model never saw in training: {names}")
     return {
         "out_of_domain": reasons,
-        "fitted": list(grid.fitted) if grid is not None else [],
+        "fitted": list(grid.fitted),
         "unseen_labels": {str(i): {"name": L.label_name(i), "voxels": n} for i, n in prepared.unseen_labels.items()},
         "replaced_labels": {str(i): {"name": L.label_name(i), "by": new, "by_name": L.label_name(new)}
                             for i, new in prepared.replaced_labels.items()},
@@ -945,102 +957,6 @@ def _json_default(value):
 
 # -- batches -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BatchItem:
-    mask: Path
-    out: Path
-    spacing: tuple[float, float, float] | None = None  # overrides the options' spacing
-    seed: int | None = None  # overrides the batch seed
-    where: str = ""  # where the item comes from ("list.jsonl, line 3"), named in its errors
-
-
-def _output_name(mask: Path) -> str:
-    stem = mask.name.split(".nii")[0]
-    return f"{stem}_ct.nii.gz"
-
-
-def batch_from_dir(mask_dir: PathLike, out_dir: PathLike) -> list[BatchItem]:
-    """Every *.nii / *.nii.gz in `mask_dir` -> out_dir/<name>_ct.nii.gz."""
-    mask_dir, out_dir = Path(mask_dir).expanduser(), Path(out_dir).expanduser()
-    if not mask_dir.is_dir():
-        raise MissingInput(f"mask folder {mask_dir} does not exist")
-    masks = sorted(p for p in mask_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
-    if not masks:
-        raise InvalidInput(f"{mask_dir} holds no NIfTI masks (*.nii.gz)")
-    return [BatchItem(m, out_dir / _output_name(m), where=str(m)) for m in masks]
-
-
-def batch_from_datalist(path, out_dir: PathLike) -> list[BatchItem]:
-    """A .txt (one mask path per line), .jsonl or decathlon-style .json datalist.
-
-    JSONL rows and .json entries: {"mask": path (or "label", so a training datalist works),
-    "spacing": [x, y, z] (optional), "seed": int (optional), "out": file name inside `out_dir`
-    (optional)}. Relative paths are relative to the datalist's folder (a .json's: to its data root,
-    see `maisi2.data`). `path` may be a `data.DatalistSource` naming the .json's list and data root.
-    Errors name the line (or entry).
-    """
-    from maisi2.data import DatalistSource, decathlon_rows
-
-    source = DatalistSource.of(path)
-    path, out_dir = source.path, Path(out_dir).expanduser()
-    if not path.is_file():
-        raise MissingInput(f"datalist {path} does not exist")
-    if path.suffix.lower() == ".json":
-        items = [_batch_item(row, source.root(), where, out_dir) for where, row in decathlon_rows(source)]
-        if not items:
-            raise InvalidInput(f"datalist {path} lists no masks")
-        return items
-    items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            items.append(_datalist_item(line, path, number, out_dir))
-    if not items:
-        raise InvalidInput(f"datalist {path} lists no masks")
-    return items
-
-
-def _datalist_item(line: str, path: Path, number: int, out_dir: Path) -> BatchItem:
-    where = f"{path}, line {number}"
-    if path.suffix.lower() != ".jsonl":
-        mask = path.parent / line.strip()
-        return BatchItem(mask, out_dir / _output_name(mask), where=where)
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InvalidInput(f"{where}: not valid JSON ({err.msg})") from None
-    if isinstance(row, dict):
-        unknown = set(row) - {"mask", "label", "spacing", "seed", "out", "image", "modality", "source", "fold"}
-        if unknown:
-            raise InvalidInput(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: mask, spacing, seed, out")
-    return _batch_item(row, path.parent, where, out_dir)
-
-
-def _batch_item(row, root: Path, where: str, out_dir: Path) -> BatchItem:
-    if not isinstance(row, dict) or not (row.get("mask") or row.get("label")):
-        raise InvalidInput(f"{where}: each row needs a \"mask\" (or \"label\") path")
-    mask = root / (row.get("mask") or row["label"])
-    spacing, seed = row.get("spacing"), row.get("seed")
-    if spacing is not None:
-        if not isinstance(spacing, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing):
-            raise InvalidInput(f"{where}: \"spacing\" must be a list of three numbers in mm, got {spacing!r}")
-        _check_spacing(spacing, f"{where}: \"spacing\"")
-        spacing = tuple(float(v) for v in spacing)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise InvalidInput(f"{where}: \"seed\" must be a whole number >= 0, got {seed!r}")
-    return BatchItem(mask, _inside(out_dir, row.get("out") or _output_name(mask), where), spacing, seed, where)
-
-
-def _inside(out_dir: Path, name, where: str) -> Path:
-    """out_dir / name, refused when `name` would lead outside `out_dir` (absolute, `..`, a symlink out)."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidInput(f"{where}: \"out\" must be a file name, got {name!r}")
-    target = out_dir / name
-    root = out_dir.resolve()
-    if Path(name).is_absolute() or not target.resolve().is_relative_to(root):
-        raise InvalidInput(f"{where}: \"out\" {name!r} leads outside --out-dir {out_dir}; give a name inside it")
-    return target
-
-
 def generate_batch(items: Sequence[BatchItem], model=None, options: GenerateOptions = GenerateOptions(),
                    on_done=None, on_skip=None) -> list[GenerationResult]:
     """Generate for each item with the networks loaded once.
@@ -1063,18 +979,15 @@ def generate_batch(items: Sequence[BatchItem], model=None, options: GenerateOpti
                 on_skip(item)
             continue
         with _naming(item):
-            paths, _, _, grid, fit = preflight(item.mask, item.out, models or info, item_options, release=False)
-            prepared = prepare_mask(item.mask, info.cfg, grid=grid, domain=info.domain, options=item_options)
-            _check_preview_focus(prepared, item_options)
-        checked.append((item, prepared, paths, grid, fit, item_options))
+            plan, _ = _plan(item.mask, item.out, models or info, item_options, release=False)
+        checked.append((item, plan))
     if not checked:
         return []
     models, load_seconds = _load_networks(info, models, options)
     results = []
-    for item, prepared, paths, grid, fit, item_options in checked:
+    for item, plan in checked:
         with _naming(item):
-            results.append(_generate_prepared(prepared, paths, models, fit, item_options, time.perf_counter(),
-                                              load_seconds, grid=grid))
+            results.append(_generate_prepared(plan, models, time.perf_counter(), load_seconds))
         if on_done is not None:
             on_done(results[-1])
     return results

@@ -15,6 +15,7 @@ unchanged comes back with the same orientation and geometry. Volumes built in co
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -318,6 +319,19 @@ def _write_nifti(path: PathLike, volume: Volume, overwrite: bool) -> Path:
 
 
 # ---------------------------------------------------------------- resampling
+
+
+# Voxel sizes outside this are not CT (a 1-micron voxel, a 10 cm voxel).
+_SPACING_RANGE_MM = (0.01, 100.0)
+
+
+def check_spacing(spacing, what: str) -> None:
+    """Refuse a voxel size that cannot be CT (InvalidInput naming `what`)."""
+    low, high = _SPACING_RANGE_MM
+    values = list(spacing)
+    if len(values) != 3 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in values) \
+            or not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise InvalidInput(f"{what} must be three finite voxel sizes from {low:g} to {high:g} mm, got {values}")
 
 
 def resampled_shape(shape, spacing, new_spacing) -> np.ndarray:
