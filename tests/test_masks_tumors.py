@@ -154,6 +154,91 @@ def test_parse_scale():
         T.parse_scale("hepatic")
 
 
+# -- one tumour, picked by position ---------------------------------------------------------------
+
+def _three_hepatic() -> np.ndarray:
+    """The liver holding three separate hepatic tumours (and the lungs one lung tumour)."""
+    labels = _labels()  # one hepatic tumour at [10:14, 10:14, 6:9]
+    labels[20:24, 10:14, 6:9] = HEPATIC
+    labels[14:20, 22:28, 10:15] = HEPATIC
+    labels[30:34, 20:24, 26:29] = LUNG_TUMOR
+    return labels
+
+
+def test_tumor_at_picks_the_component_holding_or_nearest_the_voxel():
+    labels = _three_hepatic()
+    tumor, mask = T.tumor_at(labels, SPACING, (11, 12, 7))  # inside the first
+    assert tumor == HEPATIC and mask.sum() == 48 and mask[10:14, 10:14, 6:9].all()
+    tumor, mask = T.tumor_at(labels, SPACING, (16, 12, 7))  # in the liver between the first two:
+    assert mask[10:14, 10:14, 6:9].all() and mask.sum() == 48  # 6 mm from the first, 8 mm from the second
+    tumor, mask = T.tumor_at(labels, SPACING, (17, 12, 7))  # 8 mm from the first, 6 mm from the second
+    assert mask[20:24, 10:14, 6:9].all() and mask.sum() == 48
+    tumor, mask = T.tumor_at(labels, SPACING, (31, 21, 25))  # beside the lung tumour, in the lung
+    assert tumor == LUNG_TUMOR and mask.sum() == (labels == LUNG_TUMOR).sum()
+    tumor, mask = T.tumor_at(labels, SPACING, (31, 21, 25), kind="hepatic", within_mm=40)
+    assert tumor == HEPATIC and mask[14:20, 22:28, 10:15].all()  # of that kind only: the third
+
+
+def test_tumor_at_refuses_far_voxels_and_tumour_free_masks_clearly():
+    labels = _three_hepatic()
+    with pytest.raises(ValueError, match=r"no tumour within 10 mm of voxel \[40, 6, 3\]; the nearest is "
+                                         r"'hepatic tumor' at voxel \[23, 10, 6\], \d+ mm away"):
+        T.tumor_at(labels, SPACING, (40, 6, 3))
+    T.tumor_at(labels, SPACING, (40, 6, 3), within_mm=40)  # found when allowed further
+    with pytest.raises(ValueError, match="has no tumour to pick"):
+        T.tumor_at(L.remove_tumors(labels), SPACING, (11, 12, 7))
+    with pytest.raises(ValueError, match="has no bone tumour"):
+        T.tumor_at(labels, SPACING, (11, 12, 7), kind="bone")
+    with pytest.raises(ValueError, match="outside the mask"):
+        T.tumor_at(labels, SPACING, (11, 12, 70))
+
+
+def test_remove_tumor_at_removes_that_one_and_leaves_its_neighbours():
+    labels = _three_hepatic()
+    out, [change] = T.remove_tumor_at(labels, SPACING, (21, 11, 8))
+    assert change.action == "removed" and change.parent_organ == "liver" and change.voxels == 48
+    assert change.centre_voxel == (21.5, 11.5, 7.0)
+    assert np.all(out[20:24, 10:14, 6:9] == LIVER)
+    changed = out != labels
+    assert changed.sum() == 48 and changed[20:24, 10:14, 6:9].all()  # nothing else moved
+    assert np.all(labels == _three_hepatic())  # input untouched
+    lung, [change] = T.remove_tumor_at(labels, SPACING, (31, 21, 27))
+    assert change.label == "lung tumor" and not np.any(lung == LUNG_TUMOR)
+    assert np.all(np.isin(lung[labels == LUNG_TUMOR], L.LUNG_IDS))  # back to the lobe around it
+
+
+def test_scale_tumor_at_resizes_that_one_inside_its_organ():
+    labels = _three_hepatic()
+    third = np.zeros(labels.shape, bool)
+    third[14:20, 22:28, 10:15] = True
+    out, [change] = T.scale_tumor_at(labels, SPACING, (16, 24, 12), 1.5)
+    grown = out == HEPATIC
+    assert change.action == "scaled" and change.volume_before_ml == pytest.approx(third.sum() * np.prod(SPACING) / 1000)
+    assert 2.5 < change.voxels / third.sum() < 4.5  # ~1.5^3
+    assert np.all(out[10:14, 10:14, 6:9] == HEPATIC) and np.all(out[20:24, 10:14, 6:9] == HEPATIC)
+    assert np.all(np.isin(labels[grown & (labels != HEPATIC)], (LIVER,)))  # grew into the liver only
+    elsewhere = np.ones(labels.shape, bool)
+    elsewhere[8:26, 18:32, 6:19] = False  # a box around the third tumour and its growth
+    assert np.array_equal(out[elsewhere], labels[elsewhere])
+    small, [shrunk] = T.scale_tumor_at(labels, SPACING, (16, 24, 12), 0.5)
+    assert shrunk.voxels < 0.25 * third.sum() and np.all(small[third & (small != HEPATIC)] == LIVER)
+    with pytest.raises(ValueError, match="between 0.1 and 4"):
+        T.scale_tumor_at(labels, SPACING, (16, 24, 12), 5)
+
+
+def test_edit_tumors_runs_positions_first_and_parses_them():
+    labels = _three_hepatic()
+    edits = T.TumorEdits(remove_at=(T.parse_at("11,12,7"),), scale_at=(T.parse_scale_at("16,24,12=0.5"),))
+    out, changes = T.edit_tumors(labels, SPACING, edits)
+    assert [c.action for c in changes] == ["removed", "scaled"]
+    assert np.all(out[10:14, 10:14, 6:9] == LIVER) and np.all(out[20:24, 10:14, 6:9] == HEPATIC)
+    assert T.parse_scale_at("1,2,3=1.5") == ((1, 2, 3), 1.5)
+    for parse, bad, message in ((T.parse_at, "1,2", "three voxel indices"), (T.parse_scale_at, "1,2,3", "x,y,z=FACTOR"),
+                                (T.parse_scale_at, "a,b,c=2", "three voxel indices")):
+        with pytest.raises(ValueError, match=message):
+            parse(bad)
+
+
 # -- the file front end and the CLI ------------------------------------------------------------
 
 def _mask_file(tmp_path):
@@ -186,8 +271,32 @@ def test_masks_edit_cli_writes_the_map_and_its_changes(tmp_path, capsys):
                                                          "edited_edits.json", "mask.nii.gz"]
 
 
+def test_masks_edit_cli_removes_and_resizes_one_tumor_by_position(tmp_path, capsys):
+    import json
+
+    from maisi2 import volume_io
+    from maisi2.cli import main
+
+    mask = tmp_path / "mask.nii.gz"
+    volume_io.save_label_map(mask, volume_io.Volume(_three_hepatic(), volume_io.ras_affine(SPACING)), tables=False)
+    out = tmp_path / "edited.nii.gz"
+    rc = main(["masks", "edit", str(mask), str(out), "--remove-at", "16,12,7", "--scale-at", "16,24,12=0.5",
+               "--within", "8"])
+    assert rc == 0
+    report = json.loads((tmp_path / "edited_edits.json").read_text())
+    assert [c["action"] for c in report["changes"]] == ["removed", "scaled"] and report["within_mm"] == 8
+    edited = volume_io.load_label_map(out).array
+    assert np.all(edited[10:14, 10:14, 6:9] == LIVER) and np.all(edited[20:24, 10:14, 6:9] == HEPATIC)
+    assert "removed   hepatic tumor in liver: " in capsys.readouterr().out
+    rc = main(["masks", "edit", str(mask), str(tmp_path / "far.nii.gz"), "--remove-at", "16,12,7", "--within", "4"])
+    assert rc != 0 and "no tumour within 4 mm of voxel [16, 12, 7]" in capsys.readouterr().err
+    assert not (tmp_path / "far.nii.gz").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--add", "colon"], "has no colon"),
+    (["--remove-at", "1,2"], "three voxel indices"),
+    (["--scale-at", "12,12,7"], "x,y,z=FACTOR"),
     (["--add", "hepatic:at=40,35,10"], "not in liver"),
     (["--scale", "hepatic=9"], "between 0.1 and 4"),
     ([], "no edit asked for"),

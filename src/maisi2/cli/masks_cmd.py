@@ -6,6 +6,7 @@
 
     maisi2 masks edit IN.nii.gz OUT.nii.gz --add hepatic:radius=12mm[:at=x,y,z] --remove lung \
         --scale hepatic=0.8 --augment --seed 0
+    maisi2 masks edit IN.nii.gz OUT.nii.gz --remove-at 40,52,30 --scale-at 61,48,22=1.5 [--within 10]
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ def register(sub) -> None:
 
 def _register_edit(msub) -> None:
     from maisi2.labels import TUMOR_KINDS
+    from maisi2.masks.tumors import WITHIN_MM
 
     kinds = ", ".join(TUMOR_KINDS)
     e = msub.add_parser(
         "edit", help="add, remove, scale or augment tumours inside their organs",
         description=(
-            f"Tumour kinds: {kinds}. Edits run in the order remove, scale, augment, add. An added tumour "
+            f"Tumour kinds: {kinds}. Edits run in the order remove-at, scale-at, remove, scale, augment, add. "
+            "--remove-at and --scale-at change one tumour: the connected tumour holding the voxel x,y,z, or "
+            "else the nearest one within --within mm of it. An added tumour "
             "is an irregular (seeded) blob clipped to its parent organ; without at= its centre lies at least "
             "the radius deep in the organ. Writes OUT and OUT_edits.json (kind, centre, volume in mL, parent "
             "organ of each changed tumour), both or neither."),
@@ -53,6 +57,12 @@ def _register_edit(msub) -> None:
                    help="give every tumour of KIND back to its organ; repeatable")
     e.add_argument("--scale", action="append", default=[], metavar="KIND=FACTOR",
                    help="scale every tumour of KIND about its centre (length ratio); repeatable")
+    e.add_argument("--remove-at", action="append", default=[], metavar="X,Y,Z",
+                   help="give the one tumour at (or nearest) voxel X,Y,Z back to its organ; repeatable")
+    e.add_argument("--scale-at", action="append", default=[], metavar="X,Y,Z=FACTOR",
+                   help="scale the one tumour at (or nearest) voxel X,Y,Z about its centre; repeatable")
+    e.add_argument("--within", type=float, default=WITHIN_MM, metavar="MM",
+                   help=f"how far from X,Y,Z the picked tumour may be (default {WITHIN_MM:g} mm)")
     e.add_argument("--augment", action="store_true",
                    help="deform existing tumours at random as the release's augmentation does")
     e.add_argument("--seed", type=int, default=0, help="seed for placement, shape and augmentation (default 0)")
@@ -63,12 +73,16 @@ def _register_edit(msub) -> None:
 def _edit(args) -> int:
     from maisi2.labels import tumor_kind
     from maisi2.masks.edit import changes_path, edit_file
-    from maisi2.masks.tumors import TumorEdits, parse_add, parse_scale
+    from maisi2.masks.tumors import TumorEdits, parse_add, parse_at, parse_scale, parse_scale_at
 
     if args.seed < 0:
         raise InvalidInput(f"--seed must be >= 0, got {args.seed}")
+    if not args.within >= 0:
+        raise InvalidInput(f"--within must be a distance >= 0 mm, got {args.within:g}")
     edits = TumorEdits(add=tuple(parse_add(a) for a in args.add), remove=tuple(tumor_kind(k) for k in args.remove),
-                       scale=tuple(parse_scale(s) for s in args.scale), augment=args.augment, seed=args.seed)
+                       scale=tuple(parse_scale(s) for s in args.scale), augment=args.augment, seed=args.seed,
+                       remove_at=tuple(parse_at(a) for a in args.remove_at),
+                       scale_at=tuple(parse_scale_at(s) for s in args.scale_at), within_mm=args.within)
     changes = edit_file(args.mask, args.out, edits, overwrite=args.overwrite)
     for c in changes:
         centre = ", ".join(f"{v:g}" for v in c.centre_voxel)

@@ -35,7 +35,7 @@ def edit_file(mask: str | os.PathLike, out: str | os.PathLike, edits: TumorEdits
     if not out.name.endswith((".nii", ".nii.gz")):
         raise InvalidInput(f"{out}: the edited mask is NIfTI; name it *.nii.gz")
     if edits.is_empty():
-        raise InvalidInput("no edit asked for; give --add, --remove, --scale or --augment")
+        raise InvalidInput("no edit asked for; give --add, --remove, --scale, --remove-at, --scale-at or --augment")
     report_path = changes_path(out)
     slicer, itksnap = label_tables.table_paths(out)
     for path in (out, report_path, slicer, itksnap):
@@ -44,6 +44,8 @@ def edit_file(mask: str | os.PathLike, out: str | os.PathLike, edits: TumorEdits
     edited, changes = edit_tumors(volume.array, volume.spacing, edits)
     report = {"input": str(mask), "output": str(out), "spacing_mm": list(volume.spacing),
               "seed": edits.seed, "changes": [c.to_dict() for c in changes]}
+    if edits.remove_at or edits.scale_at:  # how far a position could be from the tumour it picked
+        report["within_mm"] = edits.within_mm
     # Every file is staged beside its target and renamed in at the end of the block, together.
     with atomic_output(out, overwrite) as map_tmp, atomic_output(report_path, overwrite) as json_tmp, \
             atomic_output(slicer, overwrite) as slicer_tmp, atomic_output(itksnap, overwrite) as itksnap_tmp:

@@ -18,6 +18,10 @@ Rules:
   clipped to the organ, keeping the piece connected to the centre.
 - `remove_tumors_of` gives a kind's voxels back to the parent organ (`labels.remove_tumors`).
 - `scale_tumors` scales each tumour about its centroid; grown voxels stay inside the organ.
+- `remove_tumor_at` / `scale_tumor_at` do the same to ONE tumour: the connected tumour (one label's
+  6-connected component) holding the voxel `at`, or else the nearest one within `within_mm` of it
+  (a click in a viewer lands beside a small tumour as often as on it); none there is refused with
+  where the nearest tumour is. Its neighbours, of any kind, are left as they were.
 - `augment_tumors` perturbs existing tumours the way the release's augmentation does: a random
   elastic deformation (an affine one for bone lesions, MONAI's `Rand3DElastic` / `RandAffine`,
   nearest), redrawn until the deformed tumour keeps at least 80 % of its voxels inside the organ
@@ -43,16 +47,22 @@ __all__ = [
     "add_tumor",
     "remove_tumors_of",
     "scale_tumors",
+    "tumor_at",
+    "remove_tumor_at",
+    "scale_tumor_at",
     "augment_tumors",
     "edit_tumors",
     "parse_add",
     "parse_scale",
+    "parse_at",
+    "parse_scale_at",
     "tumor_centre",
     "implant_random_balls",
 ]
 
 LOBULATION = 0.2  # the shape's radius varies by up to +-20 % with direction
 AUGMENT_KEEP = ((40, 0.80), (80, 0.75))  # (draws, fraction kept inside the organ) as in the release
+WITHIN_MM = 10.0  # how far from a tumour a position may be and still pick it (a click beside a small one)
 
 
 @dataclass(frozen=True)
@@ -86,16 +96,21 @@ class AddTumor:
 
 @dataclass(frozen=True)
 class TumorEdits:
-    """What `edit_tumors` does, in this order: remove kinds, scale kinds, augment, add."""
+    """What `edit_tumors` does, in this order: remove the tumour at each position, scale the tumour
+    at each position, remove kinds, scale kinds, augment, add. Positions are voxel indices (x, y, z),
+    each looked up in the mask as edited so far (`tumor_at`, within `within_mm`)."""
 
     add: tuple[AddTumor, ...] = ()
     remove: tuple[str, ...] = ()
     scale: tuple[tuple[str, float], ...] = ()
     augment: bool = False
     seed: int = 0
+    remove_at: tuple[tuple[int, int, int], ...] = ()
+    scale_at: tuple[tuple[tuple[int, int, int], float], ...] = ()
+    within_mm: float = WITHIN_MM
 
     def is_empty(self) -> bool:
-        return not (self.add or self.remove or self.scale or self.augment)
+        return not (self.add or self.remove or self.scale or self.augment or self.remove_at or self.scale_at)
 
 
 # -- the kind table ----------------------------------------------------------------------------
@@ -291,18 +306,100 @@ def scale_tumors(labels: np.ndarray, spacing: Sequence[float], kind: str,
     """Each tumour of `kind` scaled by `factor` (in length) about its centroid, kept inside its organ."""
     labels, spacing = _check_labels(labels, spacing)
     kind = L.tumor_kind(kind)
+    factor = _checked_factor(factor)
+    out = L.remove_tumors(labels, only=_kind_ids(kind))
+    changes = [_scale_one(out, kind, tumor, mask, factor, spacing) for tumor, mask in _tumor_components(labels, kind)]
+    return out, changes
+
+
+def _checked_factor(factor) -> float:
     factor = float(factor)
     if not (math.isfinite(factor) and 0.1 <= factor <= 4.0):
         raise InvalidInput(f"a scale factor is a length ratio between 0.1 and 4, got {factor:g}")
-    out = L.remove_tumors(labels, only=_kind_ids(kind))
-    changes = []
-    for tumor, mask in _tumor_components(labels, kind):
-        parent = _majority(out[mask], L.BODY)
-        scaled = _scaled(mask, factor) & np.isin(out, (*_confine_ids(kind, parent), tumor))
-        out[scaled] = tumor
-        changes.append(_change("scaled", kind, tumor, parent, scaled, spacing, _ml(mask.sum(), spacing),
-                               note=f"x{factor:g} in length"))
-    return out, changes
+    return factor
+
+
+def _scale_one(out: np.ndarray, kind: str, tumor: int, mask: np.ndarray, factor: float, spacing) -> TumorChange:
+    """Paint the tumour `mask` scaled by `factor` into `out`, which holds the mask with it given back to
+    its organ; grown voxels stay inside that organ."""
+    parent = _majority(out[mask], L.BODY)
+    scaled = _scaled(mask, factor) & np.isin(out, (*_confine_ids(kind, parent), tumor))
+    out[scaled] = tumor
+    return _change("scaled", kind, tumor, parent, scaled, spacing, _ml(mask.sum(), spacing),
+                   note=f"x{factor:g} in length")
+
+
+# -- one tumour, picked by position --------------------------------------------------------------
+
+def tumor_at(labels: np.ndarray, spacing: Sequence[float], at: Sequence[int], within_mm: float = WITHIN_MM,
+             kind: str | None = None) -> tuple[int, np.ndarray]:
+    """(tumour label id, boolean mask) of the connected tumour holding voxel `at` (x, y, z), or else
+    the one with a voxel nearest to it (distance in mm) if that is at most `within_mm` away.
+
+    kind: only tumours of that kind count. Raises InvalidInput (where the nearest tumour is) when
+    no tumour is that close, or the mask has none.
+    """
+    labels, spacing = _check_labels(labels, spacing)
+    centre = _voxel(at, labels.shape)
+    within_mm = float(within_mm)
+    if not (math.isfinite(within_mm) and within_mm >= 0):
+        raise InvalidInput(f"the distance to search for a tumour must be >= 0 mm, got {within_mm:g}")
+    ids = _kind_ids(L.tumor_kind(kind)) if kind is not None else L.TUMOR_IDS
+    what = f"{L.tumor_kind(kind)} tumour" if kind is not None else "tumour"
+    tumorous = np.isin(labels, ids)
+    if not tumorous.any():
+        raise InvalidInput(f"this mask has no {what} to pick")
+    if tumorous[centre]:
+        nearest, distance = centre, 0.0
+    else:  # tumours are small: a distance to each of their voxels is cheaper than a distance map
+        nearest, distance = _nearest_voxel(tumorous, centre, spacing)
+        if distance > within_mm:
+            raise InvalidInput(f"no {what} within {within_mm:g} mm of voxel {list(centre)}; the nearest is "
+                               f"{L.label_name(int(labels[nearest]))!r} at voxel {list(nearest)}, "
+                               f"{distance:.0f} mm away")
+    tumor = int(labels[nearest])
+    return tumor, _component_at(labels == tumor, nearest)
+
+
+def _voxel(at, shape) -> tuple[int, int, int]:
+    try:
+        voxel = tuple(int(round(float(v))) for v in at)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"a position is three voxel indices x,y,z, got {at!r}") from None
+    if len(voxel) != 3 or any(not 0 <= c < n for c, n in zip(voxel, shape)):
+        raise InvalidInput(f"voxel {list(at)} is outside the mask (shape {tuple(shape)}); give x,y,z inside it")
+    return voxel
+
+
+def _nearest_voxel(mask: np.ndarray, centre, spacing) -> tuple[tuple[int, int, int], float]:
+    """The voxel of `mask` nearest `centre` (in mm) and its distance."""
+    points = np.argwhere(mask)
+    distances = np.sqrt((((points - np.asarray(centre)) * spacing) ** 2).sum(axis=1))
+    best = int(np.argmin(distances))
+    return tuple(int(v) for v in points[best]), float(distances[best])
+
+
+def remove_tumor_at(labels: np.ndarray, spacing: Sequence[float], at: Sequence[int], within_mm: float = WITHIN_MM,
+                    kind: str | None = None) -> tuple[np.ndarray, list[TumorChange]]:
+    """The one tumour `tumor_at` picks given back to its parent organ (as `remove_tumors_of` does)."""
+    labels, spacing = _check_labels(labels, spacing)
+    tumor, mask = tumor_at(labels, spacing, at, within_mm, kind)
+    given_back = L.remove_tumors(labels, only=(tumor,))  # per component: the same for this one alone
+    out = labels.copy()
+    out[mask] = given_back[mask]
+    kind = L.tumor_kind(L.label_name(tumor))
+    return out, [_change("removed", kind, tumor, _majority(out[mask], L.BODY), mask, spacing)]
+
+
+def scale_tumor_at(labels: np.ndarray, spacing: Sequence[float], at: Sequence[int], factor: float,
+                   within_mm: float = WITHIN_MM, kind: str | None = None) -> tuple[np.ndarray, list[TumorChange]]:
+    """The one tumour `tumor_at` picks scaled by `factor` (in length) about its centroid, inside its organ."""
+    labels, spacing = _check_labels(labels, spacing)
+    factor = _checked_factor(factor)
+    tumor, mask = tumor_at(labels, spacing, at, within_mm, kind)
+    out = labels.copy()
+    out[mask] = L.remove_tumors(labels, only=(tumor,))[mask]
+    return out, [_scale_one(out, L.tumor_kind(L.label_name(tumor)), tumor, mask, factor, spacing)]
 
 
 def _scaled(mask: np.ndarray, factor: float) -> np.ndarray:
@@ -398,8 +495,15 @@ def _random_deformation(kind: str, seed: int):
 
 def edit_tumors(labels: np.ndarray, spacing: Sequence[float],
                 edits: TumorEdits) -> tuple[np.ndarray, list[TumorChange]]:
-    """Apply `edits` in order (remove, scale, augment, add); each step is seeded from edits.seed."""
+    """Apply `edits` in order (remove at, scale at, remove, scale, augment, add); each step is seeded
+    from edits.seed."""
     out, changes = np.asarray(labels), []
+    for at in edits.remove_at:
+        out, done = remove_tumor_at(out, spacing, at, edits.within_mm)
+        changes += done
+    for at, factor in edits.scale_at:
+        out, done = scale_tumor_at(out, spacing, at, factor, edits.within_mm)
+        changes += done
     for kind in edits.remove:
         out, done = remove_tumors_of(out, spacing, kind)
         changes += done
@@ -440,6 +544,29 @@ def parse_add(text: str) -> AddTumor:
         if len(at) != 3:
             raise InvalidInput(f"bad position in {text!r}; write at=x,y,z as three voxel indices")
     return AddTumor(L.tumor_kind(kind), radius, at)
+
+
+def parse_at(text: str) -> tuple[int, int, int]:
+    """``x,y,z`` (voxel indices) -> (x, y, z)."""
+    try:
+        at = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        at = ()
+    if len(at) != 3:
+        raise InvalidInput(f"bad position {text!r}; write x,y,z as three voxel indices, e.g. 40,52,30")
+    return at
+
+
+def parse_scale_at(text: str) -> tuple[tuple[int, int, int], float]:
+    """``x,y,z=FACTOR`` -> ((x, y, z), factor)."""
+    where, sep, value = str(text).partition("=")
+    try:
+        factor = float(value)
+    except ValueError:
+        sep = ""
+    if not sep:
+        raise InvalidInput(f"bad resize {text!r}; write x,y,z=FACTOR, e.g. 40,52,30=0.8")
+    return parse_at(where), factor
 
 
 def parse_scale(text: str) -> tuple[str, float]:
