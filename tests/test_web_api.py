@@ -225,6 +225,44 @@ def test_tumor_edits_make_new_masks_with_the_tumor_inside_its_organ(client, work
     assert len(client.get("/api/masks").json()) == before and leftovers(workspace) == []
 
 
+def test_one_tumor_is_removed_or_resized_by_a_click_on_it_and_its_neighbour_kept(client, workspace):
+    from scipy import ndimage
+
+    mask = phantom(client, shape=[64, 64, 48], spacing=[5.0, 5.0, 5.0], tumours=["lung:2"])
+    labels = volume_io.load_label_map(workspace.mask_path(mask["id"])).array
+    listed = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
+    assert [t["kind"] for t in listed] == ["lung", "lung"], listed
+    first, second = listed
+    tumor = label_id("lung tumor")
+    components, _ = ndimage.label(labels == tumor)
+    first_mask, second_mask = (components == components[tuple(t["at"])] for t in (first, second))
+
+    response = client.post(f"/api/masks/{mask['id']}/edit", json={"op": "remove", "at": first["at"]})
+    assert response.status_code == 200, response.text
+    removed = response.json()
+    edited = volume_io.load_label_map(workspace.mask_path(removed["id"])).array
+    assert not np.any(edited[first_mask] == tumor) and np.all(edited[second_mask] == tumor)
+    assert np.array_equal(edited[~first_mask], labels[~first_mask])  # the rest untouched
+    assert removed["change"]["changes"][0]["voxels"] == first["voxels"] and "removed" in removed["name"]
+    assert [t["at"] for t in client.get(f"/api/view/mask/{removed['id']}").json()["tumours"]] == [second["at"]]
+
+    grown = client.post(f"/api/masks/{removed['id']}/edit", json={"op": "scale", "at": second["at"], "factor": 2})
+    assert grown.status_code == 200, grown.text
+    [change] = grown.json()["change"]["changes"]
+    assert change["action"] == "scaled" and change["voxels"] > second["voxels"]
+    assert "x2" in grown.json()["name"]
+
+    before = len(client.get("/api/masks").json())
+    corner = [0, 0, 0]
+    for body, message in (({"op": "remove", "at": corner}, "no tumour within 10 mm of voxel [0, 0, 0]"),
+                          ({"op": "scale", "at": second["at"]}, "needs a factor"),
+                          ({"op": "remove", "at": second["at"], "kind": "hepatic"}, "no hepatic tumour"),
+                          ({"op": "remove", "at": [0, 0, 999]}, "outside the mask")):
+        response = client.post(f"/api/masks/{removed['id']}/edit", json=body)
+        assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
+    assert len(client.get("/api/masks").json()) == before and leftovers(workspace) == []
+
+
 def test_masks_from_the_library_and_by_request(client, workspace):
     entries = client.get("/api/library").json()
     files = [e["file"] for e in entries]
@@ -334,13 +372,37 @@ def test_generation_refusals_come_back_as_the_clis_messages(client):
         assert response.status_code == status and message in response.json()["error"], (body, response.text)
     assert client.post("/api/jobs", json={"mask": "0" * 12}).status_code == 404
     assert client.get("/api/jobs").json() == []  # nothing was queued
-    # What only the mask can tell (here a field of view the model was not trained on) fails the job
-    # at its start, with generate's message, before any weights are read.
+
+
+def test_out_of_domain_requests_are_refused_unless_forced_or_fitted_and_a_forced_result_says_so(client, workspace):
+    # a field of view the model was not trained on (1280 mm; the tiny model knows 128-320 mm): refused
+    # when submitted, with generate's one line naming the nearest valid request and both switches
     far = phantom(client, shape=[32, 32, 32], spacing=[40.0, 40.0, 40.0])
-    job = client.post("/api/jobs", json={"mask": far["id"], "model": "tiny"}).json()
-    job = wait_for(client, job["id"])
-    assert job["state"] == "failed" and "field of view" in job["error"] and "trained on" in job["error"]
-    assert client.get("/api/results").json() == []
+    response = client.post("/api/jobs", json={"mask": far["id"], "model": "tiny"})
+    error = response.json()["error"]
+    assert response.status_code == 400 and "field of view" in error and "trained on" in error, response.text
+    assert "--force" in error and "--fit-to-model" in error
+    assert client.get("/api/jobs").json() == [] and client.get("/api/results").json() == []
+
+    forced = client.post("/api/jobs", json={"mask": far["id"], "model": "tiny", "steps": 2, "force": True})
+    assert forced.status_code == 200 and forced.json()["details"]["settings"]["force"] is True, forced.text
+    job = wait_for(client, forced.json()["id"])
+    assert job["state"] == "done", job
+    result = client.get(f"/api/results/{job['result']}").json()
+    assert result["out_of_domain"] and any("field of view" in reason for reason in result["out_of_domain"])
+    assert result["fitted"] == [] and result["settings"]["force"] is True
+    report = client.get(f"/api/results/{job['result']}/files/report").json()
+    assert report["domain"]["out_of_domain"] == result["out_of_domain"]
+
+    # too small a field of view (16 mm): fit_to_model pads the networks' input up to the trained one
+    small = phantom(client, shape=[16, 16, 16], spacing=[1.0, 1.0, 1.0])
+    assert client.post("/api/jobs", json={"mask": small["id"], "model": "tiny"}).status_code == 400
+    fitted = client.post("/api/jobs", json={"mask": small["id"], "model": "tiny", "steps": 2, "fit_to_model": True})
+    assert fitted.status_code == 200, fitted.text
+    job = wait_for(client, fitted.json()["id"])
+    assert job["state"] == "done", job
+    result = client.get(f"/api/results/{job['result']}").json()
+    assert result["fitted"] and result["out_of_domain"] == [] and result["shape"] == [16, 16, 16]
 
 
 def test_cancel_stops_a_running_job_and_drops_a_queued_one_leaving_nothing(client, workspace):

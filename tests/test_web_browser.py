@@ -185,3 +185,50 @@ def test_load_a_mask_add_a_tumor_by_clicking_generate_view_and_download(page, se
     np.testing.assert_allclose(np.linalg.norm(image.affine[:3, :3], axis=0), SPACING)
     np.testing.assert_array_equal(np.asarray(image.dataobj), ct)
     assert np.all(ct[edited == 0] == -1000) and np.ptp(ct[edited > 0]) > 0
+
+
+def test_remove_one_tumor_by_clicking_on_it(page, server, mask_file):
+    url, workspace = server
+    # the mask with the tumour the test above added, from the page's list of masks
+    edited = next(m for m in workspace.masks() if m.source == "edit" and m.change["edit"]["op"] == "add")
+    page.click(f"li[data-mask='{edited.id}'] button")
+    page.wait_for_selector(f"body[data-showing='mask:{edited.id}']")
+    labels = volume_io.load_label_map(workspace.mask_path(edited.id)).array
+    tumor = labels == label_id("hepatic tumor")
+    target = tuple(int(v) for v in edited.change["edit"]["at"])
+    click_voxel(page, "coronal", target)  # the axial view at the tumour's slice
+    page.check("input[name=tool][value=remove]")
+    click_voxel(page, "axial", target)
+    page.wait_for_function(f"document.body.dataset.showing !== 'mask:{edited.id}'")
+    assert page.is_hidden("#error"), page.inner_text("#error-text")
+    assert "none" in page.inner_text("#tumours")
+    removed = volume_io.load_label_map(workspace.mask_path(page.get_attribute("body", "data-showing")[5:])).array
+    assert np.all(removed[tumor] == label_id("liver")) and np.array_equal(removed[~tumor], labels[~tumor])
+    page.check("input[name=tool][value=navigate]")
+
+
+def test_an_out_of_domain_request_is_refused_in_the_page_and_marked_when_forced(page, server):
+    url, workspace = server
+    # a 16 mm phantom: far below the smallest field of view the bundled model was trained on
+    if not page.is_visible("#phantom-form"):
+        page.locator("#phantom-panel summary").click()
+    for name, value in zip(("sx", "sy", "sz", "px", "py", "pz"), ("16", "16", "16", "1", "1", "1")):
+        page.fill(f"#phantom-form input[name={name}]", value)
+    before = page.get_attribute("body", "data-showing")
+    page.click("#make-phantom")
+    page.wait_for_function(f"document.body.dataset.showing !== '{before}'")
+    page.fill("#generate-form input[name=steps]", "2")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.inner_text("#error-text")
+    assert "Nearest valid request" in message and "--force" in message and "--fit-to-model" in message
+    page.click("#error-close")
+    results = len(workspace.results())
+    page.check("#generate-form input[name=force]")
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#result-list li').length > {results}", timeout=600_000)
+    page.uncheck("#generate-form input[name=force]")
+    newest = workspace.results()[0]
+    assert newest["out_of_domain"] and newest["settings"]["force"] is True
+    marking = page.locator(f"li[data-result='{newest['id']}'] .out-of-domain").inner_text()
+    assert "OUT OF DOMAIN" in marking and newest["out_of_domain"][0] in marking

@@ -66,10 +66,11 @@ class MaskIntent(BaseModel):
 
 class EditRequest(BaseModel):
     op: str  # add, remove, scale
-    kind: str
-    at: Optional[list[int]] = Field(default=None, min_length=3, max_length=3)  # add: the clicked voxel
+    kind: Optional[str] = None  # add: the kind added; remove / scale: every tumour of it, or with `at` a filter
+    at: Optional[list[int]] = Field(default=None, min_length=3, max_length=3)  # the clicked voxel
     radius_mm: Optional[float] = None
     factor: Optional[float] = None
+    within_mm: Optional[float] = None  # remove / scale at: how far from `at` the tumour may be
 
 
 class JobRequest(BaseModel):
@@ -80,6 +81,8 @@ class JobRequest(BaseModel):
     precision: str = "auto"
     model: str = "bundled"
     qc_retries: int = 0
+    force: bool = False  # the CLI's --force
+    fit_to_model: bool = False  # the CLI's --fit-to-model
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -200,7 +203,8 @@ def _api_routes(ws: Workspace):
     async def submit(body: JobRequest):
         settings = GenerationSettings(steps=body.steps, seed=body.seed,
                                       spacing=None if body.spacing is None else tuple(body.spacing),
-                                      precision=body.precision, model=body.model, qc_retries=body.qc_retries)
+                                      precision=body.precision, model=body.model, qc_retries=body.qc_retries,
+                                      force=body.force, fit_to_model=body.fit_to_model)
         job = await _call(ws.submit, body.mask, settings)
         return {**job.to_dict(), "position": ws.queue.position(job)}
 

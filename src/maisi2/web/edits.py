@@ -1,7 +1,8 @@
 """The page's tumour edits as `maisi2.masks.tumors.edit_tumors` requests (the one implementation).
 
-An edit from the page names one operation: add a tumour of a kind and radius at a clicked voxel,
-or remove / resize the tumours of a kind (as `maisi2 masks edit --remove KIND --scale KIND=F`).
+An edit from the page names one operation: add a tumour of a kind and radius at a clicked voxel;
+remove / resize the one tumour at (or nearest) a clicked voxel (`maisi2 masks edit --remove-at X,Y,Z
+--scale-at X,Y,Z=F`); or remove / resize every tumour of a kind (`--remove KIND --scale KIND=F`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,36 @@ from typing import Sequence
 import numpy as np
 
 from maisi2.errors import InvalidInput
-from maisi2.masks.tumors import AddTumor, TumorEdits, edit_tumors
+from maisi2.masks.tumors import WITHIN_MM, AddTumor, TumorEdits, edit_tumors, remove_tumor_at, scale_tumor_at
 
 __all__ = ["apply_edit"]
 
 
 def apply_edit(labels: np.ndarray, spacing: Sequence[float], edit: dict) -> tuple[np.ndarray, dict]:
     """(edited labels, record) for {"op": "add", "kind", "radius_mm", "at"[, "seed"]},
-    {"op": "remove", "kind"} or {"op": "scale", "kind", "factor"}; the record holds the request,
-    `edit_tumors`' change list and a one-line summary for the mask's name."""
-    edits, summary = _request(edit)
-    edited, changes = edit_tumors(labels, spacing, edits)
+    {"op": "remove", "at"[, "kind", "within_mm"]}, {"op": "scale", "at", "factor"[, "kind", "within_mm"]}
+    (one tumour: the one at or nearest `at`, of `kind` if given), or {"op": "remove", "kind"} /
+    {"op": "scale", "kind", "factor"} (every tumour of the kind); the record holds the request,
+    the change list and a one-line summary for the mask's name."""
+    if edit.get("op") in ("remove", "scale") and edit.get("at") is not None:
+        edited, changes = _one_tumor(labels, spacing, edit)
+        change = changes[0]
+        verb = "removed" if edit["op"] == "remove" else f"x{float(edit['factor']):g}"
+        summary = f"{change.label} at {[round(v) for v in change.centre_voxel]} {verb}"
+    else:
+        edits, summary = _request(edit)
+        edited, changes = edit_tumors(labels, spacing, edits)
     return edited, {"edit": edit, "changes": [c.to_dict() for c in changes], "summary": summary}
+
+
+def _one_tumor(labels, spacing, edit: dict):
+    at, kind = edit["at"], edit.get("kind") or None
+    within = float(edit.get("within_mm", WITHIN_MM))
+    if edit["op"] == "remove":
+        return remove_tumor_at(labels, spacing, at, within, kind)
+    if edit.get("factor") is None:
+        raise InvalidInput("resizing a tumour needs a factor (a length ratio, e.g. 0.8)")
+    return scale_tumor_at(labels, spacing, at, float(edit["factor"]), within, kind)
 
 
 def _request(edit: dict) -> tuple[TumorEdits, str]:

@@ -63,6 +63,8 @@ class GenerationSettings:
     precision: str = "auto"  # auto: the machine's compute plan (fp16 autocast on CUDA)
     model: str = "bundled"  # a name from Workspace.models
     qc_retries: int = 0
+    force: bool = False  # run a request outside the model's domain anyway; the report marks it out of domain
+    fit_to_model: bool = False  # resample / pad / relabel the request to the nearest one the model knows
 
     def options(self):
         from maisi2.generate import GenerateOptions, check_options
@@ -72,7 +74,8 @@ class GenerationSettings:
         precision, half = PRECISIONS[self.precision]
         options = GenerateOptions(steps=self.steps, seed=self.seed,
                                   spacing=None if self.spacing is None else tuple(self.spacing),
-                                  precision=precision, half_precision=half, qc_retries=self.qc_retries)
+                                  precision=precision, half_precision=half, qc_retries=self.qc_retries,
+                                  force=bool(self.force), fit_to_model=bool(self.fit_to_model))
         check_options(options)  # the CLI's refusals, before the job is queued
         return options
 
@@ -251,8 +254,10 @@ class Workspace:
         """Apply one tumour edit to a mask; the edited mask is a new mask whose parent is `mask_id`.
 
         edit: {"op": "add", "kind": "hepatic", "radius_mm": 12, "at": [x, y, z]} (a voxel inside the
-        tumour's organ), {"op": "remove", "kind": "hepatic"} or {"op": "scale", "kind": "hepatic",
-        "factor": 0.8} (every tumour of that kind, as `maisi2 masks edit` does); see `web.edits`.
+        tumour's organ); {"op": "remove", "at": [x, y, z]} or {"op": "scale", "at": [x, y, z],
+        "factor": 0.8} (the one tumour at or nearest that voxel); {"op": "remove", "kind": "hepatic"}
+        or {"op": "scale", "kind": "hepatic", "factor": 0.8} (every tumour of that kind, as
+        `maisi2 masks edit` does); see `web.edits`.
         """
         from maisi2.web.edits import apply_edit
 
@@ -294,11 +299,17 @@ class Workspace:
     # -- generation --------------------------------------------------------------------------
 
     def submit(self, mask_id: str, settings: GenerationSettings = GenerationSettings()) -> Job:
-        """Queue a generation from a mask; the settings are checked now, the mask when the job starts."""
+        """Queue a generation from a mask. Checked now: the settings, and the mask's grid against the
+        model's domain (refused with the nearest valid request, as `maisi2 generate` refuses it, unless
+        force or fit_to_model); what needs the voxels (labels the model never saw) when the job runs."""
+        from maisi2.generate import plan_grid
+        from maisi2.models import read_model_info
+
         record = self.mask(mask_id)
         options = settings.options()
         if settings.model not in self.models:
             raise InvalidInput(f"unknown model {settings.model!r}; this server offers {', '.join(self.models)}")
+        plan_grid(self.mask_path(mask_id), read_model_info(self.models[settings.model]), options)  # header only
         details = {"mask": record.id, "mask_name": record.name, "settings": asdict(settings)}
 
         def task(on_progress):
@@ -333,12 +344,14 @@ class Workspace:
         folder = self._result_dir(result_id)
         request = json.loads((folder / "request.json").read_text())
         report = json.loads((folder / RESULT_FILES["report"]).read_text())
-        quality = report["quality"]
+        quality, domain = report["quality"], report.get("domain", {})
         return {"id": result_id, "created": (folder / "request.json").stat().st_mtime,
                 "mask": request["mask"], "settings": request["settings"], "seed": report["seed"],
                 "shape": report["mask"]["shape"], "spacing": report["mask"]["spacing"],
                 "quality": {"passed": quality["passed"], "failed": quality.get("failed", []),
                             "organs": quality.get("organs", {})},
+                "out_of_domain": domain.get("out_of_domain", []),  # why a forced request was outside it
+                "fitted": domain.get("fitted", []),  # what fit_to_model changed
                 "attempts": len(report["attempts"]), "timings_s": report["timings_s"],
                 "files": [kind for kind, name in RESULT_FILES.items() if (folder / name).is_file()]}
 

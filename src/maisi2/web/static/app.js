@@ -81,19 +81,25 @@ function renderLegend(legend) {
   }));
 }
 
-// Tumours of the mask shown, and per kind the edits `maisi2 masks edit` offers (remove, resize).
+// Tumours of the mask shown: each one removed or resized alone (`maisi2 masks edit --remove-at
+// --scale-at` at the voxel the list gives), or every tumour of its kind (`--remove KIND --scale KIND=F`).
 function renderTumours(tumours) {
   const rows = tumours.map((t) => {
     const tr = document.createElement("tr");
     tr.dataset.kind = t.kind;
+    tr.dataset.at = t.at.join(",");
     tr.innerHTML = `<td>${t.name}</td><td>${t.volume_ml} mL</td><td>at (${t.at.join(", ")})</td>
-      <td><button data-act="goto">show</button> <button data-act="remove" title="remove every ${t.kind} tumour">remove ${t.kind}</button>
-      <input type="number" value="0.8" step="0.1" min="0.1" max="4" class="factor"> <button data-act="scale"
-      title="resize every ${t.kind} tumour (length ratio)">resize ${t.kind}</button></td>`;
+      <td><button data-act="goto">show</button> <button data-act="remove-one" title="remove this tumour">remove</button>
+      <input type="number" value="0.8" step="0.1" min="0.1" max="4" class="factor"> <button data-act="scale-one"
+      title="resize this tumour (length ratio)">resize</button>
+      <button data-act="remove" title="remove every ${t.kind} tumour">remove all ${t.kind}</button>
+      <button data-act="scale" title="resize every ${t.kind} tumour by the factor">resize all ${t.kind}</button></td>`;
+    const factor = () => Number(tr.querySelector(".factor").value);
     tr.querySelector('[data-act="goto"]').onclick = () => viewer.moveTo(t.at);
+    tr.querySelector('[data-act="remove-one"]').onclick = () => edit({ op: "remove", at: t.at });
+    tr.querySelector('[data-act="scale-one"]').onclick = () => edit({ op: "scale", at: t.at, factor: factor() });
     tr.querySelector('[data-act="remove"]').onclick = () => edit({ op: "remove", kind: t.kind });
-    tr.querySelector('[data-act="scale"]').onclick = () =>
-      edit({ op: "scale", kind: t.kind, factor: Number(tr.querySelector(".factor").value) });
+    tr.querySelector('[data-act="scale"]').onclick = () => edit({ op: "scale", kind: t.kind, factor: factor() });
     return tr;
   });
   $("#tumours tbody").replaceChildren(...rows);
@@ -186,15 +192,22 @@ async function refreshLibrary() {
   }));
 }
 
-// Tool: navigate (clicks move the crosshair) or add a tumour where the user clicks.
+// Tool: navigate (clicks move the crosshair), add a tumour where the user clicks, or remove / resize
+// the one tumour clicked on (or the nearest within 10 mm of the click: the server picks it).
+const TOOLS = {
+  add: (voxel) => ({ op: "add", at: voxel, kind: $("#tumour-kind").value, radius_mm: Number($("#tumour-radius").value) }),
+  remove: (voxel) => ({ op: "remove", at: voxel }),
+  scale: (voxel) => ({ op: "scale", at: voxel, factor: Number($("#tumour-factor").value) }),
+};
 for (const radio of document.querySelectorAll('input[name="tool"]')) {
   radio.onchange = () => {
-    const adding = radio.value === "add" && radio.checked;
-    viewer.onPick = adding ? (voxel) => {
-      if (state.showing?.kind !== "mask") return showError(new Error("tumours are placed on a mask: view a mask first"));
-      edit({ op: "add", at: voxel, kind: $("#tumour-kind").value, radius_mm: Number($("#tumour-radius").value) });
+    if (!radio.checked) return;
+    const request = TOOLS[radio.value];
+    viewer.onPick = request ? (voxel) => {
+      if (state.showing?.kind !== "mask") return showError(new Error("tumours are edited on a mask: view a mask first"));
+      edit(request(voxel));
     } : null;
-    Object.values(canvases).forEach((c) => c.classList.toggle("adding", adding));
+    Object.values(canvases).forEach((c) => c.classList.toggle("adding", Boolean(request)));
   };
 }
 
@@ -211,7 +224,8 @@ $("#generate-form").onsubmit = (e) => {
     const job = await api("/jobs", { method: "POST", json: {
       mask: state.mask.id, steps: Number(f.elements.steps.value), seed: Number(f.elements.seed.value),
       spacing: given[0] ? spacing : null, precision: f.elements.precision.value, model: f.elements.model.value,
-      qc_retries: Number(f.elements.qc_retries.value) } });
+      qc_retries: Number(f.elements.qc_retries.value), fit_to_model: f.elements.fit_to_model.checked,
+      force: f.elements.force.checked } });
     state.jobs.set(job.id, job.state);
     await refreshJobs();
   });
@@ -263,6 +277,10 @@ async function refreshJobs() {
 
 // -- results ------------------------------------------------------------------------------------
 
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
 function resultTitle(r) { return `${r.mask.name} · ${r.settings.steps} steps, seed ${r.seed}`; }
 
 async function refreshResults() {
@@ -272,9 +290,14 @@ async function refreshResults() {
     li.dataset.result = r.id;
     const qc = r.quality.passed ? '<span class="qc qc-pass">quality check passed</span>'
       : `<span class="qc qc-fail">quality check FAILED: ${r.quality.failed.join(", ")}</span>`;
+    // A forced request outside the model's domain, and what fitting to the model changed, are shown
+    // with the result (the report's "domain" block), as the quality check is.
+    const domain = (r.out_of_domain || []).length
+      ? `<span class="qc qc-fail out-of-domain">OUT OF DOMAIN (forced): ${escapeHtml(r.out_of_domain.join("; "))}</span>` : "";
+    const fitted = (r.fitted || []).length ? `<span class="meta fitted">fitted to the model: ${escapeHtml(r.fitted.join("; "))}</span>` : "";
     const links = r.files.map((kind) => `<a href="/api/results/${r.id}/files/${kind}" download data-file="${kind}">${
       { ct: "CT", label: "label map", report: "report", preview: "preview" }[kind]}</a>`).join("");
-    li.innerHTML = `<span class="name"></span>${qc}<span class="meta">${r.shape.join("×")} @ ${r.spacing.map((s) => +s.toFixed(2)).join("×")} mm,
+    li.innerHTML = `<span class="name"></span>${qc}${domain}${fitted}<span class="meta">${r.shape.join("×")} @ ${r.spacing.map((s) => +s.toFixed(2)).join("×")} mm,
       ${r.timings_s.total.toFixed(0)} s</span><div>${links}</div><button>view</button>`;
     $(".name", li).textContent = resultTitle(r);
     $("button", li).onclick = () => act(() => show("result", r.id, resultTitle(r)));
