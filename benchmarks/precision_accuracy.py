@@ -61,7 +61,7 @@ def _sample(nets, cond, size: int, variant: str, steps: int) -> np.ndarray:
 
 
 def _decode(nets, latent: np.ndarray, variant: str) -> np.ndarray:
-    from maisi2 import autoencoder, fastops
+    from maisi2 import autoencoder, compute, fastops
 
     cfg, vae, scale = nets[0], nets[3], nets[4]
     z = torch.from_numpy(latent) / scale
@@ -71,7 +71,7 @@ def _decode(nets, latent: np.ndarray, variant: str) -> np.ndarray:
         for m in norms:
             m.norm_float16 = True
         try:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            with torch.no_grad(), compute.autocast("cpu", "fp16"):
                 return vae.decode(z).float()[0, 0].numpy()
         finally:
             for m in norms:

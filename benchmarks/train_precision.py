@@ -34,7 +34,7 @@ def main() -> None:
     def step(bf16: bool) -> float:
         unet.zero_grad(set_to_none=True)
         start = time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with compute.autocast("cpu", "bf16" if bf16 else "fp32"):
             v = nets.predict_velocity(unet, x, t, cond)
         (v.float() - x).pow(2).mean().backward()
         return time.process_time() - start

@@ -70,6 +70,23 @@ def test_cuda_keeps_the_release_fp16_autocast_unless_told_otherwise():
         compute.choose_plan("fp8", "cpu", cpu=ZEN3)
 
 
+def test_autocast_is_one_function_for_names_dtypes_and_plans():
+    """compute.autocast is what sampling, decoding and training enter: a name or a dtype, float32 none."""
+    x = torch.ones(2, 2)
+    with compute.autocast("cpu", "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with compute.autocast("cpu", torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+    with compute.autocast("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
+    with compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE).autocast("unet"):
+        assert (x @ x).dtype == torch.bfloat16
+    with compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE).autocast("vae_decoder"):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        compute.autocast("cpu", "fp8")
+
+
 def test_the_probe_is_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(compute, "_time_conv", lambda dtype, cl: calls.append(dtype) or (2.0 if dtype == torch.float32 else 1.0))

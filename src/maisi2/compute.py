@@ -42,9 +42,11 @@ from torch import nn
 from maisi2.errors import InvalidInput
 
 __all__ = ["CpuCapabilities", "NetworkCompute", "ComputePlan", "choose_plan", "bf16_pays", "measure_bf16_gain",
-           "PRECISIONS", "NETWORKS", "BF16_NETWORKS", "AUTO_BF16_NETWORKS", "PROBE_MIN_GAIN"]
+           "autocast", "AUTOCAST_DTYPES", "PRECISIONS", "NETWORKS", "BF16_NETWORKS", "AUTO_BF16_NETWORKS", "PROBE_MIN_GAIN"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# What each precision name means inside a network call (training's --amp and the plans below).
+AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NETWORKS = ("unet", "controlnet", "vae_decoder", "vae_encoder")
 # The networks ``--precision bf16`` lowers: the flow UNet and ControlNet (2.9x faster per step with
 # AMX). The VAE stays float32: the release's float16 decoder alone moves the CT by as much as the
@@ -107,6 +109,17 @@ class CpuCapabilities:
         return cls(model, torch.backends.cpu.get_cpu_capability(), frozenset(flags))
 
 
+def autocast(device: str | torch.device, precision: str | torch.dtype = "fp32"):
+    """The one way a network call is put under mixed precision: autocast to `precision` ("fp32",
+    "bf16", "fp16" or the torch dtype) on `device`'s type; float32 is no autocast at all."""
+    dtype = AUTOCAST_DTYPES.get(precision) if isinstance(precision, str) else precision
+    if dtype not in AUTOCAST_DTYPES.values():
+        raise InvalidInput(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class NetworkCompute:
     """How one network runs: autocast dtype (float32 = no autocast) and memory layout."""
@@ -144,10 +157,7 @@ class ComputePlan:
 
     def autocast(self, network: str):
         """The autocast context `network` runs under (a no-op for float32)."""
-        dtype = self.of(network).dtype
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.device).type, dtype=dtype)
+        return autocast(self.device, self.of(network).dtype)
 
     def prepare(self, module: nn.Module, network: str) -> nn.Module:
         """Put `module`'s weights in the layout the plan gives `network`, and its embedding layers

@@ -19,7 +19,6 @@ state-dict keys stay identical.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +42,6 @@ __all__ = [
     "controlnet_from_unet",
     "resolve_device",
     "condition_on",
-    "autocast",
-    "inference_autocast",
-    "PRECISIONS",
     "SPACING_SCALE",
 ]
 
@@ -62,24 +58,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CannotRun("--device cuda was requested but no CUDA device is available; use --device cpu")
     return device
-
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def autocast(device: str | torch.device, precision: str = "fp32"):
-    """Mixed precision for network calls on `device`: "bf16"/"fp16" autocast, "fp32" none."""
-    if precision not in PRECISIONS:
-        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def inference_autocast(device: str | torch.device, enabled: bool):
-    """Generation's precision: fp16 autocast on CUDA when `enabled` (how the released weights are
-    run); float32 everywhere else."""
-    return autocast(device, "fp16" if enabled and torch.device(device).type == "cuda" else "fp32")
 
 
 def _flash_ok(requested: bool, device: torch.device | None) -> bool:

@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -42,7 +41,6 @@ __all__ = [
     "guided_velocity",
     "velocity_function",
     "sample_latent",
-    "autocast_context",
     "estimate_sampling_bytes",
     "SAMPLING_BYTES_PER_LATENT_VOXEL",
 ]
@@ -119,13 +117,6 @@ def _plan(compute: compute_plan.ComputePlan | None, device: torch.device, autoca
         return compute
     cuda_half = autocast and torch.device(device).type == "cuda"
     return compute_plan.choose_plan("auto" if cuda_half else "fp32", device, half=cuda_half)
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA when asked (how the released weights are run); a no-op otherwise."""
-    if enabled and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from maisi2 import allocator, nets
+from maisi2 import allocator, compute, nets
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maisi2.config import Config
 from maisi2.errors import CannotRun, InvalidInput, OutputExists
@@ -279,9 +279,7 @@ def distributed(device: str = "auto") -> Iterator[DistInfo]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield dist_info()
         return
-    from maisi2.nets import resolve_device
-
-    use_cuda = resolve_device(device).type == "cuda"
+    use_cuda = nets.resolve_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -292,9 +290,7 @@ def distributed(device: str = "auto") -> Iterator[DistInfo]:
 
 
 def _training_device(name: str, info: DistInfo) -> torch.device:
-    from maisi2.nets import resolve_device
-
-    device = resolve_device(name)
+    device = nets.resolve_device(name)
     if device.type == "cuda" and info.world_size > 1:
         return torch.device("cuda", info.local_rank)
     return device
@@ -393,7 +389,7 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        with nets.autocast(self.device, self.amp):
+        with compute.autocast(self.device, self.amp):
             loss, logs = loss_fn(net, batch, self.noise_rng)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maisi2 import nets
+from maisi2 import compute
 from maisi2.autoencoder.group_norm import VolumeStatistics
 from maisi2.autoencoder.memory import (DECODER_FIXED_BYTES, STREAM_SLAB_BYTES, estimate_decode_bytes,
                                        estimate_streamed_bytes, streamed_slab_bytes)
@@ -186,8 +186,10 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
     if z.dim() != 5 or z.shape[0] != 1 or tuple(z.shape[2:]) != plan.latent_shape:
         raise InvalidInput(f"latent must be (1, C, {', '.join(map(str, plan.latent_shape))}), got {tuple(z.shape)}")
     device = next(vae.parameters()).device
+    # The release runs its VAE under float16 autocast on CUDA; everywhere else the VAE stays float32.
+    precision = "fp16" if autocast and device.type == "cuda" else "fp32"
     if plan.count == 1:
-        with nets.inference_autocast(device, autocast):
+        with compute.autocast(device, precision):
             if streamable_decoder(vae):
                 return decode_streamed(vae, z, storage=getattr(torch, plan.storage), slab_bytes=plan.slab_bytes,
                                        spill_dir=plan.spill_dir)
@@ -196,7 +198,7 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
     tiles = list(tiling)
 
     def run(index: int) -> torch.Tensor:
-        with nets.inference_autocast(device, autocast):
+        with compute.autocast(device, precision):
             return vae.decode(z[(slice(None), slice(None), *tiling.window(tiles[index]))].to(device)).float().cpu()
 
     if statistics == "tile":
