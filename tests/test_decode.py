@@ -239,3 +239,65 @@ def test_streamed_memory_model():
     assert autoencoder.plan_tiles(latent, cfg, fp16 - 1).count > 1
     attention = get_config("maisi-v2", ["vae.attention_levels=[false,false,true]"]).vae
     assert not autoencoder.streamable(attention)
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+def _recorder():
+    calls = []
+    return calls, lambda done, total: calls.append((done, total))
+
+
+def _counts_up_to_the_total(calls, total=None):
+    totals = {t for _, t in calls}
+    dones = [d for d, _ in calls]
+    assert len(totals) == 1 and (total is None or totals == {total})
+    assert dones == sorted(set(dones)) and dones[0] >= 1 and dones[-1] == calls[0][1]
+
+
+@pytest.mark.parametrize("statistics", ["volume", "tile"])
+def test_tiled_decode_reports_every_tile_and_is_unchanged_by_it(tiny_vae, statistics):
+    vae, cfg = tiny_vae
+    latent = (18, 17, 8)
+    z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(2))
+    plan = _plan_for(latent, (16, 16, 8), halo=autoencoder.decoder_context(cfg.vae))
+    calls, record = _recorder()
+    watched = autoencoder.decode_tiled(vae, z, plan, statistics=statistics, progress=record)
+    norms = sum(isinstance(m, nn.GroupNorm) for m in vae.decoder.modules())
+    passes = norms + 1 if statistics == "volume" else 1
+    assert [d for d, _ in calls] == list(range(1, passes * plan.count + 1))  # one call per tile decode
+    _counts_up_to_the_total(calls, passes * plan.count)
+    assert torch.equal(watched, autoencoder.decode_tiled(vae, z, plan, statistics=statistics))
+
+
+@pytest.mark.parametrize("slab_bytes", [1, autoencoder.STREAM_SLAB_BYTES[1]])
+def test_streamed_decode_reports_its_share_of_the_work_and_is_unchanged_by_it(tiny_vae, slab_bytes):
+    vae, cfg = tiny_vae
+    z = torch.randn(1, 4, 10, 7, 6, generator=torch.Generator().manual_seed(3))
+    calls, record = _recorder()
+    watched = autoencoder.decode_streamed(vae, z, slab_bytes=slab_bytes, progress=record)
+    _counts_up_to_the_total(calls, 1000)  # thousandths of the multiply-adds; the last call is 1000/1000
+    if slab_bytes == 1:  # one row per slab: many calls, so the count is told as the work advances
+        assert len(calls) > 20
+    assert torch.equal(watched, autoencoder.decode_streamed(vae, z, slab_bytes=slab_bytes))
+    # and through the plan, as generate decodes
+    plan = autoencoder.plan_tiles(z.shape[1:], cfg.vae, budget_bytes=2**30)
+    calls, record = _recorder()
+    autoencoder.decode_tiled(vae, z, plan, progress=record)
+    _counts_up_to_the_total(calls, 1000)
+
+
+def test_progress_that_raises_stops_the_decode(tiny_vae):
+    """How the web app cancels a job: the callback raises and the decode goes no further."""
+    vae, cfg = tiny_vae
+    z = torch.randn(1, 4, 18, 17, 8, generator=torch.Generator().manual_seed(2))
+    plan = _plan_for((18, 17, 8), (16, 16, 8), halo=autoencoder.decoder_context(cfg.vae))
+    seen = []
+
+    def stop(done, total):
+        seen.append(done)
+        if done == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        autoencoder.decode_tiled(vae, z, plan, progress=stop)
+    assert seen == [1, 2]

@@ -124,6 +124,22 @@ def test_tiled_encode_matches_whole_volume(tiny_vae):
         tiled_encode_mean(tiny_vae, x, tile=32, norm_stats="sample")
 
 
+@pytest.mark.parametrize("norm_stats", ["volume", "block"])
+def test_tiled_encode_reports_every_block_and_is_unchanged_by_it(tiny_vae, norm_stats):
+    x = body_like((64, 16, 16), seed=3)
+    calls = []
+    watched = encode_mean(tiny_vae, x, tile=16, norm_stats=norm_stats,
+                          progress=lambda done, total: calls.append((done, total)))
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in tiny_vae.encoder.modules())
+    blocks = 4  # 64 x 16 x 16 in cores of 16
+    total = (norms + 1) * blocks if norm_stats == "volume" else blocks
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    assert torch.equal(watched, encode_mean(tiny_vae, x, tile=16, norm_stats=norm_stats))
+    calls.clear()
+    encode_mean(tiny_vae, x, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]  # a whole-volume encode is one piece of work
+
+
 # -- training pieces -------------------------------------------------------------------------------
 
 def test_options_are_checked():

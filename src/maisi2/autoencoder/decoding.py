@@ -51,6 +51,7 @@ from maisi2.autoencoder.streamed import decode_streamed, streamable, streamable_
 from maisi2.autoencoder.tiles import Tiling, axis_profiles, axis_starts
 from maisi2.config import VAEConfig
 from maisi2.errors import InvalidInput
+from maisi2.progress import Progress, counter
 
 __all__ = ["TILED_DECODE_TOLERANCE", "decoder_context", "TilePlan", "plan_tiles", "decode_tiled", "decode"]
 
@@ -169,7 +170,7 @@ def decode(vae: nn.Module, z: torch.Tensor, clip: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool = False,
-                 progress: bool = False, statistics: str = "volume") -> torch.Tensor:
+                 progress: Progress | None = None, statistics: str = "volume") -> torch.Tensor:
     """Decode an unscaled latent (1, C, x, y, z) as `plan` says; returns (1, 1, X, Y, Z) float32 on CPU.
 
     A single-tile plan decodes the whole volume with `decode_streamed` (storage as planned) when
@@ -180,6 +181,9 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
     statistics (one pass, as MONAI's sliding-window decoding does); it differs from a whole-volume
     decode. Tiles run on the VAE's device; the blend is accumulated on the CPU. Values are not clipped.
     `autocast`: fp16 autocast on CUDA (how the released weights run); nothing elsewhere.
+    `progress` (`maisi2.progress`): a streamed decode reports thousandths of its multiply-adds; a
+    tiled one every tile decode, the partial ones of the statistics passes included (one pass per
+    group norm, so (norms + 1) x tiles in all); a plain ``vae.decode`` once, at the end.
     """
     if statistics not in ("volume", "tile"):
         raise InvalidInput(f"statistics must be 'volume' or 'tile', got {statistics!r}")
@@ -192,8 +196,10 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
         with compute.autocast(device, precision):
             if streamable_decoder(vae):
                 return decode_streamed(vae, z, storage=getattr(torch, plan.storage), slab_bytes=plan.slab_bytes,
-                                       spill_dir=plan.spill_dir)
-            return vae.decode(z.to(device)).float().cpu()
+                                       spill_dir=plan.spill_dir, progress=progress)
+            image = vae.decode(z.to(device)).float().cpu()
+            counter(progress, 1)()
+            return image
     tiling = plan.tiling
     tiles = list(tiling)
 
@@ -202,27 +208,24 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
             return vae.decode(z[(slice(None), slice(None), *tiling.window(tiles[index]))].to(device)).float().cpu()
 
     if statistics == "tile":
-        return _blend_tiles(run, tiling, tiles, plan, progress)
+        return _blend_tiles(run, tiling, tiles, plan, counter(progress, len(tiles)))
     # A decoder without group norms has nothing to measure: its tiles are exact as they are.
     with VolumeStatistics(getattr(vae, "decoder", vae)) as norms:
-        norms.measure([(tiling.owned(t), tiling.size(t)) for t in tiles], run)
-        return _blend_tiles(run, tiling, tiles, plan, progress)
+        tick = counter(progress, (len(norms.norms) + 1) * len(tiles))
+        norms.measure([(tiling.owned(t), tiling.size(t)) for t in tiles], run, tick)
+        return _blend_tiles(run, tiling, tiles, plan, tick)
 
 
-def _blend_tiles(run, tiling: Tiling, tiles: list, plan: TilePlan, progress: bool) -> torch.Tensor:
+def _blend_tiles(run, tiling: Tiling, tiles: list, plan: TilePlan, tick) -> torch.Tensor:
     """Decode every tile and add it in, weighted by its blending profile; divide by the summed weights."""
     profiles, totals = zip(*(axis_profiles(tiling, a, plan.halo, plan.ramp, plan.factor) for a in range(3)))
     out = torch.zeros((1, 1, *plan.output_shape), dtype=torch.float32)
-    order = range(len(tiles))
-    if progress:
-        from tqdm.auto import tqdm
-
-        order = tqdm(order, desc="decode tiles")
-    for index in order:
+    for index in range(len(tiles)):
         tile = tiles[index]
         piece = run(index)
         weight = np.einsum("i,j,k->ijk", *(profiles[a][tile[a]] for a in range(3)))
         out[(slice(None), slice(None), *tiling.window(tile, plan.factor))] += piece * torch.from_numpy(weight).float()
+        tick()
     # The summed weights are separable too: divide axis by axis instead of storing a volume of them.
     for axis, total in enumerate(totals):
         shape = [1, 1, 1, 1, 1]

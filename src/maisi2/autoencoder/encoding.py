@@ -24,6 +24,7 @@ from torch import nn
 from maisi2.autoencoder.group_norm import VolumeStatistics
 from maisi2.autoencoder.tiles import Tiling
 from maisi2.errors import InvalidInput
+from maisi2.progress import Progress, counter
 
 __all__ = ["encode_mean", "tiled_encode_mean", "downsample_factor", "encoder_context", "NORM_STATS",
            "TILED_ENCODE_TOLERANCE"]
@@ -69,23 +70,25 @@ def _check_image(vae: nn.Module, image: torch.Tensor) -> int:
 
 @torch.no_grad()
 def encode_mean(vae: nn.Module, image: torch.Tensor, tile: int | None = None, overlap: int | None = None,
-                norm_stats: str = "volume") -> torch.Tensor:
+                norm_stats: str = "volume", progress: Progress | None = None) -> torch.Tensor:
     """Posterior mean z_mu of `image` (B, 1, X, Y, Z) in [0, 1] -> (B, C, X/f, Y/f, Z/f).
 
     The mean, not a sample: caching a sample would bake the posterior noise into every training
     target. With `tile` (image voxels) and any axis longer than it, encodes block by block
     (`tiled_encode_mean`), so activation memory stays bounded by one (tile + 2*overlap)^3 block.
+    `progress` (`maisi2.progress`): per block as `tiled_encode_mean` says; a whole encode reports (1, 1).
     """
     _check_image(vae, image)
     if tile is not None and any(n > tile for n in image.shape[2:]):
-        return tiled_encode_mean(vae, image, tile, overlap, norm_stats)
+        return tiled_encode_mean(vae, image, tile, overlap, norm_stats, progress)
     z_mu, _ = vae.encode(image)
+    counter(progress, 1)()
     return z_mu
 
 
 @torch.no_grad()
 def tiled_encode_mean(vae: nn.Module, image: torch.Tensor, tile: int, overlap: int | None = None,
-                      norm_stats: str = "volume") -> torch.Tensor:
+                      norm_stats: str = "volume", progress: Progress | None = None) -> torch.Tensor:
     """Posterior mean computed on overlapping blocks; each block contributes only its core.
 
     tile: largest core edge in image voxels; overlap: context voxels added on each side (both
@@ -98,6 +101,9 @@ def tiled_encode_mean(vae: nn.Module, image: torch.Tensor, tile: int, overlap: i
       `overlap`; it costs about (number of norms / 2 + 1) tiled passes.
     * ``norm_stats="block"``: each block normalises with its own statistics (one pass; differs
       from the whole-volume latent by tens of percent with untrained weights).
+
+    `progress` (`maisi2.progress`) hears every block encoded, the partial ones of the statistics
+    passes included: (norms + 1) x blocks in all with ``"volume"``, blocks with ``"block"``.
     """
     factor = _check_image(vae, image)
     overlap = encoder_context(vae) if overlap is None else overlap
@@ -111,13 +117,15 @@ def tiled_encode_mean(vae: nn.Module, image: torch.Tensor, tile: int, overlap: i
     everything = (slice(None), slice(None))
     block = lambda index: image[(*everything, *tiling.window(tiles[index], factor))]  # noqa: E731
     if norm_stats == "block":
-        return _encode_blocks(vae, block, tiling, tiles)
+        return _encode_blocks(vae, block, tiling, tiles, counter(progress, len(tiles)))
     with VolumeStatistics(vae.encoder) as norms:
-        norms.measure([(tiling.owned(t), tiling.size(t)) for t in tiles], lambda index: vae.encoder(block(index)))
-        return _encode_blocks(vae, block, tiling, tiles)
+        tick = counter(progress, (len(norms.norms) + 1) * len(tiles))
+        norms.measure([(tiling.owned(t), tiling.size(t)) for t in tiles], lambda index: vae.encoder(block(index)),
+                      tick)
+        return _encode_blocks(vae, block, tiling, tiles, tick)
 
 
-def _encode_blocks(vae: nn.Module, block, tiling: Tiling, tiles: list) -> torch.Tensor:
+def _encode_blocks(vae: nn.Module, block, tiling: Tiling, tiles: list, tick) -> torch.Tensor:
     """Encode every block and keep the latent of its core."""
     out = None
     everything = (slice(None), slice(None))
@@ -127,4 +135,5 @@ def _encode_blocks(vae: nn.Module, block, tiling: Tiling, tiles: list) -> torch.
             out = z_mu.new_zeros((*z_mu.shape[:2], *tiling.shape))
         core = tuple(slice(lo, hi) for lo, hi in tiling.owned(tile))
         out[(*everything, *tiling.owned_region(tile))] = z_mu[(*everything, *core)]
+        tick()
     return out

@@ -148,8 +148,9 @@ class VolumeStatistics:
         return len(self.stats) == len(self.norms)
 
     def measure(self, tiles: Iterable[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]],
-                run: Callable[[int], object]) -> None:
-        """Fix the statistics of every norm, one partial pass over the tiles per norm."""
+                run: Callable[[int], object], tick: Callable[[], None] = lambda: None) -> None:
+        """Fix the statistics of every norm, one partial pass over the tiles per norm (len(self.norms)
+        passes); `tick()` after each tile of a pass (`maisi2.progress.counter`)."""
         tiles = list(tiles)
         while not self.complete:
             self._moments = Moments()
@@ -158,6 +159,7 @@ class VolumeStatistics:
                 try:
                     run(index)
                 except _Measured:
+                    tick()
                     continue
                 raise RuntimeError("a pass finished without reaching a group norm still to measure")
             norm = self.norms[self._pending]

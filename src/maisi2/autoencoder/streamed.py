@@ -36,6 +36,7 @@ from maisi2.autoencoder.group_norm import Moments, group_statistics, scale_and_s
 from maisi2.autoencoder.memory import STREAM_SLAB_BYTES
 from maisi2.config import VAEConfig
 from maisi2.errors import InvalidInput
+from maisi2.progress import Progress, fractions
 
 __all__ = ["decode_streamed", "streamable", "streamable_decoder", "STREAM_FLOAT16_TOLERANCE"]
 
@@ -65,10 +66,12 @@ class _Streamer:
     The current activation is always ``buffer[:, :channels]``; the rest of the buffer is room.
     """
 
-    def __init__(self, storage: torch.dtype, slab_bytes: int, spill_dir: str | None = None):
+    def __init__(self, storage: torch.dtype, slab_bytes: int, spill_dir: str | None = None,
+                 advance=lambda work: None):
         self.storage = storage
         self.slab_bytes = slab_bytes
         self.spill_dir = spill_dir
+        self.advance = advance  # told the multiply-adds of every slab convolved (`progress.fractions`)
         self.mapped: dict[int, weakref.ref] = {}  # storage address -> its memory map (spilled tensors)
 
     # -- stored tensors --
@@ -164,6 +167,7 @@ class _Streamer:
             o1 = min(depth, o0 + rows)
             y = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), conv.weight, conv.bias,
                          padding=(0, reach, reach))
+            self.advance(_work(conv, y[0, 0].numel()))
             if add:  # summed in float32, rounded to the storage type once
                 y += out[:, :, o0:o1]
             out[:, :, o0:o1] = y
@@ -198,6 +202,7 @@ class _Streamer:
         rows = self.rows_for((x.shape[1] + conv.out_channels) * x[0, 0, 0].numel() * 4)
         for start in range(0, x.shape[2], rows):
             y = F.conv3d(x[:, :, start:start + rows].float(), conv.weight, conv.bias)
+            self.advance(_work(conv, y[0, 0].numel()))
             x[:, :conv.out_channels, start:start + rows] = y
             self.release(x)
         return x[:, :conv.out_channels]
@@ -215,6 +220,7 @@ class _Streamer:
             h = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, True, False), conv1.weight, conv1.bias,
                          padding=(0, reach, reach))
             s = F.conv3d(x[:, :, o0:o1].float(), shortcut.weight, shortcut.bias)
+            self.advance(_work(conv1, h[0, 0].numel()) + _work(shortcut, s[0, 0].numel()))
             if pending is not None:
                 self._commit(buffer, width, *pending)
             pending = (o0, o1, s, h)
@@ -243,9 +249,34 @@ class _Streamer:
         return copy
 
 
+def _work(conv: nn.Conv3d, voxels: int) -> int:
+    """Multiply-adds of `conv` producing `voxels` output voxels."""
+    return voxels * conv.out_channels * conv.in_channels // conv.groups * int(np.prod(conv.kernel_size))
+
+
+def _decoder_work(vae: nn.Module, latent_voxels: int) -> int:
+    """Multiply-adds of the decoder's convolutions (post_quant_conv aside) on a latent of `latent_voxels`:
+    what `_Streamer.advance` is told in all, the total of a streamed decode's progress."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock, MaisiUpsample
+
+    voxels, total = latent_voxels, 0
+    for block in vae.decoder.blocks:
+        if isinstance(block, MaisiResBlock):
+            total += _work(_inner_conv(block.conv1), voxels) + _work(_inner_conv(block.conv2), voxels)
+            if not isinstance(block.nin_shortcut, nn.Identity):
+                total += _work(_inner_conv(block.nin_shortcut), voxels)
+        elif isinstance(block, MaisiUpsample):
+            voxels *= 8  # the streamer's upsampling doubles every axis
+            total += _work(_inner_conv(block.conv), voxels)
+        elif not isinstance(block, nn.GroupNorm):
+            total += _work(_inner_conv(block), voxels)
+    return total
+
+
 @torch.no_grad()
 def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torch.float32,
-                    slab_bytes: int = STREAM_SLAB_BYTES[0], spill_dir: str | None = None) -> torch.Tensor:
+                    slab_bytes: int = STREAM_SLAB_BYTES[0], spill_dir: str | None = None,
+                    progress: Progress | None = None) -> torch.Tensor:
     """Whole-volume decode of an unscaled latent (1, C, x, y, z) with bounded temporaries.
 
     Equals ``vae.decode(z)`` up to float rounding (float32 storage; tests allow
@@ -253,7 +284,8 @@ def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torc
     storage halves the stored tensors (`STREAM_FLOAT16_TOLERANCE`); `spill_dir` keeps them in
     (deleted) files there instead of RAM, for volumes too large for either. Runs on the VAE's
     device; returns (1, 1, X, Y, Z) float32 on the CPU. Decoders with attention or transposed
-    convolutions are not supported (`streamable`).
+    convolutions are not supported (`streamable`). `progress` (`maisi2.progress`) hears the
+    thousandths of the decoder's multiply-adds done, slab by slab: (k, 1000).
     """
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiResBlock, MaisiUpsample
 
@@ -262,7 +294,7 @@ def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torc
     if not streamable_decoder(vae):
         raise NotImplementedError("decode_streamed supports MAISI decoders without attention or transposed convs")
     device = next(vae.parameters()).device
-    run = _Streamer(storage, slab_bytes, spill_dir)
+    run = _Streamer(storage, slab_bytes, spill_dir, fractions(progress, _decoder_work(vae, z[0, 0].numel())))
     post = _inner_conv(vae.post_quant_conv)
     buffer = F.conv3d(z.to(device).float(), post.weight, post.bias).to(storage)
     channels = buffer.shape[1]
