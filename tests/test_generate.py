@@ -4,6 +4,7 @@ The released-weights path (`test_released_files_generate_through_the_same_path`)
 maisi-v2 networks with random weights and writes them in the released layout (~1 GB): slow.
 """
 
+import dataclasses
 import errno
 import json
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maisi2 import cli, label_tables, models, nets, quality, volume_io
+from maisi2 import autoencoder, cli, label_tables, models, nets, quality, volume_io
 from maisi2 import generate as G
 from maisi2.config import get_config
 from maisi2.data import center_pad_or_crop
@@ -334,10 +335,17 @@ def test_progress_reports_each_step_and_phase_and_raising_from_it_writes_nothing
     result = G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, options=options,
                         on_progress=events.append)
     attempts = len(result.report["attempts"])
+    # the decoder's own progress: a streamed decode, in thousandths of its work, up to 1000 of 1000
+    decoding = [e for e in events if "done" in e]
+    assert decoding and all(e["phase"] == "decoding" and e["total"] == 1000 and "tiles" not in e for e in decoding)
+    assert decoding[0]["attempt"] == 1 and [e["done"] for e in decoding][-1] == 1000
+    phases = [e for e in events if "done" not in e]
     one = [{"phase": "sampling", "attempt": 1, "step": i, "steps": 3} for i in (1, 2, 3)]
-    assert events[:6] == [{"phase": "loading"}] + one + [{"phase": "decoding", "attempt": 1},
+    assert phases[:6] == [{"phase": "loading"}] + one + [{"phase": "decoding", "attempt": 1},
                                                          {"phase": "checking", "attempt": 1}]
-    assert len(events) == 5 * attempts + 2 and events[-1] == {"phase": "writing"}
+    retries = [e for e in phases if e["phase"] == "retrying"]
+    assert len(retries) == attempts - 1
+    assert len(phases) == 5 * attempts + 2 + len(retries) and events[-1] == {"phase": "writing"}
 
     class Stop(Exception):
         pass
@@ -374,9 +382,62 @@ def test_qc_retries_use_the_next_seeds_and_record_every_attempt(small_mask_file,
     assert all(a["timings_s"]["reload_networks"] > 0 for a in report["attempts"][1:])
 
     monkeypatch.setattr(quality, "hu_ranges", lambda: {organ: (-2000.0, 2000.0) for organ in impossible})
-    result = G.generate(small_mask_file, tmp_path / "ok.nii.gz", model=model_dir,
+    events = []
+    result = G.generate(small_mask_file, tmp_path / "ok.nii.gz", model=model_dir, on_progress=events.append,
                         options=G.GenerateOptions(steps=1, seed=7, qc_retries=2, write_preview=False))
     assert result.passed_qc and len(result.report["attempts"]) == 1
+    assert not [e for e in events if e["phase"] == "retrying"]  # nothing to retry
+
+
+def test_a_retry_says_which_organs_failed_and_which_seed_comes_next(small_mask_file, model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    def liver_and_spleen_fail(hu, labels):
+        return quality.QualityReport([quality.OrganCheck(organ, quality.FAIL, 1, 0.0, 1.0, 2.0)
+                                      for organ in ("liver", "spleen")])
+
+    monkeypatch.setattr(quality, "quality_check", liver_and_spleen_fail)
+    events = []
+    G.generate(small_mask_file, tmp_path / "ct.nii.gz", model=model_dir, on_progress=events.append,
+               options=G.GenerateOptions(steps=1, seed=7, qc_retries=2, write_preview=False, progress=True))
+    retries = [e for e in events if e["phase"] == "retrying"]
+    assert [(e["attempt"], e["seed"], e["failed"]) for e in retries] == [(2, 8, ["liver", "spleen"]),
+                                                                         (3, 9, ["liver", "spleen"])]
+    assert retries[0]["message"] == "quality check failed on liver, spleen (seed 7): retry 1 of 2 with seed 8"
+    # each retry comes after its attempt's check and before the next attempt's first step
+    checks = [i for i, e in enumerate(events) if e["phase"] == "checking"]
+    starts = [i for i, e in enumerate(events) if e.get("step") == 1]
+    assert [events.index(e) for e in retries] == [i + 1 for i in checks[:2]] == [i - 1 for i in starts[1:]]
+    assert retries[1]["message"] in capsys.readouterr().err  # --progress: on the terminal too
+
+
+def test_a_tiled_decode_reports_its_tiles(small_mask_file, model_dir, tmp_path, monkeypatch, capsys):
+    """A plan of 2 tiles (forced: the tiny latent fits whole): each tile decode is an event, and
+    the CT is the one the same plan gives without anyone watching."""
+    from maisi2.autoencoder import tiles
+
+    real_plan = autoencoder.plan_tiles
+
+    def two_tiles(latent, cfg, budget, **kwargs):
+        whole = real_plan(latent, cfg, budget, **kwargs)
+        starts = (tiles.axis_starts(latent[0], 6, 4), (0,), (0,))
+        return dataclasses.replace(whole, tile=(6, *latent[1:]), starts=starts, halo=1, ramp=2)
+
+    monkeypatch.setattr(G.autoencoder, "plan_tiles", two_tiles)
+    options = G.GenerateOptions(steps=1, seed=3, write_preview=False, progress=True)
+    events = []
+    watched = G.generate(small_mask_file, tmp_path / "watched.nii.gz", model=model_dir, options=options,
+                         on_progress=events.append)
+    assert "decode" in capsys.readouterr().err  # the terminal bar
+    decoding = [e for e in events if "done" in e]
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in models.load_model(model_dir).vae.decoder.modules())
+    total = (norms + 1) * 2  # a statistics pass per group norm, then the blend, each over both tiles
+    assert decoding == [{"phase": "decoding", "attempt": 1, "done": i, "total": total, "tiles": 2}
+                        for i in range(1, total + 1)]
+    unwatched = G.generate(small_mask_file, tmp_path / "unwatched.nii.gz", model=model_dir,
+                           options=dataclasses.replace(options, progress=False))
+    assert watched.report["memory"]["decode"]["tiles"] == 2
+    np.testing.assert_array_equal(np.asarray(nib.load(watched.paths.ct).dataobj),
+                                  np.asarray(nib.load(unwatched.paths.ct).dataobj))
 
 
 # -- memory: which networks are held while decoding ---------------------------------------------

@@ -46,6 +46,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ from maisi2.maskgen import sampling as maskgen_sampling
 from maisi2.maskgen.sizes import parse_anatomy_sizes
 from maisi2.phantom import make_phantom
 from maisi2.preview import PREVIEW_WINDOW_HU, preview_centre, render_preview
+from maisi2.progress import Progress, terminal_bar
 
 __all__ = [
     "GenerateOptions",
@@ -101,7 +103,12 @@ PathLike = str | os.PathLike
 # `on_progress(event)` is called in the generating thread as the work advances, with one of
 #   {"phase": "loading"} once the request has passed every check, before the weights are read,
 #   {"phase": "sampling", "attempt": k, "step": i, "steps": n}  after each Euler step (i = 1..n),
-#   {"phase": "decoding", "attempt": k}, {"phase": "checking", "attempt": k}, {"phase": "writing"}.
+#   {"phase": "decoding", "attempt": k} as the decode starts, then after each tile or slab
+#   {"phase": "decoding", "attempt": k, "done": i, "total": n} (`autoencoder.decode_tiled`'s
+#   progress: thousandths of a streamed decode, or tile decodes with "tiles": the plan's tile count),
+#   {"phase": "checking", "attempt": k},
+#   {"phase": "retrying", "attempt": k + 1, "seed": s, "failed": [organs], "message": "..."} when the
+#   quality check failed and a retry follows, {"phase": "writing"}.
 # An exception raised by it stops the generation there; nothing is written (a way to cancel).
 ProgressFn = Callable[[dict], None]
 
@@ -805,7 +812,22 @@ def _attempts(plan: GenerationPlan, models, on_progress: ProgressFn) -> tuple[li
                 other.pop("hu", None)  # keep one volume in memory, not one per attempt
         if attempts[-1]["qc"].passed:
             break
+        if retry < options.qc_retries:
+            _announce_retry(on_progress, attempts[-1], retry + 1, options)
     return attempts, best
+
+
+def _announce_retry(on_progress: ProgressFn, failed: dict, retry: int, options: GenerateOptions) -> None:
+    """Say which organs failed the quality check and which seed the next attempt takes."""
+    organs = failed["qc"].failed_organs()
+    seed = options.seed + retry
+    message = (f"quality check failed on {', '.join(organs)} (seed {failed['seed']}): "
+               f"retry {retry} of {options.qc_retries} with seed {seed}")
+    if options.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)  # where the bars are, between them
+    on_progress({"phase": "retrying", "attempt": retry + 1, "seed": seed, "failed": organs, "message": message})
 
 
 def _attempt_progress(on_progress: ProgressFn, attempt: int, steps: int) -> ProgressFn:
@@ -836,7 +858,8 @@ def _attempt(plan: GenerationPlan, models, seed: int, on_progress: ProgressFn = 
     if fit.release:
         models.release_diffusion()  # the decode plan counted only the VAE's weights
     on_progress({"phase": "decoding"})
-    hu = _decode_to_hu(latent, prepared, models, fit.decode, half, options.progress, options.decode_statistics,
+    hu = _decode_to_hu(latent, prepared, models, fit.decode, half,
+                       _decode_progress(on_progress, fit.decode.count, options.progress), options.decode_statistics,
                        lambda image: _check_finite(image, "the decoded CT", seed, options))
     decoded = time.perf_counter()
     on_progress({"phase": "checking"})
@@ -857,7 +880,19 @@ def _check_finite(values, what: str, seed: int, options: GenerateOptions) -> Non
             "model's weights")
 
 
-def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, progress: bool,
+def _decode_progress(on_progress: ProgressFn, tiles: int, bar: bool) -> Progress:
+    """The decoder's (done, total) as decoding events, and with `bar` as a terminal bar too."""
+    draw = terminal_bar("decode", "tile" if tiles > 1 else "‰") if bar else None
+    tiled = {"tiles": tiles} if tiles > 1 else {}
+
+    def report(done: int, total: int) -> None:
+        if draw is not None:
+            draw(done, total)
+        on_progress({"phase": "decoding", "done": done, "total": total, **tiled})
+    return report
+
+
+def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, progress: Progress | None,
                   statistics: str, check=None) -> np.ndarray:
     """Latent -> int16 HU on the prepared grid: decode, clip to [0, 1], to HU, crop, air outside body.
 
