@@ -78,7 +78,7 @@ def make_data(work: Path, count: int, seed: int) -> Path:
         write_phantom_set(work / "phantoms", count, [((64, 64, 48), (6.0, 6.0, 6.0))], seed=seed, overwrite=True)
     items = read_datalist(phantoms)
     if REAL_SEG.is_file() and REAL_CT.is_file():
-        from maisi2.totalseg import convert_totalseg
+        from maisi2.label_import import convert_totalseg
 
         seg, ct = volume_io.load_label_map(REAL_SEG, check_ids=False), volume_io.load_ct(REAL_CT)
         labels, _ = convert_totalseg(seg.array, ct.array, spacing=seg.spacing)
