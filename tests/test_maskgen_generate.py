@@ -1,5 +1,6 @@
 """`generate --anatomy-size` (and `generate.mask_from_anatomy_sizes`) route to the mask generator."""
 
+import json
 import re
 
 import numpy as np
@@ -53,6 +54,15 @@ def test_cli_generates_a_ct_from_anatomy_sizes(run_cli, ct_model, mask_generator
     label = volume_io.load_label_map(tmp_path / "ct_label.nii.gz")
     assert label.shape == (32, 32, 32) and label.spacing == (12.0, 12.0, 12.0)
     assert volume_io.load_ct(out).shape == label.shape
+    made = json.loads((tmp_path / "ct_report.json").read_text())["request"]["mask_generator"]
+    # the full vector actually used: the named slots, the rest from the table, the other tumours absent
+    assert made["size_vector"] == pytest.approx({"gallbladder": 0.1, "liver": 0.6, "stomach": 0.5, "pancreas": 0.5,
+                                                 "colon": 0.5, "lung tumor": -1, "pancreatic tumor": -1,
+                                                 "hepatic tumor": 0.2, "colon cancer primaries": -1,
+                                                 "bone lesion": -1})
+    assert made["requested_sizes"] == {"liver": 0.6, "hepatic tumor": 0.2}
+    assert made["generator"] == str(mask_generator) and made["kind"] == "ours"
+    assert made["steps"] == 2 and made["seed"] == 0 and made["sampler"] == "rflow"
 
 
 def test_python_api_returns_the_mask_and_how_it_was_made(mask_generator, tmp_path):

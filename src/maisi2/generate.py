@@ -501,7 +501,10 @@ def mask_from_anatomy_sizes(sizes, out: PathLike, model=None, mask_generator: st
     folder), "bundled" (ours, shipped with the package), a folder, or None: "released" when the
     `model` folder holds the release's mask files, else "bundled". The request (sizes, settings,
     outputs beside `out`) is checked before any network is read. Seeded with ``options.seed``.
-    Returns (the mask as an `volume_io.Volume` on the generator's grid, a dict describing how it was made).
+    Returns (the mask as an `volume_io.Volume` on the generator's grid, a dict describing how it was
+    made: the generator folder and kind, the sizes requested, the full size vector used after the
+    missing slots were filled, sampler, steps, seed; pass it as ``GenerateOptions.request`` so the CT's
+    report carries it, as the CLI does).
     """
     sizes = parse_anatomy_sizes(sizes) if isinstance(sizes, str) else dict(sizes)
     _check_request(out, options)
@@ -509,7 +512,8 @@ def mask_from_anatomy_sizes(sizes, out: PathLike, model=None, mask_generator: st
     generator = maskgen_files.load_mask_generator(folder, device=options.device)
     maskgen_sampling.size_vector(generator, sizes)  # a request the generator cannot complete fails here
     sample = generate_mask(generator, sizes, seed=options.seed, steps=mask_steps, progress=options.progress)
-    return sample.native, {"generator": str(folder), "kind": generator.source, **sample.describe()}
+    return sample.native, {"generator": str(folder), "kind": generator.source, "requested_sizes": sizes,
+                           **sample.describe()}
 
 
 def plan_grid(mask, info, options: GenerateOptions = GenerateOptions()) -> GridPlan:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from maisi2.cli.datalist_args import add_datalist_options, datalist_source
 from maisi2.errors import InvalidInput
 
@@ -204,6 +206,8 @@ def _generate(args) -> int:
         sizes = ", ".join(f"{k}={v:g}" for k, v in made["size_vector"].items())
         print(f"mask from the {made['kind']} mask generator ({made['sampler']}, {made['steps']} steps, "
               f"{made['seconds']['total']:.1f} s): {sizes}")
+        # The CT's report says how its mask was made (the full size vector used, generator, steps, seed).
+        options = dataclasses.replace(options, request={**(options.request or {}), "mask_generator": made})
     elif args.tumors:
         mask, options = _mask_with_tumors(args, options)
     _generate_samples(mask, args, options)
