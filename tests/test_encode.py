@@ -155,6 +155,15 @@ def test_tiled_encode_option_and_spacing(tmp_path, dataset, vae_ckpt):
     assert len(encode_datalist(dataset, vae_ckpt, out, spacing=coarse, tile=None, progress=False).encoded) == 2
 
 
+def test_progress_shows_the_volumes_and_the_blocks_of_a_tiled_encode(tmp_path, dataset, vae_ckpt, capsys):
+    coarse = (16.0, 16.0, 16.0)
+    encode_datalist(dataset, vae_ckpt, tmp_path / "cache", spacing=coarse, tile=16, overlap=4, norm_stats="block",
+                    progress=True)
+    shown = capsys.readouterr().err
+    assert "encode" in shown and "2/2" in shown  # the volumes
+    assert "8/8 [" in shown and "block" in shown  # 32^3 padded in 16^3 cores: 8 blocks a volume
+
+
 def test_errors_for_bad_vae_checkpoints(tmp_path, dataset, vae_ckpt):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         encode_datalist(dataset, tmp_path / "missing.pt", tmp_path / "c", progress=False)

@@ -4,6 +4,7 @@ generation jobs (progress, cancel, queue, server stop), results and downloads, a
 Generation runs the tiny preset with random weights (a 32^3 mask of 8 mm: about a second a job).
 """
 
+import dataclasses
 import time
 
 import nibabel as nib
@@ -403,6 +404,42 @@ def test_out_of_domain_requests_are_refused_unless_forced_or_fitted_and_a_forced
     assert job["state"] == "done", job
     result = client.get(f"/api/results/{job['result']}").json()
     assert result["fitted"] and result["out_of_domain"] == [] and result["shape"] == [16, 16, 16]
+
+
+def test_a_running_job_shows_which_tile_it_decodes(client, monkeypatch):
+    """generate's decoding events reach the job's progress (forced to 2 tiles: the tiny latent fits
+    whole). The first tile's report is held until the test has read it, so no poll can miss it."""
+    import threading
+
+    from maisi2 import autoencoder
+    from maisi2 import generate as G
+    from maisi2.autoencoder import tiles
+
+    real_plan, real_decode, seen = autoencoder.plan_tiles, G.decode_tiled, threading.Event()
+
+    def two_tiles(latent, cfg, budget, **kwargs):
+        whole = real_plan(latent, cfg, budget, **kwargs)
+        return dataclasses.replace(whole, tile=(6, *latent[1:]), starts=(tiles.axis_starts(latent[0], 6, 4), (0,), (0,)),
+                                   halo=1, ramp=2)
+
+    def held_decode(*args, progress, **kwargs):
+        def hold(done, total):
+            progress(done, total)
+            if done == 1:
+                seen.wait(60)
+        return real_decode(*args, progress=hold, **kwargs)
+
+    monkeypatch.setattr(autoencoder, "plan_tiles", two_tiles)
+    monkeypatch.setattr(G, "decode_tiled", held_decode)
+    job = client.post("/api/jobs", json={"mask": phantom(client)["id"], "steps": 2, "model": "tiny"}).json()
+    deadline = time.monotonic() + 60
+    while "done" not in (progress := next(j for j in client.get("/api/jobs").json() if j["id"] == job["id"])["progress"]):
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.01)
+    seen.set()
+    assert progress["phase"] == "decoding" and progress["attempt"] == 1 and progress["tiles"] == 2
+    assert progress["done"] == 1 and progress["total"] % 2 == 0 and progress["total"] > 2  # statistics passes too
+    assert wait_for(client, job["id"])["state"] == "done"
 
 
 def test_cancel_stops_a_running_job_and_drops_a_queued_one_leaving_nothing(client, workspace):

@@ -32,6 +32,7 @@ from maisi2 import latents
 from maisi2.config import Config
 from maisi2.data import HU_MIN, CTDataset, DataItem, center_pad_or_crop, hu_to_unit, read_datalist
 from maisi2.errors import InvalidInput
+from maisi2.progress import Progress, terminal_bar
 
 __all__ = ["EncodeReport", "encode_datalist", "image_divisor", "cache_name", "input_key", "DEFAULT_TILE"]
 
@@ -104,6 +105,8 @@ def encode_datalist(
     vae: a maisi2 "vae" checkpoint (EMA weights used when present) or the released VAE file.
     tile: encode in blocks when an axis exceeds this many voxels (None or 0: always whole);
     overlap, norm_stats: how (`autoencoder.tiled_encode_mean`; the defaults reproduce a whole-volume pass).
+    progress: a bar over the volumes and, under it, one over the blocks of the volume being encoded
+    (a tiled encode counts every block of its statistics passes too).
     """
     from tqdm.auto import tqdm
 
@@ -136,7 +139,8 @@ def encode_datalist(
         if record is not None and record.extra.get("key") == key and (cache / record.file).is_file():
             report.skipped.append(record.file)
             continue
-        _encode_one(dataset, index, name, key, loaded, cache, divisor, (tile, overlap, norm_stats))
+        blocks = terminal_bar(f"  {name}", "block", leave=False) if progress else None
+        _encode_one(dataset, index, name, key, loaded, cache, divisor, (tile, overlap, norm_stats), blocks)
         report.encoded.append(f"{name}.pt")
 
     # 4. the scale factor over the whole cache (unchanged cache: keep the stats already there)
@@ -169,7 +173,7 @@ def _check_same_vae(existing: dict, listed: set[str], fingerprint: str, cache: P
 
 
 def _encode_one(dataset: CTDataset, index: int, name: str, key: dict, loaded, cache: Path,
-                divisor: int, tiling: tuple) -> None:
+                divisor: int, tiling: tuple, progress: Progress | None = None) -> None:
     from maisi2.autoencoder import encode_mean
 
     sample = dataset[index]
@@ -182,7 +186,7 @@ def _encode_one(dataset: CTDataset, index: int, name: str, key: dict, loaded, ca
         label = torch.from_numpy(center_pad_or_crop(label[0].numpy(), shape, 0))
     device = next(loaded.model.parameters()).device
     x = torch.from_numpy(padded)[None, None].to(device)
-    z_mu = encode_mean(loaded.model, x, *tiling)[0].cpu()
+    z_mu = encode_mean(loaded.model, x, *tiling, progress=progress)[0].cpu()
     item = dataset.items[index]
     record = latents.LatentRecord(
         file=f"{name}.pt", spacing=tuple(float(s) for s in sample["spacing"]), latent_shape=tuple(z_mu.shape),

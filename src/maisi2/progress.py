@@ -50,8 +50,9 @@ def fractions(progress: Progress | None, total_work: int, steps: int = 1000) -> 
     return advance
 
 
-def terminal_bar(description: str, unit: str = "it") -> Progress:
-    """A `Progress` drawing a tqdm bar (the look of the sampler's step bar); it closes at done == total."""
+def terminal_bar(description: str, unit: str = "it", leave: bool = True) -> Progress:
+    """A `Progress` drawing a tqdm bar (the look of the sampler's step bar); it closes at done == total
+    (and is wiped then unless `leave`: for a bar under another one)."""
     from tqdm.auto import tqdm
 
     bar = None
@@ -59,7 +60,7 @@ def terminal_bar(description: str, unit: str = "it") -> Progress:
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=description, unit=unit)
+            bar = tqdm(total=total, desc=description, unit=unit, leave=leave)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

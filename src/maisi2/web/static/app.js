@@ -235,9 +235,20 @@ function describeProgress(job) {
   const p = job.progress || {};
   if (job.state === "queued") return job.position ? `queued, ${job.position} ahead` : "queued";
   if (job.state !== "running") return "";
-  if (p.phase === "sampling") return `sampling: step ${p.step} of ${p.steps}${p.attempt > 1 ? ` (attempt ${p.attempt})` : ""}`;
+  const attempt = p.attempt > 1 ? ` (attempt ${p.attempt})` : "";
+  if (p.phase === "sampling") return `sampling: step ${p.step} of ${p.steps}${attempt}`;
+  if (p.phase === "decoding" && p.total) return decodingProgress(p) + attempt;
+  if (p.phase === "retrying") return p.message;
   return { loading: "loading the model", decoding: "decoding the latent to HU", checking: "quality check",
     writing: "writing the files" }[p.phase] || p.phase || "starting";
+}
+
+// generate's decoding events: tile decodes of a tiled plan (each tile once per group-norm statistics
+// pass, then once more), else thousandths of a whole-volume decode.
+function decodingProgress(p) {
+  if (!p.tiles) return `decoding: ${Math.floor(100 * p.done / p.total)}%`;
+  const passes = p.total > p.tiles ? `, ${p.total / p.tiles} passes over ${p.tiles} tiles` : "";
+  return `decoding: tile ${p.done} of ${p.total}${passes}`;
 }
 
 async function refreshJobs() {
@@ -248,7 +259,8 @@ async function refreshJobs() {
     li.className = `state-${job.state}`;
     const p = job.progress || {};
     const fraction = job.state === "done" ? 1 : p.phase === "sampling" ? 0.8 * p.step / p.steps
-      : { decoding: 0.85, checking: 0.95, writing: 0.98 }[p.phase] || 0;
+      : p.phase === "decoding" && p.total ? 0.8 + 0.15 * p.done / p.total
+      : { decoding: 0.8, checking: 0.95, writing: 0.98 }[p.phase] || 0;
     li.innerHTML = `<span class="name"></span><span class="state">${job.state}</span> <span class="meta">${describeProgress(job)}</span>
       <progress max="1" value="${fraction}"></progress>`;
     $(".name", li).textContent = job.label;
