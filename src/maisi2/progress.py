@@ -63,6 +63,7 @@ def terminal_bar(description: str, unit: str = "it", leave: bool = True) -> Prog
             bar = tqdm(total=total, desc=description, unit=unit, leave=leave)
         bar.update(done - bar.n)
         if done >= total:
+            bar.refresh()  # draw the final count even when the work outran tqdm's redraw interval
             bar.close()
             bar = None
 
