@@ -42,6 +42,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # the UNet's count adds up its three stages (each resumed from the one before)
     assert info["metadata"]["trained_steps"] == {"vae": 2, "unet": 6, "controlnet": 2}
 
+    # re-exporting with the model folder as the VAE and UNet source (as recipes/real_mask_controlnet.sh
+    # does) keeps what model.json said about their training
+    again = tmp_path / "model_again"
+    run("export-model", "--vae", model, "--unet", model, "--controlnet", cn / "last.pt", "--out", again)
+    meta = json.loads((again / "model.json").read_text())["metadata"]
+    assert meta["trained_steps"] == {"vae": 2, "unet": 6, "controlnet": 2}
+    assert meta["weights"] == {"vae": "ema", "unet": "ema", "controlnet": "ema"}
+
     # --raw controlnet: the ControlNet's raw weights, not its EMA (which differ after training)
     from maisi2.checkpoint import load_checkpoint
     from maisi2.models import load_model

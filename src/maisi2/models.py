@@ -407,7 +407,12 @@ def _read_from_folder(folder: Path, kind: str, prefer_ema: bool) -> NetworkWeigh
     if (folder / MODEL_JSON).is_file() and not (folder / ckpt.RELEASED_FILES["unet"]).is_file():
         info = read_model_info(folder)
         found = read_network(folder / f"{kind}.{info.layout}", kind, prefer_ema)
-        return dataclasses.replace(found, config=info.cfg, scale_factor=info.scale_factor or found.scale_factor)
+        # The folder's weights carry no history of their own: model.json's metadata says how long each
+        # network trained and whether its weights were the EMA, so a re-export keeps both facts.
+        steps = (info.metadata.get("trained_steps") or {}).get(kind)
+        used_ema = (info.metadata.get("weights") or {}).get(kind) == "ema"
+        return dataclasses.replace(found, config=info.cfg, scale_factor=info.scale_factor or found.scale_factor,
+                                   steps=steps, used_ema=used_ema)
     released = folder / ckpt.RELEASED_FILES[kind]
     if not released.is_file():
         raise MissingInput(f"{folder} holds no {ckpt.RELEASED_FILES[kind]} and no {MODEL_JSON}; "
