@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The bundled model's ControlNet (development session 12), trained to follow real label maps.
+# Runs after recipes/bundled_model.sh and recipes/continue_bundled_model.sh, whose VAE and flow UNet it
+# keeps (read here from the shipped model folder, so it can run on its own). Resumable: rerun after an
+# interruption. Outputs go under $W (git-ignored); the result is exported to $W/model.
+#
+# What changed against the earlier 450-step ControlNet, and why (docs/model_card.md):
+# - held out: TotalSegmentator's example_seg map is NOT in its training data, so that map measures
+#   how the model follows a real mask it never saw (python experiments/real_masks.py);
+# - real shapes: the other real map (example_seg_dicom, 512 x 512 x 20 at 0.98 x 0.98 x 2 mm: upper
+#   abdomen with humeri) resampled to 3 mm, listed 5 times in the latent index (~5 % of draws);
+# - partial organs: first 2500 steps on windows of 32 x 32 x 8 latent voxels (whole slices, 96 mm in
+#   z at 3 mm), so organs cut by the volume's edge, as the lung bases of an abdominal scan are, are
+#   common; 30 % of the windows centred on a tumour; then 800 steps on whole volumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${W:-work/b2}
+SHARED=${SHARED:-../shared/data/totalsegmentator}
+SHIPPED=${SHIPPED:-src/maisi2/resources/models/default}  # the VAE and UNet this ControlNet is trained for
+mkdir -p "$W/real"
+
+# 1. Data: the recipe's 90 phantoms and the real DICOM map at 3 mm.
+[ -f "$W/phantoms/datalist.jsonl" ] || maisi2 phantom --count 90 \
+    --shape 128 128 96 --spacing 3 3 3 --shape 96 96 64 --spacing 4 4 4 \
+    --shape 128 128 64 --spacing 3 3 4.5 --seed 1000 --out "$W/phantoms"
+[ -f "$W/real/dicom_label_native.nii.gz" ] || maisi2 labels import-totalseg "$SHARED/example_seg_dicom.nii.gz" \
+    --ct "$SHARED/example_ct_dicom" --out "$W/real/dicom_label_native.nii.gz"
+python - "$W" "$SHARED" <<'PY'
+import sys
+from pathlib import Path
+from maisi2 import volume_io
+from maisi2.data import DataItem, read_datalist, write_datalist
+w, shared = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+if not (w / "real/dicom_label_3mm.nii.gz").is_file():
+    ct = volume_io.resample_to_spacing(volume_io.load_ct(shared / "example_ct_dicom"), (3, 3, 3), order=1)
+    label = volume_io.resample_to_spacing(volume_io.load_label_map(w / "real/dicom_label_native.nii.gz"), (3, 3, 3), order=0)
+    volume_io.save_ct(w / "real/dicom_ct_3mm.nii.gz", ct, overwrite=True)
+    volume_io.save_label_map(w / "real/dicom_label_3mm.nii.gz", label, overwrite=True)
+real = DataItem(w / "real/dicom_ct_3mm.nii.gz", w / "real/dicom_label_3mm.nii.gz", source="totalseg")
+write_datalist(w / "all.jsonl", read_datalist(w / "phantoms/datalist.jsonl") + [real], overwrite=True)
+PY
+
+# 2. Latent cache with the shipped VAE; the real map's record repeated 4 more times in the index.
+if [ ! -f "$W/latents/stats.json" ]; then
+    maisi2 encode "$W/all.jsonl" --vae "$SHIPPED" --out "$W/latents" --no-progress
+    grep dicom_ct_3mm "$W/latents/index.jsonl" > "$W/real/dicom_record.jsonl"
+    for _ in 1 2 3 4; do cat "$W/real/dicom_record.jsonl" >> "$W/latents/index.jsonl"; done
+fi
+
+# 3. ControlNet from the UNet's weights: windows, then whole volumes (bf16 autocast where the CPU pays).
+r() { [ -f "$1/last.pt" ] && echo --resume || true; }
+maisi2 train-controlnet "$W/latents" --unet "$SHIPPED" --out "$W/cn_crop" --preset small --steps 2500 --lr 2e-4 \
+    --no-progress --recipe-set warmup=50 --recipe-set ema_decay=0.995 --recipe-set ckpt_every=100 \
+    --recipe-set log_every=10 --recipe-set 'crop=[32,32,8]' --recipe-set tumor_crops=0.3 $(r "$W/cn_crop")
+maisi2 train-controlnet "$W/latents" --unet "$SHIPPED" --out "$W/cn_full" --init-controlnet "$W/cn_crop/last.pt" \
+    --preset small --steps 800 --lr 5e-5 --no-progress --recipe-set warmup=20 --recipe-set ema_decay=0.995 \
+    --recipe-set ckpt_every=100 --recipe-set log_every=10 $(r "$W/cn_full")
+
+# 4. The model folder (its domain from the latent cache), and the TotalSegmentator ids it never saw.
+python - "$W" "$SHIPPED" <<'PY'
+import sys
+from pathlib import Path
+from maisi2.export import export_model
+w, shipped = Path(sys.argv[1]), sys.argv[2]
+notes = {
+    "trained_steps_note": "vae and unet: the shipped model's (recipes/bundled_model.sh, then recipes/"
+                          "continue_bundled_model.sh: unet stages 1/2/3 400/600/200, then stage 2 1500 and stage 3 "
+                          "150); controlnet: recipes/real_mask_controlnet.sh, 2500 steps on 32 x 32 x 8 latent "
+                          "windows, then 800 on whole volumes",
+    "weights": {"vae": "as shipped (EMA at its export, not recorded then)", "unet": "as shipped (EMA at its "
+                "export, not recorded then)", "controlnet": "ema"},
+    "held_out": "TotalSegmentator example_seg (../shared/data/totalsegmentator): never in any training data of "
+                "the ControlNet; its CT (example_ct_sm) was in the VAE's and the flow UNet's (unconditional) data",
+    "domain": {"body_regions": ["chest", "abdomen"]},
+}
+export_model(shipped, shipped, w / "cn_full" / "last.pt", w / "model", cache=w / "latents", notes=notes,
+             overwrite=True)
+print(f"wrote {w / 'model'}")
+PY
+python recipes/bundled_domain.py "$W/all.jsonl"
+# Then: python experiments/real_masks.py --model shipped=$SHIPPED --model new=$W/model --seeds 3,
+# and copy $W/model over $SHIPPED when it follows the held-out map better.
