@@ -181,10 +181,9 @@ def test_phantoms_with_tumors_and_their_refusals(client):
     for body, message in (({**SMALL, "tumours": ["spleen:1"]}, "unknown tumour kind 'spleen'"),
                           ({"shape": [512, 512, 512], "spacing": [1, 1, 1]}, "at most"),
                           ({"shape": [32, 32, 32], "spacing": [0, 8, 8]}, "spacing"),
-                          ({"shape": [32, 32], "spacing": [8, 8, 8]}, None)):
+                          ({"shape": [32, 32], "spacing": [8, 8, 8]}, "shape must have 3 values")):
         response = client.post("/api/masks/phantom", json=body)
-        assert response.status_code in (400, 422)
-        assert message is None or message in response.json()["error"], response.text
+        assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_tumor_edits_make_new_masks_with_the_tumor_inside_its_organ(client, workspace):
@@ -365,7 +364,15 @@ def test_generation_refusals_come_back_as_the_clis_messages(client):
     for body, status, message in (
         ({"steps": 0}, 400, "steps (--steps) must be a finite number from 1 to 1000"),
         ({"seed": -1}, 400, "seed (--seed) must be a finite number from 0 to"),
-        ({"precision": "fp8"}, 400, "precision must be one of auto, fp32, bf16, fp16"),
+        ({"precision": "fp8"}, 400, "precision must be one of auto, fp32, bf16, got 'fp8'"),
+        ({"precision": "fp16"}, 400, "precision must be one of auto, fp32, bf16"),  # not a CLI choice
+        ({"qc_retries": 500}, 400, "qc_retries (--qc-retries) must be a finite number from 0 to 100"),
+        # what the page sends for an empty or unreadable number field, and a spacing of two values
+        ({"steps": None}, 400, "steps must be a whole number, got nothing"),
+        ({"steps": "ten"}, 400, "steps must be a whole number, got 'ten'"),
+        ({"seed": 1.5}, 400, "seed must be a whole number, got 1.5"),
+        ({"spacing": [1, 1]}, 400, "spacing must have 3 values, got 2"),
+        ({"spacing": [1, None, 1]}, 400, "spacing value 2 must be a number, got nothing"),
         ({"model": "huge"}, 400, "unknown model 'huge'; this server offers tiny"),
         ({"spacing": [1, 1, -1]}, 400, "spacing (--spacing) must be three finite voxel sizes"),
     ):
@@ -500,12 +507,47 @@ def test_serve_command_refuses_bad_settings_before_starting(tmp_path, capsys, mo
     assert not (tmp_path / "web").exists()  # nothing was made
 
 
-def test_page_precision_reaches_the_compute_plan_option():
-    """The page offers the CLI's --precision choices (and CUDA's fp16); each reaches GenerateOptions."""
-    from maisi2.web.workspace import GenerationSettings
+def test_the_page_offers_the_clis_precision_choices_and_each_reaches_the_compute_plan(client):
+    """The page's precision is `generate --precision auto|fp32|bf16`, nothing else; each value reaches
+    GenerateOptions as the CLI passes it (fp32: float32 in the decoder too, as --fp32)."""
+    from maisi2 import compute
+    from maisi2.cli.generate_cmd import _options
+    from maisi2.web.workspace import PRECISIONS
 
-    assert GenerationSettings(precision="bf16").options().precision == "bf16"
-    fp32 = GenerationSettings(precision="fp32").options()
-    assert (fp32.precision, fp32.half_precision) == ("fp32", False)
-    fp16 = GenerationSettings(precision="fp16").options()
-    assert (fp16.precision, fp16.half_precision) == ("auto", True)
+    offered = client.get("/api/options").json()
+    assert tuple(offered["precisions"]) == PRECISIONS == compute.PRECISIONS
+    assert offered["defaults"]["precision"] == "auto"
+    for precision in PRECISIONS:
+        page = GenerationSettings(precision=precision).options()
+        cli = _options(_generate_args("--precision", precision))
+        assert page.precision == cli.precision == precision
+        assert page.half_precision == (False if precision == "fp32" else None)
+    assert _options(_generate_args("--fp32")).half_precision is False
+
+
+def _generate_args(*argv):
+    import argparse
+
+    from maisi2.cli import generate_cmd
+
+    parser = argparse.ArgumentParser()
+    generate_cmd.register(parser.add_subparsers())
+    return parser.parse_args(["generate", "--mask", "m.nii.gz", "--out", "ct.nii.gz", *argv])
+
+
+def test_malformed_requests_are_one_line_naming_the_field(client):
+    """What pydantic refuses comes back as 400 with one line, as the CLI's argparse names an option."""
+    for path, body, message in (
+        ("/api/masks/phantom", {**SMALL, "seed": None}, "seed must be a whole number, got nothing"),
+        ("/api/masks/phantom", {**SMALL, "shape": [32, 32]}, "shape must have 3 values, got 2"),
+        ("/api/masks/phantom", {**SMALL, "spacing": [8, "x", 8]}, "spacing value 2 must be a number, got 'x'"),
+        ("/api/masks/request", {"size": [96, 96, 64, 1]}, "size must have 3 values, got 4"),
+        ("/api/masks/library", {}, "file is required"),
+        ("/api/jobs", {"steps": 2}, "mask is required"),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 400 and response.json() == {"error": message}, (path, body, response.text)
+    response = client.post("/api/masks/phantom", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"] == "the request is not valid JSON"
+    assert client.post("/api/uploads", content=b"x").json() == {"error": "name is required"}
+    assert client.get("/api/masks").json() == [] and client.get("/api/jobs").json() == []

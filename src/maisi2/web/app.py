@@ -4,7 +4,9 @@ Access: every route except the static page assets needs the server's token, give
 ``?token=`` (the URL `maisi2 serve` prints, as Jupyter does), an ``X-Maisi2-Token`` header, or
 the cookie the page sets when opened with the token (SameSite=Strict, so other web sites
 cannot make a browser send it). User errors (what the CLI reports as one line) come back as
-HTTP 400 ``{"error": message}``, unknown ids as 404, uploads over the limit as 413.
+HTTP 400 ``{"error": message}``, and so do malformed requests (a field that is not a number, a
+spacing of two values: one line naming the field, as argparse names an option), unknown ids as
+404, uploads over the limit as 413.
 
 Usage::
 
@@ -20,6 +22,7 @@ from importlib import resources
 from typing import Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,6 +110,10 @@ def create_app(workspace: Workspace, token: str) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request, exc: RequestValidationError):
+        return JSONResponse({"error": validation_message(exc.errors())}, status_code=400)
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request):
@@ -241,6 +248,38 @@ async def _call(fn, *args):
         raise HTTPException(404, _message(err)) from None
     except USER_ERRORS as err:
         raise HTTPException(400, _message(err)) from None
+
+
+# pydantic's error types -> what the field must be, in the words of the CLI's refusals.
+_MUST_BE = {"int_parsing": "a whole number", "int_from_float": "a whole number", "int_type": "a whole number",
+            "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+            "bool_parsing": "true or false", "bool_type": "true or false", "string_type": "text",
+            "list_type": "a list"}
+
+
+def validation_message(errors: list[dict]) -> str:
+    """One line for a request FastAPI could not read: the first field at fault, what it must be, and
+    what was given (e.g. "steps must be a whole number, got 'abc'")."""
+    if not errors:
+        return "the request could not be read"
+    error = errors[0]
+    where = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    kind, given, ctx = error.get("type", ""), error.get("input"), error.get("ctx") or {}
+    if kind == "json_invalid":
+        return "the request is not valid JSON"
+    if len(where) > 1 and where[-1].isdigit():  # an item of a list field: "spacing value 2"
+        where = [*where[:-1], f"value {int(where[-1]) + 1}"]
+    field = " ".join(where) or "the request"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind in ("too_short", "too_long"):
+        count = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        return f"{field} must have {count} values, got {len(given) if hasattr(given, '__len__') else given!r}"
+    must = _MUST_BE.get(kind)
+    shown = "nothing" if given is None else repr(given)  # None: an empty field in the page
+    if must is not None:
+        return f"{field} must be {must}, got {shown}"
+    return f"{field}: {error.get('msg', 'not valid')}, got {shown}"
 
 
 def _record(record) -> dict:

@@ -47,9 +47,9 @@ RESULT_FILES = {"ct": "ct.nii.gz", "label": "ct_label.nii.gz", "report": "ct_rep
                 "preview": "ct_preview.png"}
 # Display windows (width, level) in HU, as radiology viewers name them.
 WINDOW_PRESETS = {"soft tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1800.0, 400.0)}
-# The page's precision choice -> (GenerateOptions.precision, GenerateOptions.half_precision): the CLI's
-# `--precision auto|fp32|bf16` (the compute plan), plus fp16, the release's autocast on CUDA.
-PRECISIONS = {"auto": ("auto", None), "fp32": ("fp32", False), "bf16": ("bf16", None), "fp16": ("auto", True)}
+# The page's precision choice: the CLI's `generate --precision` (`maisi2.compute.PRECISIONS`, not
+# imported here: it pulls in torch). auto is the release's fp16 autocast on CUDA, fp32 or bf16 on CPU.
+PRECISIONS = ("auto", "fp32", "bf16")
 MAX_PHANTOM_VOXELS = 256**3  # a phantom is painted in the request: keep it to seconds
 
 
@@ -60,7 +60,7 @@ class GenerationSettings:
     steps: int = 30
     seed: int = 0
     spacing: tuple[float, float, float] | None = None  # mm; None: the mask's own
-    precision: str = "auto"  # auto: the machine's compute plan (fp16 autocast on CUDA)
+    precision: str = "auto"  # --precision: auto (the machine's compute plan: fp16 autocast on CUDA), fp32, bf16
     model: str = "bundled"  # a name from Workspace.models
     qc_retries: int = 0
     force: bool = False  # run a request outside the model's domain anyway; the report marks it out of domain
@@ -69,12 +69,11 @@ class GenerationSettings:
     def options(self):
         from maisi2.generate import GenerateOptions, check_options
 
-        if self.precision not in PRECISIONS:
-            raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        precision, half = PRECISIONS[self.precision]
+        # As `generate --precision P`; fp32 is float32 everywhere, the decoder too (as `--fp32`).
         options = GenerateOptions(steps=self.steps, seed=self.seed,
                                   spacing=None if self.spacing is None else tuple(self.spacing),
-                                  precision=precision, half_precision=half, qc_retries=self.qc_retries,
+                                  precision=self.precision, half_precision=False if self.precision == "fp32" else None,
+                                  qc_retries=self.qc_retries,
                                   force=bool(self.force), fit_to_model=bool(self.fit_to_model))
         check_options(options)  # the CLI's refusals, before the job is queued
         return options

@@ -94,7 +94,7 @@ function renderTumours(tumours) {
       title="resize this tumour (length ratio)">resize</button>
       <button data-act="remove" title="remove every ${t.kind} tumour">remove all ${t.kind}</button>
       <button data-act="scale" title="resize every ${t.kind} tumour by the factor">resize all ${t.kind}</button></td>`;
-    const factor = () => Number(tr.querySelector(".factor").value);
+    const factor = () => number(tr.querySelector(".factor"));
     tr.querySelector('[data-act="goto"]').onclick = () => viewer.moveTo(t.at);
     tr.querySelector('[data-act="remove-one"]').onclick = () => edit({ op: "remove", at: t.at });
     tr.querySelector('[data-act="scale-one"]').onclick = () => edit({ op: "scale", at: t.at, factor: factor() });
@@ -141,14 +141,24 @@ async function upload(file) {
   return upload;
 }
 
-function numbers(form, names) { return names.map((n) => Number(form.elements[n].value)); }
+// A number field's value as typed; an empty (or unreadable) field is sent as null, so the server's
+// refusal says "got nothing" instead of taking it for 0.
+function number(input) { return input.value === "" ? null : Number(input.value); }
+function numbers(form, names) { return names.map((n) => number(form.elements[n])); }
+// Three fields that may all be left empty (null: the CLI's default), e.g. an output spacing.
+function optionalNumbers(form, names, what) {
+  const given = names.map((n) => form.elements[n].value !== "");
+  if (!given.some(Boolean)) return null;
+  if (!given.every(Boolean)) throw new Error(`give all three ${what}`);
+  return numbers(form, names);
+}
 
 $("#phantom-form").onsubmit = (e) => {
   e.preventDefault();
   const f = e.target;
   const tumours = f.elements.tumours.value.split(/[\s,]+/).filter(Boolean);
   act(async () => addedMask(await api("/masks/phantom", { method: "POST",
-    json: { shape: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]), seed: Number(f.elements.seed.value), tumours } })));
+    json: { shape: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]), seed: number(f.elements.seed), tumours } })));
 };
 
 $("#upload-form").onsubmit = (e) => {
@@ -175,7 +185,9 @@ $("#request-form").onsubmit = (e) => {
   const f = e.target;
   act(async () => addedMask(await api("/masks/request", { method: "POST", json: {
     region: f.elements.region.value || null, anatomy: f.elements.anatomy.value.split(",").map((s) => s.trim()).filter(Boolean),
-    size: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]), seed: Number(f.elements.seed.value) } })));
+    size: optionalNumbers(f, ["sx", "sy", "sz"], "sizes (voxels), or none for the selected mask's"),
+    spacing: optionalNumbers(f, ["px", "py", "pz"], "spacings (mm), or none for the selected mask's"),
+    seed: number(f.elements.seed) } })));
 };
 
 async function refreshLibrary() {
@@ -195,9 +207,9 @@ async function refreshLibrary() {
 // Tool: navigate (clicks move the crosshair), add a tumour where the user clicks, or remove / resize
 // the one tumour clicked on (or the nearest within 10 mm of the click: the server picks it).
 const TOOLS = {
-  add: (voxel) => ({ op: "add", at: voxel, kind: $("#tumour-kind").value, radius_mm: Number($("#tumour-radius").value) }),
+  add: (voxel) => ({ op: "add", at: voxel, kind: $("#tumour-kind").value, radius_mm: number($("#tumour-radius")) }),
   remove: (voxel) => ({ op: "remove", at: voxel }),
-  scale: (voxel) => ({ op: "scale", at: voxel, factor: Number($("#tumour-factor").value) }),
+  scale: (voxel) => ({ op: "scale", at: voxel, factor: number($("#tumour-factor")) }),
 };
 for (const radio of document.querySelectorAll('input[name="tool"]')) {
   radio.onchange = () => {
@@ -217,14 +229,12 @@ $("#generate-form").onsubmit = (e) => {
   e.preventDefault();
   const f = e.target;
   if (!state.mask) return showError(new Error("make, upload or pick a mask first"));
-  const spacing = numbers(f, ["px", "py", "pz"]);
-  const given = ["px", "py", "pz"].map((n) => f.elements[n].value !== "");
   act(async () => {
-    if (given.some(Boolean) && !given.every(Boolean)) throw new Error("give all three spacings (mm), or none to keep the mask's");
+    const spacing = optionalNumbers(f, ["px", "py", "pz"], "spacings (mm), or none to keep the mask's");
     const job = await api("/jobs", { method: "POST", json: {
-      mask: state.mask.id, steps: Number(f.elements.steps.value), seed: Number(f.elements.seed.value),
-      spacing: given[0] ? spacing : null, precision: f.elements.precision.value, model: f.elements.model.value,
-      qc_retries: Number(f.elements.qc_retries.value), fit_to_model: f.elements.fit_to_model.checked,
+      mask: state.mask.id, steps: number(f.elements.steps), seed: number(f.elements.seed),
+      spacing, precision: f.elements.precision.value, model: f.elements.model.value,
+      qc_retries: number(f.elements.qc_retries), fit_to_model: f.elements.fit_to_model.checked,
       force: f.elements.force.checked } });
     state.jobs.set(job.id, job.state);
     await refreshJobs();
