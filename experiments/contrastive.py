@@ -57,9 +57,9 @@ LUNG_TUMOR = IMPLANTS["lung"][1]
 def train_variants(cache: Path, unet: Path, work: Path, args) -> dict[str, Path]:
     out = {}
     for name, loss in VARIANTS.items():
-        recipe = ControlNetRecipe(loss=ControlNetLossSettings(**loss), steps=args.steps, lr=args.lr, warmup=20,
-                                  ema_decay=0.99, ckpt_every=25, seed=args.seed, crop=tuple(args.crop or ()),
-                                  tumor_crops=args.tumor_crops)
+        recipe = ControlNetRecipe.of(loss=ControlNetLossSettings(**loss), steps=args.steps, lr=args.lr, warmup=20,
+                                     ema_decay=0.99, ckpt_every=25, seed=args.seed, crop=tuple(args.crop or ()),
+                                     tumor_crops=args.tumor_crops)
         folder = work / slug(name)
         say(f"ControlNet '{name}': {args.steps} steps")
         train_controlnet(cache, unet, folder, recipe, resume=True, device="cpu", progress=not args.no_progress)

@@ -55,7 +55,7 @@ def workspace(tmp_path_factory):
 
 def _recipe(**changes):
     base = dict(steps=4, lr=1e-3, batch_size=2, ckpt_every=0, log_every=1, amp="fp32", ema_decay=0.9, seed=1)
-    return ControlNetRecipe(**{**base, **changes})
+    return ControlNetRecipe.of(**{**base, **changes})
 
 
 def _rows(out):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,6 +194,12 @@ def dataclass_from_dict(cls: type, data: Any, path: str = "") -> Any:
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check and convert a JSON value to the annotated field type (lists become tuples)."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # `X | None`: null, or an X
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        if len(options) == 1:
+            return _coerce(value, options[0], name)
     if origin is tuple:
         (item_type, _) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

@@ -28,14 +28,13 @@ second pass keeps ~22 KiB per latent voxel at the output and ~8 KiB on the encod
 Usage::
 
     result = train_controlnet("cache/", "runs/flow/stage_3/last.pt", "runs/controlnet",
-                              ControlNetRecipe(steps=2000))
+                              ControlNetRecipe.of(steps=2000))
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,13 +44,13 @@ from torch.utils.data import Dataset
 
 from maisi2 import flow, losses, nets
 from maisi2.checkpoint import load_weights
-from maisi2.config import Config, FlowConfig, dataclass_from_dict, set_dotted
+from maisi2.config import Config, FlowConfig
 from maisi2.data import BucketBatchSampler, bucket_by_size
 from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS, remove_tumors
 from maisi2.latents import LatentDataset, prepare_batch, read_index, read_stats
 from maisi2.models import load_network, read_network
-from maisi2.training import BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, say, train
+from maisi2.training import BatchSource, DistInfo, Recipe, TrainResult, TrainSettings, dist_info, distributed, say, train
 
 __all__ = [
     "PLACEMENTS",
@@ -252,32 +251,23 @@ def _sample_lambdas(lam: float, settings: ControlNetLossSettings, roi: torch.Ten
 # -- the recipe -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ControlNetRecipe:
+class ControlNetRecipe(Recipe):
     """How to train the ControlNet (serialised to JSON into every checkpoint).
 
     Batches hold latents of one shape: the cache is bucketed by latent shape and a bucket of
-    latents of V voxels gets batches of ``clamp(voxels_per_batch // V, 1, batch_size)``. The
-    defaults are the official ones where the paper is silent (lr 1e-5, batch 1).
+    latents of V voxels gets batches of ``clamp(voxels_per_batch // V, 1, batch_size)``. ``train``
+    holds the engine settings (steps, lr, warmup, ema_decay, ckpt_every, ...; flat keys such as
+    ``--recipe-set lr=2e-5`` or ``ControlNetRecipe.of(steps=2000)`` still work). The defaults are
+    the official ones where the paper is silent (lr 1e-5, batch 1).
     """
 
     loss: ControlNetLossSettings = field(default_factory=ControlNetLossSettings)
-    steps: int = 10000
-    lr: float = 1e-5
-    warmup: int = 0
-    schedule: str = "cosine"
     batch_size: int = 1
     voxels_per_batch: int = 128**3
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    weight_decay: float = 0.0
-    amp: str = "auto"
-    ckpt_every: int = 500
-    log_every: int = 10
-    max_nonfinite: int = 10
-    seed: int = 0
     num_workers: int = 0
     crop: tuple[int, ...] = ()
     tumor_crops: float = 0.0
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=10000, lr=1e-5))
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.voxels_per_batch < 1 or self.num_workers < 0:
@@ -288,27 +278,14 @@ class ControlNetRecipe:
             raise InvalidInput(f"tumor_crops must be a share in [0, 1], got {self.tumor_crops}")
         if self.tumor_crops and not self.crop:
             raise InvalidInput("tumor_crops needs crop: windows can only be centred on a tumour when there are windows")
-        self.settings()  # the engine's own checks (steps, lr, schedule, amp, ...)
 
     def settings(self, device: str = "auto", progress: bool | None = None) -> TrainSettings:
-        return TrainSettings(
-            steps=self.steps, lr=self.lr, warmup=self.warmup, schedule=self.schedule, weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip, ema_decay=self.ema_decay, amp=self.amp, ckpt_every=self.ckpt_every,
-            log_every=self.log_every, max_nonfinite=self.max_nonfinite, seed=self.seed, device=device, progress=progress,
-        )
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(asdict(self), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ControlNetRecipe":
-        return dataclass_from_dict(cls, data)
+        return replace(self.train, device=device, progress=progress)
 
 
 def recipe_with_overrides(recipe: ControlNetRecipe, overrides: Sequence[str]) -> ControlNetRecipe:
     """Dotted ``key=value`` overrides (value parsed as JSON), e.g. ``loss.dilation=2`` or ``lr=2e-5``."""
-    data = set_dotted(asdict(recipe), overrides, what="recipe")
-    return ControlNetRecipe.from_dict(data)
+    return recipe.with_overrides(overrides)
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -416,7 +393,7 @@ class ControlNetStepLoss:
         perturbed = None
         if "label_perturbed" in items[0]:
             perturbed = torch.stack([item["label_perturbed"] for item in items]).to(device)
-        lam = losses.lambda_at(self.recipe.loss.lambda_schedule, self.step, self.recipe.steps)
+        lam = losses.lambda_at(self.recipe.loss.lambda_schedule, self.step, self.recipe.train.steps)
         out = controlnet_loss(self.unet, model, x0, cond, labels, self.recipe.loss, self.cfg.flow, lam,
                               generator=generator, perturbed=perturbed)
         return out.loss, out.logs
@@ -477,7 +454,7 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
                        "using the UNet's (encode with the same VAE to keep them equal)")
         dataset = _labelled_latents(cache, scale, info)
         init = None if init_controlnet is None or (resume and (Path(out_dir) / "last.pt").is_file()) else Path(init_controlnet)
-        controlnet = _initial_controlnet(frozen, cfg, recipe.seed, where, init)
+        controlnet = _initial_controlnet(frozen, cfg, recipe.train.seed, where, init)
         loss_fn = ControlNetStepLoss(frozen, cfg, recipe)
 
         def each_batch(step: int, batch: Any) -> None:
@@ -485,7 +462,7 @@ def train_controlnet(cache: str | Path, unet: str | Path, out_dir: str | Path, r
             if on_batch is not None:
                 on_batch(step, batch)
 
-        say(info, f"controlnet: {len(dataset)} latents, {recipe.steps} steps, contrastive "
+        say(info, f"controlnet: {len(dataset)} latents, {recipe.train.steps} steps, contrastive "
                    f"{'on (' + recipe.loss.placement + ')' if recipe.loss.contrastive else 'off'} -> {out_dir}")
         extra = {"recipe": recipe.to_json(), "unet": str(unet), "cache": str(cache),
                  "init": "" if init is None else str(init)}

@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +42,12 @@ from torch import nn
 
 from maisi2 import ddpm, flow, losses, nets
 from maisi2.checkpoint import load_checkpoint, load_weights
-from maisi2.config import Config, FlowConfig, dataclass_from_dict, set_dotted
+from maisi2.config import Config, FlowConfig
 from maisi2.data import BucketBatchSampler, bucket_by_size, weighted_source_sampler
 from maisi2.errors import InvalidInput, MissingInput
 from maisi2.latents import RESIZE_MODES, LatentDataset, prepare_batch
-from maisi2.training import (LAST, BatchSource, DistInfo, TrainResult, TrainSettings, dist_info, distributed, say,
-                             shuffled_batches, train)
+from maisi2.training import (LAST, BatchSource, DistInfo, Recipe, TrainResult, TrainSettings, dist_info, distributed,
+                             say, shuffled_batches, train)
 
 __all__ = [
     "LowResStage",
@@ -115,23 +114,23 @@ class BalancedStage:
 
 
 @dataclass(frozen=True)
-class FlowRecipe:
-    """The three stages plus what they share. Serialised to JSON into every checkpoint."""
+class FlowRecipe(Recipe):
+    """The three stages plus what they share. Serialised to JSON into every checkpoint.
+
+    ``train`` holds the engine settings every stage shares (grad_clip, ema_decay, amp, ckpt_every,
+    seed, ...; flat ``--recipe-set ema_decay=0.995`` still works); each stage sets its own steps,
+    lr, warmup and schedule.
+    """
+
+    PER_STAGE = {key: ", ".join(f"stage{k}.{key}" for k in STAGES) for key in ("steps", "lr", "warmup", "schedule")}
 
     stage1: LowResStage = field(default_factory=LowResStage)
     stage2: BucketStage = field(default_factory=BucketStage)
     stage3: BalancedStage = field(default_factory=BalancedStage)
     modality_dropout: float = 0.0  # classifier-free guidance: P(modality -> 0 "unknown")
     objective: str = "rflow"  # "ddpm": MAISI v1's noise-prediction objective, for the steps comparison
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    weight_decay: float = 0.0
-    amp: str = "auto"
-    ckpt_every: int = 500
-    log_every: int = 10
-    max_nonfinite: int = 10
-    seed: int = 0
     num_workers: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
 
     def __post_init__(self) -> None:
         _check_recipe(self)
@@ -140,20 +139,6 @@ class FlowRecipe:
         if k not in STAGES:
             raise InvalidInput(f"stage must be one of {STAGES}, got {k!r}")
         return (self.stage1, self.stage2, self.stage3)[k - 1]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FlowRecipe":
-        return dataclass_from_dict(cls, data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "FlowRecipe":
-        return cls.from_dict(json.loads(text))
 
 
 def _check_recipe(r: FlowRecipe) -> None:
@@ -170,6 +155,7 @@ def _check_recipe(r: FlowRecipe) -> None:
     for ok, message in checks:
         if not ok:
             raise InvalidInput(message)
+    r.check_per_stage()
     for k in STAGES:  # the engine's own checks (steps, lr, schedule, amp, ...), reported per stage
         try:
             stage_settings(r, k)
@@ -186,8 +172,7 @@ def default_recipe(cfg: Config) -> FlowRecipe:
 
 def recipe_with_overrides(recipe: FlowRecipe, overrides: Sequence[str]) -> FlowRecipe:
     """Apply dotted ``key=value`` overrides (value parsed as JSON), e.g. ``stage2.lr=1e-5``."""
-    data = set_dotted(recipe.to_dict(), overrides, what="recipe")
-    return FlowRecipe.from_dict(data)
+    return recipe.with_overrides(overrides)
 
 
 def stage_dir(out_dir: str | Path, k: int) -> Path:
@@ -195,14 +180,12 @@ def stage_dir(out_dir: str | Path, k: int) -> Path:
 
 
 def stage_settings(recipe: FlowRecipe, k: int, device: str = "auto", progress: bool | None = None) -> TrainSettings:
-    """The engine settings of stage k (shared values from the recipe, the rest from the stage)."""
+    """The engine settings of stage k: the recipe's shared ones with the stage's steps, lr, warmup
+    and schedule, and a seed of its own."""
     stage = recipe.stage(k)
-    return TrainSettings(
-        steps=stage.steps, lr=stage.lr, warmup=stage.warmup, schedule=stage.schedule,
-        weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip, ema_decay=recipe.ema_decay,
-        amp=recipe.amp, ckpt_every=recipe.ckpt_every, log_every=recipe.log_every,
-        max_nonfinite=recipe.max_nonfinite, seed=recipe.seed * 31 + k, device=device, progress=progress,
-    )
+    return dataclasses.replace(recipe.train, steps=stage.steps, lr=stage.lr, warmup=stage.warmup,
+                               schedule=stage.schedule, seed=recipe.train.seed * 31 + k, device=device,
+                               progress=progress)
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -311,7 +294,7 @@ def _initial_unet(cfg: Config, recipe: FlowRecipe, device: str,
                   init: Path | None) -> tuple[nn.Module, dict | None, float | None, int]:
     """A fresh UNet (seeded), or one with `init`'s raw weights; returns (model, its EMA, its scale
     factor, the training steps those weights have had in all)."""
-    torch.manual_seed(recipe.seed)  # the same start on every rank (DDP also broadcasts rank 0's)
+    torch.manual_seed(recipe.train.seed)  # the same start on every rank (DDP also broadcasts rank 0's)
     model = nets.build_unet(cfg, device=nets.resolve_device(device))
     if init is None:
         return model, None, None, 0

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -49,11 +51,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from maisi2 import allocator, compute, nets
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maisi2.config import Config
+from maisi2.config import Config, dataclass_from_dict, set_dotted
 from maisi2.errors import CannotRun, InvalidInput, OutputExists
 
 __all__ = [
     "TrainSettings",
+    "Recipe",
     "say",
     "lr_at",
     "EMA",
@@ -131,6 +134,79 @@ class TrainSettings:
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
+
+
+ENGINE_KEYS = frozenset(f.name for f in dataclasses.fields(TrainSettings))
+
+
+class Recipe:
+    """What every training recipe shares (the flow, ControlNet and mask generator recipes mix it in).
+
+    A recipe is a frozen dataclass whose field ``train`` holds its `TrainSettings`; its other fields
+    say what to train on. It is stored as JSON in every checkpoint, with the engine settings under
+    "train". Engine keys may also be given flat, as recipes were written before they held a
+    `TrainSettings` (checkpoints of that time, ``--recipe-set ema_decay=0.995``): a key that is an
+    engine setting and not a field of the recipe itself goes into ``train``.
+
+    A recipe whose stages set their own steps or learning rate names them in ``PER_STAGE`` (engine
+    key -> where to set it instead); ``train`` must leave those at the engine's default, so that no
+    value in a recipe is silently unused.
+    """
+
+    PER_STAGE: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, **values: Any):
+        """The recipe built from keyword values, engine settings given flat (``steps=2000``) and
+        applied over the recipe's own defaults (its ``train`` default, not the engine's)."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        engine = {k: values.pop(k) for k in list(values) if k in ENGINE_KEYS and k not in own}
+        recipe = cls(**values)
+        return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, **engine)) if engine else recipe
+
+    def check_per_stage(self) -> None:
+        """Refuse an engine value that this recipe's stages set themselves (called by __post_init__)."""
+        default = TrainSettings()
+        for key, where in self.PER_STAGE.items():
+            if getattr(self.train, key) != getattr(default, key):
+                raise InvalidInput(f"this recipe sets {key} per stage: use {where}, not train.{key}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return dataclass_from_dict(cls, _engine_keys_nested(cls, data))
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    def with_overrides(self, overrides: Sequence[str]):
+        """Dotted ``key=value`` overrides (value parsed as JSON): ``train.ema_decay=0.995``, or flat
+        ``ema_decay=0.995`` for an engine setting."""
+        own = {f.name for f in dataclasses.fields(self)}
+        items = []
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            items.append(f"train.{item.strip()}" if key in ENGINE_KEYS and key not in own else item)
+        return self.from_dict(set_dotted(self.to_dict(), items, what="recipe"))
+
+
+def _engine_keys_nested(cls: type, data: Any) -> Any:
+    """Recipe JSON with flat engine keys moved under "train", on top of the recipe's default
+    settings, so that a partial "train" keeps the recipe's own defaults (e.g. a ControlNet's lr)."""
+    if not isinstance(data, dict) or not isinstance(data.get("train", {}), dict):
+        return data  # dataclass_from_dict says what is wrong with it
+    own = {f.name for f in dataclasses.fields(cls)}
+    flat = {k: v for k, v in data.items() if k in ENGINE_KEYS and k not in own}
+    default = next(f for f in dataclasses.fields(cls) if f.name == "train").default_factory()
+    nested = {k: v for k, v in data.items() if k not in flat}
+    nested["train"] = {**dataclasses.asdict(default), **data.get("train", {}), **flat}
+    return nested
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:

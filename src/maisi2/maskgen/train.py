@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,14 +41,14 @@ from torch import nn
 from maisi2 import ddpm, flow, losses, volume_io
 from maisi2 import labels as L
 from maisi2.checkpoint import load_checkpoint
-from maisi2.config import dataclass_from_dict, set_dotted
 from maisi2.errors import InvalidInput
 from maisi2.maskgen import networks
 from maisi2.maskgen.config import MaskGenConfig
 from maisi2.maskgen.files import save_mask_generator
 from maisi2.maskgen.sizes import SizeScale, SizeTable, slot_volumes_ml
 from maisi2.nets import mask_to_bitplanes
-from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, distributed, say, shuffled_batches, train
+from maisi2.training import (LAST, BatchSource, Recipe, TrainSettings, dist_info, distributed, say, shuffled_batches,
+                             train)
 
 __all__ = ["MaskRecipe", "MaskLibrary", "load_library", "mask_on_grid", "autoencoder_loss", "train_mask_generator",
            "STAGES"]
@@ -58,8 +57,12 @@ STAGES = ("autoencoder", "unet", "export")
 
 
 @dataclass(frozen=True)
-class MaskRecipe:
-    """How to train the two networks (serialised into every checkpoint)."""
+class MaskRecipe(Recipe):
+    """How to train the two networks (serialised into every checkpoint). ``train`` holds the
+    engine settings both stages share (warmup, ema_decay, ckpt_every, seed, ...; flat
+    ``--recipe-set ckpt_every=100`` still works); each stage sets its own steps and lr."""
+
+    PER_STAGE = {"steps": "autoencoder_steps, unet_steps", "lr": "autoencoder_lr, unet_lr"}
 
     autoencoder_steps: int = 2000
     autoencoder_lr: float = 2e-4
@@ -70,29 +73,21 @@ class MaskRecipe:
     unet_steps: int = 4000
     unet_lr: float = 2e-4
     unet_batch: int = 4
-    warmup: int = 50
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    amp: str = "auto"
-    ckpt_every: int = 250
-    log_every: int = 10
-    seed: int = 0
     holdout_fold: int = 0  # -1: train on every row
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(warmup=50, ckpt_every=250))
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+    def __post_init__(self) -> None:
+        self.check_per_stage()
 
     @classmethod
     def from_overrides(cls, overrides: Sequence[str] = ()) -> "MaskRecipe":
-        return dataclass_from_dict(cls, set_dotted(dataclasses.asdict(cls()), overrides, what="recipe"))
+        return cls().with_overrides(overrides)
 
     def settings(self, stage: str, device: str, progress: bool | None) -> TrainSettings:
         steps, lr = ((self.autoencoder_steps, self.autoencoder_lr) if stage == "autoencoder"
                      else (self.unet_steps, self.unet_lr))
-        return TrainSettings(steps=steps, lr=lr, warmup=min(self.warmup, steps - 1), grad_clip=self.grad_clip,
-                             ema_decay=self.ema_decay, amp=self.amp, ckpt_every=self.ckpt_every,
-                             log_every=self.log_every, seed=self.seed * 31 + STAGES.index(stage), device=device,
-                             progress=progress)
+        return dataclasses.replace(self.train, steps=steps, lr=lr, warmup=min(self.train.warmup, steps - 1),
+                                   seed=self.train.seed * 31 + STAGES.index(stage), device=device, progress=progress)
 
 
 # -- the masks ----------------------------------------------------------------------------------
@@ -291,7 +286,7 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
     with distributed(device):
         if "autoencoder" in stages:
             say(dist_info(), f"mask autoencoder: {len(library)} masks on a {cfg.mask_shape} grid of {cfg.spacing_mm} mm")
-            torch.manual_seed(recipe.seed)
+            torch.manual_seed(recipe.train.seed)
             source = BatchSource(_Masks(library.masks),
                                  plan=lambda g: shuffled_batches(len(library), recipe.autoencoder_batch, g,
                                                                  dist_info().rank, dist_info().world_size))
@@ -306,7 +301,7 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
             latents, scale_factor = _encode_library(ae, library, resolve_device(device))
             say(dist_info(), f"mask UNet ({cfg.objective}): {len(library)} latents of {tuple(latents.shape[1:])}, "
                  f"scale factor {scale_factor:.4g}")
-            torch.manual_seed(recipe.seed + 1)
+            torch.manual_seed(recipe.train.seed + 1)
             source = BatchSource(_Latents(latents * scale_factor, sizes),
                                  plan=lambda g: shuffled_batches(len(library), recipe.unet_batch, g,
                                                                  dist_info().rank, dist_info().world_size))
@@ -317,7 +312,7 @@ def train_mask_generator(datalist: str | Path, out_dir: str | Path, cfg: MaskGen
         if "export" in stages and dist_info().is_main:
             unet = _ema_network("mask_unet", cfg, out_dir / "unet" / LAST, "cpu")
             scale_factor = load_checkpoint(out_dir / "unet" / LAST).scale_factor
-            metadata = {"trained_on": library.paths, "recipe": json.loads(recipe.to_json())}
+            metadata = {"trained_on": library.paths, "recipe": recipe.to_dict()}
             done["export"] = save_mask_generator(out_dir / "model", cfg, ae.cpu(), unet, scale_factor, scale,
                                                  SizeTable(sizes.numpy(), "training masks"), metadata, overwrite=True)
     return done
