@@ -29,6 +29,8 @@ from typing import Any
 from maisi2.errors import InvalidInput
 
 __all__ = [
+    "JsonDataclass",
+    "AutoencoderKLConfig",
     "VAEConfig",
     "UNetConfig",
     "ControlNetConfig",
@@ -42,9 +44,29 @@ __all__ = [
 ]
 
 
+class JsonDataclass:
+    """JSON round-trips of a frozen config dataclass (the configs, the mask generator's config and
+    the training recipes mix it in; all are stored as JSON in checkpoints and model folders)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return dataclass_from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
 @dataclass(frozen=True)
-class VAEConfig:
-    """`AutoencoderKlMaisi` arguments. Volumes shrink 2**(len(num_channels)-1) per axis."""
+class AutoencoderKLConfig:
+    """The `AutoencoderKlMaisi` arguments shared by the CT VAE and the mask generator's autoencoder
+    (`nets.build_autoencoder_kl` builds either). Volumes shrink 2**(len(num_channels)-1) per axis."""
 
     num_channels: tuple[int, ...] = (64, 128, 256)
     num_res_blocks: tuple[int, ...] = (2, 2, 2)
@@ -52,21 +74,27 @@ class VAEConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     attention_levels: tuple[bool, ...] = (False, False, False)
-    with_encoder_nonlocal_attn: bool = False
-    with_decoder_nonlocal_attn: bool = False
     use_checkpointing: bool = False
     use_convtranspose: bool = False
     # The release splits tensors along one axis to save GPU memory; it changes outputs by ~1e-5
     # and fails on inputs thinner than a few voxels, so small presets turn it off (num_splits=1).
     num_splits: int = 4
     dim_split: int = 1
-    # Released setting; it only works under fp16 autocast, so `nets.build_vae` turns it off for
-    # fp32 runs (same state-dict keys either way).
+    # Released setting; it only works under fp16 autocast, so the builders turn it off for fp32
+    # runs (same state-dict keys either way).
     norm_float16: bool = True
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.num_channels) - 1)
+
+
+@dataclass(frozen=True)
+class VAEConfig(AutoencoderKLConfig):
+    """The CT VAE: one image channel in and out, the shared arguments plus non-local attention."""
+
+    with_encoder_nonlocal_attn: bool = False
+    with_decoder_nonlocal_attn: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,7 +147,7 @@ class FlowConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(JsonDataclass):
     preset: str = "maisi-v2"
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -130,21 +158,6 @@ class Config:
 
     def __post_init__(self) -> None:
         _validate(self)
-
-    # -- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        return dataclass_from_dict(cls, data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Config":
-        return cls.from_dict(json.loads(text))
 
 
 def _validate(cfg: Config) -> None:
@@ -226,38 +239,31 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 
 # -- presets -------------------------------------------------------------------------------
 
-def _tiny() -> Config:
+def _narrow(preset: str, vae_channels: tuple[int, ...], unet_channels: tuple[int, ...], groups: int,
+            head_channels: int, embedding_channels: tuple[int, ...], latent_side: int) -> Config:
+    """A CPU-sized preset: the released layout with fewer channels, one res block per level,
+    attention only at the bottom, no tensor splitting or fp16 norm, no flash attention and the
+    flow's resolution shift at ``latent_side``^3 latent voxels."""
     return Config(
-        preset="tiny",
-        vae=VAEConfig(
-            num_channels=(8, 8, 16), num_res_blocks=(1, 1, 1), norm_num_groups=4,
-            num_splits=1, norm_float16=False,
-        ),
-        unet=UNetConfig(
-            num_channels=(8, 8, 16, 16), attention_levels=(False, False, False, True),
-            num_head_channels=(0, 0, 0, 8), num_res_blocks=1, norm_num_groups=4,
-            use_flash_attention=False,
-        ),
-        controlnet=ControlNetConfig(conditioning_embedding_num_channels=(8, 8, 8), use_checkpointing=False),
-        flow=FlowConfig(base_img_size_numel=8**3),
+        preset=preset,
+        vae=VAEConfig(num_channels=vae_channels, num_res_blocks=(1, 1, 1), norm_num_groups=groups, num_splits=1,
+                      norm_float16=False),
+        unet=UNetConfig(num_channels=unet_channels, attention_levels=(False, False, False, True),
+                        num_head_channels=(0, 0, 0, head_channels), num_res_blocks=1, norm_num_groups=groups,
+                        use_flash_attention=False),
+        controlnet=ControlNetConfig(conditioning_embedding_num_channels=embedding_channels, use_checkpointing=False),
+        flow=FlowConfig(base_img_size_numel=latent_side**3),
     )
+
+
+def _tiny() -> Config:
+    return _narrow("tiny", (8, 8, 16), (8, 8, 16, 16), groups=4, head_channels=8, embedding_channels=(8, 8, 8),
+                   latent_side=8)
 
 
 def _small() -> Config:
-    return Config(
-        preset="small",
-        vae=VAEConfig(
-            num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8,
-            num_splits=1, norm_float16=False,
-        ),
-        unet=UNetConfig(
-            num_channels=(16, 32, 64, 64), attention_levels=(False, False, False, True),
-            num_head_channels=(0, 0, 0, 32), num_res_blocks=1, norm_num_groups=8,
-            use_flash_attention=False,
-        ),
-        controlnet=ControlNetConfig(conditioning_embedding_num_channels=(8, 16, 32), use_checkpointing=False),
-        flow=FlowConfig(base_img_size_numel=16**3),
-    )
+    return _narrow("small", (16, 32, 64), (16, 32, 64, 64), groups=8, head_channels=32,
+                   embedding_channels=(8, 16, 32), latent_side=16)
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "maisi-v2": Config}

@@ -65,6 +65,7 @@ __all__ = [
     "Models",
     "default_model_dir",
     "read_model_info",
+    "read_description",
     "load_model",
     "save_model_folder",
     "inference_config",
@@ -282,7 +283,7 @@ def read_model_info(model_dir: str | Path | None = None) -> ModelInfo:
     """Identify a model folder and read its config and metadata (no weights)."""
     model_dir = _existing_dir(model_dir)
     meta_file = model_dir / MODEL_JSON
-    spec = _read_model_json(meta_file) if meta_file.is_file() else None
+    spec = read_description(meta_file, FORMAT, VERSION, "model") if meta_file.is_file() else None
     if (model_dir / ckpt.RELEASED_FILES["unet"]).is_file():
         metadata = {**RELEASED_METADATA, **(spec or {}).get("metadata", {})}
         return ModelInfo(model_dir, "released", get_config("maisi-v2"), metadata, None)
@@ -315,14 +316,16 @@ def _existing_dir(model_dir) -> Path:
     return model_dir
 
 
-def _read_model_json(path: Path) -> dict:
+def read_description(path: Path, format: str, version: int, what: str) -> dict:
+    """The JSON description of one of our folders (a model, a mask generator), refused with one line
+    when it is not valid JSON, not of `format`, or written by a newer maisi2 than `version`."""
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InvalidInput(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise InvalidInput(f"{path} is not a maisi2 model description (expected \"format\": \"{FORMAT}\")")
-    if int(spec.get("version", 0)) > VERSION:
+    if not isinstance(spec, dict) or spec.get("format") != format:
+        raise InvalidInput(f"{path} is not a maisi2 {what} description (expected \"format\": \"{format}\")")
+    if int(spec.get("version", 0)) > version:
         raise InvalidInput(f"{path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
     return spec
 

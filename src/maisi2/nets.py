@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from maisi2.config import Config
+from maisi2.config import AutoencoderKLConfig, Config
 from maisi2.errors import CannotRun, InvalidInput
 from maisi2.fastops import accelerate
 from maisi2.labels import load_resource_json
 
 __all__ = [
+    "build_autoencoder_kl",
     "build_vae",
     "build_unet",
     "build_controlnet",
@@ -64,22 +65,31 @@ def _flash_ok(requested: bool, device: torch.device | None) -> bool:
     return bool(requested and device is not None and device.type == "cuda")
 
 
-def build_vae(cfg: Config, device: str | torch.device | None = None, fp16_norm: bool = False) -> nn.Module:
-    """The VAE. `fp16_norm` restores the released half-precision group norm (fp16 autocast only)."""
+def build_autoencoder_kl(a: AutoencoderKLConfig, in_channels: int, out_channels: int,
+                         device: str | torch.device | None = None, fp16_norm: bool = False,
+                         nonlocal_attn: tuple[bool, bool] = (False, False)) -> nn.Module:
+    """MONAI's `AutoencoderKlMaisi` from its shared arguments (the CT VAE and the mask autoencoder).
+    `fp16_norm` restores the released half-precision group norm (fp16 autocast only);
+    `nonlocal_attn`: attention at the bottom of the (encoder, decoder)."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    v = cfg.vae
     model = AutoencoderKlMaisi(
-        spatial_dims=3, in_channels=cfg.image_channels, out_channels=cfg.image_channels,
-        latent_channels=v.latent_channels, num_channels=list(v.num_channels),
-        num_res_blocks=list(v.num_res_blocks), norm_num_groups=v.norm_num_groups, norm_eps=v.norm_eps,
-        attention_levels=list(v.attention_levels), with_encoder_nonlocal_attn=v.with_encoder_nonlocal_attn,
-        with_decoder_nonlocal_attn=v.with_decoder_nonlocal_attn, use_checkpointing=v.use_checkpointing,
-        use_convtranspose=v.use_convtranspose, num_splits=v.num_splits, dim_split=v.dim_split,
-        norm_float16=bool(v.norm_float16 and fp16_norm),
+        spatial_dims=3, in_channels=in_channels, out_channels=out_channels, latent_channels=a.latent_channels,
+        num_channels=list(a.num_channels), num_res_blocks=list(a.num_res_blocks), norm_num_groups=a.norm_num_groups,
+        norm_eps=a.norm_eps, attention_levels=list(a.attention_levels),
+        with_encoder_nonlocal_attn=nonlocal_attn[0], with_decoder_nonlocal_attn=nonlocal_attn[1], use_flash_attention=False,
+        use_checkpointing=a.use_checkpointing, use_convtranspose=a.use_convtranspose,
+        num_splits=a.num_splits, dim_split=a.dim_split, norm_float16=bool(a.norm_float16 and fp16_norm),
     )
     accelerate(model)
     return model.to(device) if device is not None else model
+
+
+def build_vae(cfg: Config, device: str | torch.device | None = None, fp16_norm: bool = False) -> nn.Module:
+    """The VAE. `fp16_norm` restores the released half-precision group norm (fp16 autocast only)."""
+    v = cfg.vae
+    return build_autoencoder_kl(v, cfg.image_channels, cfg.image_channels, device, fp16_norm,
+                                (v.with_encoder_nonlocal_attn, v.with_decoder_nonlocal_attn))
 
 
 def _trunk_kwargs(cfg: Config, device) -> dict:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -51,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from maisi2 import allocator, compute, nets
 from maisi2.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from maisi2.config import Config, dataclass_from_dict, set_dotted
+from maisi2.config import Config, JsonDataclass, dataclass_from_dict, set_dotted
 from maisi2.errors import CannotRun, InvalidInput, OutputExists
 
 __all__ = [
@@ -139,7 +138,7 @@ class TrainSettings:
 ENGINE_KEYS = frozenset(f.name for f in dataclasses.fields(TrainSettings))
 
 
-class Recipe:
+class Recipe(JsonDataclass):
     """What every training recipe shares (the flow, ControlNet and mask generator recipes mix it in).
 
     A recipe is a frozen dataclass whose field ``train`` holds its `TrainSettings`; its other fields
@@ -171,19 +170,9 @@ class Recipe:
             if getattr(self.train, key) != getattr(default, key):
                 raise InvalidInput(f"this recipe sets {key} per stage: use {where}, not train.{key}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
     @classmethod
     def from_dict(cls, data: dict):
         return dataclass_from_dict(cls, _engine_keys_nested(cls, data))
-
-    @classmethod
-    def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
 
     def with_overrides(self, overrides: Sequence[str]):
         """Dotted ``key=value`` overrides (value parsed as JSON): ``train.ema_decay=0.995``, or flat

@@ -18,11 +18,9 @@ Presets, as for the CT networks (`maisi2.config`):
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 
-from maisi2.config import FlowConfig, dataclass_from_dict, set_dotted
+from maisi2.config import AutoencoderKLConfig, FlowConfig, JsonDataclass, set_dotted
 from maisi2.errors import InvalidInput
 
 __all__ = [
@@ -38,32 +36,22 @@ OBJECTIVES = ("ddpm", "rflow")
 
 
 @dataclass(frozen=True)
-class MaskAutoencoderConfig:
+class MaskAutoencoderConfig(AutoencoderKLConfig):
     """`AutoencoderKlMaisi` arguments of the mask autoencoder (release's values as defaults).
 
     in_channels: the label map enters as 8 bit-planes of its MAISI ids (as the ControlNet's mask);
     out_channels: one logit per mask-generator class (`labels.MASK_GENERATOR_CHANNEL_IDS`).
+    Tensor splitting (off on small grids, where a split would be thinner than a kernel) and the
+    fp16 group norm change no parameter.
     """
 
-    in_channels: int = 8
-    out_channels: int = 125
-    latent_channels: int = 4
     num_channels: tuple[int, ...] = (32, 64, 128)
     num_res_blocks: tuple[int, ...] = (1, 2, 2)
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
-    attention_levels: tuple[bool, ...] = (False, False, False)
     use_checkpointing: bool = True
     use_convtranspose: bool = True
-    # Released settings that change no parameter: tensor splitting (off on small grids, where a
-    # split would be thinner than a kernel) and the fp16 group norm (fp16 autocast only).
     num_splits: int = 8
-    dim_split: int = 1
-    norm_float16: bool = True
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.num_channels) - 1)
+    in_channels: int = 8
+    out_channels: int = 125
 
 
 @dataclass(frozen=True)
@@ -81,7 +69,7 @@ class MaskUNetConfig:
 
 
 @dataclass(frozen=True)
-class MaskGenConfig:
+class MaskGenConfig(JsonDataclass):
     """The mask generator: networks, latent grid and sampling.
 
     latent_shape: (C, x, y, z) of the latent the UNet samples; the mask is latent x
@@ -107,20 +95,6 @@ class MaskGenConfig:
     def mask_shape(self) -> tuple[int, int, int]:
         f = self.autoencoder.downsample_factor
         return tuple(int(n) * f for n in self.latent_shape[1:])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MaskGenConfig":
-        return dataclass_from_dict(cls, data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "MaskGenConfig":
-        return cls.from_dict(json.loads(text))
 
 
 def _validate(cfg: MaskGenConfig) -> None:

@@ -34,6 +34,7 @@ from maisi2.errors import InvalidInput, MissingInput
 from maisi2.maskgen.config import MaskGenConfig, get_mask_config
 from maisi2.maskgen.networks import build_mask_autoencoder, build_mask_unet
 from maisi2.maskgen.sizes import RELEASE_TABLE_FILES, SizeScale, SizeTable
+from maisi2.models import read_description
 
 __all__ = [
     "RELEASED_MASK_FILES",
@@ -171,14 +172,7 @@ def _load_ours(model_dir: Path, device) -> MaskGenerator:
     from safetensors.torch import load_file
 
     spec_path = model_dir / MASKGEN_JSON
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InvalidInput(f"{spec_path} is not valid JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise InvalidInput(f"{spec_path} is not a maisi2 mask generator description (\"format\": \"{FORMAT}\")")
-    if int(spec.get("version", 0)) > VERSION:
-        raise InvalidInput(f"{spec_path} was written by a newer maisi2 (version {spec['version']}); upgrade maisi2")
+    spec = read_description(spec_path, FORMAT, VERSION, "mask generator")
     try:
         cfg = MaskGenConfig.from_dict(spec["config"])
         scale = SizeScale(tuple(float(v) for v in spec["size_scale"]))

@@ -22,7 +22,7 @@ from torch import nn
 from maisi2.errors import InvalidInput
 from maisi2.fastops import accelerate
 from maisi2.maskgen.config import MaskGenConfig
-from maisi2.nets import mask_to_bitplanes
+from maisi2.nets import build_autoencoder_kl, mask_to_bitplanes
 
 __all__ = ["build_mask_autoencoder", "build_mask_unet", "predict", "encode_masks", "decode_logits", "decode_to_classes",
            "DECODE_SLAB", "DECODE_HALO"]
@@ -36,19 +36,8 @@ DECODE_HALO = 4
 
 def build_mask_autoencoder(cfg: MaskGenConfig, device: str | torch.device | None = None,
                            fp16_norm: bool = False) -> nn.Module:
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
-
     a = cfg.autoencoder
-    model = AutoencoderKlMaisi(
-        spatial_dims=3, in_channels=a.in_channels, out_channels=a.out_channels, latent_channels=a.latent_channels,
-        num_channels=list(a.num_channels), num_res_blocks=list(a.num_res_blocks), norm_num_groups=a.norm_num_groups,
-        norm_eps=a.norm_eps, attention_levels=list(a.attention_levels), with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False, use_flash_attention=False, use_checkpointing=a.use_checkpointing,
-        use_convtranspose=a.use_convtranspose, norm_float16=bool(a.norm_float16 and fp16_norm),
-        num_splits=a.num_splits, dim_split=a.dim_split,
-    )
-    accelerate(model)
-    return model.to(device) if device is not None else model
+    return build_autoencoder_kl(a, a.in_channels, a.out_channels, device, fp16_norm)
 
 
 def build_mask_unet(cfg: MaskGenConfig, device: str | torch.device | None = None) -> nn.Module:

@@ -557,27 +557,27 @@ def parse_at(text: str) -> tuple[int, int, int]:
     return at
 
 
-def parse_scale_at(text: str) -> tuple[tuple[int, int, int], float]:
-    """``x,y,z=FACTOR`` -> ((x, y, z), factor)."""
-    where, sep, value = str(text).partition("=")
+def _split_factor(text: str, what: str, example: str) -> tuple[str, float]:
+    """``HEAD=FACTOR`` -> (head, factor), refused with one line naming `what` and an example."""
+    head, sep, value = str(text).partition("=")
     try:
         factor = float(value)
     except ValueError:
         sep = ""
     if not sep:
-        raise InvalidInput(f"bad resize {text!r}; write x,y,z=FACTOR, e.g. 40,52,30=0.8")
+        raise InvalidInput(f"bad {what} {text!r}; write {example}")
+    return head, factor
+
+
+def parse_scale_at(text: str) -> tuple[tuple[int, int, int], float]:
+    """``x,y,z=FACTOR`` -> ((x, y, z), factor)."""
+    where, factor = _split_factor(text, "resize", "x,y,z=FACTOR, e.g. 40,52,30=0.8")
     return parse_at(where), factor
 
 
 def parse_scale(text: str) -> tuple[str, float]:
     """``KIND=FACTOR`` -> (kind, factor)."""
-    kind, sep, value = str(text).partition("=")
-    try:
-        factor = float(value)
-    except ValueError:
-        sep = ""
-    if not sep:
-        raise InvalidInput(f"bad scale {text!r}; write KIND=FACTOR, e.g. hepatic=0.8")
+    kind, factor = _split_factor(text, "scale", "KIND=FACTOR, e.g. hepatic=0.8")
     return L.tumor_kind(kind), factor
 
 
