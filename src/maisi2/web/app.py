@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from maisi2.web.jobs import USER_ERRORS, _message
+from maisi2.web.jobs import USER_ERRORS, NotFound, _message
 from maisi2.web.workspace import (PRECISIONS, RESULT_FILES, WINDOW_PRESETS, GenerationSettings, UploadTooLarge,
                                   Workspace)
 
@@ -154,7 +154,7 @@ def _api_routes(ws: Workspace):
                     upload.write(chunk)
         except UploadTooLarge as err:
             raise HTTPException(413, str(err)) from None
-        except ValueError as err:
+        except USER_ERRORS as err:
             raise HTTPException(400, str(err)) from None
         return {"upload": upload.id}
 
@@ -241,10 +241,11 @@ def _api_routes(ws: Workspace):
 
 
 async def _call(fn, *args):
-    """Run a workspace function in a worker thread; its user errors become 400, unknown ids 404."""
+    """Run a workspace function in a worker thread; its user errors become 400, unknown ids 404
+    (any other exception is a bug: a 500 with its traceback in the log)."""
     try:
         return await run_in_threadpool(fn, *args)
-    except KeyError as err:
+    except NotFound as err:
         raise HTTPException(404, _message(err)) from None
     except USER_ERRORS as err:
         raise HTTPException(400, _message(err)) from None

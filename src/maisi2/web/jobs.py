@@ -25,13 +25,18 @@ from typing import Any, Callable
 
 from maisi2.errors import Maisi2Error
 
-__all__ = ["Cancelled", "Job", "JobQueue", "Task", "USER_ERRORS"]
+__all__ = ["Cancelled", "Job", "JobQueue", "NotFound", "Task", "USER_ERRORS"]
 
 log = logging.getLogger(__name__)
 
 # What the `maisi2` command reports as one-line user errors (maisi2.cli.main): the web app shows
 # their message in the page; anything else is a bug and is logged with its traceback.
 USER_ERRORS = (Maisi2Error,)
+
+
+class NotFound(Maisi2Error, KeyError):
+    """An id the app does not know (a job, upload, mask, result or file kind): HTTP 404. Its own
+    type, so that a KeyError from a bug inside is not answered as a missing item."""
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -87,7 +92,7 @@ class JobQueue:
     def get(self, job_id: str) -> Job:
         with self._lock:
             if job_id not in self._jobs:
-                raise KeyError(f"no job {job_id!r}")
+                raise NotFound(f"no job {job_id!r}")
             return self._jobs[job_id]
 
     def jobs(self) -> list[Job]:

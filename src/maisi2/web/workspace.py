@@ -36,7 +36,7 @@ from scipy import ndimage
 from maisi2 import volume_io
 from maisi2 import labels as L
 from maisi2.errors import InvalidInput
-from maisi2.web.jobs import Job, JobQueue
+from maisi2.web.jobs import Job, JobQueue, NotFound
 
 __all__ = ["Workspace", "UploadTooLarge", "GenerationSettings", "WINDOW_PRESETS", "ID_PATTERN", "RESULT_FILES", "tumor_list"]
 
@@ -130,7 +130,7 @@ class Workspace:
         folder = self.root / "uploads" / _checked_id(upload_id, "upload")
         files = list(folder.iterdir()) if folder.is_dir() else []
         if len(files) != 1:
-            raise KeyError(f"no upload {upload_id!r} (uploads are used once; upload the file again)")
+            raise NotFound(f"no upload {upload_id!r} (uploads are used once; upload the file again)")
         return files[0]
 
     def _discard_uploads(self, *upload_ids: str | None) -> None:
@@ -196,7 +196,7 @@ class Workspace:
         index = self._library()
         entry = next((e for e in index.entries if e.file == file), None)
         if entry is None:
-            raise KeyError(f"no mask {file!r} in the library {index.folder}")
+            raise NotFound(f"no mask {file!r} in the library {index.folder}")
         volume = volume_io.load_label_map(index.folder / entry.file)
         return self._add_mask(volume, f"{entry.file} (library)", "library")
 
@@ -244,7 +244,7 @@ class Workspace:
     def _mask_dir(self, mask_id: str) -> Path:
         folder = self.root / "masks" / _checked_id(mask_id, "mask")
         if not (folder / "mask.json").is_file():
-            raise KeyError(f"no mask {mask_id!r}")
+            raise NotFound(f"no mask {mask_id!r}")
         return folder
 
     # -- tumour edits (maisi2.masks) ---------------------------------------------------------
@@ -357,16 +357,16 @@ class Workspace:
     def result_file(self, result_id: str, kind: str) -> Path:
         """The path of one file the app wrote for a result; refuses anything else."""
         if kind not in RESULT_FILES:
-            raise KeyError(f"no file kind {kind!r}; results have {', '.join(RESULT_FILES)}")
+            raise NotFound(f"no file kind {kind!r}; results have {', '.join(RESULT_FILES)}")
         path = self._result_dir(result_id) / RESULT_FILES[kind]
         if not path.is_file():
-            raise KeyError(f"result {result_id} has no {kind} file")
+            raise NotFound(f"result {result_id} has no {kind} file")
         return path
 
     def _result_dir(self, result_id: str) -> Path:
         folder = self.root / "results" / _checked_id(result_id, "result")
         if not (folder / "request.json").is_file():
-            raise KeyError(f"no result {result_id!r}")
+            raise NotFound(f"no result {result_id!r}")
         return folder
 
     # -- staging -----------------------------------------------------------------------------
@@ -480,7 +480,7 @@ def _load_cached(path: str, layer: str, mtime_ns: int) -> volume_io.Volume:
 
 def _checked_id(value: str, what: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise KeyError(f"no {what} {value!r}")
+        raise NotFound(f"no {what} {value!r}")
     return value
 
 
