@@ -56,7 +56,7 @@ def say(message: str) -> None:
 def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SPACING,
                    at_least_one_tumor: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(N, X, Y, Z) float32 HU and uint8 labels of random-lesion phantoms, cached as one .npz.
-    at_least_one_tumour: a phantom whose random draw has no lesion gets a hepatic one."""
+    at_least_one_tumor: a phantom whose random draw has no lesion gets a hepatic one."""
     tag = "_tumour" if at_least_one_tumor else ""
     path = folder / f"phantoms_{seeds.start}_{seeds.stop}{tag}.npz"
     for cached in sorted(folder.glob(f"phantoms_{seeds.start}_*{tag}.npz")):  # the same seeds, or more of them

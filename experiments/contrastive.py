@@ -227,14 +227,14 @@ def score(name: str, volumes, labels, real_ct, segmenter, ref_stats=None) -> dic
         result = fidelity(volume, lab, GRID_SPACING, real_hu=None if real_ct is None else real_ct[i], segmenter=segmenter)
         case_dice.append(result.dice)
         tumors += [t.to_dict() for t in result.tumors]
-    row = {"variant": name, "tumours": len(tumors),
+    row = {"variant": name, "tumors": len(tumors),
            "median_abs_contrast_error_hu": _median_abs([t.get("contrast_error_hu") for t in tumors]),
            "median_contrast_hu": _median([t["contrast_hu"] for t in tumors]),
            "mean_detected_fraction": float(np.mean([t["detected_fraction"] for t in tumors])),
            "mean_case_dice": float(np.mean(case_dice)),
            "fid": None if ref_stats is None else fid(ref_stats, volumes, spacing=None, shape=None, progress=False).average,
-           "per_tumour": tumors}
-    say(f"  {name}: {row['tumours']} tumours, median contrast {row['median_contrast_hu']}, "
+           "per_tumor": tumors}
+    say(f"  {name}: {row['tumors']} tumours, median contrast {row['median_contrast_hu']}, "
         f"error {row['median_abs_contrast_error_hu']}, detected {row['mean_detected_fraction']:.3f}, FID {row['fid']}")
     return row
 
@@ -285,7 +285,7 @@ def real_mask_case(real_scan, controlnets, unet, cfg, scale, vae, segmenter, wor
                              f"the real scan's mask with '{name}'")[0]
         result = fidelity(gen, labels, GRID_SPACING, segmenter=segmenter)
         generated[name] = gen
-        rows.append({"variant": name, "dice": result.dice, "tumours": [t.to_dict() for t in result.tumors]})
+        rows.append({"variant": name, "dice": result.dice, "tumors": [t.to_dict() for t in result.tumors]})
     return {"labels": labels, "rows": rows, "generated": generated}
 
 
@@ -304,7 +304,7 @@ def table(results: dict) -> str:
              "segmenter Dice per case | 2.5D FID (offline) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     for r in results["rows"]:
-        lines.append(f"| {r['variant']} | {r['tumours']} | {fmt(r['median_abs_contrast_error_hu'], '.0f')} | "
+        lines.append(f"| {r['variant']} | {r['tumors']} | {fmt(r['median_abs_contrast_error_hu'], '.0f')} | "
                      f"{fmt(r['mean_detected_fraction'], '.2f')} | {r['mean_case_dice']:.3f} | {fmt(r['fid'], '.1f')} |")
     real = results["segmenter_on_real_phantoms"]
     lines.append(f"| (the phantoms themselves) | | 0 | {real['mean_detected_fraction']:.2f} | {real['mean_case_dice']:.3f} | |")
@@ -315,9 +315,9 @@ def table(results: dict) -> str:
                   "tumour voxels found | segmenter Dice per case |",
                   "| --- | ---: | ---: | --- | --- | --- | ---: | ---: |"]
         for r in results["lung_implants"]:
-            per = ", ".join(fmt(t["contrast_hu"], ".0f") for t in r["per_tumour"])
+            per = ", ".join(fmt(t["contrast_hu"], ".0f") for t in r["per_tumor"])
             change = lambda v: f"{np.mean(v):+.0f} ({min(v):+.0f} to {max(v):+.0f})"  # noqa: E731
-            lines.append(f"| {r['variant']} | {r['tumours']} | {fmt(r['median_contrast_hu'], '.0f')} | {per} | "
+            lines.append(f"| {r['variant']} | {r['tumors']} | {fmt(r['median_contrast_hu'], '.0f')} | {per} | "
                          f"{change(r['paired_change_inside_hu'])} | {change(r['paired_change_ring_hu'])} | "
                          f"{r['mean_detected_fraction']:.2f} | {r['mean_case_dice']:.3f} |")
     if results.get("real_scan_mask"):
@@ -325,9 +325,9 @@ def table(results: dict) -> str:
                   "| ControlNet | tumour - liver contrast per tumour (HU) | tumour voxels found | segmenter Dice |",
                   "| --- | --- | --- | ---: |"]
         for r in results["real_scan_mask"]:
-            contrasts = ", ".join("n/a" if t["contrast_hu"] is None else f"{t['contrast_hu']:.0f}" for t in r["tumours"])
+            contrasts = ", ".join("n/a" if t["contrast_hu"] is None else f"{t['contrast_hu']:.0f}" for t in r["tumors"])
             found = ", ".join("n/a" if t["detected_fraction"] is None else f"{t['detected_fraction']:.2f}"
-                              for t in r["tumours"])
+                              for t in r["tumors"])
             dice = "n/a" if r["dice"] is None else f"{r['dice']:.3f}"
             lines.append(f"| {r['variant']} | {contrasts} | {found} | {dice} |")
     return "\n".join(lines)

@@ -44,6 +44,12 @@ def colour_labels(labels2d: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _edits(request: dict) -> list:
+    """The tumour edits a report records (reports written before the key's spelling was unified
+    call them "tumour_edits")."""
+    return request.get("tumor_edits", request.get("tumour_edits", []))
+
+
 def run_request(work: Path, index: int, request) -> tuple[np.ndarray, np.ndarray, tuple, dict]:
     caption, region, anatomy, tumors, mask = request
     out = work / f"request_{index}.nii.gz"
@@ -59,7 +65,7 @@ def run_request(work: Path, index: int, request) -> tuple[np.ndarray, np.ndarray
     report = json.loads(report_path.read_text())
     labels = volume_io.load_label_map(work / f"request_{index}_label.nii.gz")
     ct = volume_io.load_ct(out).array
-    edits = report.get("request", {}).get("tumour_edits", [])
+    edits = _edits(report.get("request", {}))
     report["focus"] = edits[0]["label"] if edits else None  # the preview's rule: the edited tumour's label
     return ct, labels.array, labels.spacing, report
 
@@ -73,7 +79,7 @@ def _generate_on_mask(mask: str, counts, out: Path, options) -> None:
     volume = volume_io.load_label_map(default_library_dir() / mask)
     edited, changes = intent.mask_with_tumors(volume, counts, radius_mm=(6.0, 9.0), seed=options.seed)
     options = dataclasses.replace(options, preview_focus=intent.preview_label(changes),
-                                  request={"mask": mask, "tumour_edits": [c.to_dict() for c in changes]})
+                                  request={"mask": mask, "tumor_edits": [c.to_dict() for c in changes]})
     generate(edited, out, options=options)
 
 
@@ -95,7 +101,7 @@ def figure(rows, path: Path) -> None:
         request = info.get("request", {})
         selected = request.get("selected", {}).get("file") or request.get("mask", "")
         lines = [REQUESTS[r][0], f"mask: {selected}"]
-        lines += [f"{e['action']} {e['label']}: {e['volume_ml']:.1f} mL" for e in request.get("tumour_edits", [])]
+        lines += [f"{e['action']} {e['label']}: {e['volume_ml']:.1f} mL" for e in _edits(request)]
         lines.append(f"QC {'passed' if info['quality']['passed'] else 'failed'}")
         for k, line in enumerate(lines):
             draw.text((4, top + 14 * k), line[:40], fill=(255, 255, 255))

@@ -59,7 +59,7 @@ def main() -> None:
     true_ct, labels, affine = make_phantom((128, 128, 96), (3.0, 3.0, 3.0), tumors, 0)
     mask = volume_io.Volume(labels.astype(np.int16), affine)
     truth = fidelity(true_ct, labels, mask.spacing).tumors[0].generated.contrast_hu
-    rows.append({"case": "phantom (the mask's own CT)", "qc": None, **medians(true_ct, labels), "tumour_contrast_hu": truth})
+    rows.append({"case": "phantom (the mask's own CT)", "qc": None, **medians(true_ct, labels), "tumor_contrast_hu": truth})
     for seed in range(args.seeds):
         started = time.perf_counter()
         result = generate(mask, args.work / f"phantom_seed{seed}.nii.gz", model=args.model,
@@ -68,7 +68,7 @@ def main() -> None:
         contrast = fidelity(hu, labels, mask.spacing).tumors[0].generated.contrast_hu
         rows.append({"case": f"generated, seed {seed}", "qc": result.report["quality"]["passed"],
                      "failed_organs": result.report["quality"]["failed"],
-                     **medians(hu, labels), "tumour_contrast_hu": contrast,
+                     **medians(hu, labels), "tumor_contrast_hu": contrast,
                      "seconds": round(time.perf_counter() - started, 1)})
 
     # 2. The real label map.
@@ -91,7 +91,7 @@ def main() -> None:
     print("| --- | --- | " + " | ".join("---:" for _ in ORGANS) + " | ---: |")
     for r in rows:
         qc = "-" if r["qc"] is None else ("pass" if r["qc"] else "fail: " + ", ".join(r["failed_organs"]))
-        print(f"| {r['case']} | {qc} | " + " | ".join(fmt(r[o]) for o in ORGANS) + f" | {fmt(r.get('tumour_contrast_hu'))} |")
+        print(f"| {r['case']} | {qc} | " + " | ".join(fmt(r[o]) for o in ORGANS) + f" | {fmt(r.get('tumor_contrast_hu'))} |")
 
 
 if __name__ == "__main__":

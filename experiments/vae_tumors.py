@@ -51,7 +51,7 @@ def main() -> None:
             l1[k].append(float(np.abs(hu - own).mean()))
             per_vae.append(tumor_contrasts(hu, labels, spacing))
         for j, tumor in enumerate(found):
-            rows.append({"scan": Path(str(data.items[index].image)).parent.name, "tumour": tumor.tumor_name,
+            rows.append({"scan": Path(str(data.items[index].image)).parent.name, "tumor": tumor.tumor_name,
                          "voxels": tumor.voxels, "own": tumor.contrast_hu,
                          "recon": [found_k[j].contrast_hu for found_k in per_vae]})
     names = [Path(p).parent.name + "/" + Path(p).name for p in args.vae]
@@ -59,7 +59,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: |" + " ---: |" * len(names))
     for r in rows:
         cells = " | ".join("-" if c is None else f"{c:.0f}" for c in r["recon"])
-        print(f"| {r['scan']} | {r['tumour']} | {r['voxels']} | {r['own']:.0f} | {cells} |")
+        print(f"| {r['scan']} | {r['tumor']} | {r['voxels']} | {r['own']:.0f} | {cells} |")
     usable = [r for r in rows if r["own"] is not None and abs(r["own"]) <= 300 and None not in r["recon"]]
     errors = [float(np.mean([abs(r["recon"][k] - r["own"]) for r in usable])) for k in range(len(vaes))]
     print(f"| mean abs contrast error ({len(usable)} tumours within +-300 HU) | | | | "

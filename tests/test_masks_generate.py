@@ -60,7 +60,7 @@ def test_two_samples_from_intent_with_an_added_tumor(model_dir, library, tmp_pat
         req = sample.report["request"]
         assert any(r["file"] == "lung.nii.gz" and "holds lung tumor not asked for" in r["problems"][0]
                    for r in req["rejected"])
-        [edit] = req["tumour_edits"]
+        [edit] = req["tumor_edits"]
         written = volume_io.load_label_map(sample.ct_path.with_name(sample.ct_path.name.replace(".nii.gz", "_label.nii.gz")))
         tumor = written.array == HEPATIC
         assert tumor.sum() == edit["voxels"] and edit["parent_organ"] == "liver"
@@ -78,7 +78,7 @@ def test_cli_mask_with_tumors_adds_them_inside_the_organ(model_dir, library, tmp
                    "--model", str(model_dir), "--steps", "2", "--no-progress"])
     assert rc == 0
     report = json.loads((tmp_path / "ct_report.json").read_text())
-    edits = report["request"]["tumour_edits"]
+    edits = report["request"]["tumor_edits"]
     assert len(edits) == 2 and all(e["parent_organ"] == "liver" for e in edits)
     written = volume_io.load_label_map(tmp_path / "ct_label.nii.gz").array
     original = volume_io.load_label_map(library / "a.nii.gz").array

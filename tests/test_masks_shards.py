@@ -100,4 +100,4 @@ def test_two_gloo_processes_split_the_requests_once_and_resume_after_a_kill(setu
     latest = {f["line"]: f["error"] for f in failures}
     assert "unknown body region 'hed'" in latest[3] and "line 5" in latest[5]
     given = json.loads((out / "given_mask_report.json").read_text())
-    assert given["request"]["tumour_edits"][0]["parent_organ"] == "liver"
+    assert given["request"]["tumor_edits"][0]["parent_organ"] == "liver"

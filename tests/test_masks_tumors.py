@@ -179,7 +179,7 @@ def test_tumor_at_picks_the_component_holding_or_nearest_the_voxel():
     assert tumor == HEPATIC and mask[14:20, 22:28, 10:15].all()  # of that kind only: the third
 
 
-def test_tumor_at_refuses_far_voxels_and_tumour_free_masks_clearly():
+def test_tumor_at_refuses_far_voxels_and_tumor_free_masks_clearly():
     labels = _three_hepatic()
     with pytest.raises(ValueError, match=r"no tumour within 10 mm of voxel \[40, 6, 3\]; the nearest is "
                                          r"'hepatic tumor' at voxel \[23, 10, 6\], \d+ mm away"):

@@ -247,7 +247,7 @@ def _mask_with_tumors(args, options):
               f"({', '.join(f'{v:g}' for v in c.centre_voxel)})")
     return edited, dataclasses.replace(options, spacing=None,
                                        preview_focus=options.preview_focus or intent.preview_label(changes),
-                                       request={"mask": args.mask, "tumour_edits": [c.to_dict() for c in changes]})
+                                       request={"mask": args.mask, "tumor_edits": [c.to_dict() for c in changes]})
 
 
 def _run_requests(args, options) -> int:
@@ -281,7 +281,7 @@ def _generate_from_intent(args, options) -> int:
         req = sample.report["request"]
         print(f"{req['selected']['file']} (from {req['library']}) -> {sample.ct_path}; "
               f"quality check {'passed' if sample.report['quality']['passed'] else 'FAILED'}")
-        for edit in req["tumour_edits"]:
+        for edit in req["tumor_edits"]:
             print(f"  added {edit['label']} in {edit['parent_organ']}: {edit['volume_ml']:.2f} mL")
     return 0
 

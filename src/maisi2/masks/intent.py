@@ -137,7 +137,7 @@ def generate_from_intent(request: MaskRequest, out: str | os.PathLike, library: 
         report = {**(options.request or {}), "request": dataclasses.asdict(request), "library": str(index.folder),
                   "selected": verdict.to_dict(), "best_group": [v.entry.file for v in best],
                   "rejected": [v.to_dict() for v in rejected], "fit": fit_info,
-                  "tumour_edits": [c.to_dict() for c in changes]}
+                  "tumor_edits": [c.to_dict() for c in changes]}
         seed = options.seed + i * (options.qc_retries + 1)  # retries never reuse another sample's seed
         sample_options = dataclasses.replace(options, seed=seed, spacing=None,
                                              preview_focus=options.preview_focus or preview_label(changes),

@@ -71,7 +71,7 @@ class Verdict:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {"file": self.entry.file, "kept": self.ok, "problems": self.problems, "tumours_to_add": self.to_add,
+        return {"file": self.entry.file, "kept": self.ok, "problems": self.problems, "tumors_to_add": self.to_add,
                 "exact_size_and_spacing": self.exact, "distance": None if math.isinf(self.score) else round(self.score, 4)}
 
 

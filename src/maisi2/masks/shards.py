@@ -162,7 +162,7 @@ def _run_line(line: RequestLine, out_dir: Path, models, options, library, base: 
         edited, changes = intent.mask_with_tumors(volume, tumors, seed=seed)
         line_options = dataclasses.replace(line_options, spacing=None, preview_focus=intent.preview_label(changes),
                                            request={"mask": row["mask"], "shard": shard,
-                                                    "tumour_edits": [c.to_dict() for c in changes]})
+                                                    "tumor_edits": [c.to_dict() for c in changes]})
         return G.generate(edited, out, model=models, options=line_options)
     request = make_request(row.get("region"), row.get("anatomy", ()), row.get("size"), line_options.spacing,
                            divisor=G.network_divisor(models.cfg))

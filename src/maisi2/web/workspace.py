@@ -214,7 +214,7 @@ class Workspace:
         asked = ", ".join([*request.regions, *request.anatomy]) or "any mask"
         return self._add_mask(edited, f"{asked} -> {chosen.entry.file}", "request",
                               change={"selected": chosen.to_dict(), "fit": fit,
-                                      "tumour_edits": [c.to_dict() for c in changes]})
+                                      "tumor_edits": [c.to_dict() for c in changes]})
 
     def _library(self):
         from maisi2.masks.library import load_library
