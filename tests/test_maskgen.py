@@ -265,3 +265,38 @@ def test_measures_on_a_hand_made_mask():
     got[:, 1] = [0.25, 0.35, 0.7, 0.75]
     corr = measure.size_correlation(req, got)
     assert corr["liver"]["n"] == 4 and corr["liver"]["pearson_r"] > 0.9 and corr["gallbladder"]["n"] == 0
+
+
+def test_label_dice_is_one_for_a_perfect_prediction_and_counts_misses():
+    from maisi2.maskgen import measure
+
+    target = np.zeros((6, 6, 6), np.int64)
+    target[1:5, 1:5, 1:5] = 124  # body channel
+    target[2:4, 2:4, 2:4] = 1  # liver channel
+    assert measure.label_dice(target, target) == {1: 1.0, 124: 1.0}  # background is not scored
+    pred = target.copy()
+    pred[pred == 1] = 124  # the liver missed: 0 for it, and the body's Dice drops
+    dice = measure.label_dice(pred, target)
+    assert dice[1] == 0.0 and dice[124] == pytest.approx(2 * 56 / (64 + 56))
+    with pytest.raises(ValueError, match="differ"):
+        measure.label_dice(pred[:3], target)
+
+
+def test_size_vector_reaches_the_unet_output():
+    # MONAI zero-initialises the cross-attention's output projection, so an untrained UNet ignores
+    # the sizes by construction; with every weight perturbed, two size vectors must give two outputs
+    # (the sizes enter as the one context token of every cross-attention).
+    cfg = get_mask_config("tiny")
+    unet = networks.build_mask_unet(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        x = torch.randn((1, *cfg.latent_shape), generator=gen)
+        t = torch.tensor([500.0])
+        small = torch.full((1, 10), -1.0)
+        small[0, 1] = 0.2
+        large = small.clone()
+        large[0, 1] = 0.9
+        out_small, out_large = networks.predict(unet, x, t, small), networks.predict(unet, x, t, large)
+    assert (out_small - out_large).abs().mean() > 1e-3 * out_small.abs().mean()

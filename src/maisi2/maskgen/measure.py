@@ -10,7 +10,9 @@ Pure functions of MAISI label maps (numpy arrays on one grid):
 * `tumour_inside_parent`: per tumour component, the share of the voxels just outside it that
   belong to its parent organ(s); a tumour counts as inside when that share is at least 1/2;
 * `body_closed`: the non-background voxels form one component with no enclosed background;
-* `size_correlation`: Pearson r between requested and obtained sizes, per slot.
+* `size_correlation`: Pearson r between requested and obtained sizes, per slot;
+* `label_dice`: hard Dice per label between two label maps (the autoencoder's reconstruction
+  against its input: what its argmax gives, not the soft Dice its training loss logs).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import numpy as np
 from scipy import ndimage, stats
 
 from maisi2 import labels as L
+from maisi2.errors import InvalidInput
 from maisi2.maskgen.sizes import ORGAN_SLOTS, SLOTS, TUMOR_SLOTS
 
 __all__ = ["MEASURED", "organ_volumes_ml", "volume_distribution", "components", "tumor_inside_parent",
-           "body_closed", "size_correlation", "PARENTS"]
+           "body_closed", "size_correlation", "label_dice", "PARENTS"]
 
 MEASURED = {name: (L.label_id(name),) for name in ORGAN_SLOTS} | {"body (all labels)": None}
 # Parent organ(s) of each tumour slot: the fixed parent, or the candidates of a ring majority.
@@ -93,3 +96,20 @@ def size_correlation(requested: np.ndarray, obtained: np.ndarray) -> dict[str, d
         out[name] = {"n": int(keep.sum()), "pearson_r": r,
                      "mean_abs_diff": float(np.abs(req - got).mean()) if keep.any() else float("nan")}
     return out
+
+
+def label_dice(predicted: np.ndarray, target: np.ndarray, background: int = 0) -> dict[int, float]:
+    """Hard Dice of each label present in `target` (background left out): 2|P & T| / (|P| + |T|).
+
+    Both maps in one numbering (MAISI ids, or the generator's class indices); a label the target
+    holds and the prediction misses scores 0, labels only in the prediction are not scored.
+    """
+    predicted, target = np.asarray(predicted).ravel(), np.asarray(target).ravel()
+    if predicted.shape != target.shape:
+        raise InvalidInput(f"label maps differ in size: {predicted.size} vs {target.size} voxels")
+    size = int(max(predicted.max(initial=0), target.max(initial=0))) + 1
+    both = np.bincount(target[predicted == target].astype(np.int64), minlength=size)
+    in_pred = np.bincount(predicted.astype(np.int64), minlength=size)
+    in_target = np.bincount(target.astype(np.int64), minlength=size)
+    return {int(k): float(2 * both[k] / (in_pred[k] + in_target[k]))
+            for k in np.flatnonzero(in_target) if k != background}

@@ -25,7 +25,7 @@ from maisi2.maskgen.config import MaskGenConfig
 from maisi2.nets import build_autoencoder_kl, mask_to_bitplanes
 
 __all__ = ["build_mask_autoencoder", "build_mask_unet", "predict", "encode_masks", "decode_logits", "decode_to_classes",
-           "DECODE_SLAB", "DECODE_HALO"]
+           "reconstruct_classes", "DECODE_SLAB", "DECODE_HALO"]
 
 # The release's 64^3 latent decodes to 125 x 256^3 logits: 8.4 GB in float32. `decode_to_classes`
 # decodes slabs of DECODE_SLAB latent rows (plus DECODE_HALO rows of context on each side, whose
@@ -100,3 +100,10 @@ def decode_to_classes(autoencoder: nn.Module, latent: torch.Tensor, scale_factor
         parts.append(logits[:, keep].argmax(dim=0).cpu())
         del logits
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def reconstruct_classes(autoencoder: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """(1, 1, X, Y, Z) MAISI ids -> (X, Y, Z) class indices the autoencoder gives back through its
+    posterior mean (what the latent UNet learns to sample), for measuring how well it reconstructs."""
+    return decode_to_classes(autoencoder, encode_masks(autoencoder, labels))
