@@ -1,10 +1,12 @@
 """Issue #25: our rectified-flow mask generator, trained and measured on held-out masks.
 
-1. data: random-lesion phantoms (`maisi2.phantom`) on a 64 x 64 x 48 grid of 6 mm, plus the real
-   labelled scan of ../shared/data imported to MAISI ids (when present); fold 0 is held out
-   (or ``--datalist`` names label maps of your own);
+1. data: random-lesion phantoms (`maisi2.phantom`) on a 64 x 64 x 48 grid of 6 mm (fold = index
+   mod 5), plus TotalSegmentator's two example maps of ../shared/data imported to MAISI ids (when
+   present): example_seg held out (fold 0), example_seg_dicom trained on (fold 1); fold 0 is held
+   out (or ``--datalist`` names label maps of your own);
 2. training: `maisi2.maskgen.train.train_mask_generator` (autoencoder, then the rectified-flow
-   UNet, then the generator folder), resumable;
+   UNet, then the generator folder), resumable; then the autoencoder's hard Dice on the training
+   and held-out masks (posterior mean, argmax: the ceiling of any sample);
 3. samples: for every held-out mask, its own size vector (computed on the generator's grid with
    the generator's size scale; of several tumour kinds only the first is kept, as a request holds
    one) is requested ``--per-vector`` times (seeds 0, 1, ...), RF-30;
@@ -42,10 +44,11 @@ from maisi2.data import DataItem, read_datalist, write_datalist
 from maisi2.maskgen import files, measure, networks, sampling
 from maisi2.maskgen.config import get_mask_config
 from maisi2.maskgen.sizes import SLOTS, TUMOR_SLOTS
-from maisi2.maskgen.train import MaskRecipe, load_library, train_mask_generator
+from maisi2.maskgen.train import MaskRecipe, autoencoder_dice, load_library, train_mask_generator
 
-REAL_SEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator" / "example_seg.nii.gz"
-REAL_CT = REAL_SEG.with_name("example_ct_sm.nii.gz")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
+# (map, its CT, fold): the NIfTI example is held out, the DICOM one (upper abdomen) trained on.
+REAL_MAPS = (("example_seg.nii.gz", "example_ct_sm.nii.gz", 0), ("example_seg_dicom.nii.gz", "example_ct_dicom", 1))
 
 
 def say(message: str) -> None:
@@ -66,7 +69,7 @@ def cpu_model() -> str:
 # -- 1. data ------------------------------------------------------------------------------------
 
 def make_data(work: Path, count: int, seed: int) -> Path:
-    """Phantoms + the real mask (fold 1, training), as one datalist of label maps."""
+    """Phantoms + the real maps found (`REAL_MAPS`), as one datalist of label maps."""
     from maisi2.phantom import write_phantom_set
 
     datalist = work / "masks.jsonl"
@@ -77,14 +80,17 @@ def make_data(work: Path, count: int, seed: int) -> Path:
         say(f"writing {count} phantoms (64 x 64 x 48 at 6 mm, random lesions)")
         write_phantom_set(work / "phantoms", count, [((64, 64, 48), (6.0, 6.0, 6.0))], seed=seed, overwrite=True)
     items = read_datalist(phantoms)
-    if REAL_SEG.is_file() and REAL_CT.is_file():
+    for seg_name, ct_name, fold in REAL_MAPS:
+        if not ((SHARED / seg_name).is_file() and (SHARED / ct_name).exists()):
+            say(f"{SHARED / seg_name} or its CT not found: left out")
+            continue
         from maisi2.label_import import convert_totalseg
 
-        seg, ct = volume_io.load_label_map(REAL_SEG, check_ids=False), volume_io.load_ct(REAL_CT)
+        seg, ct = volume_io.load_label_map(SHARED / seg_name, check_ids=False), volume_io.load_ct(SHARED / ct_name)
         labels, _ = convert_totalseg(seg.array, ct.array, spacing=seg.spacing)
-        path = work / "real_label.nii.gz"
+        path = work / f"real_{seg_name.split('.')[0]}.nii.gz"
         volume_io.save_label_map(path, seg.with_array(labels), overwrite=True)
-        items.append(DataItem(image=path, label=path, spacing=seg.spacing, source="real", fold=1))
+        items.append(DataItem(image=path, label=path, spacing=seg.spacing, source="real", fold=fold))
     return write_datalist(datalist, items, overwrite=True)
 
 
@@ -207,26 +213,34 @@ def main(argv=None) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--count", type=int, default=40, help="phantoms to write (default 40; fold = index mod 5)")
     p.add_argument("--ae-steps", type=int, default=600)
-    p.add_argument("--ae-crop", type=int, default=32, help="autoencoder training cubes (voxels a side)")
+    p.add_argument("--ae-crop", type=int, default=None,
+                   help="autoencoder training cubes (voxels a side; default 0 = whole masks up to 32^3, else 32)")
     p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--per-vector", type=int, default=2, help="samples per held-out size vector")
     p.add_argument("--rf-steps", type=int, default=30)
     p.add_argument("--figure", type=Path, default=None, help="where to write the figure (default WORK/mask_generator.png)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe-set", dest="recipe_overrides", action="append", default=[],
+                   help="MaskRecipe key=value (e.g. unet_lr=1e-3), after the options above")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     cfg = get_mask_config(args.preset, args.overrides)
     datalist = Path(args.datalist) if args.datalist else make_data(args.work, args.count, args.seed)
+    # Whole masks where they are small: a crop's group-norm statistics are not the whole mask's.
+    crop = args.ae_crop if args.ae_crop is not None else (0 if max(cfg.mask_shape) <= 32 else 32)
     recipe = MaskRecipe.from_overrides([f"autoencoder_steps={args.ae_steps}", f"unet_steps={args.unet_steps}",
-                                        f"autoencoder_crop={args.ae_crop}", f"seed={args.seed}"])
-    started = time.perf_counter()
+                                        f"autoencoder_crop={crop}", f"seed={args.seed}", *args.recipe_overrides])
+    started, cpu_started = time.perf_counter(), time.process_time()
     if not files.is_our_mask_folder(args.work / "run" / "model"):
         train_mask_generator(datalist, args.work / "run", cfg, recipe, resume=True, device="cpu", progress=False)
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     generator = files.load_mask_generator(args.work / "run" / "model", device="cpu")
     heldout = load_library(datalist, cfg, "holdout", recipe.holdout_fold)
     training = load_library(datalist, cfg, "train", recipe.holdout_fold)
+    say("autoencoder reconstruction (hard Dice)")
+    ae_dice = {"training": autoencoder_dice(generator.autoencoder, training.masks),
+               "heldout": autoencoder_dice(generator.autoencoder, heldout.masks)}
     say(f"sampling {len(heldout) * args.per_vector} masks for {len(heldout)} held-out size vectors (RF-{args.rf_steps})")
     generated, asked, got, seconds = sample_heldout(generator, heldout, args.per_vector, args.rf_steps)
     results = {
@@ -234,7 +248,8 @@ def main(argv=None) -> dict:
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "config": cfg.to_dict(), "recipe": json.loads(recipe.to_json()), "training_masks": len(training),
         "heldout_masks": len(heldout), "samples": len(generated), "rf_steps": args.rf_steps,
-        "train_seconds_this_call": train_seconds,
+        "train_seconds_this_call": train_seconds, "train_cpu_seconds_this_call": train_cpu,
+        "autoencoder_dice": ae_dice,
         "plausibility": plausibility(generated, training.masks, cfg.spacing_mm),
         "controllability": measure.size_correlation(asked, got),
         "timing": time_samplers(generator, args.rf_steps),
@@ -249,6 +264,9 @@ def main(argv=None) -> dict:
 def print_summary(r: dict) -> None:
     print(f"CPU: {r['cpu']}, {r['threads']} threads; {r['training_masks']} training / {r['heldout_masks']} held-out "
           f"masks, {r['samples']} samples at RF-{r['rf_steps']}")
+    for tag, d in r["autoencoder_dice"].items():
+        print(f"autoencoder hard Dice, {tag} masks: mean {d['mean']:.3f}; "
+              + ", ".join(f"{k} {v:.2f}" for k, v in d.items() if k != "mean"))
     print(f"{'structure':24s} {'train mean mL':>13s} {'gen mean mL':>12s} {'KS':>5s} {'comp. train':>11s} {'comp. gen':>9s}")
     for name, v in r["plausibility"]["volumes_ml"].items():
         c = r["plausibility"]["components"]

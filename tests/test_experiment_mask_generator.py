@@ -21,6 +21,7 @@ def test_experiment_runs_and_reports_every_measure(tmp_path, capsys):
         argv += ["--set", item]
     results = mask_generator.main(argv)
     assert results["training_masks"] == 4 and results["heldout_masks"] == 1 and results["samples"] == 2
+    assert 0 <= results["autoencoder_dice"]["heldout"]["mean"] <= 1 and "liver" in results["autoencoder_dice"]["training"]
     plaus = results["plausibility"]
     assert set(plaus["volumes_ml"]) == {"gallbladder", "liver", "stomach", "pancreas", "colon", "body (all labels)"}
     assert plaus["components"]["training"]["liver"]["share_one"] == 1.0
