@@ -280,7 +280,8 @@ def print_summary(r: dict) -> None:
     for slot in SLOTS:
         c = r["controllability"][slot]
         if c["n"]:
-            print(f"size {slot}: n {c['n']}, r {c['pearson_r']:.2f}, mean |req - got| {c['mean_abs_diff']:.3f}")
+            print(f"size {slot}: n {c['n']}, r {c['pearson_r']:.2f}, mean |req - got| {c['mean_abs_diff']:.3f}, "
+                  f"present in {c.get('present', float('nan')):.2f} of the samples")
     t = r["timing"]
     print(f"time per mask, sampling only: RF-{t['rf_steps']} {t['rf_seconds']['sample']:.1f} s, DDPM-1000 "
           f"{t['ddpm_seconds']['sample']:.1f} s ({t['sampling_ratio']:.1f}x); whole mask {t['rf_seconds']['total']:.1f} "

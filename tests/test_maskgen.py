@@ -265,6 +265,8 @@ def test_measures_on_a_hand_made_mask():
     got[:, 1] = [0.25, 0.35, 0.7, 0.75]
     corr = measure.size_correlation(req, got)
     assert corr["liver"]["n"] == 4 and corr["liver"]["pearson_r"] > 0.9 and corr["gallbladder"]["n"] == 0
+    got[3, 1] = -1.0  # one requested liver missing
+    assert measure.size_correlation(req, got)["liver"]["present"] == 0.75
 
 
 def test_label_dice_is_one_for_a_perfect_prediction_and_counts_misses():

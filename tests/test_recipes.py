@@ -1,6 +1,7 @@
 """The training recipes hold one `TrainSettings` (``recipe.train``) and still read what they were
 given before they did: flat recipe JSON in older checkpoints and flat ``--recipe-set`` keys."""
 
+import dataclasses
 import json
 
 import pytest
@@ -38,7 +39,8 @@ def test_old_flat_recipe_json_still_loads():
     flow = FlowRecipe.from_dict(OLD_FLOW)
     assert flow.train.ema_decay == 0.995 and flow.train.ckpt_every == 50 and flow.stage3.schedule == "constant"
     assert stage_settings(flow, 2).seed == 3 * 31 + 2 and stage_settings(flow, 2).lr == 5e-5
-    assert MaskRecipe.from_dict(OLD_MASK) == MaskRecipe()
+    # OLD_MASK was written when the autoencoder's default learning rate was 2e-4
+    assert MaskRecipe.from_dict(OLD_MASK) == dataclasses.replace(MaskRecipe(), autoencoder_lr=2e-4)
     for recipe in (cn, flow, MaskRecipe()):  # and what they write now reads back the same
         assert type(recipe).from_json(recipe.to_json()) == recipe
         assert "train" in json.loads(recipe.to_json()) and "ckpt_every" not in json.loads(recipe.to_json())
@@ -50,7 +52,8 @@ def test_the_engine_settings_a_recipe_hands_the_engine():
                                                       progress=False)
     mask = MaskRecipe.from_overrides(["autoencoder_steps=20", "unet_lr=1e-3", "ckpt_every=3"])
     assert mask.settings("autoencoder", "cpu", None) == TrainSettings(
-        steps=20, lr=2e-4, warmup=19, ckpt_every=3, seed=0, device="cpu")  # warmup capped below the steps
+        steps=20, lr=1e-3, warmup=19, ckpt_every=3, seed=0, device="cpu",
+        ema_decay=0.5)  # warmup capped below the steps, the EMA decay at 1 - 10/steps (maskgen.train.ema_decay_for)
     assert mask.settings("unet", "cpu", None).lr == 1e-3 and mask.settings("unet", "cpu", None).seed == 1
 
 

@@ -86,15 +86,17 @@ def body_closed(mask: np.ndarray) -> bool:
 
 
 def size_correlation(requested: np.ndarray, obtained: np.ndarray) -> dict[str, dict]:
-    """Per slot: n, Pearson r (nan with fewer than 3 pairs or no spread) and mean |difference|,
-    over the samples whose requested size is present (>= 0). requested, obtained: (N, 10)."""
+    """Per slot: n, Pearson r (nan with fewer than 3 pairs or no spread), mean |difference| and
+    the share of samples holding the slot at all (``present``), over the samples whose requested
+    size is present (>= 0). requested, obtained: (N, 10)."""
     out = {}
     for k, name in enumerate(SLOTS):
         keep = requested[:, k] >= 0
         req, got = requested[keep, k], np.maximum(obtained[keep, k], 0.0)  # absent -> size 0
         r = float(stats.pearsonr(req, got)[0]) if keep.sum() >= 3 and req.std() > 0 and got.std() > 0 else float("nan")
         out[name] = {"n": int(keep.sum()), "pearson_r": r,
-                     "mean_abs_diff": float(np.abs(req - got).mean()) if keep.any() else float("nan")}
+                     "mean_abs_diff": float(np.abs(req - got).mean()) if keep.any() else float("nan"),
+                     "present": float((got > 0).mean()) if keep.any() else float("nan")}
     return out
 
 
