@@ -336,16 +336,20 @@ def test_progress_reports_each_step_and_phase_and_raising_from_it_writes_nothing
                         on_progress=events.append)
     attempts = len(result.report["attempts"])
     # the decoder's own progress: a streamed decode, in thousandths of its work, up to 1000 of 1000
-    decoding = [e for e in events if "done" in e]
-    assert decoding and all(e["phase"] == "decoding" and e["total"] == 1000 and "tiles" not in e for e in decoding)
+    decoding = [e for e in events if "done" in e and e["phase"] == "decoding"]
+    assert decoding and all(e["total"] == 1000 and "tiles" not in e for e in decoding)
     assert decoding[0]["attempt"] == 1 and [e["done"] for e in decoding][-1] == 1000
+    # loading: the weights read, then each of the three networks built (a cancel point after each)
+    loading = [e for e in events if "done" in e and e["phase"] == "loading"]
+    assert loading == [{"phase": "loading", "done": i, "total": 4} for i in (1, 2, 3, 4)]
+    assert events.index(loading[0]) == 1 and events.index(loading[-1]) == 4
     phases = [e for e in events if "done" not in e]
-    one = [{"phase": "sampling", "attempt": 1, "step": i, "steps": 3} for i in (1, 2, 3)]
-    assert phases[:6] == [{"phase": "loading"}] + one + [{"phase": "decoding", "attempt": 1},
+    one = [{"phase": "sampling", "attempt": 1, "step": i, "steps": 3} for i in (0, 1, 2, 3)]
+    assert phases[:7] == [{"phase": "loading"}] + one + [{"phase": "decoding", "attempt": 1},
                                                          {"phase": "checking", "attempt": 1}]
     retries = [e for e in phases if e["phase"] == "retrying"]
     assert len(retries) == attempts - 1
-    assert len(phases) == 5 * attempts + 2 + len(retries) and events[-1] == {"phase": "writing"}
+    assert len(phases) == 6 * attempts + 2 + len(retries) and events[-1] == {"phase": "writing"}
 
     class Stop(Exception):
         pass
@@ -405,7 +409,7 @@ def test_a_retry_says_which_organs_failed_and_which_seed_comes_next(small_mask_f
     assert retries[0]["message"] == "quality check failed on liver, spleen (seed 7): retry 1 of 2 with seed 8"
     # each retry comes after its attempt's check and before the next attempt's first step
     checks = [i for i, e in enumerate(events) if e["phase"] == "checking"]
-    starts = [i for i, e in enumerate(events) if e.get("step") == 1]
+    starts = [i for i, e in enumerate(events) if e.get("step") == 0]  # each attempt's loop starting
     assert [events.index(e) for e in retries] == [i + 1 for i in checks[:2]] == [i - 1 for i in starts[1:]]
     assert retries[1]["message"] in capsys.readouterr().err  # --progress: on the terminal too
 
@@ -428,7 +432,7 @@ def test_a_tiled_decode_reports_its_tiles(small_mask_file, model_dir, tmp_path, 
     watched = G.generate(small_mask_file, tmp_path / "watched.nii.gz", model=model_dir, options=options,
                          on_progress=events.append)
     assert "decode" in capsys.readouterr().err  # the terminal bar
-    decoding = [e for e in events if "done" in e]
+    decoding = [e for e in events if "done" in e and e["phase"] == "decoding"]
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in models.load_model(model_dir).vae.decoder.modules())
     total = (norms + 1) * 2  # a statistics pass per group norm, then the blend, each over both tiles
     assert decoding == [{"phase": "decoding", "attempt": 1, "done": i, "total": total, "tiles": 2}

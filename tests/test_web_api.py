@@ -174,6 +174,43 @@ def test_a_totalsegmentator_map_is_imported_with_maisi_ids(client, tmp_path):
     assert {"liver", "spleen", "body"} <= names
 
 
+def test_a_totalsegmentator_map_with_its_ct_takes_the_body_outline_from_the_ct(client, workspace, tmp_path):
+    """The page's "its CT" upload: the body envelope is the CT's tissue, not a guess from the labels;
+    a CT on another grid is refused naming both files as uploaded, and both uploads are used up."""
+    from maisi2.totalseg import TOTALSEG_CLASSES
+
+    ts = {name: idx for idx, name in TOTALSEG_CLASSES.items()}
+    seg = np.zeros((40, 40, 30), dtype=np.int16)
+    seg[12:22, 12:26, 8:22] = ts["liver"]
+    hu = np.full(seg.shape, -1000, dtype=np.int16)
+    hu[4:36, 4:36, 2:28] = 40  # a body much larger than the organs in it
+    affine = volume_io.ras_affine((4.0, 4.0, 4.0))
+    seg_bytes = nifti_bytes(volume_io.Volume(seg, affine), tmp_path, "seg.nii.gz")
+    ct_path = tmp_path / "ct.nii.gz"
+    volume_io.save_ct(ct_path, volume_io.Volume(hu, affine))
+
+    def import_pair(ct_bytes):
+        seg_id = client.post("/api/uploads?name=patient%20seg.nii.gz", content=seg_bytes).json()["upload"]
+        ct_id = client.post("/api/uploads?name=patient%20ct.nii.gz", content=ct_bytes).json()["upload"]
+        return client.post("/api/masks/import", json={"totalseg": seg_id, "ct": ct_id, "version": "v2"})
+
+    response = import_pair(ct_path.read_bytes())
+    assert response.status_code == 200, response.text
+    mask = response.json()
+    assert mask["source"] == "totalseg" and "CT (HU threshold)" in mask["change"]["import"]
+    labels = volume_io.load_label_map(workspace.mask_path(mask["id"])).array
+    assert (labels == label_id("liver")).sum() == (seg == ts["liver"]).sum()
+    assert np.array_equal(labels > 0, hu > -500)  # the body is the CT's tissue, organs inside it
+
+    other = tmp_path / "other_ct.nii.gz"
+    volume_io.save_ct(other, volume_io.Volume(hu[:, :, :20], affine))
+    refused = import_pair(other.read_bytes())
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and "is not on the grid of label map" in error, error
+    assert "patient_ct.nii.gz" in error and "patient_seg.nii.gz" in error and str(workspace.root) not in error
+    assert [m["id"] for m in client.get("/api/masks").json()] == [mask["id"]] and leftovers(workspace) == []
+
+
 def test_phantoms_with_tumors_and_their_refusals(client):
     mask = phantom(client, tumors=["hepatic:1"], seed=2)
     tumors = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
@@ -413,6 +450,36 @@ def test_out_of_domain_requests_are_refused_unless_forced_or_fitted_and_a_forced
     assert result["fitted"] and result["out_of_domain"] == [] and result["shape"] == [16, 16, 16]
 
 
+def test_what_generate_refuses_once_it_reads_the_voxels_fails_the_job_with_the_clis_message(
+        tmp_path, tiny_model, workspace):
+    """A refusal that needs the mask's voxels (labels the model never saw) comes when the job runs:
+    the job fails with generate's one line, naming the mask as the page does, and writes nothing."""
+    import json
+    import shutil
+
+    narrow = tmp_path / "liver_only_model"
+    shutil.copytree(tiny_model, narrow)
+    spec = json.loads((narrow / "model.json").read_text())
+    spec["metadata"]["domain"] = {"labels_seen": [label_id("liver")]}
+    (narrow / "model.json").write_text(json.dumps(spec))
+    ws = Workspace(tmp_path / "out2", {"tiny": tiny_model, "liver only": str(narrow)})
+    try:
+        with TestClient(create_app(ws, TOKEN), headers=AUTH) as client:
+            mask = phantom(client)
+            submitted = client.post("/api/jobs", json={"mask": mask["id"], "model": "liver only", "steps": 2})
+            assert submitted.status_code == 200, submitted.text  # the header passes; the voxels do not
+            job = wait_for(client, submitted.json()["id"])
+            assert job["state"] == "failed" and "labels the model never saw in training" in job["error"], job
+            assert "--fit-to-model" in job["error"] and "--force" in job["error"]
+            assert mask["name"] in job["error"] and str(ws.root) not in job["error"]
+            assert client.get("/api/results").json() == [] and list((ws.root / "results").iterdir()) == []
+            fitted = wait_for(client, client.post("/api/jobs", json={"mask": mask["id"], "model": "liver only",
+                                                                      "steps": 2, "fit_to_model": True}).json()["id"])
+            assert fitted["state"] == "done", fitted
+    finally:
+        ws.close()
+
+
 def test_a_running_job_shows_which_tile_it_decodes(client, monkeypatch):
     """generate's decoding events reach the job's progress (forced to 2 tiles: the tiny latent fits
     whole). The first tile's report is held until the test has read it, so no poll can miss it."""
@@ -440,7 +507,8 @@ def test_a_running_job_shows_which_tile_it_decodes(client, monkeypatch):
     monkeypatch.setattr(G, "decode_tiled", held_decode)
     job = client.post("/api/jobs", json={"mask": phantom(client)["id"], "steps": 2, "model": "tiny"}).json()
     deadline = time.monotonic() + 60
-    while "done" not in (progress := next(j for j in client.get("/api/jobs").json() if j["id"] == job["id"])["progress"]):
+    while (progress := next(j for j in client.get("/api/jobs").json() if j["id"] == job["id"])["progress"]).get(
+            "phase") != "decoding" or "done" not in progress:
         assert time.monotonic() < deadline, progress
         time.sleep(0.01)
     seen.set()
@@ -467,6 +535,57 @@ def test_cancel_stops_a_running_job_and_drops_a_queued_one_leaving_nothing(clien
     assert wait_for(client, queued["id"])["started"] is None  # it never ran
     assert client.get("/api/results").json() == [] and leftovers(workspace) == []
     assert list((workspace.root / "results").iterdir()) == []
+
+
+def test_a_cancel_takes_effect_at_the_next_event_of_any_phase_and_leaves_nothing(client, workspace, monkeypatch):
+    """Cancel at each of generate's events, from reading the weights to writing the files: the job
+    stops at that event (nothing after it runs: no more networks are built, no step is taken), ends
+    cancelled, and no result, staging folder or partial file is left."""
+    from maisi2 import checkpoint
+    from maisi2 import generate as G
+
+    real_generate, real_load = G.generate, checkpoint.load_weights
+    built = []
+
+    def cancelled_at(target):
+        def generate(*args, on_progress, **kwargs):
+            def hook(event):
+                if not stopped and target(event):
+                    job = workspace.cancel(workspace.queue.jobs()[0].id)  # as the page's cancel button does
+                    stopped.append(event)
+                    cancelling.append(job.to_dict()["cancelling"])  # what the page shows until it stops
+                on_progress(event)
+            return real_generate(*args, on_progress=hook, **kwargs)
+        stopped: list[dict] = []
+        return generate, stopped
+
+    def counted_load(net, *args, **kwargs):
+        built.append(net)
+        return real_load(net, *args, **kwargs)
+
+    cancelling: list[bool] = []
+    monkeypatch.setattr(checkpoint, "load_weights", counted_load)
+    mask = phantom(client)
+    targets = {
+        "loading, before the weights are read": lambda e: e == {"phase": "loading"},
+        "loading, after the first network": lambda e: e["phase"] == "loading" and e.get("done") == 2,
+        "the denoising loop's start": lambda e: e.get("step") == 0,
+        "the first step": lambda e: e.get("step") == 1,
+        "the decode's start": lambda e: e == {"phase": "decoding", "attempt": 1},
+        "within the decode": lambda e: e["phase"] == "decoding" and "done" in e,
+        "the quality check": lambda e: e["phase"] == "checking",
+        "writing": lambda e: e["phase"] == "writing",
+    }
+    for name, target in targets.items():
+        generate, stopped = cancelled_at(target)
+        monkeypatch.setattr(G, "generate", generate)
+        built.clear()
+        job = wait_for(client, client.post("/api/jobs", json={"mask": mask["id"], "steps": 3, "model": "tiny"}).json()["id"])
+        assert job["state"] == "cancelled" and job["result"] is None and job["error"] is None, (name, job)
+        assert stopped and job["progress"] == stopped[0], (name, job["progress"])  # nothing ran after it
+        assert len(built) == {"loading, before the weights are read": 0, "loading, after the first network": 1}.get(name, 3)
+        assert list((workspace.root / "results").iterdir()) == [] and leftovers(workspace) == [], name
+    assert client.get("/api/results").json() == [] and cancelling == [True] * len(targets)
 
 
 def test_stopping_the_server_cancels_its_jobs_and_leaves_nothing_half_written(workspace):

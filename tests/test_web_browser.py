@@ -67,6 +67,7 @@ def page(server):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         context = browser.new_context(viewport={"width": 1500, "height": 980}, accept_downloads=True)
         page = context.new_page()
+        page.set_default_timeout(180_000)  # the page's own calls run on a loaded 2-core machine
         page.goto(server[0])
         page.wait_for_selector("body[data-ready='1']")
         yield page
@@ -232,3 +233,126 @@ def test_an_out_of_domain_request_is_refused_in_the_page_and_marked_when_forced(
     assert newest["out_of_domain"] and newest["settings"]["force"] is True
     marking = page.locator(f"li[data-result='{newest['id']}'] .out-of-domain").inner_text()
     assert "OUT OF DOMAIN" in marking and newest["out_of_domain"][0] in marking
+    page.wait_for_selector(f"body[data-showing='result:{newest['id']}']")  # the page opens a new result itself
+
+
+def shown_mask(page, workspace, before: str):
+    """The mask the page shows once it has moved on from `before` (its record)."""
+    page.wait_for_function("(before) => (document.body.dataset.showing || null) !== before"
+                           " || !document.querySelector('#error').hidden", arg=before)
+    assert page.is_hidden("#error"), page.inner_text("#error-text")
+    showing = page.get_attribute("body", "data-showing")
+    assert showing.startswith("mask:"), showing
+    return workspace.mask(showing[5:])
+
+
+def open_panel(page, panel: str) -> None:
+    if page.get_attribute(f"#{panel}", "open") is None:
+        page.locator(f"#{panel} summary").click()
+
+
+def test_every_mask_source_is_reachable_in_the_page(page, server, tmp_path):
+    """Phantom (with a tumour), the library's list, a request by region / anatomy / size / spacing,
+    and a TotalSegmentator map with its CT: each made by the page's own controls."""
+    from maisi2.totalseg import TOTALSEG_CLASSES
+
+    url, workspace = server
+    open_panel(page, "phantom-panel")
+    for name, value in zip(("sx", "sy", "sz", "px", "py", "pz", "seed"), ("64", "64", "48", "6", "6", "6", "1")):
+        page.fill(f"#phantom-form input[name={name}]", value)
+    page.fill("#phantom-form input[name=tumours]", "hepatic:1")
+    before = page.get_attribute("body", "data-showing")
+    page.click("#make-phantom")
+    mask = shown_mask(page, workspace, before)
+    assert mask.source == "phantom" and "hepatic:1" in mask.name and "hepatic tumor" in page.inner_text("#tumours")
+
+    open_panel(page, "library-panel")
+    first = page.locator("#library-list li").first
+    file = first.get_attribute("data-library")
+    before = page.get_attribute("body", "data-showing")
+    first.locator("button").click()
+    mask = shown_mask(page, workspace, before)
+    assert mask.source == "library" and file in mask.name and page.inner_text("#legend")
+
+    form = "#request-form"
+    page.fill(f"{form} input[name=region]", "abdomen")
+    page.fill(f"{form} input[name=anatomy]", "liver, hepatic tumor")
+    for name, value in zip(("sx", "sy", "sz", "px", "py", "pz"), ("96", "96", "64", "4", "4", "4")):
+        page.fill(f"{form} input[name={name}]", value)
+    before = page.get_attribute("body", "data-showing")
+    page.click("#request-mask")
+    mask = shown_mask(page, workspace, before)
+    volume = volume_io.load_label_map(workspace.mask_path(mask.id))
+    assert mask.source == "request" and volume.shape == (96, 96, 64) and np.allclose(volume.spacing, 4)
+    assert "hepatic tumor" in page.inner_text("#tumours")
+
+    ts = {name: idx for idx, name in TOTALSEG_CLASSES.items()}
+    seg = np.zeros((40, 40, 30), dtype=np.int16)
+    seg[12:22, 12:26, 8:22] = ts["liver"]
+    hu = np.full(seg.shape, -1000, dtype=np.int16)
+    hu[4:36, 4:36, 2:28] = 40
+    affine = volume_io.ras_affine((4.0, 4.0, 4.0))
+    volume_io.save_label_map(tmp_path / "seg.nii.gz", volume_io.Volume(seg, affine), tables=False)
+    volume_io.save_ct(tmp_path / "ct.nii.gz", volume_io.Volume(hu, affine))
+    open_panel(page, "totalseg-panel")
+    page.set_input_files("#totalseg-file", str(tmp_path / "seg.nii.gz"))
+    page.set_input_files("#totalseg-ct", str(tmp_path / "ct.nii.gz"))
+    page.select_option("#totalseg-version", "v2")
+    before = page.get_attribute("body", "data-showing")
+    page.click("#totalseg-form button[type=submit]")
+    mask = shown_mask(page, workspace, before)
+    assert mask.source == "totalseg" and "CT (HU threshold)" in mask.change["import"]
+    assert "liver" in page.inner_text("#legend") and "body" in page.inner_text("#legend")
+
+
+def test_bad_numbers_and_refused_requests_are_shown_in_the_page_as_the_clis_lines(page, server):
+    url, workspace = server
+    masks, jobs = len(workspace.masks()), len(workspace.jobs())
+    steps = "#generate-form input[name=steps]"
+    for value, message in (("", "steps must be a whole number, got nothing"),
+                           ("5000", "steps (--steps) must be a finite number from 1 to 1000, got 5000"),
+                           ("2.5", "steps must be a whole number, got 2.5")):
+        page.fill(steps, value)
+        page.click("#generate")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error-text") == message
+        page.click("#error-close")
+    page.fill(steps, "2")
+    page.fill("#generate-form input[name=px]", "2")  # one spacing of three
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "give all three spacings" in page.inner_text("#error-text")
+    page.click("#error-close")
+    page.fill("#generate-form input[name=px]", "")
+
+    open_panel(page, "library-panel")
+    page.fill("#request-form input[name=anatomy]", "livr")
+    page.click("#request-mask")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "did you mean 'liver'" in page.inner_text("#error-text")
+    page.click("#error-close")
+    page.fill("#request-form input[name=anatomy]", "liver")
+    page.fill("#request-form input[name=sx]", "100")
+    page.click("#request-mask")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "multiples of 16" in page.inner_text("#error-text")
+    page.click("#error-close")
+    assert len(workspace.masks()) == masks and len(workspace.jobs()) == jobs  # nothing made, nothing queued
+
+
+def test_a_running_job_is_cancelled_from_the_page_and_leaves_nothing(page, server):
+    url, workspace = server
+    results = len(workspace.results())
+    page.fill("#generate-form input[name=steps]", "1000")
+    page.click("#generate")
+    running = page.locator("#job-list li.state-running").first
+    running.wait_for()  # cancelled at once: while it loads the model or at its first steps
+    job_id = running.get_attribute("data-job")
+    running.locator("button", has_text="cancel").click()
+    page.wait_for_selector(f"#job-list li[data-job='{job_id}'].state-cancelled")
+    assert page.is_hidden("#error")
+    job = workspace.queue.get(job_id)
+    assert job.state == "cancelled" and job.progress.get("step", 0) < 1000
+    page.fill("#generate-form input[name=steps]", "2")
+    assert len(workspace.results()) == results
+    assert not [p for p in (workspace.root / "results").iterdir() if p.name.startswith(".")]

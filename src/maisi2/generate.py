@@ -102,6 +102,9 @@ __all__ = [
 PathLike = str | os.PathLike
 # `on_progress(event)` is called in the generating thread as the work advances, with one of
 #   {"phase": "loading"} once the request has passed every check, before the weights are read,
+#   {"phase": "loading", "done": i, "total": n} when they are read (i = 1), then after each network
+#   built (`models.load_model`'s progress),
+#   {"phase": "sampling", "attempt": k, "step": 0, "steps": n} as the denoising loop starts,
 #   {"phase": "sampling", "attempt": k, "step": i, "steps": n}  after each Euler step (i = 1..n),
 #   {"phase": "decoding", "attempt": k} as the decode starts, then after each tile or slab
 #   {"phase": "decoding", "attempt": k, "done": i, "total": n} (`autoencoder.decode_tiled`'s
@@ -325,7 +328,7 @@ def generate(mask: PathLike | volume_io.Volume, out: PathLike, model=None,
     # 6. load the networks (those loaded here are ours alone: let go while the decoder runs)
     if on_progress is not None:
         on_progress({"phase": "loading"})
-    models, load_seconds = _load_networks(plan.info, models, options)
+    models, load_seconds = _load_networks(plan.info, models, options, on_progress)
     return _generate_prepared(plan, models, started, load_seconds, on_progress)
 
 
@@ -773,11 +776,13 @@ def _fov(volume: volume_io.Volume) -> tuple[float, float, float]:
 
 # -- 6. load the networks --------------------------------------------------------------------
 
-def _load_networks(info, models, options: GenerateOptions):
+def _load_networks(info, models, options: GenerateOptions, on_progress: ProgressFn | None = None):
     if models is not None:
         return models, 0.0
     start = time.perf_counter()
-    models = M.load_model(info, device=options.device)
+    loaded = None if on_progress is None else lambda done, total: on_progress({"phase": "loading", "done": done,
+                                                                               "total": total})
+    models = M.load_model(info, device=options.device, progress=loaded)
     return models, time.perf_counter() - start
 
 
@@ -851,6 +856,7 @@ def _attempt(plan: GenerationPlan, models, seed: int, on_progress: ProgressFn = 
     latent_shape = (models.cfg.vae.latent_channels, *fit.decode.latent_shape)
     uncond = plan.guidance.uncond
     reload_seconds = models.restore_diffusion()  # released by an earlier attempt (a QC retry)
+    on_progress({"phase": "sampling", "step": 0, "steps": options.steps})  # a stop here costs no step
     start = time.perf_counter()
     latent = sampling.sample_latent(
         models.unet, plan.guidance.cond, latent_shape, models.cfg.flow, controlnet=models.controlnet,

@@ -55,6 +55,7 @@ from maisi2 import checkpoint as ckpt
 from maisi2.atomic import atomic_output, check_writable
 from maisi2.config import Config, get_config
 from maisi2.errors import InvalidInput, MissingInput
+from maisi2.progress import Progress, counter
 
 __all__ = [
     "MODEL_JSON",
@@ -448,13 +449,16 @@ def load_network(path: str | Path, kind: str, device: str | torch.device | None 
 # -- loading ---------------------------------------------------------------------------------
 
 def load_model(model_dir: str | Path | ModelInfo | None = None, device: str | torch.device | None = "cpu",
-               prefer_ema: bool = True, kinds: tuple[str, ...] = NETWORK_KINDS) -> Models:
+               prefer_ema: bool = True, kinds: tuple[str, ...] = NETWORK_KINDS,
+               progress: Progress | None = None) -> Models:
     """Build the networks for the folder's config and load its weights strictly (eval mode).
 
     model_dir: a folder (see the module docstring), a `ModelInfo` from `read_model_info`, or None
     for the bundled model. The ControlNet is optional in the files; without it `Models.controlnet`
     is None and only unconditional sampling is possible. `kinds`: the networks to build (the others
-    are None; `Models.restore_diffusion` reads only the UNet and ControlNet).
+    are None; `Models.restore_diffusion` reads only the UNet and ControlNet). progress: a
+    `maisi2.progress.Progress` over 1 + the networks built: the weights read, then each network
+    (what lets the web app cancel a job between them).
     """
     from maisi2.nets import resolve_device
 
@@ -465,15 +469,16 @@ def load_model(model_dir: str | Path | ModelInfo | None = None, device: str | to
         raise InvalidInput(f"unknown network kinds {sorted(unknown)}; choose from {NETWORK_KINDS}")
     weights, scale_factor = _read_weights(info, prefer_ema, kinds)
     cfg = inference_config(info.cfg)
-    built = {}
-    for kind in NETWORK_KINDS:
-        if kind not in kinds or weights.get(kind) is None:
-            built[kind] = None
-            continue
+    wanted = [kind for kind in NETWORK_KINDS if kind in kinds and weights.get(kind) is not None]
+    tick = counter(progress, 1 + len(wanted))
+    tick()  # the weights are read
+    built = dict.fromkeys(NETWORK_KINDS)
+    for kind in wanted:
         # Built on the target device: the builders switch flash attention on only for CUDA.
         net = ckpt.build_network(kind, cfg, device=device)
         ckpt.load_weights(net, weights[kind], kind, _source(info, kind), info.cfg.preset)
         built[kind] = net.eval()
+        tick()
     return Models(info.cfg, built["vae"], built["unet"], built["controlnet"], scale_factor, info.metadata, info,
                   prefer_ema)
 

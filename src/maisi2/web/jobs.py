@@ -3,7 +3,8 @@
 A job is a function of a progress callback (`Task`). The queue hands each running task a callback
 that records the latest progress event and raises `Cancelled` once the job is cancelled, so a
 cancel takes effect at the task's next progress event (`generate` reports each Euler step and
-each phase) and the task stops there; `generate` writes nothing when it is stopped.
+each phase, each network loaded) and the task stops there; `generate` writes nothing when it is
+stopped. Until then the job is "running" with "cancelling" set.
 
 Usage::
 
@@ -67,6 +68,7 @@ class Job:
     def to_dict(self) -> dict:
         return {"id": self.id, "label": self.label, "details": self.details, "state": self.state,
                 "progress": dict(self.progress), "error": self.error, "result": self.result,
+                "cancelling": self.state == RUNNING and self.cancel_requested.is_set(),
                 "submitted": self.submitted, "started": self.started, "finished": self.finished}
 
 

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from maisi2 import volume_io
 from maisi2 import labels as L
-from maisi2.errors import InvalidInput
+from maisi2.errors import InvalidInput, Maisi2Error
 from maisi2.web.jobs import Job, JobQueue, NotFound
 
 __all__ = ["Workspace", "UploadTooLarge", "GenerationSettings", "WINDOW_PRESETS", "ID_PATTERN", "RESULT_FILES", "tumor_list"]
@@ -160,7 +160,8 @@ class Workspace:
             seg = self._upload_path(seg_upload)
             ct = None if ct_upload is None else self._upload_path(ct_upload)
             with self._staging("masks") as (mask_id, folder):
-                report = _in_users_words(import_totalseg, seg, folder / "mask.nii.gz", ct_path=ct, version=version)
+                report = _in_users_words(import_totalseg, seg, folder / "mask.nii.gz", ct_path=ct, version=version,
+                                         also=() if ct is None else (ct,))
                 record = MaskRecord(mask_id, f"{_stem(seg.name)} (TotalSegmentator)", "totalseg",
                                     change={"import": report.summary()})
                 _write_json(folder / "mask.json", asdict(record))
@@ -319,10 +320,15 @@ class Workspace:
     def _generate(self, record: MaskRecord, settings: GenerationSettings, options, on_progress) -> str:
         from maisi2.generate import generate
 
+        mask_path = self.mask_path(record.id)
         with self._staging("results") as (result_id, folder):
             _write_json(folder / "request.json", {"mask": asdict(record), "settings": asdict(settings)})
-            generate(self.mask_path(record.id), folder / RESULT_FILES["ct"], model=self.models[settings.model],
-                     options=options, on_progress=on_progress)
+            try:
+                generate(mask_path, folder / RESULT_FILES["ct"], model=self.models[settings.model],
+                         options=options, on_progress=on_progress)
+            except Maisi2Error as err:  # the page knows the mask by its name, not by our copy's path
+                message = str(err).replace(str(mask_path), repr(record.name)).replace(str(folder), "the result folder")
+                raise type(err)(message) if message != str(err) else err from None
         return result_id
 
     def cancel(self, job_id: str) -> Job:
@@ -499,14 +505,16 @@ def _stem(name: str) -> str:
     return name.split(".nii")[0]
 
 
-def _in_users_words(fn, path: Path, *args, **kwargs):
-    """Call `fn(path, ...)`; in an error message, name the upload as the user did, not our copy."""
+def _in_users_words(fn, path: Path, *args, also: Sequence[Path] = (), **kwargs):
+    """Call `fn(path, ...)`; in an error message, name the upload (and the uploads in `also`, e.g. the
+    CT of a TotalSegmentator map) as the user did, not by our copy's path."""
     try:
         return fn(path, *args, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        for location in (str(path), str(path.parent)):
-            message = message.replace(location, path.name)
+        for upload in (path, *also):
+            for location in (str(upload), str(upload.parent)):
+                message = message.replace(location, upload.name)
         raise InvalidInput(message) from None
 
 

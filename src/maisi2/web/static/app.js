@@ -245,10 +245,13 @@ function describeProgress(job) {
   const p = job.progress || {};
   if (job.state === "queued") return job.position ? `queued, ${job.position} ahead` : "queued";
   if (job.state !== "running") return "";
+  if (job.cancelling) return "cancelling (at its next step, tile or network)";
   const attempt = p.attempt > 1 ? ` (attempt ${p.attempt})` : "";
   if (p.phase === "sampling") return `sampling: step ${p.step} of ${p.steps}${attempt}`;
   if (p.phase === "decoding" && p.total) return decodingProgress(p) + attempt;
   if (p.phase === "retrying") return p.message;
+  // generate's loading events: the weights read, then each network built
+  if (p.phase === "loading" && p.total) return `loading the model: ${p.done === 1 ? "weights read" : `network ${p.done - 1} of ${p.total - 1} built`}`;
   return { loading: "loading the model", decoding: "decoding the latent to HU", checking: "quality check",
     writing: "writing the files" }[p.phase] || p.phase || "starting";
 }
@@ -275,7 +278,7 @@ async function refreshJobs() {
       <progress max="1" value="${fraction}"></progress>`;
     $(".name", li).textContent = job.label;
     if (job.error) { const err = document.createElement("span"); err.className = "job-error"; err.textContent = job.error; li.append(err); }
-    if (job.state === "queued" || job.state === "running") {
+    if (job.state === "queued" || (job.state === "running" && !job.cancelling)) {
       const cancel = document.createElement("button");
       cancel.textContent = "cancel";
       cancel.onclick = () => act(async () => { await api(`/jobs/${job.id}/cancel`, { method: "POST" }); await refreshJobs(); });
