@@ -606,6 +606,37 @@ def _gunzip(data: bytes) -> bytes:
     return gzip.decompress(data)
 
 
+def test_serve_listens_on_this_machine_only_and_prints_a_url_with_a_fresh_token(tmp_path, capsys, monkeypatch):
+    """`maisi2 serve` as a user starts it (uvicorn.run stood in for): bound to 127.0.0.1, the
+    printed URL carries a random token (a new one each start), and only that token opens the app."""
+    import re
+    import socket
+
+    import uvicorn
+
+    from maisi2 import cli
+
+    started = []
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["maisi2.cli.serve_cmd"])
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: started.append((app, host, port)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tokens = []
+    for _ in range(2):
+        assert cli.main(["serve", "--port", str(port), "--out", str(tmp_path / "web")]) == 0
+        url = re.search(r"http://\S+", capsys.readouterr().out).group(0)
+        assert url.startswith(f"http://127.0.0.1:{port}/?token=")
+        tokens.append(url.split("token=")[1])
+    app, host, _ = started[-1]
+    assert host == "127.0.0.1" and [h for _, h, _ in started] == ["127.0.0.1"] * 2
+    assert tokens[0] != tokens[1] and all(len(t) >= 32 for t in tokens)
+    with TestClient(app) as browser:
+        assert browser.get("/api/options", headers={HEADER: tokens[0]}).status_code == 401  # the old start's
+        assert browser.get("/api/options", headers={HEADER: tokens[1]}).status_code == 200
+        assert browser.get(f"/?token={tokens[1]}").status_code == 200  # the printed URL opens the page
+
+
 def test_serve_command_refuses_bad_settings_before_starting(tmp_path, capsys, monkeypatch):
     import socket
 
