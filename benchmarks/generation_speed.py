@@ -28,7 +28,8 @@ difference is the allocator.
     python benchmarks/generation_speed.py e2e --variants reference ours ours_bf16   # + the bf16 sampling plan
 
 ``ours`` runs the compute plan ``--precision auto`` picks on this machine; ``ours_bf16`` forces
-``--precision bf16`` (the flow UNet and ControlNet in bfloat16 autocast, channels-last-3d). Every
+``--precision bf16`` (the 3x3x3 convolutions of the flow UNet, ControlNet and VAE decoder in
+bfloat16 channels-last-3d between float32 activations), for ``e2e`` and ``decode`` alike. Every
 table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`).
 
 Results (JSON lines) are appended to ``--out`` (default work/bench/generation_speed.jsonl), so an
@@ -152,7 +153,7 @@ def _e2e(args, device, reference: bool) -> dict:
         allocator.give_back_freed_memory()
         _sync(device)
         sampled, cpu_sampled = time.perf_counter(), _cpu_seconds()
-        image, plan = our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb)
+        image, plan = our_decode(net["vae"], cfg, x / scale_factor, device, args.budget_gb, compute=plan)
     _sync(device)
     done, cpu_done = time.perf_counter(), _cpu_seconds()
     hu = unit_to_hu(image[0, 0]).numpy()
@@ -181,8 +182,12 @@ def _decode(args, device, variant: str) -> dict:
     plan = None
     if reference:
         image = _reference_decode(vae, z, device)
-    elif variant == "ours":
-        image, plan = our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir)
+    elif variant in ("ours", "ours_bf16"):
+        from maisi2 import compute
+
+        arithmetic = compute.choose_plan("bf16" if variant == "ours_bf16" else "auto", device)
+        image, plan = our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir, compute=arithmetic)
+        plan = {**plan, "compute_plan": arithmetic.to_dict()}
     else:  # "whole": the exact whole-volume decode (streamed, float32), what both are compared with
         image = autoencoder.decode_streamed(vae, z, storage=torch.float32, spill_dir=args.spill_dir)
     _sync(device)
@@ -374,7 +379,8 @@ def _table(args, rows: dict) -> None:
         print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads")
         whole_path = Path(f"{prefix}_decode{name}_whole.npy")
         whole = np.load(whole_path) if whole_path.exists() else None
-        for variant in ("reference", "reference_reuse", "ours", "whole"):
+        ok = {}
+        for variant in ("reference", "reference_reuse", "ours", "ours_bf16", "whole"):
             r = rows.get(_key(args, variant))
             if not r:
                 continue
@@ -386,6 +392,13 @@ def _table(args, rows: dict) -> None:
             if whole is not None and variant != "whole" and path.exists():
                 line += f"  vs whole: {_compare(np.load(path), whole)}"
             print(line)
+            ok[variant] = r
+        for mine in ("ours", "ours_bf16"):
+            for name in ("reference", "reference_reuse"):
+                if mine in ok and name in ok:
+                    print(f"ratio {name}/{mine}: decode {ok[name]['decode_s'] / ok[mine]['decode_s']:.2f}x, CPU s "
+                          f"{ok[name]['cpu_decode_s'] / ok[mine]['cpu_decode_s']:.2f}x, peak memory "
+                          f"{_peak(ok[mine]) / _peak(ok[name]):.2f}")
     else:
         r = rows.get(_key(args, "limit"))
         if r and "error" not in r:

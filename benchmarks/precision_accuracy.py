@@ -1,13 +1,18 @@
 """How far bfloat16 and the release's float16 move a generated CT from the float32 one (HU).
 
 Same networks, same noise, same mask; only the arithmetic differs. Sampling variants: ``fp32``;
-``bf16`` (maisi2's bf16 compute plan: bfloat16 autocast, channels-last-3d); ``fp16`` (the release's
-GPU path, float16 autocast, run here on the CPU). Decoder variants: ``fp32`` (maisi2's decode;
-the plan never lowers the VAE) and ``fp16`` (the release's: MONAI's decode under float16 autocast
-with its float16 group norm). Every pairing is compared with fp32 sampling +
-fp32 decode, in HU inside the body: max and mean |difference| and the per-organ median shift
-(median HU of each label, variant minus float32; the largest |shift| over the labels and their
-median are printed).
+``bf16`` (maisi2's bf16 compute plan: only the 3x3x3 convolutions of the UNet and ControlNet in
+bf16 channels-last, every activation float32, `compute.ComputePlan.lowered`); ``bf16ac`` (the same
+networks under bfloat16 autocast with channels-last-3d tensors, the plan of sessions 11-12:
+activations in bf16 too); ``fp16`` (the release's GPU path, float16 autocast, run here on the CPU). Decoder variants: ``fp32`` (maisi2's float32 decode); ``bf16``
+(the bf16 plan's decoder: 3x3x3 convolutions in bf16 channels-last between float32 activations,
+group norms, 1x1 shortcuts and the output convolution float32); ``bf16out`` (the same with the
+output convolution in bf16 too); ``bf16ac`` (the whole decoder under bfloat16 autocast,
+channels-last: activations and group-norm inputs in bf16); ``fp16`` (the release's: MONAI's
+decode under float16 autocast with its float16 group norm). Every pairing is compared with fp32
+sampling + fp32 decode, in HU inside the body: max and mean |difference| and the per-organ median
+shift (median HU of each label, variant minus float32; the largest |shift| over the labels and
+their median are printed).
 
     python benchmarks/precision_accuracy.py --model released   # maisi-v2 architecture, random weights
     python benchmarks/precision_accuracy.py --model bundled    # the bundled model (small preset)
@@ -26,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The decoder has no bf16 path: the compute plan keeps the VAE in float32 (docs/performance.md).
-PAIRS = [("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp16"), ("fp16", "fp16")]
+# Default rows: each half of the bf16 plan and of the release's fp16 path alone, then both whole.
+PAIRS = [("bf16", "fp32"), ("bf16ac", "fp32"), ("fp16", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"),
+         ("fp16", "fp16")]
 
 
 def _networks(model: str):
@@ -46,9 +52,9 @@ def _networks(model: str):
 def _plan(name: str):
     from maisi2 import compute
 
-    if name == "fp16":
-        half = compute.NetworkCompute(torch.float16)
-        return compute.replace(compute.choose_plan("fp32", "cpu"), unet=half, controlnet=half)
+    if name in ("fp16", "bf16ac"):
+        low = compute.NetworkCompute(torch.float16) if name == "fp16" else compute.BF16
+        return compute.replace(compute.choose_plan("fp32", "cpu"), unet=low, controlnet=low)
     return compute.choose_plan(name, "cpu")
 
 
@@ -77,10 +83,23 @@ def _decode(nets, latent: np.ndarray, variant: str) -> np.ndarray:
             for m in norms:
                 m.norm_float16 = False
             fastops.accelerate(vae)
+    if variant == "bf16ac":  # the naive way: every activation of the decoder in bf16
+        with torch.no_grad(), compute.autocast("cpu", "bf16"):
+            vae.to(memory_format=torch.channels_last_3d)
+            try:
+                return vae.decode(z.contiguous(memory_format=torch.channels_last_3d)).float()[0, 0].numpy()
+            finally:
+                vae.to(memory_format=torch.contiguous_format)
     plan = autoencoder.plan_tiles(z.shape[2:], cfg.vae, 8 * 2**30)
-    if variant != "fp32":
-        raise SystemExit(f"decoder variant {variant!r}: the decoder runs in fp32 (maisi2) or fp16 (the release)")
-    return autoencoder.decode_tiled(vae, z, plan)[0, 0].numpy()
+    if variant == "bf16out":
+        restore = fastops.lower_convolutions(vae.decoder, keep_last=False)
+        try:
+            return autoencoder.decode_tiled(vae, z, plan)[0, 0].numpy()
+        finally:
+            restore()
+    if variant not in ("fp32", "bf16"):
+        raise SystemExit(f"decoder variant {variant!r}: one of fp32, bf16, bf16out, bf16ac, fp16")
+    return autoencoder.decode_tiled(vae, z, plan, arithmetic=_plan(variant))[0, 0].numpy()
 
 
 def _cached(path: Path, make) -> np.ndarray:

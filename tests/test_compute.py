@@ -35,7 +35,21 @@ def test_auto_picks_bf16_channels_last_for_the_flow_networks_on_amx_without_prob
         lowered = name in FLOW
         assert plan.of(name).dtype == (torch.bfloat16 if lowered else torch.float32)
         assert plan.of(name).channels_last == lowered
-    assert set(compute.BF16_NETWORKS) == {"unet", "controlnet"}  # the VAE stays float32 (docs/performance.md)
+        assert plan.of(name).convolutions_only == lowered  # bf16 multiply-adds, float32 activations
+    # --precision bf16 lowers the decoder too; the encoder (training data) stays float32
+    assert set(compute.BF16_NETWORKS) == {"unet", "controlnet", "vae_decoder"}
+
+
+@pytest.mark.parametrize("cpu, probe, lowered", [(SAPPHIRE, _never, True), (ZEN5, lambda: 2.0, True),
+                                                 (ZEN5, lambda: 1.1, False), (ZEN3, _never, False)])
+def test_the_decoder_is_lowered_where_bf16_pays_and_auto_may_lower_it(cpu, probe, lowered):
+    plan = compute.choose_plan("auto", "cpu", cpu=cpu, probe=probe, auto_networks=("vae_decoder",))
+    want = compute.BF16_CONVS if lowered else compute.FP32
+    assert plan.of("vae_decoder") == want and plan.of("vae_encoder") == compute.FP32
+    assert plan.of("unet") == compute.FP32  # only the networks auto may lower
+    # an explicit bf16 lowers it on every CPU, fp32 never
+    assert compute.choose_plan("bf16", "cpu", cpu=cpu, probe=_never).of("vae_decoder") == compute.BF16_CONVS
+    assert compute.choose_plan("fp32", "cpu", cpu=cpu, probe=_never).of("vae_decoder") == compute.FP32
 
 
 def test_auto_lowers_only_networks_measured_within_the_release_fp16_error():
@@ -79,10 +93,13 @@ def test_autocast_is_one_function_for_names_dtypes_and_plans():
         assert (x @ x).dtype == torch.bfloat16
     with compute.autocast("cpu", "fp32"):
         assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
-    with compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE).autocast("unet"):
+    autocast_plan = compute.replace(compute.choose_plan("fp32", "cpu", cpu=SAPPHIRE), unet=compute.BF16)
+    with autocast_plan.autocast("unet"):
         assert (x @ x).dtype == torch.bfloat16
-    with compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE).autocast("vae_decoder"):
-        assert (x @ x).dtype == torch.float32
+    # the CPU's bf16 plan lowers convolutions only (`lowered`): no autocast for any network
+    for network in compute.NETWORKS:
+        with compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE).autocast(network):
+            assert (x @ x).dtype == torch.float32
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
         compute.autocast("cpu", "fp8")
 
@@ -99,8 +116,9 @@ def test_the_probe_is_measured_once_and_cached_per_machine(tmp_path, monkeypatch
 def test_the_plan_dict_names_dtypes_layouts_and_the_cpu():
     d = compute.choose_plan("auto", "cpu", cpu=SAPPHIRE, auto_networks=FLOW).to_dict()
     assert d["chosen"] == "bf16" and d["requested"] == "auto" and d["cpu"]["model"] == "Intel Xeon"
-    assert d["networks"]["unet"] == {"dtype": "bfloat16", "layout": "channels_last_3d"}
-    assert d["networks"]["vae_decoder"] == {"dtype": "float32", "layout": "contiguous"}
+    assert d["networks"]["unet"] == {"dtype": "bfloat16", "layout": "channels_last_3d", "activations": "float32"}
+    assert d["networks"]["vae_decoder"] == {"dtype": "float32", "layout": "contiguous", "activations": "float32"}
+    assert compute.BF16.to_dict()["activations"] == "bfloat16"  # autocast rounds the activations too
 
 
 # -- numerics ----------------------------------------------------------------------------------
@@ -152,7 +170,7 @@ def test_bf16_velocity_stays_within_the_bf16_rounding_bound_of_float32(tiny):
         plan = compute.choose_plan(name, "cpu")
         plan.prepare(unet, "unet")
         plan.prepare(controlnet, "controlnet")
-        with torch.no_grad():
+        with torch.no_grad(), plan.lowered(unet, "unet"), plan.lowered(controlnet, "controlnet"):
             out[name] = sampling.velocity_function(unet, cond, controlnet, compute=plan)(x, t)
     compute.choose_plan("fp32", "cpu").prepare(unet, "unet")  # back to contiguous float32 layers
     compute.choose_plan("fp32", "cpu").prepare(controlnet, "controlnet")
@@ -164,7 +182,8 @@ def test_bf16_velocity_stays_within_the_bf16_rounding_bound_of_float32(tiny):
 def test_prepare_is_reversible(tiny):
     _, _, unet, _ = tiny
     state = {k: v.clone() for k, v in unet.state_dict().items()}
-    compute.choose_plan("bf16", "cpu").prepare(unet, "unet")
+    autocast_plan = compute.replace(compute.choose_plan("fp32", "cpu"), unet=compute.BF16)
+    autocast_plan.prepare(unet, "unet")
     assert any(type(m) is fastops.Float32Linear for m in unet.modules())
     compute.choose_plan("fp32", "cpu").prepare(unet, "unet")
     assert not any(type(m) is fastops.Float32Linear for m in unet.modules())
@@ -187,10 +206,90 @@ def test_generate_records_the_plan_and_bf16_stays_close_to_fp32(tiny, tmp_path):
         result = G.generate(mask, tmp_path / f"{precision}{seed}.nii.gz", model=model_dir, options=options)
         assert result.report["precision"] == precision
         assert result.report["compute_plan"]["requested"] == precision
-        assert result.report["compute_plan"]["networks"]["vae_decoder"]["dtype"] == "float32"
+        assert result.report["compute_plan"]["networks"]["vae_decoder"]["dtype"] == (
+            "bfloat16" if precision == "bf16" else "float32")
         cts[precision, seed] = np.asarray(nib.load(result.paths.ct).dataobj).astype(float)
     assert json.loads((tmp_path / "bf160_report.json").read_text())["compute_plan"]["chosen"] == "bf16"
     # bf16 moves the CT far less than another seed does
     assert np.abs(cts["bf16", 0] - cts["fp32", 0]).mean() < 0.2 * np.abs(cts["fp32", 1] - cts["fp32", 0]).mean()
     with pytest.raises(ValueError, match="precision must be one of"):
         G.generate(mask, tmp_path / "x.nii.gz", model=model_dir, options=G.GenerateOptions(precision="half"))
+
+
+# -- bf16 convolutions between float32 activations (the CPU's bf16 plan) -------------------------
+
+def test_bf16_conv_is_a_convolution_of_bf16_rounded_operands_with_float32_out():
+    g = torch.Generator().manual_seed(0)
+    conv = fastops.FastConv3d(6, 5, 3, padding=1)
+    x = torch.randn(1, 6, 7, 6, 5, generator=g)
+    restore = fastops.lower_convolutions(conv, keep_last=False)
+    assert type(conv) is fastops.Bf16Conv3d
+    with torch.no_grad():
+        got = conv(x)
+        want = nn.functional.conv3d(x.bfloat16().float(), conv.weight.bfloat16().float(), padding=1).bfloat16().float()
+        want += conv.bias.reshape(1, -1, 1, 1, 1)
+        other = fastops.conv3d_of(conv, x, (0, 1, 1))  # another padding, as the streamed decode asks
+    assert got.dtype == torch.float32 and got.shape == (1, 5, 7, 6, 5)
+    # the kernel accumulates in float32 in its own order: equal up to one bf16 rounding of the output
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-5)
+    assert other.shape == (1, 5, 5, 6, 5)
+    torch.testing.assert_close(other, got[:, :, 1:-1], rtol=0, atol=0)
+    restore()
+    assert type(conv) is fastops.FastConv3d and "_bf16_weight" not in vars(conv)
+    with torch.no_grad():  # float32 again, and conv3d_of is exactly F.conv3d there
+        torch.testing.assert_close(fastops.conv3d_of(conv, x, 1), nn.functional.conv3d(x, conv.weight, conv.bias, padding=1),
+                                   rtol=0, atol=0)
+
+
+def test_lowering_keeps_pointwise_and_output_convolutions_float32(tiny):
+    _, vae, _, _ = tiny
+    convs = [m for m in vae.decoder.modules() if isinstance(m, nn.Conv3d)]
+    classes = [type(m) for m in convs]
+    plan = compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE)
+    with plan.lowered(vae.decoder, "vae_decoder"):
+        lowered = [type(m) is fastops.Bf16Conv3d for m in convs]
+        three = [m.kernel_size == (3, 3, 3) for m in convs]
+        assert lowered[:-1] == three[:-1] and not lowered[-1] and three[-1]  # the output conv stays float32
+    assert [type(m) for m in convs] == classes
+    # a float32 plan, and a bf16 plan on CUDA (autocast there), change nothing
+    for other in (compute.choose_plan("fp32", "cpu"), compute.choose_plan("bf16", "cuda")):
+        with other.lowered(vae.decoder, "vae_decoder"):
+            assert [type(m) for m in convs] == classes
+
+
+def test_average_2x2x2_leaves_a_float32_input_alone():
+    """It used to sum into a view of a float32 channels-last input: the UNet's skip connection."""
+    x = torch.randn(1, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    before = x.clone()
+    fastops.average_2x2x2(x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
+# The bf16 decoder's bound on a small case: bfloat16 operands carry a relative rounding of at most
+# u = 2^-8; the tiny decoder chains 7 lowered convolutions between float32 norms, so even if each
+# added its full u the image would move by < 10u in relative L2 (measured: see the test).
+BF16_DECODE_RELATIVE_L2 = 10 * 2**-8
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_bf16_decode_stays_within_the_rounding_bound_and_fp32_is_unchanged(tiny, tiled):
+    from maisi2 import autoencoder
+
+    cfg, vae, _, _ = tiny
+    z = torch.randn(1, 4, 18, 8, 8, generator=torch.Generator().manual_seed(3))
+    if tiled:  # two tiles with whole-volume statistics: the plain vae.decode on each
+        halo = autoencoder.decoder_context(cfg.vae)
+        starts = tuple(autoencoder.tiles.axis_starts(n, t, 2 * halo + 2) for n, t in zip((18, 8, 8), (16, 8, 8)))
+        plan = autoencoder.TilePlan((18, 8, 8), (16, 8, 8), starts, halo, 2, 4, 0)
+        assert plan.count == 2
+    else:  # the streamed whole-volume decode
+        plan = autoencoder.plan_tiles(z.shape[2:], cfg.vae, 1.0e12)
+        assert plan.count == 1 and autoencoder.streamable_decoder(vae)
+    fp32 = compute.choose_plan("fp32", "cpu")
+    plain = autoencoder.decode_tiled(vae, z, plan)
+    torch.testing.assert_close(autoencoder.decode_tiled(vae, z, plan, arithmetic=fp32), plain, rtol=0, atol=0)
+    low = autoencoder.decode_tiled(vae, z, plan, arithmetic=compute.choose_plan("bf16", "cpu"))
+    error = float((low - plain).norm() / plain.norm())
+    print(f"bf16 decode, relative L2 against float32: {error:.5f}")
+    assert low.dtype == torch.float32 and 0 < error < BF16_DECODE_RELATIVE_L2
+    assert not any(type(m) is fastops.Bf16Conv3d for m in vae.modules())  # as before afterwards

@@ -71,13 +71,15 @@ def latent_from_seed(shape):
     return torch.randn((1, 4, *shape), generator=torch.Generator().manual_seed(SEED + 1))
 
 
-def our_decode(vae, cfg, z, device, budget_gb, spill_dir=None):
+def our_decode(vae, cfg, z, device, budget_gb, spill_dir=None, compute=None):
+    """`generate`'s decode: the tile plan for the budget, the decoder's arithmetic from `compute`
+    (a `maisi2.compute.ComputePlan`; None: float32)."""
     from maisi2 import autoencoder
     from maisi2.generate import memory_budget_bytes
 
     budget = memory_budget_bytes(budget_gb, device) - sum(p.numel() * 4 for p in vae.parameters())
     plan = autoencoder.plan_tiles(z.shape[2:], cfg.vae, budget, spill_dir=spill_dir)
-    return autoencoder.decode_tiled(vae, z, plan), plan.to_dict()
+    return autoencoder.decode_tiled(vae, z, plan, arithmetic=compute), plan.to_dict()
 
 
 def phantom_conditioning(size: int):

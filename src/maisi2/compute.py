@@ -5,10 +5,15 @@ bfloat16 with channels-last-3d tensors than in float32 (Intel AMX: 4-8x, docs/pe
 on CPUs without it bfloat16 is emulated and slower. So the plan is chosen per machine:
 
 * ``fp32``: every network in float32, contiguous tensors (what maisi2 always did on the CPU).
-* ``bf16``: the networks in `BF16_NETWORKS` under bfloat16 autocast with channels-last-3d tensors;
-  group-norm statistics, the flow update ``x += v * dt`` and everything outside the networks stay
-  float32 (autocast only lowers convolutions and matrix products; `fastops` keeps the norms'
-  statistics in float32).
+* ``bf16``: on the CPU, the 3x3x3 convolutions of the networks in `BF16_NETWORKS` (flow UNet,
+  ControlNet, VAE decoder) multiply-add in bfloat16 with channels-last-3d operands
+  (`fastops.Bf16Conv3d`, entered with `ComputePlan.lowered`); everything between them stays
+  float32: activations, residual sums and skip connections, group norms and their statistics,
+  attention, the time and spacing embeddings, the 1x1 convolutions, each network's output
+  convolution, and outside the networks the latent and the flow update ``x += v * dt``. This
+  "convolutions only" form replaced bfloat16 autocast (which rounds every activation to bf16 as
+  well): as fast, and measured 1.4-2x closer to float32 (docs/performance.md). On CUDA ``bf16``
+  is autocast.
 * ``auto``: on the CPU, the networks in `AUTO_BF16_NETWORKS` (those measured within the release's
   own float16 error) in bf16 where bf16 pays (`bf16_pays`: AMX tiles, or AVX512-BF16 with a
   measured probe saying so), everything else float32. On CUDA ``auto`` keeps the release's
@@ -20,8 +25,8 @@ on CPUs without it bfloat16 is emulated and slower. So the plan is chosen per ma
 Usage::
 
     plan = choose_plan("auto", "cpu")
-    plan.prepare(unet, "unet")               # channels-last weights where the plan says so
-    with plan.autocast("unet"):
+    plan.prepare(unet, "unet")               # the layout and embedding layers the plan says
+    with plan.lowered(unet, "unet"), plan.autocast("unet"):
         v = unet(...)
 """
 
@@ -49,9 +54,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AUTOCAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NETWORKS = ("unet", "controlnet", "vae_decoder", "vae_encoder")
 # The networks ``--precision bf16`` lowers: the flow UNet and ControlNet (2.9x faster per step with
-# AMX). The VAE stays float32: the release's float16 decoder alone moves the CT by as much as the
-# bf16 sampling does (docs/performance.md, "Precision").
-BF16_NETWORKS = ("unet", "controlnet")
+# AMX) and the VAE decoder (convolutions only). The encoder (training data, not generation) stays float32.
+BF16_NETWORKS = ("unet", "controlnet", "vae_decoder")
 # The networks ``auto`` lowers where bf16 pays: only those whose bf16 CT stays within the release's
 # own float16 error of the float32 one. Measured at 128^3 (docs/performance.md, "Precision"), bf16
 # sampling moved the bundled model's largest organ median shift to 6.3 HU against the release's
@@ -126,14 +130,31 @@ class NetworkCompute:
 
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
+    # Only the convolutions' multiply-adds in `dtype` (`fastops.Bf16Conv3d`), every activation
+    # between them float32; False: the whole network under autocast (activations in `dtype`).
+    convolutions_only: bool = False
 
     def to_dict(self) -> dict:
+        low = self.dtype != torch.float32
         return {"dtype": str(self.dtype).removeprefix("torch."),
-                "layout": "channels_last_3d" if self.channels_last else "contiguous"}
+                "layout": "channels_last_3d" if self.channels_last else "contiguous",
+                "activations": str(torch.float32 if self.convolutions_only or not low else self.dtype).removeprefix("torch.")}
 
 
 FP32 = NetworkCompute()
 BF16 = NetworkCompute(torch.bfloat16, channels_last=True)
+# The decoder's: bf16 channels-last convolutions between float32 activations, its 1x1 shortcuts and
+# output convolution float32 (`fastops.lower_convolutions`); see the module docstring.
+BF16_CONVS = NetworkCompute(torch.bfloat16, channels_last=True, convolutions_only=True)
+# Networks whose last 3x3x3 convolution writes their output (the velocity, the image): it stays
+# float32, since its rounding lands on the result unfiltered (measured on the decoder: the largest
+# organ median shift 2.6 -> 6.9 HU with it in bf16). The ControlNet ends in 1x1 convolutions.
+FLOAT32_OUTPUT = ("unet", "vae_decoder")
+# How ``bf16`` lowers each network on the CPU: convolutions only, everywhere. Measured against
+# autocast (docs/performance.md, "bf16 convolutions between float32 activations"): as fast per
+# sampling step, and the CT moves 1.4-2x less, because autocast rounds every activation, residual
+# sum and skip connection to bf16's 8 bits as well.
+LOWERED = {"unet": BF16_CONVS, "controlnet": BF16_CONVS, "vae_decoder": BF16_CONVS}
 
 
 @dataclass(frozen=True)
@@ -156,27 +177,53 @@ class ComputePlan:
         return "fp16" if torch.float16 in dtypes else "bf16" if torch.bfloat16 in dtypes else "fp32"
 
     def autocast(self, network: str):
-        """The autocast context `network` runs under (a no-op for float32)."""
-        return autocast(self.device, self.of(network).dtype)
+        """The autocast context `network` runs under (a no-op for float32 and for a network lowered
+        convolutions-only, which `lowered` puts in bf16 instead)."""
+        c = self.of(network)
+        return autocast(self.device, torch.float32 if c.convolutions_only else c.dtype)
 
     def prepare(self, module: nn.Module, network: str) -> nn.Module:
         """Put `module`'s weights in the layout the plan gives `network`, and its embedding layers
         in float32 under a bf16 plan (in place, reversibly; returns it)."""
         from maisi2.fastops import Float32Linear
 
-        bf16 = self.of(network).dtype == torch.bfloat16  # float16 (the release's GPU path) is left as released
+        c = self.of(network)
+        # Under bf16 autocast only (a convolutions-only network keeps float32 linear layers anyway);
+        # float16 (the release's GPU path) is left as released.
+        autocast_bf16 = c.dtype == torch.bfloat16 and not c.convolutions_only
         for name, m in module.named_modules():
             if type(m) in (nn.Linear, Float32Linear) and any(key in name for key in FLOAT32_LAYERS):
-                m.__class__ = Float32Linear if bf16 else nn.Linear
-        fmt = torch.channels_last_3d if self.of(network).channels_last else torch.contiguous_format
-        return module.to(memory_format=fmt)
+                m.__class__ = Float32Linear if autocast_bf16 else nn.Linear
+        return module.to(memory_format=self._format(network))
+
+    def _format(self, network: str) -> torch.memory_format:
+        """The layout of `network`'s weights and inputs: channels-last under autocast; a network
+        lowered convolutions-only keeps them contiguous (its bf16 weight copies are channels-last)."""
+        c = self.of(network)
+        return torch.channels_last_3d if c.channels_last and not c.convolutions_only else torch.contiguous_format
+
+    @contextlib.contextmanager
+    def lowered(self, module: nn.Module, network: str):
+        """While active, `module`'s convolutions run as the plan says when `network` is lowered
+        convolutions-only on the CPU (`fastops.lower_convolutions`); otherwise nothing changes.
+        The module is as before afterwards, whatever happened inside."""
+        from maisi2.fastops import lower_convolutions
+
+        c = self.of(network)
+        if not (c.convolutions_only and c.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu"):
+            yield module
+            return
+        restore = lower_convolutions(module, keep_last=network in FLOAT32_OUTPUT)
+        try:
+            yield module
+        finally:
+            restore()
 
     def layout(self, x: torch.Tensor, network: str) -> torch.Tensor:
         """`x` (5D) in the layout of `network`'s weights."""
         if x.dim() != 5:
             return x
-        fmt = torch.channels_last_3d if self.of(network).channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt)
+        return x.contiguous(memory_format=self._format(network))
 
     def to_dict(self) -> dict:
         return {"requested": self.precision, "chosen": self.name, "device": self.device, "reason": self.reason,
@@ -184,9 +231,10 @@ class ComputePlan:
                 "cpu": None if self.cpu is None else self.cpu.to_dict()}
 
 
-def _plan(precision: str, device: str, low: NetworkCompute, lowered: tuple[str, ...], reason: str,
+def _plan(precision: str, device: str, low: NetworkCompute | None, lowered: tuple[str, ...], reason: str,
           cpu: CpuCapabilities | None) -> ComputePlan:
-    networks = {n: (low if n in lowered else FP32) for n in NETWORKS}
+    """low: how every lowered network runs; None: each as `LOWERED` says."""
+    networks = {n: ((LOWERED[n] if low is None else low) if n in lowered else FP32) for n in NETWORKS}
     return ComputePlan(precision, device, networks, reason, cpu)
 
 
@@ -225,13 +273,13 @@ def choose_plan(precision: str = "auto", device: str | torch.device = "cpu", cpu
     if precision == "fp32":
         return _plan(precision, device, FP32, (), "asked for fp32", cpu)
     if precision == "bf16":
-        return _plan(precision, device, BF16, BF16_NETWORKS, "asked for bf16", cpu)
+        return _plan(precision, device, None, BF16_NETWORKS, "asked for bf16", cpu)
     auto_networks = AUTO_BF16_NETWORKS if auto_networks is None else tuple(auto_networks)
     if not auto_networks:
         return _plan(precision, device, FP32, (), "no network is measured within the release's float16 error in "
                      "bf16 (docs/performance.md, 'Precision'); --precision bf16 opts in", cpu)
     pays, why = bf16_pays(cpu, probe)
-    return _plan(precision, device, BF16 if pays else FP32, auto_networks if pays else (), why, cpu)
+    return _plan(precision, device, None, auto_networks if pays else (), why, cpu)
 
 
 def _cuda_plan(precision: str, device: str, half: bool | None) -> ComputePlan:

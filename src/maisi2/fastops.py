@@ -21,6 +21,10 @@ Three measured bottlenecks (2 CPU threads, torch 2.13, 16 channels at 64^3 for t
 `accelerate(model)` swaps these classes in place on an existing network (the instances keep
 their parameters, so state dicts and released checkpoints are unaffected). The fp16 group norm
 of the released VAE (CUDA/autocast only) is left alone.
+
+`Bf16Conv3d` (swapped in by `lower_convolutions` for the time of a decode, never by `accelerate`)
+is the bf16 plan's decoder convolution: bfloat16 channels-last-3d multiply-adds (AMX) between
+float32 activations, see its docstring.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastConv3d", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
+__all__ = ["FastConv3d", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
            "upsample_nearest_conv3x3x3"]
 
 
@@ -86,6 +90,68 @@ class FastConv3d(nn.Conv3d):
         return super().forward(x)
 
 
+class Bf16Conv3d(FastConv3d):
+    """A 3D convolution whose multiply-adds run in bfloat16, channels-last-3d, between float32 tensors.
+
+    Without gradients on the CPU: the float32 input is rounded to bfloat16 once (channels-last,
+    the layout AMX kernels want), convolved with a bfloat16 copy of the weight (kept until the
+    weight changes; the products accumulate in float32 inside the kernel), and the result comes
+    back as float32 with the float32 bias added there. So only the convolution's operands and its
+    output carry bfloat16 rounding: the activations between layers, the residual sums, the
+    group-norm statistics and everything else stay float32, unlike autocast, which keeps every
+    activation in bfloat16. With gradients, or float16 input, it is a plain `FastConv3d`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.float32:
+            return super().forward(x)
+        return self.lowered(x, self.padding)
+
+    def lowered(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """The convolution of float32 `x` with `padding` (which may differ from the module's)."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        cached = getattr(self, "_bf16_weight", None)
+        if cached is None or cached[0] != key:
+            weight = self.weight.detach().to(torch.bfloat16, memory_format=torch.channels_last_3d)
+            cached = (key, weight)
+            self._bf16_weight = cached
+        y = F.conv3d(x.to(torch.bfloat16, memory_format=torch.channels_last_3d), cached[1], None, self.stride,
+                     padding, self.dilation, self.groups).float()
+        if self.bias is not None:
+            y += self.bias.detach().reshape(1, -1, 1, 1, 1)
+        return y
+
+
+def conv3d_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
+    """``conv`` applied to `x` with another `padding`, in the arithmetic of its class (`Bf16Conv3d`:
+    bf16 multiply-adds) or float32 (exactly ``F.conv3d``); for callers that convolve slab by slab."""
+    if type(conv) is Bf16Conv3d and not torch.is_grad_enabled() and x.dtype == torch.float32:
+        return conv.lowered(x, padding)
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def lower_convolutions(module: nn.Module, keep_last: bool = True):
+    """Make `module`'s 3x3x3 convolutions `Bf16Conv3d` in place; returns a function that undoes it.
+
+    1x1 convolutions (the residual shortcuts: a 27th of a 3x3x3's work) stay float32, and with
+    `keep_last` so does the last 3x3x3 convolution (a decoder's output layer, whose rounding would
+    land on the image unfiltered).
+    """
+    convs = [m for m in module.modules() if type(m) in (nn.Conv3d, FastConv3d) and m.kernel_size == (3, 3, 3)
+             and m.padding_mode == "zeros"]
+    if keep_last and convs:
+        convs = convs[:-1]
+    classes = [conv.__class__ for conv in convs]
+    for conv in convs:
+        conv.__class__ = Bf16Conv3d
+
+    def restore() -> None:
+        for conv, cls in zip(convs, classes):
+            conv.__class__ = cls
+            conv.__dict__.pop("_bf16_weight", None)  # the bfloat16 copy goes with the class
+    return restore
+
+
 class FastGroupNorm(nn.GroupNorm):
     """GroupNorm in one kernel (MONAI's MAISI version loops over groups); float32 statistics."""
 
@@ -111,7 +177,9 @@ def average_2x2x2(x: torch.Tensor) -> torch.Tensor:
     accumulated in float32 and rounded once to x's dtype; the layout of x is kept."""
     sizes = [2 * (n // 2) for n in x.shape[2:]]
     x = x[:, :, : sizes[0], : sizes[1], : sizes[2]]
-    total = x[:, :, 0::2, 0::2, 0::2].float()
+    # A copy even for float32 input: `.float()` would return a view of x, and the sums below would
+    # overwrite the caller's tensor (a float32 channels-last input is a skip connection in the UNet).
+    total = x[:, :, 0::2, 0::2, 0::2].to(torch.float32, copy=True)
     for px, py, pz in [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)][1:]:
         total += x[:, :, px::2, py::2, pz::2]
     return total.mul_(0.125).to(x.dtype)
@@ -197,17 +265,27 @@ class FusedUpForward:
             return super().forward(x, emb)
         h = self.nonlinearity(self.norm1(x))
         conv = self.conv1.conv
-        h = upsample_nearest_conv3x3x3(h, conv.weight, conv.bias, self._kernels(conv.weight))
+        if type(conv) is Bf16Conv3d and h.dtype == torch.float32:  # bf16 multiply-adds, float32 in and out
+            low = h.to(torch.bfloat16, memory_format=torch.channels_last_3d)
+            h = upsample_nearest_conv3x3x3(low, conv.weight, None, self._kernels(conv.weight, torch.bfloat16)).float()
+            if conv.bias is not None:
+                h += conv.bias.reshape(1, -1, 1, 1, 1)
+        else:
+            h = upsample_nearest_conv3x3x3(h, conv.weight, conv.bias, self._kernels(conv.weight))
         h = h + self.time_emb_proj(self.nonlinearity(emb))[:, :, None, None, None]
         h = self.conv2(self.nonlinearity(self.norm2(h)))
         return self.skip_connection(self.upsample(x)) + h
 
-    def _kernels(self, weight: torch.Tensor) -> dict:
+    def _kernels(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> dict:
         # The folded weights are kept until the weight changes (sampling calls the block 30 times).
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        # `dtype`: the folded float32 sums rounded once to it (channels-last, for bf16 kernels).
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
         cached = getattr(self, "_parity_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, _parity_kernels(weight.detach()))
+            kernels = _parity_kernels(weight.detach())
+            if dtype is not None:
+                kernels = {k: v.to(dtype, memory_format=torch.channels_last_3d) for k, v in kernels.items()}
+            cached = (key, kernels)
             self._parity_cache = cached
         return cached[1]
 

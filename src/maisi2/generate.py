@@ -868,7 +868,7 @@ def _attempt(plan: GenerationPlan, models, seed: int, on_progress: ProgressFn = 
     if fit.release:
         models.release_diffusion()  # the decode plan counted only the VAE's weights
     on_progress({"phase": "decoding"})
-    hu = _decode_to_hu(latent, prepared, models, fit.decode, half,
+    hu = _decode_to_hu(latent, prepared, models, fit.decode, half, fit.compute,
                        _decode_progress(on_progress, fit.decode.count, options.progress), options.decode_statistics,
                        lambda image: _check_finite(image, "the decoded CT", seed, options))
     decoded = time.perf_counter()
@@ -902,14 +902,14 @@ def _decode_progress(on_progress: ProgressFn, tiles: int, bar: bool) -> Progress
     return report
 
 
-def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, progress: Progress | None,
-                  statistics: str, check=None) -> np.ndarray:
+def _decode_to_hu(latent, prepared: PreparedMask, models, plan, half: bool, arithmetic: compute.ComputePlan,
+                  progress: Progress | None, statistics: str, check=None) -> np.ndarray:
     """Latent -> int16 HU on the prepared grid: decode, clip to [0, 1], to HU, crop, air outside body.
 
     `check(image)` sees the decoded image before its values are clipped and cast.
     """
     image = decode_tiled(models.vae, latent / models.scale_factor, plan, autocast=half, progress=progress,
-                         statistics=statistics)
+                         statistics=statistics, arithmetic=arithmetic)
     if check is not None:
         check(image)
     hu = unit_to_hu(image[0, 0]).numpy()  # clips to [0, 1] first

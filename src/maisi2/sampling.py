@@ -11,8 +11,8 @@ in `maisi2.flow` (`inference_timesteps`, `sample_euler`), the network call with 
   same mask with every tumour replaced by its parent organ (`labels.remove_tumors`), so guidance
   pushes the sample towards "what the tumour labels add": ``v = v_uncond + s * (v_cond - v_uncond)``
   (s = 1 is plain conditional sampling, s > 1 exaggerates the tumours);
-* the arithmetic of the network calls from a `compute.ComputePlan` (bf16 autocast and channels-last
-  on CPUs where that pays); the latent, the velocity and the Euler update stay float32;
+* the arithmetic of the network calls from a `compute.ComputePlan` (bf16 convolutions on CPUs where
+  that pays); the latent, the velocity and the Euler update stay float32;
 * `sample_latent`: the loop itself;
 * `estimate_sampling_bytes`: the memory one network call needs, so a request that cannot fit is
   refused before any work.
@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -153,9 +154,14 @@ def sample_latent(
             plan.prepare(module, network)
     timesteps, next_timesteps = flow.inference_timesteps(steps, tuple(latent_shape)[1:], flow_cfg, exact=exact_grid)
     noise = initial_noise(latent_shape, seed, device)
-    # One autocast region around the whole loop: autocast keeps its lower-precision copies of the
-    # weights until the region ends, so they are converted once, not at every step.
-    with plan.autocast("unet"):
+    # One region around the whole loop: autocast keeps its lower-precision copies of the weights
+    # until the region ends, and so do the lowered convolutions, so they are converted once, not
+    # at every step.
+    with contextlib.ExitStack() as stack:
+        for network, module in (("unet", unet), ("controlnet", controlnet)):
+            if module is not None:
+                stack.enter_context(plan.lowered(module, network))
+        stack.enter_context(plan.autocast("unet"))
         velocity = velocity_function(unet, cond, controlnet, uncond, cfg_scale, control_scale, compute=plan)
         x = flow.sample_euler(velocity, noise, timesteps, next_timesteps, T=flow_cfg.num_train_timesteps,
                               progress=progress, callback=callback)

@@ -170,7 +170,8 @@ def decode(vae: nn.Module, z: torch.Tensor, clip: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool = False,
-                 progress: Progress | None = None, statistics: str = "volume") -> torch.Tensor:
+                 progress: Progress | None = None, statistics: str = "volume",
+                 arithmetic: compute.ComputePlan | None = None) -> torch.Tensor:
     """Decode an unscaled latent (1, C, x, y, z) as `plan` says; returns (1, 1, X, Y, Z) float32 on CPU.
 
     A single-tile plan decodes the whole volume with `decode_streamed` (storage as planned) when
@@ -181,6 +182,9 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
     statistics (one pass, as MONAI's sliding-window decoding does); it differs from a whole-volume
     decode. Tiles run on the VAE's device; the blend is accumulated on the CPU. Values are not clipped.
     `autocast`: fp16 autocast on CUDA (how the released weights run); nothing elsewhere.
+    `arithmetic`: the compute plan; where it lowers the ``vae_decoder`` (bf16 on the CPU) the
+    decoder's 3x3x3 convolutions run in bf16 for this call, streamed or tiled
+    (`ComputePlan.lowered`); None: float32.
     `progress` (`maisi2.progress`): a streamed decode reports thousandths of its multiply-adds; a
     tiled one every tile decode, the partial ones of the statistics passes included (one pass per
     group norm, so (norms + 1) x tiles in all); a plain ``vae.decode`` once, at the end.
@@ -189,8 +193,17 @@ def decode_tiled(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool
         raise InvalidInput(f"statistics must be 'volume' or 'tile', got {statistics!r}")
     if z.dim() != 5 or z.shape[0] != 1 or tuple(z.shape[2:]) != plan.latent_shape:
         raise InvalidInput(f"latent must be (1, C, {', '.join(map(str, plan.latent_shape))}), got {tuple(z.shape)}")
+    if arithmetic is None:
+        return _decode(vae, z, plan, autocast, progress, statistics)
+    with arithmetic.lowered(getattr(vae, "decoder", vae), "vae_decoder"):
+        return _decode(vae, z, plan, autocast, progress, statistics)
+
+
+def _decode(vae: nn.Module, z: torch.Tensor, plan: TilePlan, autocast: bool, progress: Progress | None,
+            statistics: str) -> torch.Tensor:
     device = next(vae.parameters()).device
-    # The release runs its VAE under float16 autocast on CUDA; everywhere else the VAE stays float32.
+    # The release runs its VAE under float16 autocast on CUDA; on the CPU the decoder's activations
+    # stay float32 (a bf16 plan lowers only its convolutions, `decode_tiled`).
     precision = "fp16" if autocast and device.type == "cuda" else "fp32"
     if plan.count == 1:
         with compute.autocast(device, precision):

@@ -15,7 +15,9 @@ its 1x1 shortcut) writes its shortcut into channels [0, C/2) and its conv1 outpu
 the rows it shares; later blocks of the level keep their conv1 output in [C/2, C) too. For
 the released VAE the peak is the full-resolution 128-channel buffer plus the half-resolution
 input of its upsampling: 144 channels per output voxel (`streamed_channels_per_voxel`), against
-MONAI's ~450. Stored tensors may be float16 (`storage`), halving that; arithmetic is float32.
+MONAI's ~450. Stored tensors may be float16 (`storage`), halving that; arithmetic is float32,
+except in the 3x3x3 convolutions of a decoder lowered by a bf16 compute plan (`fastops.Bf16Conv3d`:
+bf16 multiply-adds on each slab, float32 in and out, so storage and statistics are unchanged).
 Group-norm statistics come from `group_norm.Moments` over the stored input, slab by slab.
 
 Usage::
@@ -36,6 +38,7 @@ from maisi2.autoencoder.group_norm import Moments, group_statistics, scale_and_s
 from maisi2.autoencoder.memory import STREAM_SLAB_BYTES
 from maisi2.config import VAEConfig
 from maisi2.errors import InvalidInput
+from maisi2.fastops import conv3d_of
 from maisi2.progress import Progress, fractions
 
 __all__ = ["decode_streamed", "streamable", "streamable_decoder", "STREAM_FLOAT16_TOLERANCE"]
@@ -165,8 +168,7 @@ class _Streamer:
         rows = self.rows_for((3 * conv.in_channels + conv.out_channels) * plane * 4)
         for o0 in range(0, depth, rows):
             o1 = min(depth, o0 + rows)
-            y = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), conv.weight, conv.bias,
-                         padding=(0, reach, reach))
+            y = conv3d_of(conv, self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), (0, reach, reach))
             self.advance(_work(conv, y[0, 0].numel()))
             if add:  # summed in float32, rounded to the storage type once
                 y += out[:, :, o0:o1]
@@ -217,8 +219,7 @@ class _Streamer:
         pending = None
         for o0 in range(0, x.shape[2], rows):
             o1 = min(x.shape[2], o0 + rows)
-            h = F.conv3d(self._input_rows(x, o0, o1, reach, scale, shift, True, False), conv1.weight, conv1.bias,
-                         padding=(0, reach, reach))
+            h = conv3d_of(conv1, self._input_rows(x, o0, o1, reach, scale, shift, True, False), (0, reach, reach))
             s = F.conv3d(x[:, :, o0:o1].float(), shortcut.weight, shortcut.bias)
             self.advance(_work(conv1, h[0, 0].numel()) + _work(shortcut, s[0, 0].numel()))
             if pending is not None:
