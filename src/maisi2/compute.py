@@ -57,9 +57,11 @@ NETWORKS = ("unet", "controlnet", "vae_decoder", "vae_encoder")
 # AMX) and the VAE decoder (convolutions only). The encoder (training data, not generation) stays float32.
 BF16_NETWORKS = ("unet", "controlnet", "vae_decoder")
 # The networks ``auto`` lowers where bf16 pays: only those whose bf16 CT stays within the release's
-# own float16 error of the float32 one. Measured at 128^3 (docs/performance.md, "Precision"), bf16
-# sampling moved the bundled model's largest organ median shift to 6.3 HU against the release's
-# 3.1 HU: outside the bound, so none yet; ``--precision bf16`` opts in.
+# own float16 error of the float32 one (largest per-organ median shift, same noise and mask).
+# Measured (docs/performance.md, "Precision"), none is yet: bf16 sampling (convolutions only)
+# 3.19 HU against float16 sampling's 3.03 and the whole release path's 3.07 (bundled model,
+# 128^3); the bf16 decoder 3.62 HU against the float16 decoder's 1.09 (released architecture,
+# random weights, 64^3). ``--precision bf16`` opts in.
 AUTO_BF16_NETWORKS: tuple[str, ...] = ()
 # Linear layers a bf16 plan keeps in float32: the time and spacing embeddings, which scale and
 # shift every block (measured: `fastops.Float32Linear`).
