@@ -30,13 +30,21 @@ def test_generate_from_an_imported_real_label_map(tmp_path):
     mask = tmp_path / "mask.nii.gz"
     assert main(["labels", "import-totalseg", str(seg), "--ct", str(ct_ref), "--out", str(mask)]) == 0
     out = tmp_path / "ct.nii.gz"
-    assert main(["generate", "--mask", str(mask), "--out", str(out), "--seed", "0", "--no-progress"]) == 0
+    assert main(["generate", "--mask", str(mask), "--out", str(out), "--seed", "0", "--qc-retries", "0",
+                 "--no-progress"]) == 0
     ct, labels = load_ct(out), load_label_map(mask)
     assert ct.shape == labels.shape and np.allclose(ct.affine, labels.affine)
     report = json.loads((tmp_path / "ct_report.json").read_text())
     assert set(report["quality"]["organs"]) >= {"liver", "spleen", "kidney"}
-    # The generated CT follows the mask's organs: bone brighter than liver (docs/model_card.md: 98 vs 89 HU
-    # for this seed; the model before the session-3 continuation gave 21 vs 21 and failed here).
+    # This map is held out of the ControlNet's training (docs/model_card.md, "On a real mask it never saw").
+    # The previous bundled model failed here on lung (+48 HU) and spleen (-48 HU).
+    assert report["quality"]["passed"], report["quality"]
+    lungs = np.isin(labels.array, [label_id(n) for n in ("left lung upper lobe", "left lung lower lobe",
+                                                       "right lung upper lobe", "right lung middle lobe",
+                                                       "right lung lower lobe")])
+    assert lungs.any() and np.median(ct.array[lungs]) < -500
+    # Bone brighter than liver (model card: 133 vs 80 HU for this seed; before the ControlNet of
+    # recipes/real_mask_controlnet.sh 98 vs 89, and 21 vs 21 before the continued flow training).
     bone = np.isin(labels.array, [label_id(f"vertebrae {v}") for v in ("T12", "L1", "L2", "L3")])
     liver = labels.array == label_id("liver")
     assert bone.any() and liver.any()
