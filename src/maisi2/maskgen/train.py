@@ -69,7 +69,8 @@ class MaskRecipe(Recipe):
     autoencoder_steps: int = 2000
     # 1e-3, not the 2e-4 of the CT networks: these autoencoders are small (tiny 85 k, small 0.8 M
     # parameters) and must separate ~60 classes; overfitting one phantom mask at the tiny preset
-    # reached a hard Dice of 0.89 in 400 steps at 1e-3 but 0.10 at 2e-4 (docs/mask_generator.md).
+    # reached a hard Dice of 0.89 in 400 steps at 1e-3 but 0.28 at 2e-4
+    # (experiments/mask_autoencoder_overfit.py, docs/notes.md session 13).
     autoencoder_lr: float = 1e-3
     autoencoder_batch: int = 2
     autoencoder_crop: int = 0  # >0: train on random cubes of this side (the network is convolutional; CPU-sized steps)
