@@ -18,13 +18,14 @@
 # - a last short phase on whole volumes, at a low rate: without it the phantom's ribs stayed dark and
 #   the README mask failed the quality check on bone.
 # Phases (steps, lr): windows 2500 @ 2e-4; windows + bone x10 1200 @ 1e-4; windows + bone x30 + real map
-# x15 1500 @ 1e-4; whole volumes + bone x30 + real map x15 400 @ 3e-5. Each starts from the previous
-# one's weights (--init-controlnet reads its EMA).
+# x15 1500 @ 1e-4; whole volumes + bone x30 + real map x15 400 @ 3e-5; then ROUNDS (2) more rounds of
+# the last two. Each starts from the previous one's weights (--init-controlnet reads its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${W:-work/b2}
 SHARED=${SHARED:-../shared/data/totalsegmentator}
 SHIPPED=${SHIPPED:-src/maisi2/resources/models/default}  # the VAE and UNet this ControlNet is trained for
+ROUNDS=${ROUNDS:-2}
 mkdir -p "$W/real"
 
 # 1. Data: the recipe's 90 phantoms and the real DICOM map at 3 mm.
@@ -76,26 +77,37 @@ maisi2 train-controlnet "$W/latents_real15" --unet "$SHIPPED" --out "$W/cn_bone2
     --steps 1500 --lr 1e-4 --recipe-set warmup=20 "${common[@]}" "${windows[@]}" $(bone 30) $(r "$W/cn_bone2")
 maisi2 train-controlnet "$W/latents_real15" --unet "$SHIPPED" --out "$W/cn_mix" --init-controlnet "$W/cn_bone2/last.pt" \
     --steps 400 --lr 3e-5 --recipe-set warmup=20 "${common[@]}" $(bone 30) $(r "$W/cn_mix")
+# Then ROUNDS more rounds of the last two phases (windows, then whole volumes), each from the one before.
+prev=cn_mix
+for i in $(seq "$ROUNDS"); do
+    n=cn_more$([ "$i" = 1 ] || echo "$i")
+    maisi2 train-controlnet "$W/latents_real15" --unet "$SHIPPED" --out "$W/$n" --init-controlnet "$W/$prev/last.pt" \
+        --steps 1500 --lr 1e-4 --recipe-set warmup=20 "${common[@]}" "${windows[@]}" $(bone 30) $(r "$W/$n")
+    maisi2 train-controlnet "$W/latents_real15" --unet "$SHIPPED" --out "$W/${n}_mix" --init-controlnet "$W/$n/last.pt" \
+        --steps 400 --lr 3e-5 --recipe-set warmup=20 "${common[@]}" $(bone 30) $(r "$W/${n}_mix")
+    prev=${n}_mix
+done
 
 # 4. The model folder (its domain from the latent cache), and the TotalSegmentator ids it never saw.
-python - "$W" "$SHIPPED" <<'PY'
+python - "$W" "$SHIPPED" "$prev" "$ROUNDS" <<'PY'
 import sys
 from pathlib import Path
 from maisi2.export import export_model
-w, shipped = Path(sys.argv[1]), sys.argv[2]
+w, shipped, final, rounds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 notes = {
-    "trained_steps": {"vae": 800, "unet": 2850, "controlnet": 2500 + 1200 + 1500 + 400},
+    "trained_steps": {"vae": 800, "unet": 2850, "controlnet": 2500 + 1200 + 1500 + 400 + rounds * (1500 + 400)},
     "trained_steps_note": "vae and unet: the shipped model's (recipes/bundled_model.sh, then recipes/"
                           "continue_bundled_model.sh: unet stages 1/2/3 400/600/200, then stage 2 1500 and stage 3 "
                           "150); controlnet: recipes/real_mask_controlnet.sh: 2500 + 1200 + 1500 steps on 32 x 32 x 8 "
-                          "latent windows (bone weighted 10x, then 30x), then 400 on whole volumes",
+                          "latent windows (bone weighted 10x, then 30x), 400 on whole volumes, then "
+                          f"{rounds} x (1500 on windows + 400 on whole volumes)",
     "weights": {"vae": "as shipped (EMA at its export, not recorded then)", "unet": "as shipped (EMA at its "
                 "export, not recorded then)", "controlnet": "ema"},
     "held_out": "TotalSegmentator example_seg (../shared/data/totalsegmentator): never in any training data of "
                 "the ControlNet; its CT (example_ct_sm) was in the VAE's and the flow UNet's (unconditional) data",
     "domain": {"body_regions": ["chest", "abdomen"]},
 }
-export_model(shipped, shipped, w / "cn_mix" / "last.pt", w / "model", cache=w / "latents", notes=notes,
+export_model(shipped, shipped, w / final / "last.pt", w / "model", cache=w / "latents", notes=notes,
              overwrite=True)
 print(f"wrote {w / 'model'}")
 PY
