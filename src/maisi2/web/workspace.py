@@ -510,7 +510,7 @@ def _in_users_words(fn, path: Path, *args, also: Sequence[Path] = (), **kwargs):
     CT of a TotalSegmentator map) as the user did, not by our copy's path."""
     try:
         return fn(path, *args, **kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except Maisi2Error as err:  # only our own refusals: a ValueError or KeyError from a bug stays a 500
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         for upload in (path, *also):
             for location in (str(upload), str(upload.parent)):
