@@ -144,7 +144,7 @@ def plausibility(generated: list[np.ndarray], training: list[np.ndarray], spacin
         shares = [s for m in generated for s in measure.tumor_inside_parent(m, slot)]
         tumors[slot] = {"components": len(shares),
                          "share_inside": float(np.mean([s >= 0.5 for s in shares])) if shares else float("nan")}
-    return {"volumes_ml": volumes, "components": comps, "tumours_inside_parent": tumors,
+    return {"volumes_ml": volumes, "components": comps, "tumors_inside_parent": tumors,
             "body_closed": {"generated": float(np.mean([measure.body_closed(m) for m in generated])),
                             "training": float(np.mean([measure.body_closed(m) for m in training]))}}
 
@@ -272,7 +272,7 @@ def print_summary(r: dict) -> None:
         c = r["plausibility"]["components"]
         print(f"{name:24s} {v['reference_mean']:13.1f} {v['generated_mean']:12.1f} {v['ks_distance']:5.2f} "
               f"{c['training'][name]['mean']:11.2f} {c['generated'][name]['mean']:9.2f}")
-    for slot, t in r["plausibility"]["tumours_inside_parent"].items():
+    for slot, t in r["plausibility"]["tumors_inside_parent"].items():
         if t["components"]:
             print(f"tumour {slot}: {t['components']} components, {t['share_inside']:.2f} inside their parent")
     print(f"body closed: generated {r['plausibility']['body_closed']['generated']:.2f}, "

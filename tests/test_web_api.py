@@ -213,9 +213,9 @@ def test_a_totalsegmentator_map_with_its_ct_takes_the_body_outline_from_the_ct(c
 
 def test_phantoms_with_tumors_and_their_refusals(client):
     mask = phantom(client, tumors=["hepatic:1"], seed=2)
-    tumors = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
+    tumors = client.get(f"/api/view/mask/{mask['id']}").json()["tumors"]
     assert [t["name"] for t in tumors] == ["hepatic tumor"] and tumors[0]["volume_ml"] > 0
-    for body, message in (({**SMALL, "tumours": ["spleen:1"]}, "unknown tumour kind 'spleen'"),
+    for body, message in (({**SMALL, "tumors": ["spleen:1"]}, "unknown tumour kind 'spleen'"),
                           ({"shape": [512, 512, 512], "spacing": [1, 1, 1]}, "at most"),
                           ({"shape": [32, 32, 32], "spacing": [0, 8, 8]}, "spacing"),
                           ({"shape": [32, 32], "spacing": [8, 8, 8]}, "shape must have 3 values")):
@@ -241,7 +241,7 @@ def test_tumor_edits_make_new_masks_with_the_tumor_inside_its_organ(client, work
     assert tumor[tuple(at)] and change["action"] == "added" and change["parent_organ"] == "liver"
     assert change["voxels"] == tumor.sum() and np.all(labels[tumor] == label_id("liver"))
     np.testing.assert_array_equal(volume_io.load_label_map(workspace.mask_path(mask["id"])).array, labels)  # kept
-    listed = client.get(f"/api/view/mask/{added['id']}").json()["tumours"]
+    listed = client.get(f"/api/view/mask/{added['id']}").json()["tumors"]
     assert [(t["kind"], t["voxels"]) for t in listed] == [("hepatic", int(tumor.sum()))]
 
     grown = client.post(f"/api/masks/{added['id']}/edit", json={"op": "scale", "kind": "hepatic", "factor": 1.5}).json()
@@ -249,7 +249,7 @@ def test_tumor_edits_make_new_masks_with_the_tumor_inside_its_organ(client, work
     assert bigger.sum() > tumor.sum() and grown["parent"] == added["id"]
     removed = client.post(f"/api/masks/{grown['id']}/edit", json={"op": "remove", "kind": "hepatic"}).json()
     np.testing.assert_array_equal(volume_io.load_label_map(workspace.mask_path(removed["id"])).array, labels)
-    assert client.get(f"/api/view/mask/{removed['id']}").json()["tumours"] == []
+    assert client.get(f"/api/view/mask/{removed['id']}").json()["tumors"] == []
 
     before = len(client.get("/api/masks").json())
     for body, message in (({"op": "add", "kind": "hepatic", "radius_mm": 8, "at": [0, 0, 0]}, "liver"),
@@ -265,9 +265,9 @@ def test_tumor_edits_make_new_masks_with_the_tumor_inside_its_organ(client, work
 def test_one_tumor_is_removed_or_resized_by_a_click_on_it_and_its_neighbour_kept(client, workspace):
     from scipy import ndimage
 
-    mask = phantom(client, shape=[64, 64, 48], spacing=[5.0, 5.0, 5.0], tumours=["lung:2"])
+    mask = phantom(client, shape=[64, 64, 48], spacing=[5.0, 5.0, 5.0], tumors=["lung:2"])
     labels = volume_io.load_label_map(workspace.mask_path(mask["id"])).array
-    listed = client.get(f"/api/view/mask/{mask['id']}").json()["tumours"]
+    listed = client.get(f"/api/view/mask/{mask['id']}").json()["tumors"]
     assert [t["kind"] for t in listed] == ["lung", "lung"], listed
     first, second = listed
     tumor = label_id("lung tumor")
@@ -281,7 +281,7 @@ def test_one_tumor_is_removed_or_resized_by_a_click_on_it_and_its_neighbour_kept
     assert not np.any(edited[first_mask] == tumor) and np.all(edited[second_mask] == tumor)
     assert np.array_equal(edited[~first_mask], labels[~first_mask])  # the rest untouched
     assert removed["change"]["changes"][0]["voxels"] == first["voxels"] and "removed" in removed["name"]
-    assert [t["at"] for t in client.get(f"/api/view/mask/{removed['id']}").json()["tumours"]] == [second["at"]]
+    assert [t["at"] for t in client.get(f"/api/view/mask/{removed['id']}").json()["tumors"]] == [second["at"]]
 
     grown = client.post(f"/api/masks/{removed['id']}/edit", json={"op": "scale", "at": second["at"], "factor": 2})
     assert grown.status_code == 200, grown.text

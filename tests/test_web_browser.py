@@ -117,7 +117,7 @@ def test_load_a_mask_add_a_tumor_by_clicking_generate_view_and_download(page, se
     page.click("#upload-form button[type=submit]")
     page.wait_for_selector("body[data-showing^='mask:']")
     assert page.is_hidden("#error")
-    assert "liver" in page.inner_text("#legend") and "none" in page.inner_text("#tumours")
+    assert "liver" in page.inner_text("#legend") and "none" in page.inner_text("#tumors")
 
     # 2. a tumour where the user clicks: bring the liver's slice up (click the coronal view), then
     #    click the liver in the axial view with the "add tumour" tool
@@ -125,13 +125,13 @@ def test_load_a_mask_add_a_tumor_by_clicking_generate_view_and_download(page, se
     target = deep_liver_voxel(labels)
     click_voxel(page, "coronal", target)
     page.check("input[name=tool][value=add]")
-    page.select_option("#tumour-kind", "hepatic")
-    page.fill("#tumour-radius", "14")
+    page.select_option("#tumor-kind", "hepatic")
+    page.fill("#tumor-radius", "14")
     before = page.get_attribute("body", "data-showing")
     click_voxel(page, "axial", target)
     page.wait_for_function(f"document.body.dataset.showing !== '{before}'")
     assert page.is_hidden("#error"), page.inner_text("#error-text")
-    assert "hepatic tumor" in page.inner_text("#tumours")
+    assert "hepatic tumor" in page.inner_text("#tumors")
     edited_id = page.get_attribute("body", "data-showing").split(":")[1]
     edited = volume_io.load_label_map(workspace.mask_path(edited_id)).array
     tumor = edited == label_id("hepatic tumor")
@@ -202,7 +202,7 @@ def test_remove_one_tumor_by_clicking_on_it(page, server, mask_file):
     click_voxel(page, "axial", target)
     page.wait_for_function(f"document.body.dataset.showing !== 'mask:{edited.id}'")
     assert page.is_hidden("#error"), page.inner_text("#error-text")
-    assert "none" in page.inner_text("#tumours")
+    assert "none" in page.inner_text("#tumors")
     removed = volume_io.load_label_map(workspace.mask_path(page.get_attribute("body", "data-showing")[5:])).array
     assert np.all(removed[tumor] == label_id("liver")) and np.array_equal(removed[~tumor], labels[~tumor])
     page.check("input[name=tool][value=navigate]")
@@ -260,11 +260,11 @@ def test_every_mask_source_is_reachable_in_the_page(page, server, tmp_path):
     open_panel(page, "phantom-panel")
     for name, value in zip(("sx", "sy", "sz", "px", "py", "pz", "seed"), ("64", "64", "48", "6", "6", "6", "1")):
         page.fill(f"#phantom-form input[name={name}]", value)
-    page.fill("#phantom-form input[name=tumours]", "hepatic:1")
+    page.fill("#phantom-form input[name=tumors]", "hepatic:1")
     before = page.get_attribute("body", "data-showing")
     page.click("#make-phantom")
     mask = shown_mask(page, workspace, before)
-    assert mask.source == "phantom" and "hepatic:1" in mask.name and "hepatic tumor" in page.inner_text("#tumours")
+    assert mask.source == "phantom" and "hepatic:1" in mask.name and "hepatic tumor" in page.inner_text("#tumors")
 
     open_panel(page, "library-panel")
     first = page.locator("#library-list li").first
@@ -284,7 +284,7 @@ def test_every_mask_source_is_reachable_in_the_page(page, server, tmp_path):
     mask = shown_mask(page, workspace, before)
     volume = volume_io.load_label_map(workspace.mask_path(mask.id))
     assert mask.source == "request" and volume.shape == (96, 96, 64) and np.allclose(volume.spacing, 4)
-    assert "hepatic tumor" in page.inner_text("#tumours")
+    assert "hepatic tumor" in page.inner_text("#tumors")
 
     ts = {name: idx for idx, name in TOTALSEG_CLASSES.items()}
     seg = np.zeros((40, 40, 30), dtype=np.int16)

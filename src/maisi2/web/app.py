@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from maisi2.web.jobs import USER_ERRORS, NotFound, _message
@@ -47,12 +47,10 @@ class ImportRequest(BaseModel):
 
 
 class PhantomRequest(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)  # "tumors" or the page's "tumours"
-
     shape: list[int] = Field(default=[128, 128, 96], min_length=3, max_length=3)
     spacing: list[float] = Field(default=[3.0, 3.0, 3.0], min_length=3, max_length=3)
     seed: int = 0
-    tumors: list[str] = Field(default=[], alias="tumours")  # the JSON key the page sends
+    tumors: list[str] = []  # e.g. ["hepatic:1"]
 
 
 class LibraryRequest(BaseModel):
@@ -140,7 +138,7 @@ def _api_routes(ws: Workspace):
     def options():
         from maisi2.labels import TUMOR_KINDS
 
-        return {"models": list(ws.models), "tumour_kinds": list(TUMOR_KINDS), "windows": WINDOW_PRESETS,
+        return {"models": list(ws.models), "tumor_kinds": list(TUMOR_KINDS), "windows": WINDOW_PRESETS,
                 "precisions": list(PRECISIONS), "defaults": GenerationSettings().__dict__,
                 "max_upload_bytes": ws.max_upload_bytes, "result_files": list(RESULT_FILES),
                 "library": str(ws.library) if ws.library is not None else "bundled"}

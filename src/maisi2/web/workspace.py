@@ -171,7 +171,7 @@ class Workspace:
 
     def add_phantom(self, shape: Sequence[int], spacing: Sequence[float], seed: int = 0,
                     tumors: Sequence[str] = ()) -> MaskRecord:
-        """A procedural phantom's label map (`maisi2 generate --phantom`), e.g. tumours=["hepatic:1"]."""
+        """A procedural phantom's label map (`maisi2 generate --phantom`), e.g. tumors=["hepatic:1"]."""
         from maisi2.generate import phantom_mask
         from maisi2.phantom import parse_tumor_specs
 
@@ -186,7 +186,7 @@ class Workspace:
         """The masks of the library (`--library DIR`, else the bundled one), as the page lists them."""
         index = self._library()
         return [{"file": e.file, "shape": list(e.shape), "spacing": list(e.spacing), "regions": sorted(e.regions),
-                 "tumours": list(e.tumors),
+                 "tumors": list(e.tumors),
                  "summary": f"{'x'.join(map(str, e.shape))} @ {'x'.join(f'{s:g}' for s in e.spacing)} mm; "
                             f"{', '.join(sorted(e.regions)) or 'no region'}"
                             + (f"; {', '.join(e.tumors)}" if e.tumors else "")}
@@ -278,7 +278,7 @@ class Workspace:
                    "voxels": int(n)} for i, n in zip(present, counts) if i != L.BACKGROUND]
         return {"kind": kind, "id": item_id, "shape": list(labels.shape), "spacing": list(labels.spacing),
                 "has_ct": kind == "result", "legend": legend,
-                "tumours": tumor_list(labels.array, labels.spacing)}
+                "tumors": tumor_list(labels.array, labels.spacing)}
 
     def view_slice(self, kind: str, item_id: str, layer: str, axis: int, index: int) -> np.ndarray:
         """One slice of a volume in array order: int16 HU for layer "ct", uint8 label ids for "labels"."""

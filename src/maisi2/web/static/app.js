@@ -63,7 +63,7 @@ async function show(kind, id, title) {
   await viewer.open(info);
   $("#viewing").textContent = `${kind === "mask" ? "Mask" : "Result"}: ${title}`;
   renderLegend(info.legend);
-  renderTumours(kind === "mask" ? info.tumours : []);
+  renderTumors(kind === "mask" ? info.tumors : []);
   document.querySelectorAll(".items li.selected").forEach((li) => li.classList.remove("selected"));
   document.querySelector(`li[data-${kind}="${id}"]`)?.classList.add("selected");
   document.body.dataset.showing = `${kind}:${id}`;
@@ -83,8 +83,8 @@ function renderLegend(legend) {
 
 // Tumours of the mask shown: each one removed or resized alone (`maisi2 masks edit --remove-at
 // --scale-at` at the voxel the list gives), or every tumour of its kind (`--remove KIND --scale KIND=F`).
-function renderTumours(tumours) {
-  const rows = tumours.map((t) => {
+function renderTumors(tumors) {
+  const rows = tumors.map((t) => {
     const tr = document.createElement("tr");
     tr.dataset.kind = t.kind;
     tr.dataset.at = t.at.join(",");
@@ -102,8 +102,8 @@ function renderTumours(tumours) {
     tr.querySelector('[data-act="scale"]').onclick = () => edit({ op: "scale", kind: t.kind, factor: factor() });
     return tr;
   });
-  $("#tumours tbody").replaceChildren(...rows);
-  if (!tumours.length) $("#tumours tbody").innerHTML = '<tr><td class="note">none</td></tr>';
+  $("#tumors tbody").replaceChildren(...rows);
+  if (!tumors.length) $("#tumors tbody").innerHTML = '<tr><td class="note">none</td></tr>';
 }
 
 // -- masks --------------------------------------------------------------------------------------
@@ -156,9 +156,9 @@ function optionalNumbers(form, names, what) {
 $("#phantom-form").onsubmit = (e) => {
   e.preventDefault();
   const f = e.target;
-  const tumours = f.elements.tumours.value.split(/[\s,]+/).filter(Boolean);
+  const tumors = f.elements.tumors.value.split(/[\s,]+/).filter(Boolean);
   act(async () => addedMask(await api("/masks/phantom", { method: "POST",
-    json: { shape: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]), seed: number(f.elements.seed), tumours } })));
+    json: { shape: numbers(f, ["sx", "sy", "sz"]), spacing: numbers(f, ["px", "py", "pz"]), seed: number(f.elements.seed), tumors } })));
 };
 
 $("#upload-form").onsubmit = (e) => {
@@ -207,9 +207,9 @@ async function refreshLibrary() {
 // Tool: navigate (clicks move the crosshair), add a tumour where the user clicks, or remove / resize
 // the one tumour clicked on (or the nearest within 10 mm of the click: the server picks it).
 const TOOLS = {
-  add: (voxel) => ({ op: "add", at: voxel, kind: $("#tumour-kind").value, radius_mm: number($("#tumour-radius")) }),
+  add: (voxel) => ({ op: "add", at: voxel, kind: $("#tumor-kind").value, radius_mm: number($("#tumor-radius")) }),
   remove: (voxel) => ({ op: "remove", at: voxel }),
-  scale: (voxel) => ({ op: "scale", at: voxel, factor: number($("#tumour-factor")) }),
+  scale: (voxel) => ({ op: "scale", at: voxel, factor: number($("#tumor-factor")) }),
 };
 for (const radio of document.querySelectorAll('input[name="tool"]')) {
   radio.onchange = () => {
@@ -348,7 +348,7 @@ async function start() {
     return button;
   }));
   $("#overlay").oninput = (e) => viewer.setOverlay(Number(e.target.value) / 100);
-  $("#tumour-kind").replaceChildren(...o.tumour_kinds.map((k) => new Option(k, k)));
+  $("#tumor-kind").replaceChildren(...o.tumor_kinds.map((k) => new Option(k, k)));
   const f = $("#generate-form");
   f.elements.precision.replaceChildren(...o.precisions.map((p) => new Option(p, p)));
   f.elements.model.replaceChildren(...o.models.map((m) => new Option(m, m)));
