@@ -4,14 +4,13 @@
 # Outputs go under work/ (git-ignored); the exported model is copied into the package at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. recipes/phantoms.sh
 W=${W:-work}
 SHARED=${SHARED:-../shared/data/totalsegmentator}
 mkdir -p "$W/real"
 
 # 1. Data: 90 phantoms on three grids (three size buckets, three spacings) + the real scans.
-[ -f "$W/phantoms/datalist.jsonl" ] || maisi2 phantom --count 90 \
-    --shape 128 128 96 --spacing 3 3 3 --shape 96 96 64 --spacing 4 4 4 \
-    --shape 128 128 64 --spacing 3 3 4.5 --seed 1000 --out "$W/phantoms"
+bundled_phantoms "$W/phantoms"
 [ -f "$W/real/example_label.nii.gz" ] || maisi2 labels import-totalseg "$SHARED/example_seg.nii.gz" \
     --ct "$SHARED/example_ct_sm.nii.gz" --out "$W/real/example_label.nii.gz"
 python - "$W" "$SHARED" <<'PY'

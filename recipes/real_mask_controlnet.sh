@@ -22,6 +22,7 @@
 # the last two. Each starts from the previous one's weights (--init-controlnet reads its EMA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. recipes/phantoms.sh
 W=${W:-work/b2}
 SHARED=${SHARED:-../shared/data/totalsegmentator}
 SHIPPED=${SHIPPED:-src/maisi2/resources/models/default}  # the VAE and UNet this ControlNet is trained for
@@ -29,9 +30,7 @@ ROUNDS=${ROUNDS:-2}
 mkdir -p "$W/real"
 
 # 1. Data: the recipe's 90 phantoms and the real DICOM map at 3 mm.
-[ -f "$W/phantoms/datalist.jsonl" ] || maisi2 phantom --count 90 \
-    --shape 128 128 96 --spacing 3 3 3 --shape 96 96 64 --spacing 4 4 4 \
-    --shape 128 128 64 --spacing 3 3 4.5 --seed 1000 --out "$W/phantoms"
+bundled_phantoms "$W/phantoms"
 [ -f "$W/real/dicom_label_native.nii.gz" ] || maisi2 labels import-totalseg "$SHARED/example_seg_dicom.nii.gz" \
     --ct "$SHARED/example_ct_dicom" --out "$W/real/dicom_label_native.nii.gz"
 python - "$W" "$SHARED" <<'PY'
