@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from maisi2 import volume_io
+from maisi2.autoencoder import decode, encode_mean
 from maisi2.data import hu_to_unit, unit_to_hu
 from maisi2.errors import Maisi2Error
 from maisi2.generate import GenerateOptions, generate
@@ -63,13 +64,12 @@ def score(hu: np.ndarray, labels: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def vae_reconstruction(model_dir: str, hu: np.ndarray) -> np.ndarray:
-    """The model's VAE applied to a CT (padded with air to a multiple of 16 voxels, then cropped)."""
-    vae = load_model(model_dir, device="cpu").vae
+def vae_reconstruction(vae: torch.nn.Module, hu: np.ndarray) -> np.ndarray:
+    """`vae` applied to a CT (padded with air to a multiple of 16 voxels, then cropped)."""
     pad = [(0, -n % 16) for n in hu.shape]
     padded = np.pad(hu, pad, constant_values=-1000.0)
-    z, _ = vae.encode(hu_to_unit(torch.from_numpy(padded))[None, None].float())
-    out = unit_to_hu(vae.decode(z))[0, 0].numpy()
+    z = encode_mean(vae, hu_to_unit(torch.from_numpy(padded))[None, None].float())
+    out = unit_to_hu(decode(vae, z))[0, 0].numpy()
     return out[tuple(slice(0, n) for n in hu.shape)]
 
 
@@ -88,14 +88,15 @@ def main() -> None:
     import_totalseg(args.seg, mask_path, args.ct, overwrite=True)
     labels = volume_io.load_label_map(mask_path).array
     real_hu = volume_io.load_ct(args.ct).array
+    loaded = {name: load_model(model_dir) for name, model_dir in models.items()}  # once for all seeds
+    first = next(iter(loaded))
     rows = [{"case": "real CT", **score(real_hu, labels)},
-            {"case": f"VAE reconstruction ({next(iter(models))})",
-             **score(vae_reconstruction(next(iter(models.values())), real_hu), labels)}]
-    for name, model_dir in models.items():
+            {"case": f"VAE reconstruction ({first})", **score(vae_reconstruction(loaded[first].vae, real_hu), labels)}]
+    for name, networks in loaded.items():
         for seed in range(args.seeds):
             started = time.perf_counter()
             try:
-                result = generate(mask_path, args.work / f"{name}_seed{seed}.nii.gz", model=model_dir,
+                result = generate(mask_path, args.work / f"{name}_seed{seed}.nii.gz", model=networks,
                                   options=GenerateOptions(seed=seed, overwrite=True, write_preview=False))
             except Maisi2Error as refusal:
                 rows.append({"case": f"{name}, seed {seed}", "refused": str(refusal)})
