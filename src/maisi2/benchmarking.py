@@ -1,8 +1,8 @@
 """What the benchmarks share: process memory readings (Linux /proc; graceful elsewhere) and the
 networks, mask and latent every variant of a benchmark starts from.
 
-The scripts in benchmarks/ import it from the package (`from maisi2.benchmarking import ...`), so
-no script reaches another through `sys.path`.
+The scripts in benchmarks/ import it from the package (`from maisi2.benchmarking import ...`)
+rather than from one another.
 """
 
 from __future__ import annotations

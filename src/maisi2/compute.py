@@ -12,8 +12,9 @@ on CPUs without it bfloat16 is emulated and slower. So the plan is chosen per ma
   attention, the time and spacing embeddings, the 1x1 convolutions, each network's output
   convolution, and outside the networks the latent and the flow update ``x += v * dt``. This
   "convolutions only" form replaced bfloat16 autocast (which rounds every activation to bf16 as
-  well): as fast, and measured 1.4-2x closer to float32 (docs/performance.md). On CUDA ``bf16``
-  is autocast.
+  well): the sampled CT moves about half as far from float32 (mean and max |d|), at the price of
+  speed, since each convolution converts its input and output (docs/performance.md, "Precision").
+  On CUDA ``bf16`` is autocast.
 * ``auto``: on the CPU, the networks in `AUTO_BF16_NETWORKS` (those measured within the release's
   own float16 error) in bf16 where bf16 pays (`bf16_pays`: AMX tiles, or AVX512-BF16 with a
   measured probe saying so), everything else float32. On CUDA ``auto`` keeps the release's
@@ -150,12 +151,12 @@ BF16 = NetworkCompute(torch.bfloat16, channels_last=True)
 BF16_CONVS = NetworkCompute(torch.bfloat16, channels_last=True, convolutions_only=True)
 # Networks whose last 3x3x3 convolution writes their output (the velocity, the image): it stays
 # float32, since its rounding lands on the result unfiltered (measured on the decoder: the largest
-# organ median shift 2.6 -> 6.9 HU with it in bf16). The ControlNet ends in 1x1 convolutions.
+# organ median shift 2.3 -> 8.0 HU with it in bf16). The ControlNet ends in 1x1 convolutions.
 FLOAT32_OUTPUT = ("unet", "vae_decoder")
 # How ``bf16`` lowers each network on the CPU: convolutions only, everywhere. Measured against
-# autocast (docs/performance.md, "bf16 convolutions between float32 activations"): as fast per
-# sampling step, and the CT moves 1.4-2x less, because autocast rounds every activation, residual
-# sum and skip connection to bf16's 8 bits as well.
+# autocast (docs/performance.md, "Precision"): the sampled CT moves about half as far (autocast
+# rounds every activation, residual sum and skip connection to bf16's 8 bits as well), at 1.4-2x
+# autocast's CPU time for 30 sampling steps (still 1.7-3.5x less than float32's).
 LOWERED = {"unet": BF16_CONVS, "controlnet": BF16_CONVS, "vae_decoder": BF16_CONVS}
 
 
