@@ -293,3 +293,15 @@ def test_bf16_decode_stays_within_the_rounding_bound_and_fp32_is_unchanged(tiny,
     print(f"bf16 decode, relative L2 against float32: {error:.5f}")
     assert low.dtype == torch.float32 and 0 < error < BF16_DECODE_RELATIVE_L2
     assert not any(type(m) is fastops.Bf16Conv3d for m in vae.modules())  # as before afterwards
+
+
+def test_the_controlnet_mask_embedding_stays_float32_under_bf16(tiny):
+    """It runs once per generation (cached), so bf16 there would add error and save nothing."""
+    _, _, _, controlnet = tiny
+    embedding = set(map(id, controlnet.controlnet_cond_embedding.modules()))
+    plan = compute.choose_plan("bf16", "cpu", cpu=SAPPHIRE)
+    with plan.lowered(controlnet, "controlnet"):
+        lowered = [id(m) in embedding for m in controlnet.modules() if type(m) is fastops.Bf16Conv3d]
+        assert lowered and not any(lowered)  # the rest of the ControlNet is lowered, the embedding is not
+        kept = [m for m in controlnet.controlnet_cond_embedding.modules() if isinstance(m, nn.Conv3d)]
+        assert kept and all(type(m) is not fastops.Bf16Conv3d for m in kept)

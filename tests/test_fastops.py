@@ -156,3 +156,30 @@ def test_fused_up_blocks_run_only_on_the_cpu(monkeypatch):
     with torch.no_grad():
         out = block(x.to("meta"), emb.to("meta"))
     assert out.device.type == "meta" and out.shape == on_cpu.shape
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_is_the_convolution_on_any_layout(bias):
+    from maisi2.fastops import PointwiseConv3d, restore_monai_layers
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(6, 5, 1, bias=bias)
+    fast = copy.deepcopy(conv)
+    accelerate(fast)
+    assert type(fast) is PointwiseConv3d
+    x = torch.randn(2, 6, 4, 5, 3)
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        xl = x.contiguous(memory_format=layout)
+        with torch.no_grad():
+            y, ref = fast(xl), conv(xl)
+        assert torch.allclose(y, ref, atol=1e-6, rtol=1e-5)
+        if layout == torch.channels_last_3d:
+            assert y.is_contiguous(memory_format=torch.channels_last_3d)  # stays in the caller's layout
+    # gradients flow through the matrix-product path as through the convolution
+    xl = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    fast(xl).square().sum().backward()
+    g = xl.grad.clone()
+    xl.grad = None
+    conv(xl).square().sum().backward()
+    assert torch.allclose(g, xl.grad, atol=1e-5)
+    assert type(restore_monai_layers(fast)) is nn.Conv3d

@@ -153,6 +153,9 @@ BF16_CONVS = NetworkCompute(torch.bfloat16, channels_last=True, convolutions_onl
 # float32, since its rounding lands on the result unfiltered (measured on the decoder: the largest
 # organ median shift 2.3 -> 8.0 HU with it in bf16). The ControlNet ends in 1x1 convolutions.
 FLOAT32_OUTPUT = ("unet", "vae_decoder")
+# Submodules a lowered network keeps in float32: the ControlNet's mask embedding runs once per
+# generation (`sampling.velocity_function` caches it), so bf16 would only add error, never speed.
+FLOAT32_SUBMODULES = ("controlnet_cond_embedding",)
 # How ``bf16`` lowers each network on the CPU: convolutions only, everywhere. Measured against
 # autocast (docs/performance.md, "Precision"): the sampled CT moves about half as far (autocast
 # rounds every activation, residual sum and skip connection to bf16's 8 bits as well), at 1.4-2x
@@ -203,7 +206,7 @@ class ComputePlan:
         """The layout of `network`'s weights and inputs: channels-last under autocast; a network
         lowered convolutions-only keeps them contiguous (its bf16 weight copies are channels-last)."""
         c = self.of(network)
-        return torch.channels_last_3d if c.channels_last and not c.convolutions_only else torch.contiguous_format
+        return torch.channels_last_3d if c.channels_last else torch.contiguous_format
 
     @contextlib.contextmanager
     def lowered(self, module: nn.Module, network: str):
@@ -216,7 +219,7 @@ class ComputePlan:
         if not (c.convolutions_only and c.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu"):
             yield module
             return
-        restore = lower_convolutions(module, keep_last=network in FLOAT32_OUTPUT)
+        restore = lower_convolutions(module, keep_last=network in FLOAT32_OUTPUT, keep=FLOAT32_SUBMODULES)
         try:
             yield module
         finally:

@@ -17,6 +17,8 @@ Three measured bottlenecks (2 CPU threads, torch 2.13, 16 channels at 64^3 for t
   channels-last-3d tensors it makes a contiguous copy first: 2x2x2 average pooling took ~20 % of
   a bf16 sampling step. `FastAvgPool3d` sums the eight strided sub-volumes in float32 instead
   (any layout, one rounding to the input's dtype); float32 contiguous input keeps PyTorch's kernel.
+* A 1x1x1 convolution of a float32 channels-last-3d tensor takes PyTorch's generic CPU path, ~6x
+  slower than the matrix product it is (`PointwiseConv3d`).
 
 `accelerate(model)` swaps these classes in place on an existing network (the instances keep
 their parameters, so state dicts and released checkpoints are unaffected). The fp16 group norm
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastConv3d", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
+__all__ = ["FastConv3d", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "PointwiseConv3d", "pointwise_conv3d", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
            "upsample_nearest_conv3x3x3"]
 
 
@@ -90,6 +92,34 @@ class FastConv3d(nn.Conv3d):
         return super().forward(x)
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """nn.Conv3d with a 1x1x1 kernel that runs channels-last-3d input as a matrix product
+    (`pointwise_conv3d`); other input takes PyTorch's kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+            return pointwise_conv3d(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _is_pointwise(conv: nn.Conv3d) -> bool:
+    return (conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.padding == (0, 0, 0)
+            and conv.groups == 1)
+
+
+def pointwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1x1 convolution of a channels-last-3d `x` as one matrix product over its channel axis.
+
+    PyTorch's CPU kernel takes a slow generic path for this case (float32 channels-last: ~6x a
+    matrix product, 256 -> 128 channels at 16^3, one thread); here the channels are already the
+    innermost axis, so the permutation is a view and the result comes back channels-last. Same
+    products and sums as the convolution (equal results in the test).
+    """
+    y = F.linear(x.permute(0, 2, 3, 4, 1), weight.reshape(weight.shape[0], weight.shape[1]).to(x.dtype),
+                 None if bias is None else bias.to(x.dtype))
+    return y.permute(0, 4, 1, 2, 3)
+
+
 class Bf16Conv3d(FastConv3d):
     """A 3D convolution whose multiply-adds run in bfloat16, channels-last-3d, between float32 tensors.
 
@@ -130,15 +160,16 @@ def conv3d_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
-def lower_convolutions(module: nn.Module, keep_last: bool = True):
+def lower_convolutions(module: nn.Module, keep_last: bool = True, keep: tuple[str, ...] = ()):
     """Make `module`'s 3x3x3 convolutions `Bf16Conv3d` in place; returns a function that undoes it.
 
     1x1 convolutions (the residual shortcuts: a 27th of a 3x3x3's work) stay float32, and with
     `keep_last` so does the last 3x3x3 convolution (a decoder's output layer, whose rounding would
-    land on the image unfiltered).
+    land on the image unfiltered); so do those inside the submodules named in `keep`.
     """
+    kept = {id(m) for name in keep if hasattr(module, name) for m in getattr(module, name).modules()}
     convs = [m for m in module.modules() if type(m) in (nn.Conv3d, FastConv3d) and m.kernel_size == (3, 3, 3)
-             and m.padding_mode == "zeros"]
+             and m.padding_mode == "zeros" and id(m) not in kept]
     if keep_last and convs:
         convs = convs[:-1]
     classes = [conv.__class__ for conv in convs]
@@ -308,6 +339,8 @@ def accelerate(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Conv3d and _is_plain_3x3x3(module):
             module.__class__ = FastConv3d  # a subclass with no extra state: parameters stay as they are
+        elif type(module) is nn.Conv3d and _is_pointwise(module):
+            module.__class__ = PointwiseConv3d
         elif isinstance(module, MaisiGroupNorm3D) and not module.norm_float16:
             module.__class__ = FastGroupNorm
         elif _fusable_up_block(module):
@@ -323,7 +356,7 @@ def restore_monai_layers(model: nn.Module) -> nn.Module:
     from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 
     for module in model.modules():
-        if type(module) is FastConv3d:
+        if type(module) in (FastConv3d, PointwiseConv3d):
             module.__class__ = nn.Conv3d
         elif type(module) is FastGroupNorm:
             module.__class__ = MaisiGroupNorm3D
