@@ -1,5 +1,6 @@
 """The compute plan: which arithmetic for which CPU (capabilities injected), bf16 numerics, the report."""
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -305,3 +306,21 @@ def test_the_controlnet_mask_embedding_stays_float32_under_bf16(tiny):
         assert lowered and not any(lowered)  # the rest of the ControlNet is lowered, the embedding is not
         kept = [m for m in controlnet.controlnet_cond_embedding.modules() if isinstance(m, nn.Conv3d)]
         assert kept and all(type(m) is not fastops.Bf16Conv3d for m in kept)
+
+
+def test_bf16_streamed_decode_is_the_same_spilled_to_files_or_in_memory(tiny, tmp_path):
+    """A bf16 decoder stores its tensors channels-last; spilled, they are views of (1, D, H, W, C) files."""
+    from maisi2 import autoencoder
+
+    cfg, vae, _, _ = tiny
+    z = torch.randn(1, 4, 12, 8, 6, generator=torch.Generator().manual_seed(4))
+    plan = autoencoder.plan_tiles(z.shape[2:], cfg.vae, 1.0e12)
+    spilled = dataclasses.replace(plan, spill_dir=str(tmp_path))  # what a plan too large for memory says
+    assert spilled.count == 1
+    bf16 = compute.choose_plan("bf16", "cpu")
+    in_memory = autoencoder.decode_tiled(vae, z, plan, arithmetic=bf16)
+    torch.testing.assert_close(autoencoder.decode_tiled(vae, z, spilled, arithmetic=bf16), in_memory, rtol=0, atol=0)
+    assert in_memory.is_contiguous()
+    plain = autoencoder.decode_tiled(vae, z, plan)
+    assert float((in_memory - plain).norm() / plain.norm()) < BF16_DECODE_RELATIVE_L2
+    assert list(tmp_path.iterdir()) == []  # the spill files went with their tensors

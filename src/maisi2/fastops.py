@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastConv3d", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "PointwiseConv3d", "pointwise_conv3d", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
+__all__ = ["FastConv3d", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "conv3d_into", "PointwiseConv3d", "pointwise_conv3d", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
            "upsample_nearest_conv3x3x3"]
 
 
@@ -139,17 +139,21 @@ class Bf16Conv3d(FastConv3d):
 
     def lowered(self, x: torch.Tensor, padding) -> torch.Tensor:
         """The convolution of float32 `x` with `padding` (which may differ from the module's)."""
+        y = self.product(x, padding).float()
+        if self.bias is not None:
+            y += self.bias.detach().reshape(1, -1, 1, 1, 1)
+        return y
+
+    def product(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """The bf16 convolution without its bias: its bf16 output, channels-last-3d."""
         key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
         cached = getattr(self, "_bf16_weight", None)
         if cached is None or cached[0] != key:
             weight = self.weight.detach().to(torch.bfloat16, memory_format=torch.channels_last_3d)
             cached = (key, weight)
             self._bf16_weight = cached
-        y = F.conv3d(x.to(torch.bfloat16, memory_format=torch.channels_last_3d), cached[1], None, self.stride,
-                     padding, self.dilation, self.groups).float()
-        if self.bias is not None:
-            y += self.bias.detach().reshape(1, -1, 1, 1, 1)
-        return y
+        return F.conv3d(x.to(torch.bfloat16, memory_format=torch.channels_last_3d), cached[1], None, self.stride,
+                        padding, self.dilation, self.groups)
 
 
 def conv3d_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
@@ -158,6 +162,26 @@ def conv3d_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
     if type(conv) is Bf16Conv3d and not torch.is_grad_enabled() and x.dtype == torch.float32:
         return conv.lowered(x, padding)
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def conv3d_into(conv: nn.Conv3d, x: torch.Tensor, padding, out: torch.Tensor, add: bool = False) -> torch.Tensor:
+    """``out = conv(x)`` (``out += conv(x)`` with `add`) as `conv3d_of` computes it, written into `out`.
+
+    For a `Bf16Conv3d` and a float32 `out` the bf16 product goes into `out` directly and the bias
+    is added there: two passes over `out` instead of a float32 copy of the product, its bias, the
+    sum and the store (same values up to float32 rounding). Returns `out`.
+    """
+    if (type(conv) is Bf16Conv3d and not torch.is_grad_enabled() and x.dtype == torch.float32
+            and out.dtype == torch.float32):
+        y = conv.product(x, padding)
+        out.add_(y) if add else out.copy_(y)
+        if conv.bias is not None:
+            out.add_(conv.bias.detach().reshape(1, -1, 1, 1, 1))
+        return out
+    y = conv3d_of(conv, x, padding)
+    if add:  # summed in float32, rounded to out's type once
+        y += out
+    return out.copy_(y)
 
 
 def lower_convolutions(module: nn.Module, keep_last: bool = True, keep: tuple[str, ...] = ()):

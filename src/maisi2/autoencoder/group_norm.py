@@ -22,6 +22,7 @@ air). This module is the one home of the fix, used by all three:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -43,13 +44,15 @@ class Moments:
         self.m2: torch.Tensor | None = None
 
     def add(self, piece: torch.Tensor) -> None:
-        """Merge a piece (B, C, N): its mean and its centred mean square in float32 (two passes over
-        a float32 copy, changed in place), merged into the running totals in float64."""
+        """Merge a piece (B, C, ...) of any layout: its mean and its centred mean square in float32
+        (two passes over a float32 copy in the piece's layout, changed in place), merged into the
+        running totals in float64."""
         part = piece.to(torch.float32, copy=True)
-        n = part.shape[-1]
-        piece_mean = part.mean(-1, keepdim=True)
-        piece_var = part.sub_(piece_mean).square_().mean(-1)
-        piece_mean = piece_mean[..., 0]
+        dims = tuple(range(2, part.dim()))
+        n = math.prod(part.shape[2:])
+        piece_mean = part.mean(dims, keepdim=True)
+        piece_var = part.sub_(piece_mean).square_().mean(dims)
+        piece_mean = piece_mean.flatten(1)
         if self.mean is None:
             self.mean = torch.zeros(piece_mean.shape, dtype=torch.float64, device=piece.device)
             self.m2 = torch.zeros_like(self.mean)

@@ -18,6 +18,9 @@ input of its upsampling: 144 channels per output voxel (`streamed_channels_per_v
 MONAI's ~450. Stored tensors may be float16 (`storage`), halving that; arithmetic is float32,
 except in the 3x3x3 convolutions of a decoder lowered by a bf16 compute plan (`fastops.Bf16Conv3d`:
 bf16 multiply-adds on each slab, float32 in and out, so storage and statistics are unchanged).
+Such a decoder stores its tensors channels-last-3d, the layout of the bf16 kernels: converting a
+slab is then a cast, where from the default layout it is a transposition too (measured: the
+conversions took about half of a bf16 streamed decode's time).
 Group-norm statistics come from `group_norm.Moments` over the stored input, slab by slab.
 
 Usage::
@@ -38,7 +41,7 @@ from maisi2.autoencoder.group_norm import Moments, group_statistics, scale_and_s
 from maisi2.autoencoder.memory import STREAM_SLAB_BYTES
 from maisi2.config import VAEConfig
 from maisi2.errors import InvalidInput
-from maisi2.fastops import conv3d_of
+from maisi2.fastops import Bf16Conv3d, conv3d_into, conv3d_of, pointwise_conv3d
 from maisi2.progress import Progress, fractions
 
 __all__ = ["decode_streamed", "streamable", "streamable_decoder", "STREAM_FLOAT16_TOLERANCE"]
@@ -70,8 +73,9 @@ class _Streamer:
     """
 
     def __init__(self, storage: torch.dtype, slab_bytes: int, spill_dir: str | None = None,
-                 advance=lambda work: None):
+                 advance=lambda work: None, layout: torch.memory_format = torch.contiguous_format):
         self.storage = storage
+        self.layout = layout  # of every stored tensor and slab (channels-last-3d for a bf16 decoder)
         self.slab_bytes = slab_bytes
         self.spill_dir = spill_dir
         self.advance = advance  # told the multiply-adds of every slab convolved (`progress.fractions`)
@@ -82,12 +86,16 @@ class _Streamer:
     def empty(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """A stored layer tensor; with `spill_dir`, backed by a deleted file (the OS pages it in and out)."""
         if self.spill_dir is None or torch.device(device).type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
+            return torch.empty(shape, dtype=dtype, device=device, memory_format=self.layout)
         import tempfile
 
+        last = self.layout == torch.channels_last_3d  # the file holds (1, D, H, W, C); the tensor is a view
+        file_shape = (shape[0], *shape[2:], shape[1]) if last else tuple(shape)
         with tempfile.TemporaryFile(dir=self.spill_dir) as handle:
-            array = np.memmap(handle, dtype=torch.empty(0, dtype=dtype).numpy().dtype, mode="w+", shape=tuple(shape))
+            array = np.memmap(handle, dtype=torch.empty(0, dtype=dtype).numpy().dtype, mode="w+", shape=file_shape)
         tensor = torch.from_numpy(array)
+        if last:
+            tensor = tensor.permute(0, 4, 1, 2, 3)
         # Weak references only: the file must go when its tensor does.
         self.mapped = {k: ref for k, ref in self.mapped.items() if ref() is not None}
         self.mapped[tensor.untyped_storage().data_ptr()] = weakref.ref(array)
@@ -118,7 +126,7 @@ class _Streamer:
         f0, f1 = max(0, o0 - reach), min(depth, o1 + reach)
         low, high = reach - (o0 - f0), reach - (f1 - o1)
         part = torch.empty((1, x.shape[1], o1 - o0 + 2 * reach, *(n * factor for n in x.shape[3:])),
-                           dtype=torch.float32, device=x.device)
+                           dtype=torch.float32, device=x.device, memory_format=self.layout)
         if low:
             part[:, :, :low].zero_()
         if high:
@@ -148,7 +156,7 @@ class _Streamer:
         moments = Moments()
         rows = self.rows_for(x[0, :, 0].numel() * 8)
         for start in range(0, x.shape[2], rows):
-            moments.add(x[:, :, start:start + rows].reshape(1, x.shape[1], -1))
+            moments.add(x[:, :, start:start + rows])  # in its own layout: no transposed copy
             self.release(x)
         return scale_and_shift(norm, *group_statistics(moments, norm.num_groups))
 
@@ -168,11 +176,9 @@ class _Streamer:
         rows = self.rows_for((3 * conv.in_channels + conv.out_channels) * plane * 4)
         for o0 in range(0, depth, rows):
             o1 = min(depth, o0 + rows)
-            y = conv3d_of(conv, self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), (0, reach, reach))
+            y = conv3d_into(conv, self._input_rows(x, o0, o1, reach, scale, shift, silu, upsample), (0, reach, reach),
+                            out[:, :, o0:o1], add)
             self.advance(_work(conv, y[0, 0].numel()))
-            if add:  # summed in float32, rounded to the storage type once
-                y += out[:, :, o0:o1]
-            out[:, :, o0:o1] = y
             self.release(x, out)
         return out
 
@@ -203,7 +209,7 @@ class _Streamer:
         """
         rows = self.rows_for((x.shape[1] + conv.out_channels) * x[0, 0, 0].numel() * 4)
         for start in range(0, x.shape[2], rows):
-            y = F.conv3d(x[:, :, start:start + rows].float(), conv.weight, conv.bias)
+            y = self._pointwise(x[:, :, start:start + rows], conv)
             self.advance(_work(conv, y[0, 0].numel()))
             x[:, :conv.out_channels, start:start + rows] = y
             self.release(x)
@@ -220,12 +226,19 @@ class _Streamer:
         for o0 in range(0, x.shape[2], rows):
             o1 = min(x.shape[2], o0 + rows)
             h = conv3d_of(conv1, self._input_rows(x, o0, o1, reach, scale, shift, True, False), (0, reach, reach))
-            s = F.conv3d(x[:, :, o0:o1].float(), shortcut.weight, shortcut.bias)
+            s = self._pointwise(x[:, :, o0:o1], shortcut)
             self.advance(_work(conv1, h[0, 0].numel()) + _work(shortcut, s[0, 0].numel()))
             if pending is not None:
                 self._commit(buffer, width, *pending)
             pending = (o0, o1, s, h)
         self._commit(buffer, width, *pending)
+
+    def _pointwise(self, x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+        """A 1x1 convolution of a float32 copy of the slab `x`, in float32, in the stored layout."""
+        x = x.float()
+        if self.layout == torch.channels_last_3d:
+            return pointwise_conv3d(x.contiguous(memory_format=self.layout), conv.weight, conv.bias)
+        return F.conv3d(x, conv.weight, conv.bias)
 
     def _commit(self, buffer, width, o0, o1, s, h) -> None:
         buffer[:, :width, o0:o1] = s
@@ -295,9 +308,11 @@ def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torc
     if not streamable_decoder(vae):
         raise NotImplementedError("decode_streamed supports MAISI decoders without attention or transposed convs")
     device = next(vae.parameters()).device
-    run = _Streamer(storage, slab_bytes, spill_dir, fractions(progress, _decoder_work(vae, z[0, 0].numel())))
+    lowered = any(type(m) is Bf16Conv3d for m in vae.decoder.modules())
+    layout = torch.channels_last_3d if lowered else torch.contiguous_format
+    run = _Streamer(storage, slab_bytes, spill_dir, fractions(progress, _decoder_work(vae, z[0, 0].numel())), layout)
     post = _inner_conv(vae.post_quant_conv)
-    buffer = F.conv3d(z.to(device).float(), post.weight, post.bias).to(storage)
+    buffer = F.conv3d(z.to(device).float(), post.weight, post.bias).to(storage).contiguous(memory_format=layout)
     channels = buffer.shape[1]
     blocks = list(vae.decoder.blocks)
     for index, block in enumerate(blocks):
@@ -313,7 +328,7 @@ def decode_streamed(vae: nn.Module, z: torch.Tensor, storage: torch.dtype = torc
             buffer = run.conv(buffer[:, :channels], _inner_conv(block), norm,
                               dtype=torch.float32 if index == len(blocks) - 1 else None)
             channels = buffer.shape[1]
-    return buffer[:, :channels].float().cpu()
+    return buffer[:, :channels].float().cpu().contiguous()
 
 
 def _safe_inner_conv(module: nn.Module):
