@@ -18,7 +18,7 @@ ZEN5 = compute.CpuCapabilities("AMD EPYC 9B45", "AVX512", frozenset({"avx2", "av
 SAPPHIRE = compute.CpuCapabilities("Intel Xeon", "AVX512", frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
 
 
-FLOW = ("unet", "controlnet")  # what `auto` lowers once measured within the bound
+FLOW = ("unet", "controlnet")  # what `auto` lowers: measured within the bound
 
 
 def _never():
@@ -54,9 +54,16 @@ def test_the_decoder_is_lowered_where_bf16_pays_and_auto_may_lower_it(cpu, probe
 
 
 def test_auto_lowers_only_networks_measured_within_the_release_fp16_error():
-    # None is yet (docs/performance.md, "Precision"): auto is float32 even with AMX and says why
+    # Measured (docs/performance.md, "Precision"): bf16 sampling is within the release's float16
+    # error, the bf16 decoder is not; auto says so in its reason
+    assert compute.AUTO_BF16_NETWORKS == FLOW
     plan = compute.choose_plan("auto", "cpu", cpu=SAPPHIRE, probe=_never)
-    assert compute.AUTO_BF16_NETWORKS == () and plan.name == "fp32" and "--precision bf16" in plan.reason
+    assert _dtypes(plan) == {"unet": torch.bfloat16, "controlnet": torch.bfloat16,
+                             "vae_decoder": torch.float32, "vae_encoder": torch.float32}
+    assert "float32 for vae_decoder, vae_encoder" in plan.reason
+    # with no network measured within it, auto is float32 even with AMX and says why
+    none = compute.choose_plan("auto", "cpu", cpu=SAPPHIRE, probe=_never, auto_networks=())
+    assert none.name == "fp32" and "--precision bf16" in none.reason
 
 
 def test_auto_falls_back_to_fp32_without_bf16_hardware_and_never_probes():

@@ -8,17 +8,18 @@ on CPUs without it bfloat16 is emulated and slower. So the plan is chosen per ma
 * ``bf16``: on the CPU, the 3x3x3 convolutions of the networks in `BF16_NETWORKS` (flow UNet,
   ControlNet, VAE decoder) multiply-add in bfloat16 with channels-last-3d operands
   (`fastops.Bf16Conv3d`, entered with `ComputePlan.lowered`); everything between them stays
-  float32: activations, residual sums and skip connections, group norms and their statistics,
-  attention, the time and spacing embeddings, the 1x1 convolutions, each network's output
-  convolution, and outside the networks the latent and the flow update ``x += v * dt``. This
-  "convolutions only" form replaced bfloat16 autocast (which rounds every activation to bf16 as
-  well): the sampled CT moves about half as far from float32 (mean and max |d|), at the price of
-  speed, since each convolution converts its input and output (docs/performance.md, "Precision").
-  On CUDA ``bf16`` is autocast.
+  float32 (stored channels-last-3d, so that converting a convolution's input is a cast):
+  activations, residual sums and skip connections, group norms and their statistics, attention,
+  the time and spacing embeddings, the 1x1 convolutions, the ControlNet's mask embedding, each
+  network's output convolution, and outside the networks the latent and the flow update
+  ``x += v * dt``. This "convolutions only" form replaced bfloat16 autocast (which rounds every
+  activation to bf16 as well): the sampled CT moves less than half as far from float32 (mean
+  and max |d|), at some speed, since each convolution converts its input and output
+  (docs/performance.md, "Precision"). On CUDA ``bf16`` is autocast.
 * ``auto``: on the CPU, the networks in `AUTO_BF16_NETWORKS` (those measured within the release's
-  own float16 error) in bf16 where bf16 pays (`bf16_pays`: AMX tiles, or AVX512-BF16 with a
-  measured probe saying so), everything else float32. On CUDA ``auto`` keeps the release's
-  float16 autocast (``half``).
+  own float16 error: the flow UNet and the ControlNet, not the VAE decoder) in bf16 where bf16
+  pays (`bf16_pays`: AMX tiles, or AVX512-BF16 with a measured probe saying so), everything else
+  float32. On CUDA ``auto`` keeps the release's float16 autocast (``half``).
 
 `choose_plan` takes the capabilities as an argument, so the choice can be tested for any CPU;
 `CpuCapabilities.detect()` reads this machine's.
@@ -57,13 +58,15 @@ NETWORKS = ("unet", "controlnet", "vae_decoder", "vae_encoder")
 # The networks ``--precision bf16`` lowers: the flow UNet and ControlNet (2.9x faster per step with
 # AMX) and the VAE decoder (convolutions only). The encoder (training data, not generation) stays float32.
 BF16_NETWORKS = ("unet", "controlnet", "vae_decoder")
-# The networks ``auto`` lowers where bf16 pays: only those whose bf16 CT stays within the release's
-# own float16 error of the float32 one (largest per-organ median shift, same noise and mask).
-# Measured (docs/performance.md, "Precision"), none is yet: bf16 sampling (convolutions only)
-# 3.19 HU against float16 sampling's 3.03 and the whole release path's 3.07 (bundled model,
-# 128^3); the bf16 decoder 3.62 HU against the float16 decoder's 1.09 (released architecture,
-# random weights, 64^3). ``--precision bf16`` opts in.
-AUTO_BF16_NETWORKS: tuple[str, ...] = ()
+# The networks ``auto`` lowers where bf16 pays: those whose bf16 CT stays within the release's own
+# float16 error of the float32 one (same noise and mask, 128^3, docs/performance.md "Precision"):
+# bf16 sampling (flow UNet + ControlNet, convolutions only) moved the CT by max 2.4 / mean 0.14 HU,
+# largest organ median shift 0.30 HU (bundled model) and 7.2 / 0.40 / 1.83 HU (released
+# architecture, random weights), where the release's float16 path moves it 6.6 / 0.70 / 1.41 and
+# 24.0 / 1.22 / 2.62 HU. The bf16 decoder is outside that (17.1 / 1.80 / 1.77 and 115 / 6.4 / 8.9
+# HU): its convolutions' bf16 outputs land on the image with little left to average them out, so
+# it stays float32 unless ``--precision bf16`` asks for it.
+AUTO_BF16_NETWORKS: tuple[str, ...] = ("unet", "controlnet")
 # Linear layers a bf16 plan keeps in float32: the time and spacing embeddings, which scale and
 # shift every block (measured: `fastops.Float32Linear`).
 FLOAT32_LAYERS = ("time_embed", "time_emb_proj", "spacing_layer")
@@ -285,6 +288,10 @@ def choose_plan(precision: str = "auto", device: str | torch.device = "cpu", cpu
         return _plan(precision, device, FP32, (), "no network is measured within the release's float16 error in "
                      "bf16 (docs/performance.md, 'Precision'); --precision bf16 opts in", cpu)
     pays, why = bf16_pays(cpu, probe)
+    if pays:
+        kept = [n for n in NETWORKS if n not in auto_networks]
+        why += (f"; bf16 for {', '.join(auto_networks)} (measured within the release's float16 error)"
+                + (f", float32 for {', '.join(kept)}" if kept else ""))
     return _plan(precision, device, None, auto_networks if pays else (), why, cpu)
 
 
