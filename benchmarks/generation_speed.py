@@ -29,7 +29,8 @@ difference is the allocator.
 
 ``ours`` runs the compute plan ``--precision auto`` picks on this machine; ``ours_bf16`` forces
 ``--precision bf16`` (the 3x3x3 convolutions of the flow UNet, ControlNet and VAE decoder in
-bfloat16 channels-last-3d between float32 activations), for ``e2e`` and ``decode`` alike. Every
+bfloat16 channels-last-3d between float32 activations) and ``ours_fp32`` ``--precision fp32``,
+for ``e2e`` and ``decode`` alike (on a CPU without bf16 hardware ``ours`` is ``ours_fp32``). Every
 table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`).
 
 Results (JSON lines) are appended to ``--out`` (default work/bench/generation_speed.jsonl), so an
@@ -50,6 +51,8 @@ from pathlib import Path
 
 from maisi2.benchmarking import SEED, latent_from_seed, networks, our_decode, peak_rss_mib, phantom_conditioning
 
+# Our variants and the `--precision` each runs under.
+OURS = {"ours": "auto", "ours_bf16": "bf16", "ours_fp32": "fp32"}
 WINDOW = 80  # latent voxels per axis of the release's sliding-window decode
 OVERLAP = 0.4
 # -- measurement helpers ---------------------------------------------------------------------
@@ -142,7 +145,7 @@ def _e2e(args, device, reference: bool) -> dict:
     else:
         from maisi2 import compute
 
-        plan = compute.choose_plan("bf16" if args.variant == "ours_bf16" else "auto", device)
+        plan = compute.choose_plan(OURS[args.variant], device)
         x = sampling.sample_latent(net["unet"], cond, latent_shape, cfg.flow, controlnet=net["controlnet"],
                                    steps=args.steps, seed=SEED, callback=tick, compute=plan)
         compute_plan = plan.to_dict()
@@ -182,10 +185,10 @@ def _decode(args, device, variant: str) -> dict:
     plan = None
     if reference:
         image = _reference_decode(vae, z, device)
-    elif variant in ("ours", "ours_bf16"):
+    elif variant in OURS:
         from maisi2 import compute
 
-        arithmetic = compute.choose_plan("bf16" if variant == "ours_bf16" else "auto", device)
+        arithmetic = compute.choose_plan(OURS[variant], device)
         image, plan = our_decode(vae, cfg, z, device, args.budget_gb, args.spill_dir, compute=arithmetic)
         plan = {**plan, "compute_plan": arithmetic.to_dict()}
     else:  # "whole": the exact whole-volume decode (streamed, float32), what both are compared with
@@ -365,13 +368,17 @@ def _table(args, rows: dict) -> None:
         print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads")
         print(f"{'':<16} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
               f"{'cpu sample':>11} {'cpu decode':>11} {peak_name:>12}")
-        ok = {v: rows[_key(args, v)] for v in ("reference", "reference_reuse", "ours", "ours_bf16")
+        ok = {v: rows[_key(args, v)] for v in ("reference", "reference_reuse", *OURS)
               if _key(args, v) in rows and "error" not in rows[_key(args, v)]}
         for name, r in ok.items():
             print(f"{name:<16} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
                   f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
                   f"{r['cpu_decode_s']:>11.1f} {_peak(r):>12.0f}")
-        for mine in ("ours", "ours_bf16"):
+        for mine in OURS:
+            if mine in ok and ok[mine].get("compute_plan"):
+                nets = ok[mine]["compute_plan"]["networks"]
+                print(f"{mine} (--precision {OURS[mine]}): " + ", ".join(f"{k} {v['dtype']}" for k, v in nets.items()))
+        for mine in OURS:
             if mine in ok:
                 _e2e_ratios(args, ok, mine, prefix)
     elif args.command == "decode":
@@ -380,7 +387,7 @@ def _table(args, rows: dict) -> None:
         whole_path = Path(f"{prefix}_decode{name}_whole.npy")
         whole = np.load(whole_path) if whole_path.exists() else None
         ok = {}
-        for variant in ("reference", "reference_reuse", "ours", "ours_bf16", "whole"):
+        for variant in ("reference", "reference_reuse", *OURS, "whole"):
             r = rows.get(_key(args, variant))
             if not r:
                 continue
@@ -393,7 +400,7 @@ def _table(args, rows: dict) -> None:
                 line += f"  vs whole: {_compare(np.load(path), whole)}"
             print(line)
             ok[variant] = r
-        for mine in ("ours", "ours_bf16"):
+        for mine in OURS:
             for name in ("reference", "reference_reuse"):
                 if mine in ok and name in ok:
                     print(f"ratio {name}/{mine}: decode {ok[name]['decode_s'] / ok[mine]['decode_s']:.2f}x, CPU s "

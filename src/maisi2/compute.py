@@ -13,7 +13,7 @@ on CPUs without it bfloat16 is emulated and slower. So the plan is chosen per ma
   the time and spacing embeddings, the 1x1 convolutions, the ControlNet's mask embedding, each
   network's output convolution, and outside the networks the latent and the flow update
   ``x += v * dt``. This "convolutions only" form replaced bfloat16 autocast (which rounds every
-  activation to bf16 as well): the sampled CT moves less than half as far from float32 (mean
+  activation to bf16 as well): the sampled CT moves a quarter to two thirds as far from float32 (mean
   and max |d|), at some speed, since each convolution converts its input and output
   (docs/performance.md, "Precision"). On CUDA ``bf16`` is autocast.
 * ``auto``: on the CPU, the networks in `AUTO_BF16_NETWORKS` (those measured within the release's
@@ -154,15 +154,15 @@ BF16 = NetworkCompute(torch.bfloat16, channels_last=True)
 BF16_CONVS = NetworkCompute(torch.bfloat16, channels_last=True, convolutions_only=True)
 # Networks whose last 3x3x3 convolution writes their output (the velocity, the image): it stays
 # float32, since its rounding lands on the result unfiltered (measured on the decoder: the largest
-# organ median shift 2.3 -> 8.0 HU with it in bf16). The ControlNet ends in 1x1 convolutions.
+# organ median shift 1.8 -> 8.1 HU with it in bf16, bundled model). The ControlNet ends in 1x1 convolutions.
 FLOAT32_OUTPUT = ("unet", "vae_decoder")
 # Submodules a lowered network keeps in float32: the ControlNet's mask embedding runs once per
 # generation (`sampling.velocity_function` caches it), so bf16 would only add error, never speed.
 FLOAT32_SUBMODULES = ("controlnet_cond_embedding",)
 # How ``bf16`` lowers each network on the CPU: convolutions only, everywhere. Measured against
-# autocast (docs/performance.md, "Precision"): the sampled CT moves about half as far (autocast
-# rounds every activation, residual sum and skip connection to bf16's 8 bits as well), at 1.4-2x
-# autocast's CPU time for 30 sampling steps (still 1.7-3.5x less than float32's).
+# autocast at 128^3 (docs/performance.md, "Accuracy"): the sampled CT moves a quarter to two thirds as far
+# (bundled model max |d| 2.4 vs 10.6 HU; autocast rounds every activation, residual sum and skip
+# connection to bf16's 8 bits as well), at 1.5-2x autocast's CPU time for 30 sampling steps.
 LOWERED = {"unet": BF16_CONVS, "controlnet": BF16_CONVS, "vae_decoder": BF16_CONVS}
 
 

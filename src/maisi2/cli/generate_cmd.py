@@ -83,10 +83,10 @@ def _register_generate(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="arithmetic of the networks. bf16: on the CPU the 3x3x3 convolutions of the flow UNet, "
                         "ControlNet and VAE decoder in bfloat16 (channels-last), everything between them float32. "
-                        "auto: bf16 for the networks measured within the release's own fp16 error, on CPUs where it "
-                        "pays (AMX; AVX512-BF16 when a short probe says so); none is yet, so fp32 on every CPU "
-                        "(docs/performance.md). On CUDA auto is the release's fp16 autocast. The choice is in the "
-                        "report's compute_plan")
+                        "auto: bf16 for the networks measured within the release's own fp16 error (the flow UNet and "
+                        "ControlNet; the decoder stays fp32), on CPUs where it pays (AMX; AVX512-BF16 when a short "
+                        "probe says so), else fp32 (docs/performance.md). On CUDA auto is the release's fp16 "
+                        "autocast. The choice is in the report's compute_plan")
     p.add_argument("--fp32", action="store_true", help="full precision everywhere (same as --precision fp32)")
     p.add_argument("--no-label", action="store_true", help="do not write the prepared label map")
     p.add_argument("--no-preview", action="store_true", help="do not write the PNG preview")
