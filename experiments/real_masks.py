@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--ct", type=Path, default=REAL / "example_ct_sm.nii.gz", help="its CT")
     ap.add_argument("--work", type=Path, default=Path("work/real_masks"))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="generate's --precision (auto: bf16 sampling where the CPU has bf16 hardware)")
     args = ap.parse_args()
     models = dict(spec.split("=", 1) for spec in args.model)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -97,14 +99,16 @@ def main() -> None:
             started = time.perf_counter()
             try:
                 result = generate(mask_path, args.work / f"{name}_seed{seed}.nii.gz", model=networks,
-                                  options=GenerateOptions(seed=seed, overwrite=True, write_preview=False))
+                                  options=GenerateOptions(seed=seed, overwrite=True, write_preview=False,
+                                                          precision=args.precision))
             except Maisi2Error as refusal:
                 rows.append({"case": f"{name}, seed {seed}", "refused": str(refusal)})
                 continue
             hu = volume_io.load_ct(result.paths.ct).array
             rows.append({"case": f"{name}, seed {seed}", **score(hu, labels),
-                         "out_of_domain": result.out_of_domain, "seconds": round(time.perf_counter() - started, 1)})
-    (args.work / "real_masks.json").write_text(json.dumps({"models": models, "seg": str(args.seg), "rows": rows},
+                         "out_of_domain": result.out_of_domain, "seconds": round(time.perf_counter() - started, 1),
+                         "compute_plan": result.report.get("compute_plan")})
+    (args.work / "real_masks.json").write_text(json.dumps({"models": models, "seg": str(args.seg), "precision": args.precision, "rows": rows},
                                                           indent=2))
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     yes = lambda v: "-" if v is None else ("yes" if v else "**no**")  # noqa: E731

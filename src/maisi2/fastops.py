@@ -1,6 +1,6 @@
 """Faster drop-in layers for the MAISI networks, with identical parameters and keys.
 
-Three measured bottlenecks (2 CPU threads, torch 2.13, 16 channels at 64^3 for the first two):
+Measured bottlenecks (2 CPU threads, torch 2.13, 16 channels at 64^3 for the first two):
 
 * The weight gradient of a 3x3x3 convolution takes ~3 s through PyTorch's CPU kernel, 10x its
   forward pass. The same sum written as a convolution of the input with the output gradient
