@@ -42,16 +42,24 @@ RF_STEPS = (5, 10, 20, 30, 50, 100)
 SETTINGS = [("rflow", "rf", n) for n in RF_STEPS] + [("ddpm", "ddpm", 1000), ("ddpm", "ddim", 30)]
 
 
-def train(objective: str, cache: Path, work: Path, args) -> Path:
+def unet_recipe(objective: str, args):
+    """(config, recipe) of the `objective` UNet: the small preset, stage 1 on whole latents."""
     cfg = get_config("small")
     side = tuple(s // cfg.vae.downsample_factor for s in GRID_SHAPE)
-    recipe = recipe_with_overrides(default_recipe(cfg), [
+    return cfg, recipe_with_overrides(default_recipe(cfg), [
         f'objective="{objective}"', f"stage1.steps={args.train_steps}", f"stage1.lr={args.lr}",
         "stage1.warmup=20", f"stage1.batch_size={args.batch_size}", f"stage1.latent_size={list(side)}",
         "ema_decay=0.995", "ckpt_every=50", f"seed={args.seed}"])
+
+
+def train(objective: str, cache: Path, work: Path, args, on_batch=None) -> Path:
+    """Train (or resume) the `objective` UNet into work/objective; on_batch: the engine's hook
+    (experiments/x0_training.py keeps snapshots and pauses there)."""
+    cfg, recipe = unet_recipe(objective, args)
     out = work / objective
     # The same initial weights for both objectives: the trainer seeds the model build from the recipe.
-    train_stage(1, cache, out, cfg, recipe, resume=True, device="cpu", progress=not args.no_progress)
+    train_stage(1, cache, out, cfg, recipe, resume=True, device="cpu", progress=not args.no_progress,
+                on_batch=on_batch)
     return stage_dir(out, 1) / "last.pt"
 
 

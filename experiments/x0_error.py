@@ -7,10 +7,12 @@ one; the objective is read from the checkpoint's recipe). Printed: the relative 
 ||x0_hat - x0|| / ||x0|| averaged over latents, one row per checkpoint, so a series of checkpoints of
 one run shows whether the error falls with training, and the two objectives can be set side by side
 (same t, same noise). The same t means different noise levels for the two objectives: RF's x_t keeps
-(1 - t/T) of the signal, DDPM's sqrt(a_t).
+(1 - t/T) of the signal, DDPM's sqrt(a_t). With --match-noise a rectified-flow checkpoint is instead
+queried at the flow time whose x_t has DDPM's signal-to-noise ratio at t
+(`ddpm.flow_time_at_same_noise`), so both objectives see the same noisy input up to a scale.
 
     python experiments/x0_error.py CACHE --checkpoint NAME=PATH [--checkpoint ...] \\
-        [--t 50 400 800 950] [--max-latents 16] [--out results.json]
+        [--t 50 400 800 950] [--max-latents 16] [--match-noise] [--out results.json]
 """
 
 from __future__ import annotations
@@ -32,15 +34,23 @@ def objective_of(ckpt) -> str:
     return json.loads(recipe).get("objective", "rflow") if recipe else "rflow"
 
 
-@torch.no_grad()
-def x0_errors(ckpt, cache: Path, times: list[int], max_latents: int) -> list[float]:
-    """Mean relative x0 error at each t in `times`, over the first `max_latents` cached latents."""
+def x0_errors(ckpt, cache: Path, times: list[int], max_latents: int, match_noise: bool = False) -> list[float]:
+    """Mean relative x0 error of a checkpoint's EMA weights at each t in `times`, over the first
+    `max_latents` cached latents."""
     unet = nets.build_unet(ckpt.config)
     unet.load_state_dict(ckpt.weights(prefer_ema=True))
-    unet.eval()
-    objective = objective_of(ckpt)
     data = LatentDataset(cache, scale_factor=ckpt.scale_factor)
-    T = ckpt.config.flow.num_train_timesteps
+    return relative_x0_errors(unet, objective_of(ckpt), data, times, max_latents,
+                              ckpt.config.flow.num_train_timesteps, match_noise)
+
+
+@torch.no_grad()
+def relative_x0_errors(unet, objective: str, data: LatentDataset, times: list[int], max_latents: int, T: int = 1000,
+                       match_noise: bool = False) -> list[float]:
+    """||x0_hat - x0|| / ||x0|| averaged over the first `max_latents` latents of `data`, one value per
+    t in `times` (DDPM's integer scale). Latent i is noised with seed i whatever the objective, so two
+    networks are compared on the same draws; `match_noise`: see the module docstring."""
+    unet.eval()
     sums = [0.0] * len(times)
     count = min(len(data), max_latents)
     for i in range(count):
@@ -55,8 +65,9 @@ def x0_errors(ckpt, cache: Path, times: list[int], max_latents: int) -> list[flo
                 x_t = ddpm.ddpm_add_noise(x0, noise, tt)
                 x0_hat = ddpm.predicted_x0_from_eps(x_t, nets.predict_velocity(unet, x_t, tt.float(), cond), tt)
             else:
-                x_t = flow.add_noise(x0, noise, tt.float(), T)
-                x0_hat = flow.predicted_x0(x_t, nets.predict_velocity(unet, x_t, tt.float(), cond), tt.float(), T)
+                tf = ddpm.flow_time_at_same_noise(tt, T).float() if match_noise else tt.float()
+                x_t = flow.add_noise(x0, noise, tf, T)
+                x0_hat = flow.predicted_x0(x_t, nets.predict_velocity(unet, x_t, tf, cond), tf, T)
             sums[k] += float((x0_hat - x0).norm() / x0.norm().clamp_min(1e-12))
     return [s / max(count, 1) for s in sums]
 
@@ -67,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
     ap.add_argument("--t", type=int, nargs="+", default=[50, 400, 800, 950])
     ap.add_argument("--max-latents", type=int, default=16)
+    ap.add_argument("--match-noise", action="store_true",
+                    help="query rectified-flow checkpoints at DDPM's signal-to-noise ratio of each t")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     if any(not 0 <= t < 1000 for t in args.t) or args.max_latents < 1:
@@ -81,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | --- | ---: |" + " ---: |" * len(args.t))
     for name, path in named:
         ckpt = load_checkpoint(path)
-        errors = x0_errors(ckpt, args.cache, args.t, args.max_latents)
+        errors = x0_errors(ckpt, args.cache, args.t, args.max_latents, args.match_noise)
         rows.append({"checkpoint": name, "path": path, "objective": objective_of(ckpt), "steps": ckpt.steps_in_all,
-                     "t": args.t, "relative_x0_error": errors})
+                     "t": args.t, "match_noise": args.match_noise, "relative_x0_error": errors})
         print(f"| {name} | {objective_of(ckpt)} | {ckpt.steps_in_all} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

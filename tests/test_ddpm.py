@@ -142,3 +142,17 @@ def test_ddim_with_eta_is_stochastic_but_reproducible():
     )
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
+
+
+def test_flow_time_at_same_noise_gives_the_same_input_up_to_a_scale():
+    """At the matched time the flow's x_t is DDPM's x_t divided by sqrt(a) + sqrt(1 - a): the same
+    signal-to-noise ratio, so both objectives are asked about the same noisy latent."""
+    from maisi2 import flow
+
+    x0, noise = torch.randn(4, 2, 3, 3, 3, dtype=torch.float64), torch.randn(4, 2, 3, 3, 3, dtype=torch.float64)
+    t = torch.tensor([0, 50, 600, 999])
+    u = ddpm.flow_time_at_same_noise(t)
+    a = ddpm.alphas_cumprod().double()[t].view(-1, 1, 1, 1, 1)
+    expected = ddpm.ddpm_add_noise(x0, noise, t) / (a.sqrt() + (1 - a).sqrt())
+    assert torch.allclose(flow.add_noise(x0, noise, u), expected, atol=1e-6)
+    assert torch.all(u[1:] > u[:-1]) and 0 < u[0] < u[-1] < 1000  # monotone, inside the flow's range

@@ -51,3 +51,9 @@ def test_x0_error_table_for_both_objectives(tmp_path, capsys):
     assert [r["objective"] for r in rows] == ["rflow", "ddpm"]
     assert all(len(r["relative_x0_error"]) == 2 and all(e == e and e >= 0 for e in r["relative_x0_error"]) for r in rows)
     assert "| rf | rflow | 1 |" in capsys.readouterr().out
+    # --match-noise moves only the flow checkpoint: to the time of DDPM's signal-to-noise ratio
+    x0_error.main([str(cache), "--checkpoint", f"rf={paths['rflow']}", "--checkpoint", f"dd={paths['ddpm']}",
+                   "--t", "50", "950", "--max-latents", "2", "--match-noise", "--out", str(out)])
+    matched = json.loads(out.read_text())["rows"]
+    assert matched[1]["relative_x0_error"] == rows[1]["relative_x0_error"]
+    assert matched[0]["relative_x0_error"] != rows[0]["relative_x0_error"]

@@ -29,6 +29,7 @@ __all__ = [
     "ddpm_add_noise",
     "ddpm_training_target",
     "predicted_x0_from_eps",
+    "flow_time_at_same_noise",
     "sample_ddpm_training_t",
     "ddim_timesteps",
     "sample_ddpm",
@@ -115,6 +116,21 @@ def predicted_x0_from_eps(
     epsilon error reaches x0 multiplied by ``sqrt((1 - a_t) / a_t)`` (84 at t = 999 on MAISI's schedule)."""
     signal, sigma = _signal_noise_scales(t, x_t, schedule)
     return (x_t - sigma * eps) / signal
+
+
+def flow_time_at_same_noise(
+    t: torch.Tensor, num_train_timesteps: int = 1000, schedule: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """The rectified-flow time (``flow.add_noise``'s convention, T = pure noise) whose x_t has the
+    signal-to-noise ratio of DDPM's x_t at integer ``t``; (B,) float64.
+
+    DDPM mixes ``sqrt(a) x0 + sqrt(1 - a) noise``, the flow ``(1 - u) x0 + u noise``: equal ratios
+    need ``u = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))``, and then the flow's x_t is DDPM's divided by
+    ``sqrt(a) + sqrt(1 - a)``, so the two objectives are compared on the same noisy input up to a
+    scale. Comparing at the same t instead would give the flow far more signal at high t.
+    """
+    a = alphas_cumprod(schedule).double()[torch.as_tensor(t).long()]
+    return num_train_timesteps * (1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())
 
 
 def sample_ddpm_training_t(
