@@ -4,9 +4,10 @@ rectified-flow model's, and do its samples stop saturating?
 The two UNets of experiments/steps.py (small preset, the same initial weights, latents, batches,
 learning-rate schedule and EMA; objective rflow or ddpm) are trained side by side, both paused at
 every `--every` steps so that a partial run has both objectives at the same step count. At each
-of those steps (and at step 0, the shared initial weights) it measures, with the EMA weights:
+of those steps (and at step 0, the shared initial weights) it measures:
 
-* the relative x0-prediction error ||x0_hat - x0|| / ||x0|| per noise level on held-out latents
+* the relative x0-prediction error ||x0_hat - x0|| / ||x0|| per noise level on held-out latents,
+  of the EMA weights (what sampling uses) and of the raw weights
   (`x0_error.relative_x0_errors`): DDPM at integer t, the flow at the time with the same
   signal-to-noise ratio (`ddpm.flow_time_at_same_noise`), with the same noise draw per latent;
   predicting x0_hat = 0 scores exactly 1, so an error above 1 is worse than no prediction;
@@ -45,6 +46,7 @@ from maisi2 import ddpm
 from maisi2.atomic import atomic_output
 from maisi2.checkpoint import load_checkpoint
 from maisi2.latents import LatentDataset
+from maisi2.models import load_network
 from maisi2.train_flow import _initial_unet, stage_dir
 
 OBJECTIVES = ("rflow", "ddpm")
@@ -117,12 +119,18 @@ def row_for(objective: str, step: int, cache: Path, heldout: LatentDataset, data
     started = time.process_time()
     if step == 0:  # the initial weights, built as the trainer builds them (both objectives share them)
         cfg, recipe = unet_recipe(objective, args)
-        unet = _initial_unet(cfg, recipe, "cpu", None)[0]
+        unet = raw = _initial_unet(cfg, recipe, "cpu", None)[0]
     else:
-        unet, cfg, _, _ = load_unet(train_to(objective, step, cache, work, args))
+        path_pt = train_to(objective, step, cache, work, args)
+        unet, cfg, _, _ = load_unet(path_pt)
+        raw = load_network(path_pt, "unet", prefer_ema=False)[0]
     say(f"measuring {objective} at step {step}")
     row = {"objective": objective, "step": step, "cpu_seconds_to_reach": time.process_time() - started,
-           **measure(unet, objective, heldout, data_std, cfg, args, with_samples)}
+           **measure(unet, objective, heldout, data_std, cfg, args, with_samples),
+           # The EMA (decay 0.995) still holds 0.995^step of the random initial weights (8 % at 500
+           # steps), which an epsilon network's high-t error amplifies; the raw weights show how much.
+           "relative_x0_error_raw": relative_x0_errors(raw, objective, heldout, args.t, args.heldout_volumes,
+                                                       cfg.flow.num_train_timesteps, match_noise=True)}
     write_json(path, row)
     return row
 
@@ -141,8 +149,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--t", type=int, nargs="+", default=[50, 200, 400, 600, 800, 950],
                     help="noise levels as DDPM times (the flow is queried at the same signal-to-noise ratio)")
-    ap.add_argument("--samples", type=int, default=2, help="samples for the scale check (0: none)")
-    ap.add_argument("--sample-at", type=int, nargs="*", default=[100, 300, 500], help="steps with the scale check")
+    ap.add_argument("--samples", type=int, default=1, help="samples for the scale check (0: none)")
+    ap.add_argument("--sample-at", type=int, nargs="*", default=[300, 500], help="steps with the scale check")
     ap.add_argument("--up-to", type=int, default=None,
                     help="stop after this step in this call (a later call continues); default --train-steps")
     ap.add_argument("--no-progress", action="store_true")
@@ -182,14 +190,18 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
+    """Markdown: per objective and step, the errors of the EMA weights and (next row) the raw ones."""
     t, rf_t = results["t_ddpm"], results["t_rflow_same_noise"]
     head = " | ".join(f"t = {a} (RF {b:.0f})" for a, b in zip(t, rf_t))
-    lines = [f"| objective | steps | {head} | sampler | sample std / data std |",
-             "| --- | ---: |" + " ---: |" * len(t) + " --- | ---: |"]
+    lines = [f"| objective | steps | weights | {head} | sample std / data std (sampler) |",
+             "| --- | ---: | --- |" + " ---: |" * len(t) + " ---: |"]
     for r in sorted(results["rows"], key=lambda r: (r["objective"] != "rflow", r["step"])):
-        std = "" if r["sample_std_ratio"] is None else f"{r['sample_std_ratio']:.2f}"
-        lines.append(f"| {r['objective']} | {r['step']} | " + " | ".join(f"{e:.3f}" for e in r["relative_x0_error"])
-                     + f" | {r['sampler']} | {std} |")
+        std = "" if r["sample_std_ratio"] is None else f"{r['sample_std_ratio']:.2f} ({r['sampler']})"
+        for weights, key in (("EMA", "relative_x0_error"), ("raw", "relative_x0_error_raw")):
+            if r["step"] == 0 and weights == "raw":
+                continue  # the same network at step 0
+            lines.append(f"| {r['objective']} | {r['step']} | {weights} | "
+                         + " | ".join(f"{e:.3f}" for e in r[key]) + f" | {std if weights == 'EMA' else ''} |")
     return "\n".join(lines)
 
 
