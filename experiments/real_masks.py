@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--ct", type=Path, default=REAL / "example_ct_sm.nii.gz", help="its CT")
     ap.add_argument("--work", type=Path, default=Path("work/real_masks"))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--control-scale", type=float, default=1.0, help="generate's --control-scale")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="generate's --precision (auto: bf16 sampling where the CPU has bf16 hardware)")
     args = ap.parse_args()
@@ -91,16 +92,16 @@ def main() -> None:
     labels = volume_io.load_label_map(mask_path).array
     real_hu = volume_io.load_ct(args.ct).array
     loaded = {name: load_model(model_dir) for name, model_dir in models.items()}  # once for all seeds
-    first = next(iter(loaded))
-    rows = [{"case": "real CT", **score(real_hu, labels)},
-            {"case": f"VAE reconstruction ({first})", **score(vae_reconstruction(loaded[first].vae, real_hu), labels)}]
+    rows = [{"case": "real CT", **score(real_hu, labels)}]
+    rows += [{"case": f"VAE reconstruction ({name})", **score(vae_reconstruction(networks.vae, real_hu), labels)}
+             for name, networks in loaded.items()]
     for name, networks in loaded.items():
         for seed in range(args.seeds):
             started = time.perf_counter()
             try:
                 result = generate(mask_path, args.work / f"{name}_seed{seed}.nii.gz", model=networks,
                                   options=GenerateOptions(seed=seed, overwrite=True, write_preview=False,
-                                                          precision=args.precision))
+                                                          precision=args.precision, control_scale=args.control_scale))
             except Maisi2Error as refusal:
                 rows.append({"case": f"{name}, seed {seed}", "refused": str(refusal)})
                 continue
