@@ -60,10 +60,10 @@ NETWORKS = ("unet", "controlnet", "vae_decoder", "vae_encoder")
 BF16_NETWORKS = ("unet", "controlnet", "vae_decoder")
 # The networks ``auto`` lowers where bf16 pays: those whose bf16 CT stays within the release's own
 # float16 error of the float32 one (same noise and mask, 128^3, docs/performance.md "Precision"):
-# bf16 sampling (flow UNet + ControlNet, convolutions only) moved the CT by max 2.4 / mean 0.14 HU,
-# largest organ median shift 0.30 HU (bundled model) and 7.2 / 0.40 / 1.83 HU (released
-# architecture, random weights), where the release's float16 path moves it 6.6 / 0.70 / 1.41 and
-# 24.0 / 1.22 / 2.62 HU. The bf16 decoder is outside that (17.1 / 1.80 / 1.77 and 115 / 6.4 / 8.9
+# bf16 sampling (flow UNet + ControlNet, convolutions only) moved the CT by max 3.5 / mean 0.21 HU,
+# largest organ median shift 0.57 HU (bundled model) and 7.2 / 0.40 / 1.83 HU (released
+# architecture, random weights), where the release's float16 path moves it 6.7 / 0.84 / 1.78 and
+# 24.0 / 1.22 / 2.62 HU. The bf16 decoder is outside that (17.7 / 1.96 / 3.09 and 115 / 6.4 / 8.9
 # HU): its convolutions' bf16 outputs land on the image with little left to average them out, so
 # it stays float32 unless ``--precision bf16`` asks for it.
 AUTO_BF16_NETWORKS: tuple[str, ...] = ("unet", "controlnet")
@@ -154,14 +154,14 @@ BF16 = NetworkCompute(torch.bfloat16, channels_last=True)
 BF16_CONVS = NetworkCompute(torch.bfloat16, channels_last=True, convolutions_only=True)
 # Networks whose last 3x3x3 convolution writes their output (the velocity, the image): it stays
 # float32, since its rounding lands on the result unfiltered (measured on the decoder: the largest
-# organ median shift 1.8 -> 8.1 HU with it in bf16, bundled model). The ControlNet ends in 1x1 convolutions.
+# organ median shift 3.1 -> 5.6 HU with it in bf16, bundled model). The ControlNet ends in 1x1 convolutions.
 FLOAT32_OUTPUT = ("unet", "vae_decoder")
 # Submodules a lowered network keeps in float32: the ControlNet's mask embedding runs once per
 # generation (`sampling.velocity_function` caches it), so bf16 would only add error, never speed.
 FLOAT32_SUBMODULES = ("controlnet_cond_embedding",)
 # How ``bf16`` lowers each network on the CPU: convolutions only, everywhere. Measured against
 # autocast at 128^3 (docs/performance.md, "Accuracy"): the sampled CT moves a quarter to two thirds as far
-# (bundled model max |d| 2.4 vs 10.6 HU; autocast rounds every activation, residual sum and skip
+# (bundled model max |d| 3.5 vs 10.8 HU; autocast rounds every activation, residual sum and skip
 # connection to bf16's 8 bits as well), at 1.5-2x autocast's CPU time for 30 sampling steps.
 LOWERED = {"unet": BF16_CONVS, "controlnet": BF16_CONVS, "vae_decoder": BF16_CONVS}
 
