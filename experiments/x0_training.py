@@ -21,7 +21,7 @@ batches of 8, lr 5e-4, cosine). 733 CPU seconds on one thread (Intel Xeon, sessi
     OMP_NUM_THREADS=1 python experiments/x0_training.py --work work/exp_x0_training --data work/exp_data
 
 Rerunning continues: the data, the paused runs (the trainer resumes exactly), the snapshots and
-the measured rows are reused. The two runs live in work/<objective>/stage_1 as in steps.py, so
+the measured rows are reused. The table is printed and written to `--work`/x0_training.json. The two runs live in work/<objective>/stage_1 as in steps.py, so
 `steps.py --work` on the same folder with the same --train-steps samples the final UNets for FID.
 """
 
@@ -184,7 +184,7 @@ def main() -> None:
     results = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
                "t_ddpm": args.t, "t_rflow_same_noise": rf_times, "heldout_latent_std": data_std, "rows": rows,
                "environment": environment(), "cpu_seconds_this_call": time.process_time() - started}
-    write_json(work / "results.json", results)
+    write_json(work / "x0_training.json", results)  # not results.json: steps.py may share the folder
     plot(results, args.report)
     print(table(results))
 
