@@ -385,3 +385,24 @@ def test_one_seed_fixes_the_weight_initialisation(tmp_path, scans):
         runs.append(load_checkpoint(train_vae(scans, tmp_path / name, cfg, options, fast_settings(1, seed=3)).vae))
     a, b = (run.state_dict for run in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_takes_a_bare_weights_file_into_the_run_s_preset(tmp_path, tiny_vae):
+    """A model folder's vae.safetensors carries no config: its weights go into the --preset network,
+    and weights of another size are refused naming the preset they fit."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    image, _ = write_scan(folder, "s", (36, 36, 32), seed=5)
+    datalist = folder / "d.jsonl"
+    datalist.write_text(json.dumps({"image": image.name}) + "\n")
+    bare = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vae.state_dict().items()}, str(bare))
+    options = VAETrainOptions(patch=(32, 32, 32), decoder_only=True)
+    result = train_vae(datalist, tmp_path / "run", get_config("tiny"), options, fast_settings(1), init=bare)
+    trained = load_checkpoint(result.vae).state_dict
+    encoder = [k for k in tiny_vae.state_dict() if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(tiny_vae.state_dict()[k], trained[k]) for k in encoder)
+    with pytest.raises(ValueError, match="tiny"):
+        train_vae(datalist, tmp_path / "run2", get_config("small"), options, fast_settings(1), init=bare)

@@ -41,8 +41,8 @@ from maisi2.errors import InvalidInput
 from maisi2.labels import TUMOR_IDS
 from maisi2.losses import mask_weights
 from maisi2.training import LAST, BatchSource, TrainSettings, dist_info, train
-from maisi2.autoencoder import downsample_factor, load_vae
-from maisi2.models import vae_state_only
+from maisi2.autoencoder import downsample_factor
+from maisi2.models import read_network, vae_state_only
 
 __all__ = ["reconstruction_l1", "kl_loss", "generator_adversarial_loss", "discriminator_loss", "build_discriminator",
            "discriminator_logits", "freeze_encoder", "ADVERSARIAL_KINDS", "VAETrainOptions", "RandomCrops", "crop_plan",
@@ -454,7 +454,9 @@ def train_vae(datalist: str | os.PathLike, out_dir: str | os.PathLike, cfg: Conf
     torch.manual_seed(settings.seed)
     vae = build_vae(cfg)
     if init is not None:
-        load_weights(vae, load_vae(init).model.state_dict(), "vae", str(init), cfg.preset)
+        # The init's weights go straight into the network of this run's preset (any file `read_network`
+        # knows, a model folder's bare vae.safetensors included); a mismatch names the preset they fit.
+        load_weights(vae, read_network(init, "vae").state_dict, "vae", str(init), cfg.preset)
     discriminator = None
     if options.adversarial:
         discriminator = build_discriminator(options.disc_channels, options.disc_layers, cfg.image_channels)
