@@ -206,8 +206,9 @@ class ComputePlan:
         return module.to(memory_format=self._format(network))
 
     def _format(self, network: str) -> torch.memory_format:
-        """The layout of `network`'s weights and inputs: channels-last under autocast; a network
-        lowered convolutions-only keeps them contiguous (its bf16 weight copies are channels-last)."""
+        """The layout of `network`'s weights and inputs: channels-last wherever it runs in bf16
+        (autocast or convolutions only: there the float32 activations are stored channels-last so
+        that each bf16 conversion is a cast), else contiguous."""
         c = self.of(network)
         return torch.channels_last_3d if c.channels_last else torch.contiguous_format
 

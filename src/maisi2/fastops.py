@@ -133,7 +133,7 @@ class Bf16Conv3d(FastConv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dtype != torch.float32:
+        if not _runs_lowered(self, x):
             return super().forward(x)
         return self.lowered(x, self.padding)
 
@@ -156,10 +156,15 @@ class Bf16Conv3d(FastConv3d):
                         padding, self.dilation, self.groups)
 
 
+def _runs_lowered(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether `conv` multiplies `x` in bf16: a `Bf16Conv3d` on float32 input, without gradients."""
+    return type(conv) is Bf16Conv3d and not torch.is_grad_enabled() and x.dtype == torch.float32
+
+
 def conv3d_of(conv: nn.Conv3d, x: torch.Tensor, padding) -> torch.Tensor:
     """``conv`` applied to `x` with another `padding`, in the arithmetic of its class (`Bf16Conv3d`:
     bf16 multiply-adds) or float32 (exactly ``F.conv3d``); for callers that convolve slab by slab."""
-    if type(conv) is Bf16Conv3d and not torch.is_grad_enabled() and x.dtype == torch.float32:
+    if _runs_lowered(conv, x):
         return conv.lowered(x, padding)
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
@@ -171,8 +176,7 @@ def conv3d_into(conv: nn.Conv3d, x: torch.Tensor, padding, out: torch.Tensor, ad
     is added there: two passes over `out` instead of a float32 copy of the product, its bias, the
     sum and the store (same values up to float32 rounding). Returns `out`.
     """
-    if (type(conv) is Bf16Conv3d and not torch.is_grad_enabled() and x.dtype == torch.float32
-            and out.dtype == torch.float32):
+    if _runs_lowered(conv, x) and out.dtype == torch.float32:
         y = conv.product(x, padding)
         out.add_(y) if add else out.copy_(y)
         if conv.bias is not None:
