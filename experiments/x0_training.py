@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--sample-at", type=int, nargs="*", default=[300, 500], help="steps with the scale check")
     ap.add_argument("--up-to", type=int, default=None,
                     help="stop after this step in this call (a later call continues); default --train-steps")
+    ap.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES),
+                    help="train and measure only these (two calls, one per objective, run on two cores at once; "
+                         "a last call with both assembles the table from their stored rows)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", type=Path, default=Path("docs/img/exp_x0_training.png"), help="where the plot goes")
     args = ap.parse_args()
@@ -175,15 +178,18 @@ def main() -> None:
     heldout = LatentDataset(held_cache, scale_factor=scale)
     data_std = float(torch.stack([heldout[i]["latent"] for i in range(len(heldout))]).std())
 
-    rows = [row_for(o, 0, cache, heldout, data_std, work, args) for o in OBJECTIVES]
+    objectives = [o for o in OBJECTIVES if o in args.objectives]
+    rows = [row_for(o, 0, cache, heldout, data_std, work, args) for o in objectives]
     up_to = args.train_steps if args.up_to is None else args.up_to
     for step in [m for m in milestones(args.train_steps, args.every) if m <= up_to]:
         # both objectives reach each step before either goes on, so a partial run compares like with like
-        rows += [row_for(o, step, cache, heldout, data_std, work, args) for o in OBJECTIVES]
+        rows += [row_for(o, step, cache, heldout, data_std, work, args) for o in objectives]
     rf_times = ddpm.flow_time_at_same_noise(torch.tensor(args.t)).tolist()
     results = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
                "t_ddpm": args.t, "t_rflow_same_noise": rf_times, "heldout_latent_std": data_std, "rows": rows,
                "environment": environment(), "cpu_seconds_this_call": time.process_time() - started}
+    if len(objectives) < len(OBJECTIVES):  # one half of a split run: its rows are stored; no table yet
+        return
     write_json(work / "x0_training.json", results)  # not results.json: steps.py may share the folder
     plot(results, args.report)
     print(table(results))
