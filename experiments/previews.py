@@ -1,6 +1,6 @@
-"""Preview PNGs and loss curves for docs/: what the trained small model produces.
+"""Preview PNGs for docs/: what the trained small model produces.
 
-Usage (after recipes/bundled_model.sh):
+Usage (after recipes/bundled_model.sh, whose phantoms it reads from --work):
     python experiments/previews.py --work work --model src/maisi2/resources/models/default --out docs/img
 
 Writes
@@ -13,13 +13,12 @@ Writes
                         (controlnet_pair.png: the slice through the tumour); --tumor KIND
                         --radius MIN MAX pick another lesion, --pair-only writes only
                         controlnet_pair_KIND.png
-  loss_*.png            training loss curves from the runs' log.csv files
+The training runs' loss curves (docs/img/loss_*.png) are drawn by experiments/loss_curves.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -74,26 +73,6 @@ def flow_samples(models, shape, spacing, seeds):
     return out
 
 
-def loss_plot(csv_path: Path, column: str, title: str, size=(480, 240)) -> Image.Image:
-    rows = list(csv.DictReader(open(csv_path)))
-    steps = np.array([float(r["step"]) for r in rows])
-    values = np.array([float(r[column]) for r in rows])
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 50, 20, size[0] - 10, size[1] - 25
-    lo, hi = values.min(), values.max()
-    xs = left + (steps - steps.min()) / max(np.ptp(steps), 1) * (right - left)
-    ys = bottom - (values - lo) / max(hi - lo, 1e-12) * (bottom - top)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.line(list(zip(xs.tolist(), ys.tolist())), fill="navy", width=2)
-    draw.text((left, 3), f"{title}: {column}", fill="black")
-    draw.text((2, top), f"{hi:.3g}", fill="black")
-    draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
-    draw.text((left, bottom + 5), f"step {int(steps.min())}", fill="black")
-    draw.text((right - 70, bottom + 5), f"step {int(steps.max())}", fill="black")
-    return img
-
-
 def tumor_pair(model: str, kind: str, radius: tuple[float, float], out: Path, pair_name: str,
                 overview_name: str | None) -> None:
     """CT generated from a phantom mask with one tumour of `kind`, and from the same noise with the
@@ -131,7 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--compare-model", default=None, metavar="NAME=DIR",
                     help="also sample this model's flow UNet (same seeds) into flow_samples_compare.png")
-    ap.add_argument("--flow-only", action="store_true", help="only the flow samples (no ControlNet pair, no curves)")
+    ap.add_argument("--flow-only", action="store_true", help="only the flow samples (no ControlNet pair)")
     ap.add_argument("--pair-only", action="store_true", help="only the ControlNet pair, as controlnet_pair_KIND.png")
     ap.add_argument("--tumor", default="hepatic", help="the pair's tumour kind (maisi2.phantom.TUMOR_KINDS)")
     ap.add_argument("--radius", nargs=2, type=float, default=(15.0, 20.0), metavar=("MIN", "MAX"), help="mm")
@@ -163,16 +142,6 @@ def main() -> None:
     # 2. ControlNet: a mask with a liver tumour, and the same noise with the tumour removed.
     tumor_pair(args.model, args.tumor, tuple(args.radius), out, "controlnet_pair.png", "controlnet_tumor.png")
 
-    # 3. Loss curves.
-    for name, run, column in (("vae", "vae", "recon_l1"), ("flow_stage1", "flow/stage_1", "loss"),
-                              ("flow_stage2", "flow/stage_2", "loss"), ("flow_stage3", "flow/stage_3", "loss"),
-                              ("controlnet", "controlnet", "flow_loss"),
-                              ("flow_continued_stage2", "flow_long/stage_2", "loss"),
-                              ("flow_continued_stage3", "flow_long/stage_3", "loss"),
-                              ("controlnet_continued", "controlnet_long", "flow_loss")):
-        path = work / run / "log.csv"
-        if path.is_file():
-            loss_plot(path, column, name).save(out / f"loss_{name}.png")
     print(f"wrote previews into {out}")
 
 

@@ -47,3 +47,5 @@ maisi2 train-controlnet "$W/latents" --unet "$W/flow/stage_3/last.pt" --out "$W/
 # 6. The model folder, shipped inside the package.
 maisi2 export-model --vae "$W/vae/vae.pt" --unet "$W/flow/stage_3/last.pt" \
     --controlnet "$W/controlnet/last.pt" --cache "$W/latents" --out src/maisi2/resources/models/default --overwrite
+# Its loss curves (with recipes/continue_bundled_model.sh's runs: docs/img/loss_*.png):
+# python experiments/loss_curves.py --work "$W" --out docs/img

@@ -20,5 +20,6 @@ maisi2 train-controlnet $W/latents --unet $W/flow_long/stage_3/last.pt --out $W/
   $(r $W/controlnet_long)
 maisi2 export-model --vae $W/vae/vae.pt --unet $W/flow_long/stage_3/last.pt --controlnet $W/controlnet_long/last.pt \
   --cache $W/latents --out $W/model_long --overwrite
-# Then: python experiments/previews.py --work $W --model $W/model_long --out docs/img, compare with the
+# Then: python experiments/previews.py --work $W --model $W/model_long --out docs/img and
+# python experiments/loss_curves.py --work $W --out docs/img (the loss_*.png curves), compare with the
 # shipped model, and copy $W/model_long over src/maisi2/resources/models/default if it is better.
