@@ -74,6 +74,29 @@ def released(size: int, steps: int, threads: int, scratch: Path) -> dict:
             "estimated": steps != 30}
 
 
+MODEL_NAMES = {"bundled": "bundled (`small`)", "released": "released architecture"}
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of docs/performance.md: one row per model and size, models in turn."""
+    def peak(r):
+        if not r.get("peak_mib"):
+            return "-"
+        gib = r["peak_mib"] / 1024
+        return f"{gib:.2f} GiB" if gib < 10 else f"{gib:.1f} GiB"
+
+    lines = ["| model | volume | time s | CPU s | peak memory | how |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (list(MODEL_NAMES).index(r["model"]), r["size"])):
+        name = MODEL_NAMES[r["model"]]
+        if "error" in r:
+            lines.append(f"| {name} | {r['size']}^3 | failed | | | {r['error'].strip().splitlines()[-1][:80]} |")
+            continue
+        how = (f"estimated: {r['steps_run']} steps run, median step {r['step_median_s']:.2f} s, decode "
+               f"{r['decode_s']:.1f} s" if r["estimated"] else "measured, the whole `maisi2 generate` command")
+        lines.append(f"| {name} | {r['size']}^3 | {r['total_s']:.1f} | {r['cpu_s']:.1f} | {peak(r)} | {how} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256], help="edge lengths (multiples of 32)")
@@ -98,16 +121,7 @@ def main() -> None:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print("\n| model | size | 30-step total s | CPU s | peak MiB | how |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['model']} | {r['size']}^3 | failed | | | {r['error'].strip().splitlines()[-1][:80]} |")
-            continue
-        how = (f"estimated: {r['steps_run']} steps run ({r['measured_total_s']:.1f} s), median step "
-               f"{r['step_median_s']:.2f} s, decode {r['decode_s']:.1f} s" if r["estimated"] else "measured")
-        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"
-        print(f"| {r['model']} | {r['size']}^3 | {r['total_s']:.1f} | {r['cpu_s']:.1f} | {peak} | {how} |")
+    print("\n" + table(rows))
     print(f"\nCPU: {CpuCapabilities.detect().describe()}; {args.threads} threads; "
           f"load average at the end {os.getloadavg()[0]:.1f}")
 

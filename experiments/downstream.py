@@ -151,12 +151,13 @@ def plot(results: dict, path: Path, size=(420, 260)) -> None:
 def table(results: dict) -> str:
     kinds = list(results["rows"][0].get("found_mean", {}))
     lines = ["| training data | volumes | test Dice, mean +- population SD (numpy std, ddof 0) over seeds | per seed |"
-             + "".join(f" {k} tumour voxels found |" for k in kinds),
+             + "".join(f" {k} tumour voxels found (per seed) |" for k in kinds),
              "| --- | ---: | ---: | --- |" + " ---: |" * len(kinds)]
     for r in results["rows"]:
         lines.append(f"| {r['condition']} | {r['training_volumes']} | {r['dice_mean']:.3f} +- {r['dice_std']:.3f} | "
                      + ", ".join(f"{d:.3f}" for d in r["dice_per_seed"]) + " |"
-                     + "".join(f" {r['found_mean'][k]:.2f} |" for k in kinds))
+                     + "".join(f" {r['found_mean'][k]:.2f} ("
+                               + ", ".join(f"{f:.2f}" for f in r["found_per_seed"][k]) + ") |" for k in kinds))
     return "\n".join(lines)
 
 

@@ -111,12 +111,13 @@ def loss_curve(logs: list[Path], path: Path, size=(640, 260), smooth: int = 10) 
 
 def table(results: dict) -> str:
     bands = list(TISSUE_BANDS) + ["other"]
-    lines = ["| volumes | step | 2.5D FID | tissue-mix distance | " + " / ".join(bands) + " (% of voxels) |",
+    lines = ["| volumes | steps in all | 2.5D FID (offline features) | tissue-mix distance | " + " / ".join(bands)
+             + " (% of voxels) |",
              "| --- | ---: | ---: | ---: | --- |"]
     for r in results["rows"]:
         fid_text = f"{r['fid']:.0f}" if r.get("fid") is not None else "-"
-        step = r.get("step", "")
-        lines.append(f"| {r['name']} | {step} | {fid_text} | {r['tissue_distance']:.3f} | "
+        step = f" {r['step']} " if "step" in r else " "  # an empty cell is "| |", as in the docs
+        lines.append(f"| {r['name']} |{step}| {fid_text} | {r['tissue_distance']:.3f} | "
                      + " / ".join(f"{100 * r['tissue_shares'][b]:.1f}" for b in bands) + " |")
     return "\n".join(lines)
 
@@ -156,14 +157,14 @@ def main() -> None:
                 "tissue_distance": total_variation(shares, ref_shares), **extra}
 
     rows = [{"name": "reference phantoms", "fid": None, "tissue_shares": ref_shares, "tissue_distance": 0.0},
-            row("floor: training phantoms", training),
-            row("floor: VAE reconstructions", cached_volumes(
+            row(f"floor: {args.samples} training phantoms", training),
+            row("floor: the VAE's reconstructions of the reference set", cached_volumes(
                 args.work / f"vae_reconstructions_{args.reference_volumes}.npz",
                 lambda: reconstruct_hu(vae, reference), "the VAE's reconstructions of the reference set"))]
     figure_rows = [("reference phantoms", reference)]
     for name, path in checkpoints:
         volumes, step = samples_of(path, args.samples, vae, args.work, name)
-        rows.append(row(f"RF-30 samples: {name}", volumes, step=step, checkpoint=str(path)))
+        rows.append(row(f"RF-30 samples, {name}", volumes, step=step, checkpoint=str(path)))
         figure_rows.append((f"{name} (step {step})", volumes))
         say(f"{name}: FID {rows[-1]['fid']:.0f}, tissue-mix distance {rows[-1]['tissue_distance']:.3f}")
     slices_figure(figure_rows, args.report, coronal=True)

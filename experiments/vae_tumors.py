@@ -62,7 +62,7 @@ def main() -> None:
         print(f"| {r['scan']} | {r['tumor']} | {r['voxels']} | {r['own']:.0f} | {cells} |")
     usable = [r for r in rows if r["own"] is not None and abs(r["own"]) <= 300 and None not in r["recon"]]
     errors = [float(np.mean([abs(r["recon"][k] - r["own"]) for r in usable])) for k in range(len(vaes))]
-    print(f"| mean abs contrast error ({len(usable)} tumours within +-300 HU) | | | | "
+    print(f"| mean abs contrast error ({len(usable)} tumours with a contrast between -300 and +300 HU) | | | | "
           + " | ".join(f"{e:.1f}" for e in errors) + " |")
     print("| mean whole-volume L1 (HU) | | | | " + " | ".join(f"{np.mean(v):.1f}" for v in l1) + " |")
     if args.out:

@@ -29,6 +29,16 @@ from maisi2.checkpoint import load_checkpoint
 from maisi2.latents import LatentDataset
 
 
+def table_head(times: list[int]) -> str:
+    """The Markdown table's header and alignment lines; its rows come from `table_row` as measured."""
+    return ("| checkpoint | objective | steps | " + " | ".join(f"t = {t}" for t in times) + " |\n"
+            + "| --- | --- | ---: |" + " ---: |" * len(times))
+
+
+def table_row(name: str, objective: str, steps: int, errors: list[float]) -> str:
+    return f"| {name} | {objective} | {steps} | " + " | ".join(f"{e:.3f}" for e in errors) + " |"
+
+
 def objective_of(ckpt) -> str:
     recipe = ckpt.extra.get("recipe")
     return json.loads(recipe).get("objective", "rflow") if recipe else "rflow"
@@ -90,14 +100,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"no checkpoint at {path}")
     torch.set_num_threads(1)
     rows = []
-    print("| checkpoint | objective | steps | " + " | ".join(f"t = {t}" for t in args.t) + " |")
-    print("| --- | --- | ---: |" + " ---: |" * len(args.t))
+    print(table_head(args.t))
     for name, path in named:
         ckpt = load_checkpoint(path)
         errors = x0_errors(ckpt, args.cache, args.t, args.max_latents, args.match_noise)
         rows.append({"checkpoint": name, "path": path, "objective": objective_of(ckpt), "steps": ckpt.steps_in_all,
                      "t": args.t, "match_noise": args.match_noise, "relative_x0_error": errors})
-        print(f"| {name} | {objective_of(ckpt)} | {ckpt.steps_in_all} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
+        print(table_row(name, objective_of(ckpt), ckpt.steps_in_all, errors))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
