@@ -13,6 +13,10 @@ queried at the flow time whose x_t has DDPM's signal-to-noise ratio at t
 
     python experiments/x0_error.py CACHE --checkpoint NAME=PATH [--checkpoint ...] \\
         [--t 50 400 800 950] [--max-latents 16] [--match-noise] [--out results.json]
+
+PATH is a trainer checkpoint (`last.pt`) or a model folder such as the bundled
+src/maisi2/resources/models/default (its UNet as exported, with the folder's scale factor; a model
+folder holds a rectified-flow UNet).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ import torch
 from maisi2 import ddpm, flow, nets
 from maisi2.checkpoint import load_checkpoint
 from maisi2.latents import LatentDataset
+from maisi2.models import load_network
 
 
 def table_head(times: list[int]) -> str:
@@ -35,8 +41,8 @@ def table_head(times: list[int]) -> str:
             + "| --- | --- | ---: |" + " ---: |" * len(times))
 
 
-def table_row(name: str, objective: str, steps: int, errors: list[float]) -> str:
-    return f"| {name} | {objective} | {steps} | " + " | ".join(f"{e:.3f}" for e in errors) + " |"
+def table_row(name: str, objective: str, steps: int | None, errors: list[float]) -> str:
+    return f"| {name} | {objective} | {'-' if steps is None else steps} | " + " | ".join(f"{e:.3f}" for e in errors) + " |"
 
 
 def objective_of(ckpt) -> str:
@@ -44,14 +50,36 @@ def objective_of(ckpt) -> str:
     return json.loads(recipe).get("objective", "rflow") if recipe else "rflow"
 
 
-def x0_errors(ckpt, cache: Path, times: list[int], max_latents: int, match_noise: bool = False) -> list[float]:
-    """Mean relative x0 error of a checkpoint's EMA weights at each t in `times`, over the first
-    `max_latents` cached latents."""
+@dataclass
+class Measured:
+    """A UNet to measure and what the table says about it."""
+
+    unet: torch.nn.Module
+    objective: str
+    steps: int | None  # training steps in all, when the file says
+    scale_factor: float
+    num_train_timesteps: int
+
+
+def load_measured(path: Path) -> Measured:
+    """A trainer checkpoint's EMA weights (objective from its recipe), or a model folder's UNet."""
+    if Path(path).is_dir():
+        unet, cfg, weights = load_network(path, "unet")
+        return Measured(unet, "rflow", weights.steps, weights.scale_factor, cfg.flow.num_train_timesteps)
+    ckpt = load_checkpoint(path)
     unet = nets.build_unet(ckpt.config)
     unet.load_state_dict(ckpt.weights(prefer_ema=True))
-    data = LatentDataset(cache, scale_factor=ckpt.scale_factor)
-    return relative_x0_errors(unet, objective_of(ckpt), data, times, max_latents,
-                              ckpt.config.flow.num_train_timesteps, match_noise)
+    return Measured(unet, objective_of(ckpt), ckpt.steps_in_all, ckpt.scale_factor,
+                    ckpt.config.flow.num_train_timesteps)
+
+
+def x0_errors(measured: Measured, cache: Path, times: list[int], max_latents: int,
+              match_noise: bool = False) -> list[float]:
+    """Mean relative x0 error of `measured` at each t in `times`, over the first `max_latents`
+    cached latents."""
+    data = LatentDataset(cache, scale_factor=measured.scale_factor)
+    return relative_x0_errors(measured.unet, measured.objective, data, times, max_latents,
+                              measured.num_train_timesteps, match_noise)
 
 
 @torch.no_grad()
@@ -96,17 +124,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--t values must lie in [0, 1000) and --max-latents must be >= 1")
     named = [c.split("=", 1) if "=" in c else (c, c) for c in args.checkpoint]
     for _, path in named:
-        if not Path(path).is_file():
-            sys.exit(f"no checkpoint at {path}")
+        if not Path(path).exists():
+            sys.exit(f"no checkpoint or model folder at {path}")
     torch.set_num_threads(1)
     rows = []
     print(table_head(args.t))
     for name, path in named:
-        ckpt = load_checkpoint(path)
-        errors = x0_errors(ckpt, args.cache, args.t, args.max_latents, args.match_noise)
-        rows.append({"checkpoint": name, "path": path, "objective": objective_of(ckpt), "steps": ckpt.steps_in_all,
+        measured = load_measured(Path(path))
+        errors = x0_errors(measured, args.cache, args.t, args.max_latents, args.match_noise)
+        rows.append({"checkpoint": name, "path": path, "objective": measured.objective, "steps": measured.steps,
                      "t": args.t, "match_noise": args.match_noise, "relative_x0_error": errors})
-        print(table_row(name, objective_of(ckpt), ckpt.steps_in_all, errors))
+        print(table_row(name, measured.objective, measured.steps, errors))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -57,3 +57,26 @@ def test_x0_error_table_for_both_objectives(tmp_path, capsys):
     matched = json.loads(out.read_text())["rows"]
     assert matched[1]["relative_x0_error"] == rows[1]["relative_x0_error"]
     assert matched[0]["relative_x0_error"] != rows[0]["relative_x0_error"]
+
+
+def test_x0_error_measures_a_model_folder(tmp_path, capsys):
+    """The bundled model folder's UNet (the model card's x0 errors): its steps and scale factor from
+    model.json."""
+    import json
+    from pathlib import Path
+
+    import x0_error
+    from test_train_flow import SMALL, make_cache
+
+    folder = Path(__file__).resolve().parents[1] / "src/maisi2/resources/models/default"
+    info = json.loads((folder / "model.json").read_text())
+    steps = info["metadata"]["trained_steps"]["unet"]
+    cache = make_cache(tmp_path / "cache", shapes=[SMALL] * 2)
+    out = tmp_path / "x0.json"
+    x0_error.main([str(cache), "--checkpoint", f"bundled={folder}", "--t", "50", "950", "--max-latents", "2",
+                   "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["objective"] == "rflow" and row["steps"] == steps
+    assert all(e == e and e > 0 for e in row["relative_x0_error"])
+    assert f"| bundled | rflow | {steps} |" in capsys.readouterr().out
+    assert x0_error.load_measured(folder).scale_factor == info["scale_factor"]
