@@ -54,6 +54,8 @@ __all__ = [
     "fid",
     "merge_set_stats",
     "bootstrap_fid",
+    "bootstrap_indices",
+    "percentile_interval",
 ]
 
 # Plane name -> the array axis (x=0, y=1, z=2) the slices are taken along, as MAISI's script does.
@@ -337,17 +339,32 @@ def merge_set_stats(parts: Sequence[SetStats]) -> SetStats:
     return SetStats(planes, first.extractor, first.spacing, first.shape, sum(p.volumes for p in parts))
 
 
+def bootstrap_indices(n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """(resamples, n) int64: each row n indices into a set of n items drawn with replacement.
+
+    One draw shared by several scores is a paired bootstrap: arms sampled from the same noise seeds
+    are resampled at the same volume indices, so their difference's interval keeps the pairing."""
+    if n < 2 or resamples < 1:
+        raise InvalidInput(f"a bootstrap needs at least 2 items and 1 resample; got {n} items, {resamples} resamples")
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap values (e.g. 2.5 % and 97.5 % for 0.95)."""
+    if not 0 < level < 1:
+        raise InvalidInput(f"level must lie in (0, 1); got {level}")
+    lo, hi = np.quantile(np.asarray(values, np.float64), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap_fid(real: SetStats, generated_per_volume: Sequence[SetStats], resamples: int = 1000,
                   level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(FID of all generated volumes, lower, upper): a percentile bootstrap interval over generated
     volumes (drawn with replacement, `resamples` times; the reference set stays fixed), so the
     interval reflects how many volumes were generated, not the reference set's own variability."""
-    if not 0 < level < 1 or resamples < 1 or len(generated_per_volume) < 2:
-        raise InvalidInput("bootstrap_fid needs 0 < level < 1, resamples >= 1 and at least 2 generated volumes")
+    if len(generated_per_volume) < 2:
+        raise InvalidInput("bootstrap_fid needs at least 2 generated volumes")
     point = fid_from_stats(real, merge_set_stats(generated_per_volume)).average
-    rng = np.random.default_rng(seed)
-    n = len(generated_per_volume)
-    values = [fid_from_stats(real, merge_set_stats([generated_per_volume[i] for i in rng.integers(0, n, n)])).average
-              for _ in range(resamples)]
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(point), float(lo), float(hi)
+    draws = bootstrap_indices(len(generated_per_volume), resamples, seed)
+    values = [fid_from_stats(real, merge_set_stats([generated_per_volume[i] for i in rows])).average for rows in draws]
+    return (float(point), *percentile_interval(values, level))
