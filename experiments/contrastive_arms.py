@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--mask-seed", type=int, default=0)
     ap.add_argument("--train-only", action="store_true", help="train the ControlNets, render nothing")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report", type=Path, default=Path("docs/img/exp_contrastive_arms.png"),
+                    help="the plot (per-seed and pooled HU change inside the tumours, per arm)")
     args = ap.parse_args()
     if not args.unet.is_file():
         sys.exit(f"{args.unet} does not exist: run experiments/x0_training.py first (its rflow UNet is the base), "
@@ -197,6 +199,7 @@ def main() -> None:
                     "grid": {"shape": GRID_SHAPE, "spacing": GRID_SPACING}, "painted_tumour_hu": tumor_hu,
                     "environment": environment(), "wall_seconds": time.time() - started})
     write_json(work / f"results_{tag}.json", results)
+    plot(results, args.report)
     print(table(results))
 
 
@@ -227,6 +230,41 @@ def summarise(measured: dict, ceiling: dict, args) -> dict:
                                       "ring_mean": float(np.mean(ceiling["ring"])),
                                       "per_tumour_inside": ceiling["inside"], "voxels": ceiling["voxels"]},
             "tumours": len(ceiling["inside"])}
+
+
+def plot(results: dict, path: Path, size=(520, 280)) -> None:
+    """Per arm: the mean HU change inside the implanted tumours of each training seed (dots) and
+    pooled over seeds with its 95 % case-bootstrap interval (bar); the VAE ceiling as a line."""
+    from PIL import Image, ImageDraw
+
+    arms = results["arms"]
+    ceiling = results["ceiling"]["inside_mean"]
+    values = [v for r in arms.values() for v in (*r["inside"], *r["inside_per_seed"])] + [ceiling, 0.0]
+    lo, hi = min(values) - 10, max(values) * 1.08
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 25, size[0] - 20, size[1] - 35
+    y_of = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)  # noqa: E731
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for level, colour, name in ((0.0, "gray", "0"), (ceiling, "darkred", f"VAE ceiling {ceiling:+.0f}")):
+        draw.line([(left, y_of(level)), (right, y_of(level))], fill=colour)
+        draw.text((left + 4, y_of(level) - 12), name, fill=colour)
+    step = (right - left) / (len(arms) + 1)
+    for k, (arm, r) in enumerate(arms.items(), start=1):
+        x = left + k * step
+        point, low, high = r["inside"]
+        draw.line([(x, y_of(low)), (x, y_of(high))], fill="navy", width=3)
+        draw.line([(x - 8, y_of(point)), (x + 8, y_of(point))], fill="navy", width=3)
+        for j, v in enumerate(r["inside_per_seed"]):
+            dx = 14 + 6 * j
+            draw.ellipse([x + dx - 3, y_of(v) - 3, x + dx + 3, y_of(v) + 3], fill="darkorange")
+        draw.text((x - 20, bottom + 6), f"{arm} ({len(r['seeds'])})", fill="black")
+    draw.text((left, 6), "HU change inside the implanted lung tumours (bar: pooled, 95 % interval; dots: seeds)",
+              fill="black")
+    for v in (lo, hi):
+        draw.text((4, y_of(v) - 6), f"{v:+.0f}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
 
 
 def table(results: dict) -> str:

@@ -45,3 +45,19 @@ def test_case_bootstrap_point_is_the_pooled_mean_and_resamples_whole_cases():
     # identical arms: a paired difference of exactly zero, with a zero-width interval
     diff = {"inside": [0.0] * 4, "case": [0, 1, 2, 2], "background": [0.0] * 3}
     assert case_bootstrap([diff, diff], "inside", np.mean, resamples=100) == (0.0, 0.0, 0.0)
+
+
+def test_plot_draws_every_arm_and_the_ceiling(tmp_path):
+    from PIL import Image
+
+    from contrastive_arms import plot
+
+    results = {"arms": {"none": {"inside": (3.0, 1.0, 5.0), "inside_per_seed": [2.0, 4.0], "seeds": [0, 1]},
+                        "paper": {"inside": (33.0, 10.0, 60.0), "inside_per_seed": [29.0, 37.0], "seeds": [0, 1]}},
+               "ceiling": {"inside_mean": 355.0}}
+    out = tmp_path / "arms.png"
+    plot(results, out, size=(400, 200))
+    pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
+    assert Image.open(out).size == (400, 200)
+    assert ((pixels == (139, 0, 0)).all(axis=1)).sum() > 100  # the ceiling line (darkred)
+    assert ((pixels == (255, 140, 0)).all(axis=1)).sum() >= 4 * 9  # four seed dots (darkorange)
