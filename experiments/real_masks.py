@@ -84,12 +84,24 @@ def main() -> None:
     ap.add_argument("--control-scale", type=float, default=1.0, help="generate's --control-scale")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="generate's --precision (auto: bf16 sampling where the CPU has bf16 hardware)")
+    ap.add_argument("--relabel", action="append", default=[], metavar="FROM=TO",
+                    help="generate from the mask with label FROM written as TO (MAISI ids; repeat); the scores "
+                         "still read the original mask, e.g. 3=1 asks whether the spleen comes out as bright "
+                         "when it is labelled liver (its code, not its shape or place)")
     args = ap.parse_args()
+    relabel = [tuple(int(v) for v in spec.split("=", 1)) for spec in args.relabel]
     models = dict(spec.split("=", 1) for spec in args.model)
     args.work.mkdir(parents=True, exist_ok=True)
     mask_path = args.work / "real_mask.nii.gz"
     import_totalseg(args.seg, mask_path, args.ct, overwrite=True)
-    labels = volume_io.load_label_map(mask_path).array
+    mask = volume_io.load_label_map(mask_path)
+    labels = mask.array
+    if relabel:  # the mask generated from; `labels` (what is scored) stays the original
+        edited = labels.copy()
+        for old, new in relabel:
+            edited[labels == old] = new
+        mask_path = volume_io.save_label_map(args.work / "real_mask_relabelled.nii.gz", mask.with_array(edited),
+                                             overwrite=True)
     real_hu = volume_io.load_ct(args.ct).array
     loaded = {name: load_model(model_dir) for name, model_dir in models.items()}  # once for all seeds
     rows = [{"case": "real CT", **score(real_hu, labels)}]
@@ -109,7 +121,8 @@ def main() -> None:
             rows.append({"case": f"{name}, seed {seed}", **score(hu, labels),
                          "out_of_domain": result.out_of_domain, "seconds": round(time.perf_counter() - started, 1),
                          "compute_plan": result.report.get("compute_plan")})
-    (args.work / "real_masks.json").write_text(json.dumps({"models": models, "seg": str(args.seg), "precision": args.precision, "rows": rows},
+    (args.work / "real_masks.json").write_text(json.dumps({"models": models, "seg": str(args.seg), "precision": args.precision,
+                                                           "relabel": args.relabel, "rows": rows},
                                                           indent=2))
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     yes = lambda v: "-" if v is None else ("yes" if v else "**no**")  # noqa: E731
