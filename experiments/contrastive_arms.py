@@ -15,7 +15,7 @@ in the paper's 128 x 128 x 32 latents. Here:
    * ``paper``: the paper's schedule (0.01 for the first half, 0.001 after) in the "normalised"
      lambda mode, which gives the contrastive gradient the strength relative to the flow loss that
      lambda has in a 128 x 128 x 32 latent holding 64 tumour voxels (`maisi2.losses`, derived and
-     tested there): about 10-40x the raw lambda on our 16^3 windows;
+     tested there): about 15-25x the raw lambda on our 16^3 windows (logged 0.15-0.24 for 0.01);
    * ``reversed``: 0.001 then 0.01, normalised the same way;
    * optional raw-lambda arms ``lambda-0.01``, ``lambda-0.1``, ``lambda-0.5`` (constant lambda);
 3. tumours at the VAE's visibility threshold: each of `--cases` held-out phantom masks gets its
@@ -51,6 +51,7 @@ from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, bundled_vae, cached_volu
                     environment, generate_ct, load_controlnet, phantom_arrays, reconstruct_hu, say, test_seeds,
                     train_seeds, write_json)
 
+from maisi2.evaluate.fid import bootstrap_indices, percentile_interval
 from maisi2.labels import remove_tumors
 from maisi2.train_controlnet import ControlNetLossSettings, ControlNetRecipe, load_frozen_unet, train_controlnet
 
@@ -65,6 +66,10 @@ ARMS = {
     "lambda-0.5": dict(contrastive=True, lambda_schedule=((0.0, 0.5),)),
 }
 RING_VOXELS, BACKGROUND_MARGIN = 2, 3
+# endpoint -> (measured key, reduction over tumours or cases); "drawn": the share of tumours whose
+# inside change reaches half of the VAE ceiling's for that tumour
+ENDPOINTS = {"inside": ("inside", np.mean), "ring": ("ring", np.mean), "background": ("background", np.mean),
+             "drawn": ("share", lambda share: np.mean(share >= 0.5))}
 
 
 def train_arm(arm: str, seed: int, cache: Path, args) -> Path:
@@ -109,26 +114,25 @@ def changes(with_vol: np.ndarray, without_vol: np.ndarray, masks: np.ndarray) ->
     return {"inside": inside, "ring": ring, "case": case_of, "voxels": voxels, "background": background}
 
 
+def pooled(per_seed: list[dict], key: str, reduce, cases: np.ndarray) -> float:
+    """`reduce` over the values of `key` of these cases (tumours of a case, or the case's own value
+    for "background"), every seed's pooled together; a case drawn twice counts twice."""
+    parts = []
+    for s in per_seed:
+        if key == "background":
+            parts.append(np.asarray(s[key], dtype=float)[cases])
+        else:
+            values, case_of = np.asarray(s[key], dtype=float), np.asarray(s["case"])
+            parts += [values[case_of == c] for c in cases]
+    return float(reduce(np.concatenate(parts)))
+
+
 def case_bootstrap(per_seed: list[dict], key: str, reduce, resamples: int = 2000, seed: int = 0):
-    """(point, lo, hi): `reduce` over the tumours (or cases) of every seed, with a 95 % bootstrap
-    interval that resamples cases (each case with all its tumours, in every seed at once)."""
+    """(point, lo, hi): `pooled` over all cases, with a 95 % bootstrap interval that resamples cases
+    (each case with all its tumours, in every seed at once: `fid.bootstrap_indices`)."""
     cases = len(per_seed[0]["background"])
-    rng = np.random.default_rng(seed)
-
-    def value(draw: np.ndarray) -> float:
-        parts = []
-        for s in per_seed:
-            if key == "background":
-                parts.append(np.asarray(s[key])[draw])
-            else:
-                by_case = {c: [v for v, cc in zip(s[key], s["case"]) if cc == c] for c in range(cases)}
-                parts.append(np.concatenate([np.asarray(by_case[c], dtype=float) for c in draw] or [np.zeros(0)]))
-        return float(reduce(np.concatenate(parts)))
-
-    point = value(np.arange(cases))
-    samples = [value(rng.integers(0, cases, cases)) for _ in range(resamples)]
-    lo, hi = np.quantile(samples, [0.025, 0.975])
-    return point, float(lo), float(hi)
+    values = [pooled(per_seed, key, reduce, draw) for draw in bootstrap_indices(cases, resamples, seed)]
+    return (pooled(per_seed, key, reduce, np.arange(cases)), *percentile_interval(values))
 
 
 def main() -> None:
@@ -140,11 +144,11 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["none", "paper", "reversed"], choices=list(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds per arm")
     ap.add_argument("--train-volumes", type=int, default=96)
-    ap.add_argument("--steps", type=int, default=600, help="ControlNet training steps per run")
+    ap.add_argument("--steps", type=int, default=400, help="ControlNet training steps per run")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--crop", type=int, nargs=3, default=(16, 16, 16), metavar=("X", "Y", "Z"))
     ap.add_argument("--tumor-crops", type=float, default=0.7, help="share of windows centred on a tumour")
-    ap.add_argument("--cases", type=int, default=10, help="held-out masks with implanted lung tumours")
+    ap.add_argument("--cases", type=int, default=8, help="held-out masks with implanted lung tumours")
     ap.add_argument("--radius", type=float, nargs=2, default=(10.0, 14.0), metavar=("MIN", "MAX"),
                     help="radius range of the implanted lung tumours (mm)")
     ap.add_argument("--mask-seed", type=int, default=0)
@@ -208,16 +212,14 @@ def summarise(measured: dict, ceiling: dict, args) -> dict:
     ceiling_inside = np.asarray(ceiling["inside"])
     for m in measured.values():  # the share of the VAE's ceiling each tumour reaches
         m["share"] = list(np.asarray(m["inside"]) / ceiling_inside)
-    endpoints = {"inside": np.mean, "ring": np.mean, "background": np.mean,
-                 "drawn": None}  # drawn: share of tumours reaching half the ceiling
     arms = {}
     for arm in args.arms:
         per_seed = [measured[(arm, s)] for s in args.seeds if (arm, s) in measured]
         row = {"seeds": [s for s in args.seeds if (arm, s) in measured]}
-        for name, reduce in endpoints.items():
-            key, fn = ("share", lambda v: np.mean(v >= 0.5)) if name == "drawn" else (name, reduce)
-            row[name] = case_bootstrap(per_seed, key, fn)
-            row[f"{name}_per_seed"] = [case_bootstrap([s], key, fn, resamples=1)[0] for s in per_seed]
+        cases = np.arange(len(per_seed[0]["background"]))
+        for name, (key, reduce) in ENDPOINTS.items():
+            row[name] = case_bootstrap(per_seed, key, reduce)
+            row[f"{name}_per_seed"] = [pooled([s], key, reduce, cases) for s in per_seed]
         if arm != "none" and all(("none", s) in measured for s in row["seeds"]):
             diffs = []
             for s in row["seeds"]:
