@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ from common import (GRID_SHAPE, GRID_SPACING, bundled_vae, cached_volumes, decod
                     write_json)
 
 from maisi2.atomic import atomic_output
+from maisi2.compute import CpuCapabilities
 from maisi2.evaluate.fid import (SetStats, bootstrap_indices, fid_from_stats, merge_set_stats, percentile_interval,
                                  volume_set_stats)
 from maisi2.evaluate.latent_fid import latent_fid, latent_patch_stats
@@ -164,10 +164,10 @@ def scores(ref_image: SetStats, ref_latent, per_volume_image: list[SetStats], la
     per_volume_latent = [latent_patch_stats(z, patch) for z in latents]
     image = lambda idx: fid_from_stats(ref_image, merge_set_stats([per_volume_image[i] for i in idx]))  # noqa: E731
     latent = lambda idx: latent_fid(ref_latent, [per_volume_latent[i] for i in idx])  # noqa: E731
-    everything = range(len(latents))
-    return {"image_fid": image(everything).average, "image_fid_per_plane": image(everything).per_plane,
+    whole = image(range(len(latents)))
+    return {"image_fid": whole.average, "image_fid_per_plane": whole.per_plane,
             "image_fid_draws": [image(idx).average for idx in draws],
-            "latent_fid": latent(everything), "latent_fid_draws": [latent(idx) for idx in draws]}
+            "latent_fid": latent(range(len(latents))), "latent_fid_draws": [latent(idx) for idx in draws]}
 
 
 def mean_interval(values: np.ndarray, draws: np.ndarray, level: float) -> dict:
@@ -175,14 +175,6 @@ def mean_interval(values: np.ndarray, draws: np.ndarray, level: float) -> dict:
     values = np.asarray(values, np.float64)
     return {"mean": float(values.mean()), "interval": percentile_interval(values[draws].mean(1), level),
             "min": float(values.min()), "max": float(values.max())}
-
-
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown"
 
 
 def main() -> None:
@@ -292,7 +284,7 @@ def main() -> None:
                "arms_complete": list(arms), "arms_missing": [a for a in ARMS if a not in arms],
                "unets": {"rflow": str(args.rflow), "ddpm": str(args.ddpm)}, "rows": rows, "paired": paired,
                "features": "offline HU-texture 2.5D features (NOT comparable with the paper); latent: 2^3 patches",
-               "environment": {**environment(), "cpu": lscpu_model()}}
+               "environment": {**environment(), "cpu": CpuCapabilities.detect().to_dict()}}
     write_json(work / "results.json", results)
     plot(results, args.report)
     sample_rows = [("reference (VAE recon.)", sets["reference"]["hu"])]
