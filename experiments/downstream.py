@@ -1,24 +1,40 @@
-"""Experiment 3 of issue #6: does synthetic CT help a downstream tumour segmenter?
+"""Does synthetic CT help a downstream tumour segmenter? (experiment 3 of issue #6; item 3 of #26)
 
 The paper: a tumour segmentation network trained on real plus MAISI-v2 synthetic data (generated
-from edited masks) beats one trained on the real data alone.
+from edited masks) beats one trained on the real data alone, and more so when the ControlNet was
+trained with the region-specific contrastive loss.
 
 Here, in miniature:
 1. "real" data: a few labelled phantoms (ground truth known), deliberately scarce;
 2. synthetic data: label maps of other phantoms, edited -- their own tumours removed (each
    replaced by its parent organ), then 1-2 tumours of one kind (`--implant`: lung, the default, or
-   hepatic) implanted at random inside their organ -- and rendered by the ControlNet of
-   experiment 2 (the paper's schedule) in 30 steps. Lung is the default because on this grid the
-   bundled VAE gives back a lung tumour of 140+ voxels at 350-400 HU above the lung, but every
-   hepatic tumour within 8 HU of the liver (`experiments/vae_ceiling.py`), so no generator can
-   make a hepatic tumour that looks like one through it;
-3. a tumour segmenter (`maisi2.evaluate.seg`, MONAI UNet) trained on real only, and on real +
-   synthetic, same steps, several seeds each;
-4. Dice ("any tumour" vs rest) on held-out phantoms; mean and spread over the seeds; and per
-   tumour kind (lung, hepatic), the share of its voxels the segmenter finds.
+   hepatic) implanted at random inside their organ -- and rendered by a ControlNet in 30 steps.
+   Lung is the default because on this grid the bundled VAE gives back a lung tumour of 140+ voxels
+   at 350-400 HU above the lung, but every hepatic tumour within 8 HU of the liver
+   (`experiments/vae_ceiling.py`), so no generator can make a hepatic tumour that looks like one
+   through it. Which ControlNet:
+   * by default one, the "paper" ControlNet of experiment 2 (`--controlnets`), for every seed;
+   * with `--arms-from` (issue #26, item 3), one synthetic arm per name in `--arms`, each seed s
+     rendered by that arm's training seed s of experiments/contrastive_arms.py
+     (`<arms-from>/<arm>_seed<s>/last.pt`): with the contrastive loss (``paper``) and without it
+     (``none``); every arm renders the same edited masks from the same noise;
+3. a tumour segmenter (`maisi2.evaluate.seg`, MONAI UNet) trained on real only, and on real + each
+   synthetic set, same steps; seed s of every condition uses training seed s;
+4. test cases: held-out phantoms, each with a tumour (`--test-lung-radius`: instead, each drawn with
+   1-2 lung tumours of that radius, the kind and size the synthetic tumours add). Dice ("any
+   tumour" vs rest) per case; per condition the mean over cases per seed; per tumour kind (lung,
+   hepatic) the share of its voxels the segmenter finds;
+5. paired comparisons (when there are several seeds and cases): for each pair of conditions, per
+   case the Dice difference averaged over seeds; its mean with a 95 % bootstrap interval over cases
+   (`maisi2.evaluate.fid.bootstrap_indices`), the two-sided Wilcoxon signed-rank p over cases, and
+   the per-seed mean differences.
 
     python experiments/downstream.py            # after experiments/contrastive.py; ~15 min on 2 cores
+    python experiments/downstream.py --arms-from work/exp_contrastive_arms --arms none paper --seeds 5 \\
+        --test 30 --test-lung-radius 10 14 --radius 10 14 --unet work/exp_x0_training_2000/snapshots/rflow-02000.pt
     python experiments/downstream.py --real 2 --synthetic 2 --seeds 1 --seg-steps 10 --test 2   # smoke run
+
+Rerunning continues: synthetic sets, test phantoms and segmenters are cached in `--work`.
 """
 
 from __future__ import annotations
@@ -34,36 +50,102 @@ from common import (GRID_SHAPE, GRID_SPACING, IMPLANTS, LUNG_IMPLANT_RADIUS_MM, 
                     train_seeds, bundled_vae, edit_mask, environment, phantom_arrays, say, write_json,
                     VARIANTS, generate_ct, load_controlnet, slug)
 
+from maisi2.atomic import atomic_output
+from maisi2.evaluate.fid import bootstrap_indices, percentile_interval
 from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,
                                  load_segmenter, segment, train_segmenter)
-from maisi2.atomic import atomic_output
+from maisi2.phantom import TumorSpec, make_phantom
 from maisi2.train_controlnet import load_frozen_unet
 
 # Tumour kinds whose voxels found by the segmenter are reported separately (mean over seeds).
 FOUND_KINDS = {kind: IMPLANTS[kind][1] for kind in ("lung", "hepatic")}
+REAL_ONLY = "real only"
 
 
-def synthetic_pairs(args, work: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    low, high = args.radius
-    path = work / f"synthetic_{args.implant}_{low:g}-{high:g}mm_{args.synthetic}.npz"
-    if path.is_file():
-        data = np.load(path)
-        return list(zip(data["ct"].astype(np.float32), data["labels"]))
-    # Masks from training phantoms the real set does not use, edited.
+class Renderer:
+    """The frozen UNet and the VAE, loaded on first use (a rerun with every set cached loads nothing)."""
+
+    def __init__(self, unet_path: Path):
+        self.unet_path, self.parts = unet_path, None
+
+    def __call__(self, controlnet_path: Path, mask: np.ndarray, seed: int) -> np.ndarray:
+        if self.parts is None:
+            self.parts = (*load_frozen_unet(self.unet_path), bundled_vae()[0])
+        unet, cfg, scale, vae = self.parts
+        controlnet = load_controlnet(controlnet_path)
+        return generate_ct(unet, controlnet, cfg, scale, vae, mask, seed=seed)
+
+
+def edited_masks(args) -> list[np.ndarray]:
+    """Masks of training phantoms the real set does not use, tumours out and 1-2 implanted: the same
+    masks for every arm and seed."""
     _, source_labels = phantom_arrays(args.data, train_seeds(args.real + args.synthetic))
     rng = np.random.default_rng(args.seed)
-    masks = [edit_mask(lab, rng, radius_mm=tuple(args.radius), kind=args.implant) for lab in source_labels[args.real:]]
-    unet, cfg, scale = load_frozen_unet(args.unet)
-    name = list(VARIANTS)[1]  # the paper's schedule
-    controlnet = load_controlnet(args.controlnets / slug(name) / "last.pt")
-    vae, _ = bundled_vae()
-    cts = []
-    for i, mask in enumerate(masks):
-        say(f"synthetic volume {i + 1}/{len(masks)}")
-        cts.append(generate_ct(unet, controlnet, cfg, scale, vae, mask, seed=500 + i))
-    with atomic_output(path, overwrite=True) as tmp:
-        np.savez(tmp, ct=np.round(np.stack(cts)).astype(np.int16), labels=np.stack(masks))
-    return synthetic_pairs(args, work)  # what was stored, as a rerun reads it
+    return [edit_mask(lab, rng, radius_mm=tuple(args.radius), kind=args.implant) for lab in source_labels[args.real:]]
+
+
+def synthetic_pairs(args, work: Path, controlnet: Path, tag: str, render: Renderer) -> list[tuple[np.ndarray, np.ndarray]]:
+    low, high = args.radius
+    path = work / f"synthetic_{args.implant}_{low:g}-{high:g}mm_{args.synthetic}{tag}.npz"
+    if not path.is_file():
+        if not controlnet.is_file():
+            sys.exit(f"{controlnet} does not exist: train it first (experiments/contrastive_arms.py --train-only, "
+                     "or experiments/contrastive.py), or pass --arms-from / --controlnets")
+        masks = edited_masks(args)
+        cts = []
+        for i, mask in enumerate(masks):
+            say(f"synthetic volume {i + 1}/{len(masks)}{tag.replace('_', ' ')}")
+            cts.append(render(controlnet, mask, seed=500 + i))
+        with atomic_output(path, overwrite=True) as tmp:
+            np.savez(tmp, ct=np.round(np.stack(cts)).astype(np.int16), labels=np.stack(masks))
+    data = np.load(path)  # what was stored, as a rerun reads it
+    return list(zip(data["ct"].astype(np.float32), data["labels"]))
+
+
+def lung_test_phantoms(folder: Path, seeds: range, radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out phantoms, each drawn with 1 or 2 lung tumours of `radius` (mm) and no other lesion;
+    cached as one .npz."""
+    path = folder / f"phantoms_{seeds.start}_{seeds.stop}_lung{radius[0]:g}-{radius[1]:g}mm.npz"
+    if not path.is_file():
+        cts, labels = [], []
+        for seed in seeds:
+            count = 1 + int(np.random.default_rng(seed).integers(2))
+            ct, lab, _ = make_phantom(GRID_SHAPE, GRID_SPACING, [TumorSpec("lung", count, radius)], seed=seed)
+            cts.append(ct.astype(np.float32))
+            labels.append(lab)
+        with atomic_output(path, overwrite=True) as tmp:
+            np.savez(tmp, ct=np.stack(cts), labels=np.stack(labels))
+    data = np.load(path)
+    return data["ct"], data["labels"]
+
+
+def conditions(args) -> list[tuple[str, object]]:
+    """(name, seed -> ControlNet path or None for real only)."""
+    if args.arms_from is None:
+        paper = args.controlnets / slug(list(VARIANTS)[1]) / "last.pt"  # experiment 2's paper schedule
+        return [(REAL_ONLY, None), ("real + synthetic", lambda s: paper)]
+    return [(REAL_ONLY, None)] + [(f"real + synthetic ({arm})", lambda s, arm=arm: args.arms_from / f"{arm}_seed{s}" / "last.pt")
+                                  for arm in args.arms]
+
+
+def paired(rows: list[dict], resamples: int = 2000) -> list[dict]:
+    """Every pair of conditions, paired by test case (Dice averaged over seeds) and by seed."""
+    from scipy.stats import wilcoxon
+
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            per_case = np.mean(np.asarray(b["dice_per_case"]) - np.asarray(a["dice_per_case"]), axis=0)
+            per_seed = [float(x) for x in np.asarray(b["dice_per_seed"]) - np.asarray(a["dice_per_seed"])]
+            row = {"pair": f"{b['condition']} minus {a['condition']}", "mean": float(per_case.mean()),
+                   "per_seed": per_seed, "cases_better": int((per_case > 0).sum()),
+                   "cases_worse": int((per_case < 0).sum()), "cases": len(per_case)}
+            if len(per_case) >= 2:
+                draws = bootstrap_indices(len(per_case), resamples)
+                row["interval"] = percentile_interval(per_case[draws].mean(axis=1))
+                row["wilcoxon_p"] = float(wilcoxon(per_case).pvalue) if np.any(per_case != 0) else 1.0
+            out.append(row)
+    return out
 
 
 def main() -> None:
@@ -73,9 +155,15 @@ def main() -> None:
     ap.add_argument("--unet", type=Path, default=Path("work/exp_steps/rflow/stage_1/last.pt"))
     ap.add_argument("--controlnets", type=Path, default=Path("work/exp_contrastive"),
                     help="experiment 2's folder (its 'paper' ControlNet renders the synthetic volumes)")
+    ap.add_argument("--arms-from", type=Path, default=None,
+                    help="experiments/contrastive_arms.py's folder: one synthetic condition per --arms, seed s "
+                         "rendered by that arm's training seed s (instead of --controlnets)")
+    ap.add_argument("--arms", nargs="+", default=["none", "paper"], help="arms of --arms-from to compare")
     ap.add_argument("--real", type=int, default=8, help="labelled phantoms in the real training set")
     ap.add_argument("--synthetic", type=int, default=16, help="synthetic volumes added to it")
     ap.add_argument("--test", type=int, default=12, help="held-out phantoms (each with a tumour)")
+    ap.add_argument("--test-lung-radius", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                    help="test phantoms drawn with 1-2 lung tumours of this radius (mm) and no other lesion")
     ap.add_argument("--implant", choices=sorted(IMPLANTS), default="lung", help="tumour kind painted into the edited masks")
     ap.add_argument("--radius", type=float, nargs=2, default=LUNG_IMPLANT_RADIUS_MM, metavar=("MIN", "MAX"),
                     help="implanted tumour radius range, mm (default: common.LUNG_IMPLANT_RADIUS_MM)")
@@ -85,47 +173,65 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", type=Path, default=Path("docs/img/exp_downstream.png"), help="where the plot goes")
     args = ap.parse_args()
+    if min(args.real, args.synthetic, args.test, args.seg_steps, args.seeds) < 1:
+        sys.exit("--real, --synthetic, --test, --seg-steps and --seeds must be >= 1")
+    for name in ("radius", "test_lung_radius"):
+        r = getattr(args, name)
+        if r is not None and not 0 < r[0] <= r[1]:
+            sys.exit(f"--{name.replace('_', '-')} MIN MAX needs 0 < MIN <= MAX")
     work, started = args.work, time.time()
     work.mkdir(parents=True, exist_ok=True)
 
     real_ct, real_labels = phantom_arrays(args.data, train_seeds(args.real + args.synthetic))
     real = list(zip(real_ct[: args.real], real_labels[: args.real]))
-    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.test), at_least_one_tumor=True)
-    synthetic = synthetic_pairs(args, work)
-    config = SegmenterConfig()
-    rows = []
-    for condition, pairs in (("real only", real), ("real + synthetic", real + synthetic)):
-        dices, found = [], {kind: [] for kind in FOUND_KINDS}
+    if args.test_lung_radius:
+        test_ct, test_labels = lung_test_phantoms(args.data, test_seeds(args.test), tuple(args.test_lung_radius))
+    else:
+        test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.test), at_least_one_tumor=True)
+    render, config, rows = Renderer(args.unet), SegmenterConfig(), []
+    for condition, controlnet_of in conditions(args):
+        dices, per_case, found, volumes = [], [], {kind: [] for kind in FOUND_KINDS}, 0
         for s in range(args.seeds):
-            path = work / f"seg_{condition.replace(' ', '').replace('+', '_plus_')}_seed{s}.pt"
+            pairs = real
+            if controlnet_of is not None:
+                tag = "" if args.arms_from is None else f"_{condition.split('(')[-1].rstrip(')')}_seed{s}"
+                pairs = real + synthetic_pairs(args, work, controlnet_of(s), tag, render)
+            volumes = len(pairs)
+            name = condition.replace(" ", "").replace("+", "_plus_").replace("(", "_").replace(")", "")
+            path = work / f"seg_{name}_seed{s}.pt"
             say(f"segmenter '{condition}', seed {s}: {len(pairs)} volumes, {args.seg_steps} steps")
             train_segmenter(pairs, path, config, SegmenterTrainSettings(steps=args.seg_steps, seed=args.seed + s),
                             resume=True, progress=not args.no_progress)
             model, cfg = load_segmenter(path)
             predictions = [segment(model, ct, cfg) > 0 for ct in test_ct]
-            dices.append(float(np.mean([dice_score(pred, labels_to_classes(lab, cfg.classes) > 0)
-                                        for pred, lab in zip(predictions, test_labels)])))
+            case_dice = [dice_score(pred, labels_to_classes(lab, cfg.classes) > 0)
+                         for pred, lab in zip(predictions, test_labels)]
+            per_case.append(case_dice)
+            dices.append(float(np.mean(case_dice)))
             for kind, tumor_id in FOUND_KINDS.items():  # pooled over the test cases
                 hit = sum(int(pred[lab == tumor_id].sum()) for pred, lab in zip(predictions, test_labels))
                 total = sum(int((lab == tumor_id).sum()) for lab in test_labels)
                 found[kind].append(hit / total if total else float("nan"))
-        rows.append({"condition": condition, "training_volumes": len(pairs), "dice_per_seed": dices,
-                     "dice_mean": float(np.mean(dices)), "dice_std": float(np.std(dices)),
+        rows.append({"condition": condition, "training_volumes": volumes, "dice_per_seed": dices,
+                     "dice_per_case": per_case, "dice_mean": float(np.mean(dices)), "dice_std": float(np.std(dices)),
                      "found_per_seed": found, "found_mean": {k: float(np.mean(v)) for k, v in found.items()}})
         say(f"  {condition}: Dice {np.mean(dices):.3f} +- {np.std(dices):.3f}")
     results = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
-               "grid": {"shape": GRID_SHAPE, "spacing": GRID_SPACING}, "rows": rows, "environment": environment(),
-               "wall_seconds": time.time() - started}
+               "grid": {"shape": GRID_SHAPE, "spacing": GRID_SPACING}, "rows": rows, "paired": paired(rows),
+               "environment": environment(), "wall_seconds": time.time() - started}
     write_json(work / "results.json", results)
     plot(results, args.report)
     print(table(results))
+    print()
+    print(paired_table(results))
 
 
-def plot(results: dict, path: Path, size=(420, 260)) -> None:
+def plot(results: dict, path: Path) -> None:
     """Test Dice per condition: one dot per seed, a bar at the mean."""
     from PIL import Image, ImageDraw
 
     rows = results["rows"]
+    size = (max(420, 60 + 190 * len(rows)), 260)
     hi = max(max(r["dice_per_seed"]) for r in rows) * 1.15 or 1.0
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
@@ -158,6 +264,19 @@ def table(results: dict) -> str:
                      + ", ".join(f"{d:.3f}" for d in r["dice_per_seed"]) + " |"
                      + "".join(f" {r['found_mean'][k]:.2f} ("
                                + ", ".join(f"{f:.2f}" for f in r["found_per_seed"][k]) + ") |" for k in kinds))
+    return "\n".join(lines)
+
+
+def paired_table(results: dict) -> str:
+    """The paired comparisons of `paired`: a line per pair of conditions."""
+    lines = ["| comparison (test cases paired; Dice averaged over seeds per case) | mean Dice difference "
+             "(95 % case bootstrap) | Wilcoxon signed-rank p (cases) | cases better / worse | per seed |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for r in results.get("paired", []):
+        interval = f" ({r['interval'][0]:+.3f} to {r['interval'][1]:+.3f})" if "interval" in r else ""
+        p = f"{r['wilcoxon_p']:.2g}" if "wilcoxon_p" in r else "-"
+        lines.append(f"| {r['pair']} | {r['mean']:+.3f}{interval} | {p} | {r['cases_better']} / {r['cases_worse']} "
+                     f"of {r['cases']} | " + ", ".join(f"{d:+.3f}" for d in r["per_seed"]) + " |")
     return "\n".join(lines)
 
 
