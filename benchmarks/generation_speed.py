@@ -31,7 +31,8 @@ difference is the allocator.
 ``--precision bf16`` (the 3x3x3 convolutions of the flow UNet, ControlNet and VAE decoder in
 bfloat16 channels-last-3d between float32 activations) and ``ours_fp32`` ``--precision fp32``,
 for ``e2e`` and ``decode`` alike (on a CPU without bf16 hardware ``ours`` is ``ours_fp32``). Every
-table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`).
+table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`); ``e2e`` and
+``limit`` print theirs as the Markdown tables docs/performance.md shows (`e2e_table`, `limit_table`).
 
 Results (JSON lines) are appended to ``--out`` (default work/bench/generation_speed.jsonl), so an
 interrupted run keeps what it finished and ``--resume`` skips variants already there.
@@ -356,6 +357,86 @@ def _peak(row: dict) -> float:
     return row.get("cuda_peak_mib", row["peak_rss_mib"])
 
 
+# -- the tables docs/performance.md shows (tests/test_results_tables.py holds the two together) --
+
+LABELS = {"reference": "reference (the release's path, float32)",
+          "reference_reuse": "reference_reuse (the reference under our allocator policy)",
+          "ours": "ours, `auto`", "ours_bf16": "ours, `--precision bf16`", "ours_fp32": "ours, `--precision fp32`"}
+NETWORK_NAMES = {"unet": "UNet", "controlnet": "ControlNet", "vae_decoder": "decoder"}  # the encoder: not used here
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "float16", "float32": "float32"}
+
+
+def _md_row(cells) -> str:
+    return "|" + "".join(f" {cell} |" if cell != "" else " |" for cell in cells)
+
+
+def _hu(x: float) -> str:
+    """An HU difference to two significant figures, one decimal from 10 HU on, never in e-notation."""
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{max(1, 1 - math.floor(math.log10(x)))}f}" if x > 0 else "0"
+
+
+def _plan_words(compute_plan: dict) -> str:
+    """What a compute plan runs each generating network in: 'UNet and ControlNet bf16, decoder float32'."""
+    by_dtype: dict[str, list[str]] = {}
+    for network, name in NETWORK_NAMES.items():
+        if network in compute_plan["networks"]:
+            dtype = compute_plan["networks"][network]["dtype"]
+            by_dtype.setdefault(DTYPE_NAMES.get(dtype, dtype), []).append(name)
+    parts = []
+    for dtype, names in by_dtype.items():
+        parts.append((", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + f" {dtype}")
+    return ", ".join(parts)
+
+
+def e2e_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None) -> str:
+    """The Markdown table of an `e2e` run: a row per variant, then the ratio of each reference to each of ours.
+
+    `rows` maps a variant to its stored row (as in --out), failed ones left out; `agreement` maps
+    each of ours to `_compare`'s figures against the reference's CT (the caller loads the volumes).
+    The step column and its ratio are medians: one slow step (the machine, not the code) moves a mean.
+    """
+    agreement = agreement or {}
+    order = [v for v in ("reference", "reference_reuse", *OURS) if v in rows]
+    peak_name = "GPU peak MiB" if any("cuda_peak_mib" in rows[v] for v in order) else "peak MiB"
+    lines = [_md_row(["", "total s", "s / step (median)", "sampling s", "decode s", "CPU s sampling / decode",
+                      peak_name, "vs reference: max / mean \\|d\\| HU"]),
+             _md_row(["---", *["---:"] * 6, "---"])]
+    for variant in order:
+        r = rows[variant]
+        label = LABELS[variant]
+        if variant == "ours" and r.get("compute_plan"):
+            label += f" ({_plan_words(r['compute_plan'])})"
+        agree = agreement.get(variant)
+        lines.append(_md_row([label, f"{r['total_s']:.1f}", f"{r['step_median_s']:.2f}", f"{r['sampling_s']:.1f}",
+                              f"{r['decode_s']:.1f}", f"{r['cpu_sampling_s']:.1f} / {r['cpu_decode_s']:.1f}",
+                              f"{_peak(r):.0f}",
+                              f"{_hu(agree['max_hu'])} / {_hu(agree['mean_hu'])}" if agree else ""]))
+    for name in ("reference", "reference_reuse"):
+        for mine in OURS:
+            if name not in rows or mine not in rows:
+                continue
+            ref, ours = rows[name], rows[mine]
+            cpu = (ref["cpu_sampling_s"] + ref["cpu_decode_s"]) / (ours["cpu_sampling_s"] + ours["cpu_decode_s"])
+            lines.append(_md_row([f"ratio {name} / `{OURS[mine]}`", f"{ref['total_s'] / ours['total_s']:.2f}x",
+                                  f"{ref['step_median_s'] / ours['step_median_s']:.2f}x",
+                                  f"{ref['sampling_s'] / ours['sampling_s']:.2f}x",
+                                  f"{ref['decode_s'] / ours['decode_s']:.2f}x", f"{cpu:.2f}x (all CPU s)",
+                                  f"{_peak(ours) / _peak(ref):.2f}", ""]))
+    return "\n".join(lines)
+
+
+def limit_table(row: dict) -> str:
+    """The Markdown table of a `limit` run: GFLOP/s per convolution shape and dtype/layout, and the best of each."""
+    lines = [_md_row(["conv", *(k.replace("_cl", " channels-last") for k in LIMIT_KINDS)]),
+             _md_row(["---", *["---:"] * len(LIMIT_KINDS)])]
+    for s in row["conv_shapes"]:
+        lines.append(_md_row([s["shape"].replace("->", " -> "), *(f"{s[k]:.0f}" for k in LIMIT_KINDS)]))
+    lines.append(_md_row(["best", *(f"{row['conv_gflops_best_by_kind'][k]:.0f}" for k in LIMIT_KINDS)]))
+    return "\n".join(lines)
+
+
 def _table(args, rows: dict) -> None:
     import numpy as np
 
@@ -365,22 +446,30 @@ def _table(args, rows: dict) -> None:
     peak_name = "GPU peak MiB" if args.device.startswith("cuda") else "peak MiB"
     prefix = Path(args.out).with_suffix("")
     if args.command == "e2e":
-        print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads")
-        print(f"{'':<16} {'total s':>8} {'s/step':>7} {'median':>7} {'sample s':>9} {'decode s':>9} "
-              f"{'cpu sample':>11} {'cpu decode':>11} {peak_name:>12}")
-        ok = {v: rows[_key(args, v)] for v in ("reference", "reference_reuse", *OURS)
-              if _key(args, v) in rows and "error" not in rows[_key(args, v)]}
-        for name, r in ok.items():
-            print(f"{name:<16} {r['total_s']:>8.1f} {r['per_step_s']:>7.2f} {r['step_median_s']:>7.2f} "
-                  f"{r['sampling_s']:>9.1f} {r['decode_s']:>9.1f} {r['cpu_sampling_s']:>11.1f} "
-                  f"{r['cpu_decode_s']:>11.1f} {_peak(r):>12.0f}")
+        print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads\n")
+        ok = {}
+        for variant in ("reference", "reference_reuse", *OURS):
+            r = rows.get(_key(args, variant))
+            if r and "error" in r:
+                print(f"{variant} failed: {r['error']}")
+            elif r:
+                ok[variant] = r
+        agreement, details = {}, []
+        for mine in OURS:
+            if mine in ok and "reference" in ok:
+                a = np.load(f"{prefix}_e2e{args.size}_reference.npy")
+                b = np.load(f"{prefix}_e2e{args.size}_{mine}.npy")
+                la = np.load(f"{prefix}_e2e{args.size}_reference_latent.npy")
+                lb = np.load(f"{prefix}_e2e{args.size}_{mine}_latent.npy")
+                agreement[mine] = _compare(a, b)
+                details.append(f"agreement {mine} vs reference: image {agreement[mine]}; latent max |diff| "
+                               f"{np.abs(la - lb).max():.2e} (latent max {np.abs(la).max():.2f})")
+        print(e2e_table(ok, agreement) + "\n")
         for mine in OURS:
             if mine in ok and ok[mine].get("compute_plan"):
                 nets = ok[mine]["compute_plan"]["networks"]
                 print(f"{mine} (--precision {OURS[mine]}): " + ", ".join(f"{k} {v['dtype']}" for k, v in nets.items()))
-        for mine in OURS:
-            if mine in ok:
-                _e2e_ratios(args, ok, mine, prefix)
+        print("\n".join(details))
     elif args.command == "decode":
         name = "x".join(map(str, args.shape))
         print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads")
@@ -409,34 +498,14 @@ def _table(args, rows: dict) -> None:
     else:
         r = rows.get(_key(args, "limit"))
         if r and "error" not in r:
-            print(f"{'conv 3x3x3, GFLOP/s':<22}" + "".join(f"{k:>10}" for k in LIMIT_KINDS))
-            for s in r["conv_shapes"]:
-                print(f"{s['shape']:<22}" + "".join(f"{s[k]:>10.1f}" for k in LIMIT_KINDS))
-            print(f"{'best':<22}" + "".join(f"{r['conv_gflops_best_by_kind'][k]:>10.1f}" for k in LIMIT_KINDS))
+            print("\nconvolution 3x3x3, GFLOP/s, best of 3 after a warm-up\n")
+            print(limit_table(r) + "\n")
             print(f"FLOPs at a 32^3 latent: UNet step "
                   f"{r['flops_unet_step_32'] / 1e12:.3f} T, ControlNet step {r['flops_controlnet_step_32'] / 1e12:.3f} T "
                   f"(mask embedding {r['flops_mask_embedding_32'] / 1e12:.3f} T), decode of 128^3 "
                   f"{r['flops_decode_per_latent_voxel'] * 32**3 / 1e12:.2f} T")
-
-
-def _e2e_ratios(args, ok: dict, mine: str, prefix) -> None:
-    import numpy as np
-
-    ours = ok[mine]
-    b = np.load(f"{prefix}_e2e{args.size}_{mine}.npy")
-    lb = np.load(f"{prefix}_e2e{args.size}_{mine}_latent.npy")
-    for name in ("reference", "reference_reuse"):
-        if name not in ok:
-            continue
-        ref = ok[name]
-        print(f"ratio {name}/{mine}: time {ref['total_s'] / ours['total_s']:.2f}x, step "
-              f"{ref['per_step_s'] / ours['per_step_s']:.2f}x, decode {ref['decode_s'] / ours['decode_s']:.2f}x, "
-              f"CPU s {(ref['cpu_sampling_s'] + ref['cpu_decode_s']) / (ours['cpu_sampling_s'] + ours['cpu_decode_s']):.2f}x, "
-              f"peak memory {mine}/{name} {_peak(ours) / _peak(ref):.2f}")
-        a = np.load(f"{prefix}_e2e{args.size}_{name}.npy")
-        la = np.load(f"{prefix}_e2e{args.size}_{name}_latent.npy")
-        print(f"agreement {mine} vs {name}: image {_compare(a, b)}; latent max |diff| "
-              f"{np.abs(la - lb).max():.2e} (latent max {np.abs(la).max():.2f})")
+        elif r:
+            print(f"limit failed: {r['error']}")
 
 
 def main() -> None:

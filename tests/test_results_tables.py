@@ -76,10 +76,23 @@ def test_x0_training_table_has_the_columns_in_results():
     assert_shown(table(results), RESULTS)
 
 
+def benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package; its scripts import maisi2 only)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_block(printed: str, doc_lines: list[str], times: int = 1) -> None:
+    """The printed lines stand together, in order, `times` times in the doc (a table, not scattered lines)."""
+    lines = printed.splitlines()
+    starts = [k for k, line in enumerate(doc_lines) if line == lines[0]]
+    assert sum(doc_lines[k:k + len(lines)] == lines for k in starts) == times, printed
+
+
 def test_size_cost_table_is_the_one_in_performance():
-    spec = importlib.util.spec_from_file_location("size_cost", REPO / "benchmarks/size_cost.py")
-    size_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(size_cost)
+    size_cost = benchmark("size_cost")
 
     def measured(size, total, cpu, gib):
         return {"model": "bundled", "size": size, "total_s": total, "cpu_s": cpu, "peak_mib": gib * 1024,
@@ -94,8 +107,86 @@ def test_size_cost_table_is_the_one_in_performance():
             measured(256, 49.7, 80.3, 4.04), estimated(256, 510.7, 958.5, 13.2, 9.53, 217.5)]
     printed = size_cost.table(rows)
     assert_shown(printed, PERFORMANCE)
-    first = PERFORMANCE.index(printed.splitlines()[0])
-    assert PERFORMANCE[first:first + len(rows) + 2] == printed.splitlines()  # same rows, same order
+    assert_block(printed, PERFORMANCE)  # same rows, same order
+
+
+def test_size_cost_zen4_table_is_the_one_in_performance():
+    size_cost = benchmark("size_cost")
+    # the fields table() reads, from the rows of work/size_cost_zen4.jsonl (AMD EPYC Zen 4, 2026-12-07)
+    rows = [{"model": "bundled", "size": 64, "total_s": 7.296787106000011, "cpu_s": 9.016751999999999,
+             "peak_mib": 592.41796875, "estimated": False},
+            {"model": "released", "size": 64, "total_s": 12.710841950999452, "cpu_s": 34.735021,
+             "peak_mib": 2127.8828125, "estimated": True, "steps_run": 5, "step_median_s": 0.22753391499998088,
+             "decode_s": 4.737464466000006},
+            {"model": "bundled", "size": 128, "total_s": 14.835981744000037, "cpu_s": 22.729936,
+             "peak_mib": 1058.9765625, "estimated": False},
+            {"model": "released", "size": 128, "total_s": 76.3787289970004, "cpu_s": 168.873272,
+             "peak_mib": 2682.09765625, "estimated": True, "steps_run": 5, "step_median_s": 1.0778692960000171,
+             "decode_s": 41.69786257699991},
+            {"model": "bundled", "size": 256, "total_s": 76.10269502799997, "cpu_s": 128.071115,
+             "peak_mib": 4290.203125, "estimated": False},
+            {"model": "released", "size": 256, "total_s": 1009.9622377519993, "cpu_s": 1952.804818,
+             "peak_mib": 13908.6875, "estimated": True, "steps_run": 5, "step_median_s": 19.396410093999975,
+             "decode_s": 419.1713736469999}]
+    printed = size_cost.table(rows)
+    assert_shown(printed, PERFORMANCE)
+    assert_block(printed, PERFORMANCE)
+
+
+def _plan(unet: str, decoder: str) -> dict:
+    def net(dtype):
+        return {"dtype": dtype, "layout": "channels_last_3d" if dtype == "bfloat16" else "contiguous",
+                "activations": "float32"}
+
+    return {"networks": {"unet": net(unet), "controlnet": net(unet), "vae_decoder": net(decoder),
+                         "vae_encoder": net("float32")}}
+
+
+def test_generation_speed_e2e_table_is_the_one_in_performance():
+    generation_speed = benchmark("generation_speed")
+
+    def row(total, sampling, decode, median, cpu_sampling, cpu_decode, peak, plan=None):
+        return {"total_s": total, "sampling_s": sampling, "decode_s": decode, "step_median_s": median,
+                "cpu_sampling_s": cpu_sampling, "cpu_decode_s": cpu_decode, "peak_rss_mib": peak,
+                "compute_plan": plan}
+
+    # the e2e rows of work/bench/generation_speed.jsonl (AMD EPYC Zen 4, 2026-12-07) and `_compare` of
+    # each of our CTs with the reference's, from the volumes saved beside them
+    rows = {"reference": row(164.79420477199997, 94.93110768, 69.86309709199998, 3.1988509390000104,
+                             180.072777, 129.06200900000005, 5062.87109375),
+            "ours": row(76.41226624200004, 33.42754681600002, 42.98471942600003, 1.0596773449999546,
+                        65.719248, 84.08565700000001, 2770.58984375, _plan("bfloat16", "float32")),
+            "ours_bf16": row(55.499400570000034, 33.424184534000005, 22.07521603600003, 1.0481975589999593,
+                             65.477547, 43.536018999999996, 2541.85546875, _plan("bfloat16", "bfloat16")),
+            "ours_fp32": row(100.349761193, 60.85536807600005, 39.49439311699996, 2.0237812310000436,
+                             120.40817500000001, 78.18047199999998, 2324.4609375, _plan("float32", "float32"))}
+    agreement = {"ours": {"max_hu": 6.6728515625, "mean_hu": 0.39360952377319336},
+                 "ours_bf16": {"max_hu": 119.43023681640625, "mean_hu": 6.411330223083496},
+                 "ours_fp32": {"max_hu": 0.015869140625, "mean_hu": 0.0008419737569056451}}
+    printed = generation_speed.e2e_table(rows, agreement)
+    assert_shown(printed, PERFORMANCE)
+    assert_block(printed, PERFORMANCE)
+    # the AMX Xeon's table (no stored rows) has the same header and column alignment
+    assert_block("\n".join(printed.splitlines()[:2]), PERFORMANCE, times=2)
+
+
+def test_generation_speed_limit_table_is_the_one_in_performance():
+    generation_speed = benchmark("generation_speed")
+    # the limit row of work/bench/generation_speed.jsonl (AMD EPYC Zen 4, 2026-12-07)
+    kinds = ("fp32", "fp32_cl", "bf16", "bf16_cl")
+    shapes = [("64->64 @ 64^3", 180.50896445802326, 212.96342682439678, 350.75181445613276, 427.50889241854753),
+              ("128->64 @ 64^3", 184.046293179447, 212.14944763520958, 349.6185927778245, 430.8925469576463),
+              ("128->128 @ 48^3", 198.81879925740287, 217.23248893387225, 448.739424643282, 474.37754170867225),
+              ("256->256 @ 32^3", 219.27236212696826, 240.81333530055173, 458.96076651675116, 471.8888562637976),
+              ("64->64 @ 32^3", 236.53173186948095, 237.0674543275342, 449.78157197878124, 481.9855084287516),
+              ("512->512 @ 16^3", 253.34541711658343, 247.87324036391033, 502.8178174131429, 504.96436017892336)]
+    row = {"conv_shapes": [{"shape": shape, **dict(zip(kinds, rates))} for shape, *rates in shapes],
+           "conv_gflops_best_by_kind": {k: max(s[1 + j] for s in shapes) for j, k in enumerate(kinds)}}
+    printed = generation_speed.limit_table(row)
+    assert_shown(printed, PERFORMANCE)
+    assert_block(printed, PERFORMANCE)
+    # the AMX Xeon's table (no stored row) has the same header and column alignment
+    assert_block("\n".join(printed.splitlines()[:2]), PERFORMANCE, times=2)
 
 
 def test_x0_error_table_is_the_one_in_results_section_5():
