@@ -64,7 +64,7 @@ def test_fast_group_norm_equals_maisi_group_norm():
     assert torch.allclose(fast(x), ref(x), atol=1e-5)
 
 
-def test_accelerate_keeps_keys_and_skips_strided_convs():
+def test_accelerate_keeps_keys_and_gives_strided_convs_only_the_shallow_guard():
     from maisi2.config import get_config
     from maisi2.nets import build_vae
 
@@ -72,7 +72,9 @@ def test_accelerate_keeps_keys_and_skips_strided_convs():
     kinds = {type(m) for m in model.modules()}
     assert FastConv3d in kinds and FastGroupNorm in kinds
     assert all(m.stride == (1, 1, 1) for m in model.modules() if isinstance(m, FastConv3d))
-    strided = [m for m in model.modules() if type(m) is nn.Conv3d]
+    from maisi2.fastops import ShallowSafeConv3d
+
+    strided = [m for m in model.modules() if type(m) is ShallowSafeConv3d]
     assert strided and all(m.stride != (1, 1, 1) or m.kernel_size != (3, 3, 3) for m in strided)
     again = accelerate(model)
     assert again is model
@@ -183,3 +185,54 @@ def test_pointwise_conv_is_the_convolution_on_any_layout(bias):
     conv(xl).square().sum().backward()
     assert torch.allclose(g, xl.grad, atol=1e-5)
     assert type(restore_monai_layers(fast)) is nn.Conv3d
+
+
+# -- bf16 weight gradients on shallow inputs (bf16_weight_grad_unsafe) -------------------------
+# torch 2.13's CPU bf16 convolution gave garbage weight gradients (1e30..inf) for inputs whose
+# first spatial axis has 2 voxels on an AMD Zen 4 with AVX512-BF16 (these shapes, among others:
+# (2, 2, 2), (2, 4, 4), (2, 3, 3), (2, 2, 1), (2, 16, 16) at 16-128 channels); such layers run in float32.
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (2, 8, 8), (1, 4, 4)])
+def test_shallow_inputs_train_in_float32_with_the_float32_weight_gradient(shape):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv3d(8, 8, 3, padding=1)
+    fast = accelerate(torch.nn.Sequential(torch.nn.Conv3d(8, 8, 3, padding=1)))[0]
+    fast.load_state_dict(plain.state_dict())
+    x, g = torch.randn(2, 8, *shape), torch.randn(2, 8, *shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x)
+    assert y.dtype == torch.float32  # not PyTorch's bf16 kernel
+    y.backward(g)
+    plain(x).backward(g)
+    # Two float32 evaluations of sums of 2 x voxels terms, each |g x| <= max|x| |g|.
+    bound = _round_off(float(x.abs().max() * g.abs().sum(dim=(0, 2, 3, 4)).max()), 2 * x[0, 0].numel())
+    assert (fast.weight.grad - plain.weight.grad).abs().max() <= bound
+    assert (fast.bias.grad - plain.bias.grad).abs().max() <= _round_off(float(g.abs().sum(dim=(0, 2, 3, 4)).max()), 2 * x[0, 0].numel())
+
+
+def test_the_guard_is_narrow_deeper_inputs_and_sampling_keep_bf16():
+    fast = accelerate(torch.nn.Sequential(torch.nn.Conv3d(8, 8, 3, padding=1)))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(torch.randn(1, 8, 3, 4, 4)).dtype == torch.bfloat16  # 3 voxels deep: bf16 as before
+        with torch.no_grad():  # sampling computes no weight gradient
+            assert fast(torch.randn(1, 8, 2, 4, 4)).dtype == torch.bfloat16
+
+
+def test_strided_convolutions_are_guarded_too_and_restored():
+    from maisi2.fastops import ShallowSafeConv3d, restore_monai_layers
+
+    torch.manual_seed(0)
+    plain = torch.nn.Conv3d(8, 8, 3, stride=2, padding=1)
+    model = accelerate(torch.nn.Sequential(torch.nn.Conv3d(8, 8, 3, stride=2, padding=1)))
+    assert type(model[0]) is ShallowSafeConv3d
+    model[0].load_state_dict(plain.state_dict())
+    x = torch.randn(1, 8, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model[0](x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    plain(x).sum().backward()
+    # One float32 kernel on the same input both times: the same sums, at most reordered.
+    bound = _round_off(float(x.abs().max()) * y[0, 0].numel(), y[0, 0].numel())
+    assert (model[0].weight.grad - plain.weight.grad).abs().max() <= bound
+    assert type(restore_monai_layers(model)[0]) is torch.nn.Conv3d

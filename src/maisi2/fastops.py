@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastConv3d", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "conv3d_into", "PointwiseConv3d", "pointwise_conv3d", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
+__all__ = ["FastConv3d", "ShallowSafeConv3d", "bf16_weight_grad_unsafe", "Bf16Conv3d", "lower_convolutions", "conv3d_of", "conv3d_into", "PointwiseConv3d", "pointwise_conv3d", "FastGroupNorm", "FastAvgPool3d", "Float32Linear", "FusedUpForward", "accelerate", "restore_monai_layers", "conv3x3x3_weight_grad",
            "upsample_nearest_conv3x3x3"]
 
 
@@ -80,15 +80,43 @@ def _is_plain_3x3x3(conv: nn.Conv3d) -> bool:
             and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def bf16_weight_grad_unsafe(x: torch.Tensor) -> bool:
+    """Would PyTorch's CPU bfloat16 convolution give a wrong weight gradient for input `x`?
+
+    With torch 2.13 on an AMD Zen 4 (AVX512-BF16, no AMX), the weight gradient of a 3x3x3
+    convolution under CPU bf16 autocast is garbage (1e30 to inf, once heap corruption) whenever
+    the first spatial axis of the input has 2 voxels, e.g. the deepest level of a UNet on a 16^3
+    latent window: every ControlNet step on such windows was skipped as non-finite. Inputs and
+    outputs are right. Such layers are tiny, so they run in float32 under training autocast
+    (`tests/test_fastops.py` has the shapes that failed).
+    """
+    return (torch.is_grad_enabled() and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and x.dim() == 5 and x.shape[2] <= 2)
+
+
 class FastConv3d(nn.Conv3d):
     """nn.Conv3d whose backward pass (stride 1, padding 1, 3x3x3, float32 on CPU) is faster."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bf16_weight_grad_unsafe(x):
+            with torch.autocast("cpu", enabled=False):
+                return _Conv3x3x3.apply(x.float(), self.weight, self.bias)
         # Not under autocast: its forward would run in bf16 while this backward assumes float32.
         fast = (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
         if fast:
             return _Conv3x3x3.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class ShallowSafeConv3d(nn.Conv3d):
+    """nn.Conv3d (any other 3D kernel than 1x1x1 or plain 3x3x3, e.g. a strided downsampling)
+    that runs in float32 where `bf16_weight_grad_unsafe`; PyTorch's kernel otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bf16_weight_grad_unsafe(x):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
         return super().forward(x)
 
 
@@ -369,6 +397,8 @@ def accelerate(model: nn.Module) -> nn.Module:
             module.__class__ = FastConv3d  # a subclass with no extra state: parameters stay as they are
         elif type(module) is nn.Conv3d and _is_pointwise(module):
             module.__class__ = PointwiseConv3d
+        elif type(module) is nn.Conv3d:
+            module.__class__ = ShallowSafeConv3d
         elif isinstance(module, MaisiGroupNorm3D) and not module.norm_float16:
             module.__class__ = FastGroupNorm
         elif _fusable_up_block(module):
@@ -384,7 +414,7 @@ def restore_monai_layers(model: nn.Module) -> nn.Module:
     from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 
     for module in model.modules():
-        if type(module) in (FastConv3d, PointwiseConv3d):
+        if type(module) in (FastConv3d, PointwiseConv3d, ShallowSafeConv3d):
             module.__class__ = nn.Conv3d
         elif type(module) is FastGroupNorm:
             module.__class__ = MaisiGroupNorm3D
