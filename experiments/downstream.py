@@ -40,6 +40,7 @@ Rerunning continues: synthetic sets, test phantoms and segmenters are cached in 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import sys
 import time
 from pathlib import Path
@@ -88,9 +89,11 @@ def synthetic_pairs(args, work: Path, controlnet: Path, tag: str, render: Render
     low, high = args.radius
     path = work / f"synthetic_{args.implant}_{low:g}-{high:g}mm_{args.synthetic}{tag}.npz"
     if not path.is_file():
-        if not controlnet.is_file():
-            sys.exit(f"{controlnet} does not exist: train it first (experiments/contrastive_arms.py --train-only, "
-                     "or experiments/contrastive.py), or pass --arms-from / --controlnets")
+        # contrastive_arms.py marks a finished run with "done"; its last.pt exists from the first checkpoint on
+        finished = controlnet.is_file() and (args.arms_from is None or (controlnet.parent / "done").is_file())
+        if not finished:
+            sys.exit(f"{controlnet} does not exist or is still training: train it first (experiments/contrastive_arms.py "
+                     "--train-only, or experiments/contrastive.py), or pass --arms-from / --controlnets")
         masks = edited_masks(args)
         cts = []
         for i, mask in enumerate(masks):
@@ -181,6 +184,12 @@ def main() -> None:
             sys.exit(f"--{name.replace('_', '-')} MIN MAX needs 0 < MIN <= MAX")
     work, started = args.work, time.time()
     work.mkdir(parents=True, exist_ok=True)
+    lock = open(work / ".lock", "w")  # noqa: SIM115 (held until the process ends)
+    try:  # two runs on one folder would train the same checkpoints at once
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say(f"another downstream.py run is using {work}; waiting for it to finish")
+        fcntl.flock(lock, fcntl.LOCK_EX)
 
     real_ct, real_labels = phantom_arrays(args.data, train_seeds(args.real + args.synthetic))
     real = list(zip(real_ct[: args.real], real_labels[: args.real]))

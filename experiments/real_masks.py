@@ -79,6 +79,8 @@ def main() -> None:
                     help="a model folder to score, with a name for the table (repeat)")
     ap.add_argument("--seg", type=Path, default=REAL / "example_seg.nii.gz", help="TotalSegmentator label map")
     ap.add_argument("--ct", type=Path, default=REAL / "example_ct_sm.nii.gz", help="its CT")
+    ap.add_argument("--maisi-labels", action="store_true",
+                    help="--seg already holds MAISI ids (e.g. a `maisi2 phantom` label map): no TotalSegmentator import")
     ap.add_argument("--work", type=Path, default=Path("work/real_masks"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--control-scale", type=float, default=1.0, help="generate's --control-scale")
@@ -93,7 +95,10 @@ def main() -> None:
     models = dict(spec.split("=", 1) for spec in args.model)
     args.work.mkdir(parents=True, exist_ok=True)
     mask_path = args.work / "real_mask.nii.gz"
-    import_totalseg(args.seg, mask_path, args.ct, overwrite=True)
+    if args.maisi_labels:
+        mask_path = args.seg
+    else:
+        import_totalseg(args.seg, mask_path, args.ct, overwrite=True)
     mask = volume_io.load_label_map(mask_path)
     labels = mask.array
     if relabel:  # the mask generated from; `labels` (what is scored) stays the original
