@@ -31,8 +31,8 @@ difference is the allocator.
 ``--precision bf16`` (the 3x3x3 convolutions of the flow UNet, ControlNet and VAE decoder in
 bfloat16 channels-last-3d between float32 activations) and ``ours_fp32`` ``--precision fp32``,
 for ``e2e`` and ``decode`` alike (on a CPU without bf16 hardware ``ours`` is ``ours_fp32``). Every
-table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`); ``e2e`` and
-``limit`` print theirs as the Markdown tables docs/performance.md shows (`e2e_table`, `limit_table`).
+table is printed with the CPU model and its ISA (`maisi2.compute.CpuCapabilities`), as the Markdown
+table docs/performance.md shows (`e2e_table`, `decode_table`, `limit_table`).
 
 Results (JSON lines) are appended to ``--out`` (default work/bench/generation_speed.jsonl), so an
 interrupted run keeps what it finished and ``--resume`` skips variants already there.
@@ -370,6 +370,11 @@ def _md_row(cells) -> str:
     return "|" + "".join(f" {cell} |" if cell != "" else " |" for cell in cells)
 
 
+def _whole(x: float) -> str:
+    """A whole number, thousands set off by a space from 10 000 on, as the docs write them."""
+    return f"{x:,.0f}".replace(",", " ") if abs(x) >= 9999.5 else f"{x:.0f}"
+
+
 def _hu(x: float) -> str:
     """An HU difference to two significant figures, one decimal from 10 HU on, never in e-notation."""
     if x >= 10:
@@ -411,7 +416,7 @@ def e2e_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None) -
         agree = agreement.get(variant)
         lines.append(_md_row([label, f"{r['total_s']:.1f}", f"{r['step_median_s']:.2f}", f"{r['sampling_s']:.1f}",
                               f"{r['decode_s']:.1f}", f"{r['cpu_sampling_s']:.1f} / {r['cpu_decode_s']:.1f}",
-                              f"{_peak(r):.0f}",
+                              _whole(_peak(r)),
                               f"{_hu(agree['max_hu'])} / {_hu(agree['mean_hu'])}" if agree else ""]))
     for name in ("reference", "reference_reuse"):
         for mine in OURS:
@@ -423,6 +428,52 @@ def e2e_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None) -
                                   f"{ref['step_median_s'] / ours['step_median_s']:.2f}x",
                                   f"{ref['sampling_s'] / ours['sampling_s']:.2f}x",
                                   f"{ref['decode_s'] / ours['decode_s']:.2f}x", f"{cpu:.2f}x (all CPU s)",
+                                  f"{_peak(ours) / _peak(ref):.2f}", ""]))
+    return "\n".join(lines)
+
+
+def _decoder_dtype(row: dict) -> str:
+    """The dtype a `decode` row's decoder ran in; rows from before compute plans ran float32."""
+    compute_plan = (row.get("plan") or {}).get("compute_plan")
+    return compute_plan["networks"]["vae_decoder"]["dtype"] if compute_plan else "float32"
+
+
+def _decode_label(variant: str, row: dict) -> str:
+    if variant == "whole":
+        return "whole (the exact whole-volume decode, float32)"
+    label = LABELS[variant]
+    if variant == "ours" and (row.get("plan") or {}).get("compute_plan"):
+        dtype = _decoder_dtype(row)
+        label += f" ({DTYPE_NAMES.get(dtype, dtype)} decoder)"
+    return label
+
+
+def decode_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None, against: str = "whole") -> str:
+    """The Markdown table of a `decode` run: a row per variant, then the ratio of each reference to each of ours.
+
+    `rows` maps a variant to its stored row (as in --out), failed ones left out; `agreement` maps a
+    variant to `_compare`'s figures against the decode of `against` (the caller loads the volumes):
+    the exact whole-volume decode, or without one a float32 decode of ours.
+    """
+    agreement = agreement or {}
+    order = [v for v in ("reference", "reference_reuse", *OURS, "whole") if v in rows]
+    peak_name = "GPU peak MiB" if any("cuda_peak_mib" in rows[v] for v in order) else "peak MiB"
+    yardstick = "whole-volume decode" if against == "whole" else _decode_label(against, rows.get(against, {}))
+    lines = [_md_row(["", "decode s", "CPU s", peak_name, f"vs {yardstick}: max / mean \\|d\\| HU"]),
+             _md_row(["---", "---:", "---:", "---:", "---"])]
+    for variant in order:
+        r = rows[variant]
+        agree = agreement.get(variant)
+        lines.append(_md_row([_decode_label(variant, r), f"{r['decode_s']:.1f}", _whole(r["cpu_decode_s"]),
+                              _whole(_peak(r)),
+                              f"{_hu(agree['max_hu'])} / {_hu(agree['mean_hu'])}" if agree else ""]))
+    for name in ("reference", "reference_reuse"):
+        for mine in OURS:
+            if name not in rows or mine not in rows:
+                continue
+            ref, ours = rows[name], rows[mine]
+            lines.append(_md_row([f"ratio {name} / `{OURS[mine]}`", f"{ref['decode_s'] / ours['decode_s']:.2f}x",
+                                  f"{ref['cpu_decode_s'] / ours['cpu_decode_s']:.2f}x",
                                   f"{_peak(ours) / _peak(ref):.2f}", ""]))
     return "\n".join(lines)
 
@@ -443,7 +494,6 @@ def _table(args, rows: dict) -> None:
     from maisi2.compute import CpuCapabilities
 
     print(f"\nCPU: {CpuCapabilities.detect().describe()}; load average at the end {os.getloadavg()[0]:.1f}")
-    peak_name = "GPU peak MiB" if args.device.startswith("cuda") else "peak MiB"
     prefix = Path(args.out).with_suffix("")
     if args.command == "e2e":
         print(f"\nend to end, mask -> CT at {args.size}^3, {args.steps} steps, {args.device}, {args.threads} threads\n")
@@ -472,29 +522,35 @@ def _table(args, rows: dict) -> None:
         print("\n".join(details))
     elif args.command == "decode":
         name = "x".join(map(str, args.shape))
-        print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads")
-        whole_path = Path(f"{prefix}_decode{name}_whole.npy")
-        whole = np.load(whole_path) if whole_path.exists() else None
+        print(f"\ndecode of a {name} volume, {args.device}, {args.threads} threads\n")
         ok = {}
         for variant in ("reference", "reference_reuse", *OURS, "whole"):
             r = rows.get(_key(args, variant))
-            if not r:
-                continue
-            if "error" in r:
-                print(f"{variant:<16} failed: {r['error']}")
-                continue
-            line = f"{variant:<16} {r['decode_s']:>8.1f} s (cpu {r['cpu_decode_s']:.0f} s)  {peak_name} {_peak(r):>8.0f}"
-            path = Path(f"{prefix}_decode{name}_{variant}.npy")
-            if whole is not None and variant != "whole" and path.exists():
-                line += f"  vs whole: {_compare(np.load(path), whole)}"
-            print(line)
-            ok[variant] = r
-        for mine in OURS:
-            for name in ("reference", "reference_reuse"):
-                if mine in ok and name in ok:
-                    print(f"ratio {name}/{mine}: decode {ok[name]['decode_s'] / ok[mine]['decode_s']:.2f}x, CPU s "
-                          f"{ok[name]['cpu_decode_s'] / ok[mine]['cpu_decode_s']:.2f}x, peak memory "
-                          f"{_peak(ok[mine]) / _peak(ok[name]):.2f}")
+            if r and "error" in r:
+                print(f"{variant} failed: {r['error']}")
+            elif r:
+                ok[variant] = r
+        volumes = {v: Path(f"{prefix}_decode{name}_{v}.npy") for v in ok}
+        volumes = {v: path for v, path in volumes.items() if path.exists()}
+        # The yardstick is the exact whole-volume decode; a run without one (it takes hours on a
+        # CPU) is measured against our float32 decoder instead.
+        against = "whole" if "whole" in volumes else next(
+            (v for v in OURS if v in volumes and _decoder_dtype(ok[v]) == "float32"), None)
+        agreement, details = {}, []
+        if against:
+            base = np.load(volumes[against])
+            for variant, path in volumes.items():
+                if variant != against:
+                    agreement[variant] = _compare(np.load(path), base)
+                    details.append(f"agreement {variant} vs {against}: {agreement[variant]}")
+        print(decode_table(ok, agreement, against or "whole") + "\n")
+        for variant in OURS:
+            plan = (ok.get(variant) or {}).get("plan")
+            if plan:
+                tiles = "one tile" if plan["tiles"] == 1 else f"{plan['tiles']} tiles"
+                print(f"{variant} (--precision {OURS[variant]}): decoder {_decoder_dtype(ok[variant])}, {tiles}, "
+                      f"{plan['storage']} layer tensors {'in files' if plan.get('spilled') else 'in memory'}")
+        print("\n".join(details))
     else:
         r = rows.get(_key(args, "limit"))
         if r and "error" not in r:

@@ -133,6 +133,23 @@ def test_size_cost_zen4_table_is_the_one_in_performance():
     assert_block(printed, PERFORMANCE)
 
 
+def doc_tables(doc_lines: list[str]) -> list[list[str]]:
+    """The Markdown tables of a doc, each as its lines."""
+    tables, current = [], []
+    for line in doc_lines + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def labels(table: str) -> list[str]:
+    """The first cell of each row of a Markdown table (what a row is, not its figures)."""
+    return [line.split(" |")[0] for line in table.splitlines()]
+
+
 def _plan(unet: str, decoder: str) -> dict:
     def net(dtype):
         return {"dtype": dtype, "layout": "channels_last_3d" if dtype == "bfloat16" else "contiguous",
@@ -166,8 +183,11 @@ def test_generation_speed_e2e_table_is_the_one_in_performance():
     printed = generation_speed.e2e_table(rows, agreement)
     assert_shown(printed, PERFORMANCE)
     assert_block(printed, PERFORMANCE)
-    # the AMX Xeon's table (no stored rows) has the same header and column alignment
-    assert_block("\n".join(printed.splitlines()[:2]), PERFORMANCE, times=2)
+    # the AMX Xeon's and the Zen 5's tables (no stored rows) have the same header and column alignment,
+    # and the Zen 5's (reference_reuse, ours before compute plans) the printed labels in the printed order
+    assert_block("\n".join(printed.splitlines()[:2]), PERFORMANCE, times=3)
+    zen5 = {"reference": rows["reference"], "reference_reuse": rows["reference"], "ours": row(*[1.0] * 7)}
+    assert labels(generation_speed.e2e_table(zen5)) in [labels("\n".join(t)) for t in doc_tables(PERFORMANCE)]
 
 
 def test_generation_speed_limit_table_is_the_one_in_performance():
@@ -187,6 +207,71 @@ def test_generation_speed_limit_table_is_the_one_in_performance():
     assert_block(printed, PERFORMANCE)
     # the AMX Xeon's table (no stored row) has the same header and column alignment
     assert_block("\n".join(printed.splitlines()[:2]), PERFORMANCE, times=2)
+
+
+def _decode_row(seconds, cpu, peak, decoder=None, **more):
+    plan = None if decoder is None else {"tiles": 1, "storage": "float16", "spilled": False,
+                                         "compute_plan": _plan("bfloat16", decoder)}
+    return {"decode_s": seconds, "cpu_decode_s": cpu, "peak_rss_mib": peak, "plan": plan, **more}
+
+
+def test_generation_speed_decode_table_has_the_form_in_performance():
+    generation_speed = benchmark("generation_speed")
+    # No decode run kept its JSON rows: the variants of the AMX Xeon's and the Zen 5's tables with
+    # placeholder figures, to hold the header, the alignment and the row labels to the doc
+    amx = generation_speed.decode_table({"reference": _decode_row(1, 1, 1), "ours": _decode_row(1, 1, 1, "float32"),
+                                         "ours_bf16": _decode_row(1, 1, 1, "bfloat16")}, against="ours")
+    zen5 = generation_speed.decode_table({"reference": _decode_row(1, 1, 1), "ours": _decode_row(1, 1, 1)})
+    tables = [labels("\n".join(t)) for t in doc_tables(PERFORMANCE)]
+    for printed in (amx, zen5):
+        assert_block("\n".join(printed.splitlines()[:2]), PERFORMANCE)
+        assert labels(printed) in tables
+
+
+def test_decode_table_ratios_are_reference_over_ours():
+    generation_speed = benchmark("generation_speed")
+    # made-up figures: only the arithmetic and the layout are under test
+    rows = {"reference": _decode_row(300.0, 600.0, 20000.0), "reference_reuse": _decode_row(250.0, 500.0, 21000.0),
+            "ours": _decode_row(100.0, 150.0, 12000.0, "float32"), "ours_bf16": _decode_row(50.0, 120.0, 10000.0),
+            "whole": _decode_row(400.0, 700.0, 3000.0)}
+    agreement = {"reference": {"max_hu": 2000.0, "mean_hu": 20.04}, "ours": {"max_hu": 11.83, "mean_hu": 0.5812},
+                 "ours_bf16": {"max_hu": 144.2, "mean_hu": 6.71}}
+    assert generation_speed.decode_table(rows, agreement).splitlines() == [
+        "| | decode s | CPU s | peak MiB | vs whole-volume decode: max / mean \\|d\\| HU |",
+        "| --- | ---: | ---: | ---: | --- |",
+        "| reference (the release's path, float32) | 300.0 | 600 | 20 000 | 2000.0 / 20.0 |",
+        "| reference_reuse (the reference under our allocator policy) | 250.0 | 500 | 21 000 | |",
+        "| ours, `auto` (float32 decoder) | 100.0 | 150 | 12 000 | 11.8 / 0.58 |",
+        "| ours, `--precision bf16` | 50.0 | 120 | 10 000 | 144.2 / 6.7 |",
+        "| whole (the exact whole-volume decode, float32) | 400.0 | 700 | 3000 | |",
+        "| ratio reference / `auto` | 3.00x | 4.00x | 0.60 | |",  # 300 / 100, 600 / 150, 12000 / 20000
+        "| ratio reference / `bf16` | 6.00x | 5.00x | 0.50 | |",
+        "| ratio reference_reuse / `auto` | 2.50x | 3.33x | 0.57 | |",
+        "| ratio reference_reuse / `bf16` | 5.00x | 4.17x | 0.48 | |"]
+    # on CUDA the peak is the GPU's, and the column says so
+    gpu = {v: {**rows[v], "cuda_peak_mib": rows[v]["peak_rss_mib"] / 10} for v in ("reference", "ours")}
+    printed = generation_speed.decode_table(gpu).splitlines()
+    assert "GPU peak MiB" in printed[0] and printed[2].split(" | ")[3] == "2000" and printed[-1].endswith("| 0.60 | |")
+
+
+def test_decode_command_measures_against_the_float32_decoder_without_a_whole_decode(tmp_path, capsys):
+    import argparse
+
+    import numpy as np
+
+    generation_speed = benchmark("generation_speed")
+    args = argparse.Namespace(command="decode", shape=[8, 8, 4], device="cpu", threads=2, out=str(tmp_path / "g.jsonl"))
+    rows = {"reference": _decode_row(3.0, 6.0, 200.0), "ours": _decode_row(1.0, 2.0, 100.0, "float32"),
+            "ours_bf16": _decode_row(0.5, 1.0, 90.0, "bfloat16")}
+    ours = np.full((8, 8, 4), 0.5, dtype=np.float32)
+    for variant, shift in (("reference", 0.01), ("ours", 0.0), ("ours_bf16", 0.001)):
+        np.save(tmp_path / f"g_decode8x8x4_{variant}.npy", ours + shift)
+    generation_speed._table(args, {generation_speed._key(args, v): r for v, r in rows.items()})
+    printed = capsys.readouterr().out
+    assert "| | decode s | CPU s | peak MiB | vs ours, `auto` (float32 decoder): max / mean \\|d\\| HU |" in printed
+    assert "| ours, `auto` (float32 decoder) | 1.0 | 2 | 100 | |" in printed  # the yardstick itself: no figures
+    assert "| ours, `--precision bf16` | 0.5 | 1 | 90 | 2.0 / 2.0 |" in printed  # 0.001 of the 2000 HU range
+    assert "| ratio reference / `auto` | 3.00x | 3.00x | 0.50 | |" in printed
 
 
 def test_x0_error_table_is_the_one_in_results_section_5():
