@@ -76,7 +76,7 @@ def train_arm(arm: str, seed: int, cache: Path, args) -> Path:
     folder = args.work / f"{arm}_seed{seed}"
     recipe = ControlNetRecipe.of(loss=ControlNetLossSettings(**ARMS[arm]), steps=args.steps, lr=args.lr, warmup=20,
                                  ema_decay=0.99, ckpt_every=25, seed=seed, crop=tuple(args.crop),
-                                 tumor_crops=args.tumor_crops)
+                                 tumor_crops=args.tumor_crops, amp=args.amp)
     if not (folder / "done").is_file():
         say(f"ControlNet {arm}, seed {seed}: {args.steps} steps")
         train_controlnet(cache, args.unet, folder, recipe, resume=True, device="cpu", progress=not args.no_progress)
@@ -152,6 +152,9 @@ def main() -> None:
     ap.add_argument("--radius", type=float, nargs=2, default=(10.0, 14.0), metavar=("MIN", "MAX"),
                     help="radius range of the implanted lung tumours (mm)")
     ap.add_argument("--mask-seed", type=int, default=0)
+    ap.add_argument("--amp", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="training precision of the ControlNets (auto: bf16 autocast where the CPU pays); use a "
+                         "separate --work per choice, runs are cached by arm and seed only")
     ap.add_argument("--train-only", action="store_true", help="train the ControlNets, render nothing")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", type=Path, default=Path("docs/img/exp_contrastive_arms.png"),
