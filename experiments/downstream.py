@@ -133,6 +133,7 @@ def conditions(args) -> list[tuple[str, object]]:
 
 def paired(rows: list[dict], resamples: int = 2000) -> list[dict]:
     """Every pair of conditions, paired by test case (Dice averaged over seeds) and by seed."""
+    from scipy.stats import t as t_dist
     from scipy.stats import wilcoxon
 
     out = []
@@ -147,6 +148,11 @@ def paired(rows: list[dict], resamples: int = 2000) -> list[dict]:
                 draws = bootstrap_indices(len(per_case), resamples)
                 row["interval"] = percentile_interval(per_case[draws].mean(axis=1))
                 row["wilcoxon_p"] = float(wilcoxon(per_case).pvalue) if np.any(per_case != 0) else 1.0
+            if len(per_seed) >= 2:
+                # The case-level figures hold these trained networks fixed; whether another training
+                # run would show the same is the seeds' question: a t interval over the per-seed means.
+                half = t_dist.ppf(0.975, len(per_seed) - 1) * np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))
+                row["seed_interval"] = (float(np.mean(per_seed) - half), float(np.mean(per_seed) + half))
             out.append(row)
     return out
 
@@ -264,7 +270,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    kinds = list(results["rows"][0].get("found_mean", {}))
+    kinds = [k for k in results["rows"][0].get("found_mean", {})  # kinds absent from the test set: no column
+             if not all(np.isnan(r["found_mean"][k]) for r in results["rows"])]
     lines = ["| training data | volumes | test Dice, mean +- population SD (numpy std, ddof 0) over seeds | per seed |"
              + "".join(f" {k} tumour voxels found (per seed) |" for k in kinds),
              "| --- | ---: | ---: | --- |" + " ---: |" * len(kinds)]
@@ -279,13 +286,15 @@ def table(results: dict) -> str:
 def paired_table(results: dict) -> str:
     """The paired comparisons of `paired`: a line per pair of conditions."""
     lines = ["| comparison (test cases paired; Dice averaged over seeds per case) | mean Dice difference "
-             "(95 % case bootstrap) | Wilcoxon signed-rank p (cases) | cases better / worse | per seed |",
-             "| --- | --- | ---: | ---: | --- |"]
+             "(95 % case bootstrap) | Wilcoxon signed-rank p (cases) | cases better / worse | per seed "
+             "| 95 % t interval over seeds |",
+             "| --- | --- | ---: | ---: | --- | --- |"]
     for r in results.get("paired", []):
         interval = f" ({r['interval'][0]:+.3f} to {r['interval'][1]:+.3f})" if "interval" in r else ""
         p = f"{r['wilcoxon_p']:.2g}" if "wilcoxon_p" in r else "-"
+        seeds = f"{r['seed_interval'][0]:+.3f} to {r['seed_interval'][1]:+.3f}" if "seed_interval" in r else "-"
         lines.append(f"| {r['pair']} | {r['mean']:+.3f}{interval} | {p} | {r['cases_better']} / {r['cases_worse']} "
-                     f"of {r['cases']} | " + ", ".join(f"{d:+.3f}" for d in r["per_seed"]) + " |")
+                     f"of {r['cases']} | " + ", ".join(f"{d:+.3f}" for d in r["per_seed"]) + f" | {seeds} |")
     return "\n".join(lines)
 
 

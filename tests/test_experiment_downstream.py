@@ -28,6 +28,7 @@ def test_paired_differences_are_per_case_means_over_seeds_with_an_interval_and_a
     assert gain["per_seed"] == pytest.approx([0.1] * 5)
     assert (gain["cases_better"], gain["cases_worse"], gain["cases"]) == (30, 0, 30)
     assert gain["wilcoxon_p"] < 1e-5
+    assert gain["seed_interval"] == pytest.approx((0.1, 0.1))  # every seed gains the same
     nothing = out["real + synthetic (none) minus real only"]
     assert nothing["mean"] == 0.0 and nothing["wilcoxon_p"] == 1.0 and nothing["cases_better"] == 0
 
@@ -41,6 +42,7 @@ def test_pairing_is_by_case_so_a_per_case_shift_hidden_in_seed_noise_is_found():
     got = paired([_row("a", base), _row("b", gain)], resamples=1000)[0]
     assert 0.015 < got["interval"][0] < got["mean"] < got["interval"][1] < 0.025
     assert got["wilcoxon_p"] < 1e-3
+    assert got["seed_interval"][0] < got["mean"] < got["seed_interval"][1]
 
 
 def test_the_paired_table_prints_each_pair_its_interval_p_and_seeds():
@@ -48,7 +50,7 @@ def test_the_paired_table_prints_each_pair_its_interval_p_and_seeds():
     text = paired_table({"paired": paired(rows, resamples=200)})
     line = text.splitlines()[2]
     assert line.startswith("| real + synthetic (paper) minus real only | +0.075 (")
-    assert "| 2 / 0 of 2 | +0.050, +0.100 |" in line
+    assert "| 2 / 0 of 2 | +0.050, +0.100 | -0.243 to +0.393 |" in line  # 0.075 +- 12.706 * 0.025
 
 
 def test_conditions_name_one_controlnet_per_arm_and_seed(tmp_path):

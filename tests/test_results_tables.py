@@ -388,3 +388,14 @@ def test_samplers_tables_are_the_ones_in_results():
     for block in printed.split("\n\n"):  # each table's rows together, in the printed order
         first = RESULTS.index(block.splitlines()[0])
         assert RESULTS[first:first + len(block.splitlines())] == block.splitlines()
+
+
+def test_downstream_arms_tables_are_the_ones_in_results():
+    """Section 3's five-seed run (#26 item 3): the figures of its results.json (rounded to 4-5 digits)."""
+    from downstream import paired_table, table
+
+    nan = float("nan")
+    rows = [{"condition": "real only", "training_volumes": 8, "dice_mean": 0.6157, "dice_std": 0.1876, "dice_per_seed": [0.7835, 0.7632, 0.747, 0.4601, 0.3247], "found_mean": {"lung": 0.7426, "hepatic": nan}, "found_per_seed": {"lung": [0.7367, 0.8488, 0.6491, 0.753, 0.7252], "hepatic": [nan, nan, nan, nan, nan]}}, {"condition": "real + synthetic (none)", "training_volumes": 24, "dice_mean": 0.0712, "dice_std": 0.039, "dice_per_seed": [0.0348, 0.0726, 0.0887, 0.1339, 0.0258], "found_mean": {"lung": 0.277, "hepatic": nan}, "found_per_seed": {"lung": [0.1889, 0.4454, 0.2005, 0.3401, 0.21], "hepatic": [nan, nan, nan, nan, nan]}}, {"condition": "real + synthetic (paper)", "training_volumes": 24, "dice_mean": 0.1312, "dice_std": 0.0868, "dice_per_seed": [0.0297, 0.1358, 0.2796, 0.1499, 0.0607], "found_mean": {"lung": 0.3585, "hepatic": nan}, "found_per_seed": {"lung": [0.1843, 0.4118, 0.4278, 0.527, 0.2416], "hepatic": [nan, nan, nan, nan, nan]}}]
+    paired = [{"pair": "real + synthetic (none) minus real only", "mean": -0.54452, "per_seed": [-0.74864, -0.69063, -0.65829, -0.32622, -0.29884], "cases_better": 0, "cases_worse": 30, "cases": 30, "interval": [-0.57025, -0.51867], "wilcoxon_p": 1.862645e-09, "seed_interval": [-0.81081, -0.27824]}, {"pair": "real + synthetic (paper) minus real only", "mean": -0.48455, "per_seed": [-0.75372, -0.62742, -0.46747, -0.31018, -0.26397], "cases_better": 0, "cases_worse": 30, "cases": 30, "interval": [-0.50661, -0.46247], "wilcoxon_p": 1.862645e-09, "seed_interval": [-0.74219, -0.22691]}, {"pair": "real + synthetic (paper) minus real + synthetic (none)", "mean": 0.05997, "per_seed": [-0.00507, 0.06321, 0.19082, 0.01604, 0.03487], "cases_better": 30, "cases_worse": 0, "cases": 30, "interval": [0.0499, 0.07034], "wilcoxon_p": 1.862645e-09, "seed_interval": [-0.03605, 0.156]}]
+    assert_shown(table({"rows": rows}), RESULTS)
+    assert_shown(paired_table({"paired": paired}), RESULTS)
