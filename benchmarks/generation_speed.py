@@ -395,6 +395,23 @@ def _plan_words(compute_plan: dict) -> str:
     return ", ".join(parts)
 
 
+def _peak_header(rows: dict[str, dict]) -> str:
+    return "GPU peak MiB" if any("cuda_peak_mib" in r for r in rows.values()) else "peak MiB"
+
+
+def _reference_pairs(rows: dict[str, dict]):
+    """(reference name, our variant, its row, our row) for every reference and ours both in `rows`:
+    the ratio rows of the tables."""
+    for name in ("reference", "reference_reuse"):
+        for mine in OURS:
+            if name in rows and mine in rows:
+                yield name, mine, rows[name], rows[mine]
+
+
+def _agreement_cell(agree: dict | None) -> str:
+    return f"{_hu(agree['max_hu'])} / {_hu(agree['mean_hu'])}" if agree else ""
+
+
 def e2e_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None) -> str:
     """The Markdown table of an `e2e` run: a row per variant, then the ratio of each reference to each of ours.
 
@@ -404,7 +421,7 @@ def e2e_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None) -
     """
     agreement = agreement or {}
     order = [v for v in ("reference", "reference_reuse", *OURS) if v in rows]
-    peak_name = "GPU peak MiB" if any("cuda_peak_mib" in rows[v] for v in order) else "peak MiB"
+    peak_name = _peak_header(rows)
     lines = [_md_row(["", "total s", "s / step (median)", "sampling s", "decode s", "CPU s sampling / decode",
                       peak_name, "vs reference: max / mean \\|d\\| HU"]),
              _md_row(["---", *["---:"] * 6, "---"])]
@@ -416,19 +433,14 @@ def e2e_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None) -
         agree = agreement.get(variant)
         lines.append(_md_row([label, f"{r['total_s']:.1f}", f"{r['step_median_s']:.2f}", f"{r['sampling_s']:.1f}",
                               f"{r['decode_s']:.1f}", f"{r['cpu_sampling_s']:.1f} / {r['cpu_decode_s']:.1f}",
-                              _whole(_peak(r)),
-                              f"{_hu(agree['max_hu'])} / {_hu(agree['mean_hu'])}" if agree else ""]))
-    for name in ("reference", "reference_reuse"):
-        for mine in OURS:
-            if name not in rows or mine not in rows:
-                continue
-            ref, ours = rows[name], rows[mine]
-            cpu = (ref["cpu_sampling_s"] + ref["cpu_decode_s"]) / (ours["cpu_sampling_s"] + ours["cpu_decode_s"])
-            lines.append(_md_row([f"ratio {name} / `{OURS[mine]}`", f"{ref['total_s'] / ours['total_s']:.2f}x",
-                                  f"{ref['step_median_s'] / ours['step_median_s']:.2f}x",
-                                  f"{ref['sampling_s'] / ours['sampling_s']:.2f}x",
-                                  f"{ref['decode_s'] / ours['decode_s']:.2f}x", f"{cpu:.2f}x (all CPU s)",
-                                  f"{_peak(ours) / _peak(ref):.2f}", ""]))
+                              _whole(_peak(r)), _agreement_cell(agree)]))
+    for name, mine, ref, ours in _reference_pairs(rows):
+        cpu = (ref["cpu_sampling_s"] + ref["cpu_decode_s"]) / (ours["cpu_sampling_s"] + ours["cpu_decode_s"])
+        lines.append(_md_row([f"ratio {name} / `{OURS[mine]}`", f"{ref['total_s'] / ours['total_s']:.2f}x",
+                              f"{ref['step_median_s'] / ours['step_median_s']:.2f}x",
+                              f"{ref['sampling_s'] / ours['sampling_s']:.2f}x",
+                              f"{ref['decode_s'] / ours['decode_s']:.2f}x", f"{cpu:.2f}x (all CPU s)",
+                              f"{_peak(ours) / _peak(ref):.2f}", ""]))
     return "\n".join(lines)
 
 
@@ -457,7 +469,7 @@ def decode_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None
     """
     agreement = agreement or {}
     order = [v for v in ("reference", "reference_reuse", *OURS, "whole") if v in rows]
-    peak_name = "GPU peak MiB" if any("cuda_peak_mib" in rows[v] for v in order) else "peak MiB"
+    peak_name = _peak_header(rows)
     yardstick = "whole-volume decode" if against == "whole" else _decode_label(against, rows.get(against, {}))
     lines = [_md_row(["", "decode s", "CPU s", peak_name, f"vs {yardstick}: max / mean \\|d\\| HU"]),
              _md_row(["---", "---:", "---:", "---:", "---"])]
@@ -465,16 +477,11 @@ def decode_table(rows: dict[str, dict], agreement: dict[str, dict] | None = None
         r = rows[variant]
         agree = agreement.get(variant)
         lines.append(_md_row([_decode_label(variant, r), f"{r['decode_s']:.1f}", _whole(r["cpu_decode_s"]),
-                              _whole(_peak(r)),
-                              f"{_hu(agree['max_hu'])} / {_hu(agree['mean_hu'])}" if agree else ""]))
-    for name in ("reference", "reference_reuse"):
-        for mine in OURS:
-            if name not in rows or mine not in rows:
-                continue
-            ref, ours = rows[name], rows[mine]
-            lines.append(_md_row([f"ratio {name} / `{OURS[mine]}`", f"{ref['decode_s'] / ours['decode_s']:.2f}x",
-                                  f"{ref['cpu_decode_s'] / ours['cpu_decode_s']:.2f}x",
-                                  f"{_peak(ours) / _peak(ref):.2f}", ""]))
+                              _whole(_peak(r)), _agreement_cell(agree)]))
+    for name, mine, ref, ours in _reference_pairs(rows):
+        lines.append(_md_row([f"ratio {name} / `{OURS[mine]}`", f"{ref['decode_s'] / ours['decode_s']:.2f}x",
+                              f"{ref['cpu_decode_s'] / ours['cpu_decode_s']:.2f}x",
+                              f"{_peak(ours) / _peak(ref):.2f}", ""]))
     return "\n".join(lines)
 
 

@@ -54,10 +54,14 @@ def say(message: str) -> None:
 
 
 def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SPACING,
-                   at_least_one_tumor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   at_least_one_tumor: bool = False,
+                   lung_radius_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N, X, Y, Z) float32 HU and uint8 labels of random-lesion phantoms, cached as one .npz.
-    at_least_one_tumor: a phantom whose random draw has no lesion gets a hepatic one."""
+    at_least_one_tumor: a phantom whose random draw has no lesion gets a hepatic one.
+    lung_radius_mm: instead of random lesions, 1 or 2 lung tumours of this radius range and nothing else."""
     tag = "_tumour" if at_least_one_tumor else ""
+    if lung_radius_mm is not None:
+        tag += f"_lung{lung_radius_mm[0]:g}-{lung_radius_mm[1]:g}mm"
     path = folder / f"phantoms_{seeds.start}_{seeds.stop}{tag}.npz"
     for cached in sorted(folder.glob(f"phantoms_{seeds.start}_*{tag}.npz")):  # the same seeds, or more of them
         stop = cached.name[len(f"phantoms_{seeds.start}_"):-len(f"{tag}.npz")]
@@ -66,7 +70,7 @@ def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SP
             return data["ct"][: len(seeds)], data["labels"][: len(seeds)]
     cts, labels = [], []
     for seed in seeds:
-        ct, lab = _phantom_that_fits(shape, spacing, seed, at_least_one_tumor)
+        ct, lab = _phantom_that_fits(shape, spacing, seed, at_least_one_tumor, lung_radius_mm)
         cts.append(ct.astype(np.float32))
         labels.append(lab)
     ct, lab = np.stack(cts), np.stack(labels)
@@ -75,10 +79,15 @@ def phantom_arrays(folder: Path, seeds: range, shape=GRID_SHAPE, spacing=GRID_SP
     return ct, lab
 
 
-def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumor: bool = False):
-    """A random-lesion phantom; a lesion kind that cannot fit at this coarse spacing (a thin
-    pancreas) is dropped and the phantom drawn again with the rest of its lesions."""
-    tumors = random_tumors(np.random.default_rng(seed))
+def _phantom_that_fits(shape, spacing, seed: int, at_least_one_tumor: bool = False, lung_radius_mm=None):
+    """A random-lesion phantom (or one with 1-2 lung tumours of `lung_radius_mm`); a lesion kind that
+    cannot fit at this coarse spacing (a thin pancreas) is dropped and the phantom drawn again with
+    the rest of its lesions."""
+    rng = np.random.default_rng(seed)
+    if lung_radius_mm is not None:
+        tumors = [TumorSpec("lung", 1 + int(rng.integers(2)), tuple(lung_radius_mm))]
+    else:
+        tumors = random_tumors(rng)
     if at_least_one_tumor and not tumors:
         tumors = [TumorSpec("hepatic", 1, (5.0, 20.0))]
     while True:

@@ -55,7 +55,6 @@ from maisi2.atomic import atomic_output
 from maisi2.evaluate.fid import bootstrap_indices, percentile_interval
 from maisi2.evaluate.seg import (SegmenterConfig, SegmenterTrainSettings, dice_score, labels_to_classes,
                                  load_segmenter, segment, train_segmenter)
-from maisi2.phantom import TumorSpec, make_phantom
 from maisi2.train_controlnet import load_frozen_unet
 
 # Tumour kinds whose voxels found by the segmenter are reported separately (mean over seeds).
@@ -67,14 +66,15 @@ class Renderer:
     """The frozen UNet and the VAE, loaded on first use (a rerun with every set cached loads nothing)."""
 
     def __init__(self, unet_path: Path):
-        self.unet_path, self.parts = unet_path, None
+        self.unet_path, self.parts, self.controlnet = unet_path, None, (None, None)
 
     def __call__(self, controlnet_path: Path, mask: np.ndarray, seed: int) -> np.ndarray:
         if self.parts is None:
             self.parts = (*load_frozen_unet(self.unet_path), bundled_vae()[0])
+        if self.controlnet[0] != controlnet_path:  # a set's volumes share one ControlNet: load it once
+            self.controlnet = (controlnet_path, load_controlnet(controlnet_path))
         unet, cfg, scale, vae = self.parts
-        controlnet = load_controlnet(controlnet_path)
-        return generate_ct(unet, controlnet, cfg, scale, vae, mask, seed=seed)
+        return generate_ct(unet, self.controlnet[1], cfg, scale, vae, mask, seed=seed)
 
 
 def edited_masks(args) -> list[np.ndarray]:
@@ -103,23 +103,6 @@ def synthetic_pairs(args, work: Path, controlnet: Path, tag: str, render: Render
             np.savez(tmp, ct=np.round(np.stack(cts)).astype(np.int16), labels=np.stack(masks))
     data = np.load(path)  # what was stored, as a rerun reads it
     return list(zip(data["ct"].astype(np.float32), data["labels"]))
-
-
-def lung_test_phantoms(folder: Path, seeds: range, radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out phantoms, each drawn with 1 or 2 lung tumours of `radius` (mm) and no other lesion;
-    cached as one .npz."""
-    path = folder / f"phantoms_{seeds.start}_{seeds.stop}_lung{radius[0]:g}-{radius[1]:g}mm.npz"
-    if not path.is_file():
-        cts, labels = [], []
-        for seed in seeds:
-            count = 1 + int(np.random.default_rng(seed).integers(2))
-            ct, lab, _ = make_phantom(GRID_SHAPE, GRID_SPACING, [TumorSpec("lung", count, radius)], seed=seed)
-            cts.append(ct.astype(np.float32))
-            labels.append(lab)
-        with atomic_output(path, overwrite=True) as tmp:
-            np.savez(tmp, ct=np.stack(cts), labels=np.stack(labels))
-    data = np.load(path)
-    return data["ct"], data["labels"]
 
 
 def conditions(args) -> list[tuple[str, object]]:
@@ -199,10 +182,9 @@ def main() -> None:
 
     real_ct, real_labels = phantom_arrays(args.data, train_seeds(args.real + args.synthetic))
     real = list(zip(real_ct[: args.real], real_labels[: args.real]))
-    if args.test_lung_radius:
-        test_ct, test_labels = lung_test_phantoms(args.data, test_seeds(args.test), tuple(args.test_lung_radius))
-    else:
-        test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.test), at_least_one_tumor=True)
+    lung = None if args.test_lung_radius is None else tuple(args.test_lung_radius)
+    test_ct, test_labels = phantom_arrays(args.data, test_seeds(args.test), at_least_one_tumor=lung is None,
+                                          lung_radius_mm=lung)
     render, config, rows = Renderer(args.unet), SegmenterConfig(), []
     for condition, controlnet_of in conditions(args):
         dices, per_case, found, volumes = [], [], {kind: [] for kind in FOUND_KINDS}, 0

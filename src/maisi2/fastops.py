@@ -20,6 +20,10 @@ Measured bottlenecks (2 CPU threads, torch 2.13, 16 channels at 64^3 for the fir
 * A 1x1x1 convolution of a float32 channels-last-3d tensor takes PyTorch's generic CPU path, ~6x
   slower than the matrix product it is (`PointwiseConv3d`).
 
+* Not speed but correctness: under CPU bf16 training autocast, PyTorch's convolution gave garbage
+  weight gradients for inputs 2 voxels deep (`bf16_weight_grad_unsafe`); `FastConv3d` and
+  `ShallowSafeConv3d` (every other 3D kernel but 1x1x1) run such layers in float32.
+
 `accelerate(model)` swaps these classes in place on an existing network (the instances keep
 their parameters, so state dicts and released checkpoints are unaffected). The fp16 group norm
 of the released VAE (CUDA/autocast only) is left alone.
